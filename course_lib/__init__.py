@@ -1,0 +1,1 @@
+"""Parallelism from Scratch: the course's library, one module per strategy."""

@@ -1,0 +1,162 @@
+"""Check cells: run a learner's code on N ranks and say, in one line, how it went.
+
+Each chapter has a module here (``course_lib.checks.collectives`` for chapter
+01, ...) whose check functions are declared with :func:`exercise`:
+
+    @exercise("1.1", "broadcast from send/recv")
+    def broadcast(learner_fn):
+        ...raise Mismatch("rank 2: element [3] expected 7.0, got 0.0") on a wrong answer
+
+Calling a check prints exactly one line:
+
+    ✔ 1.1 broadcast from send/recv
+    ✘ 1.1 broadcast from send/recv — rank 2: element [3] expected 7.0, got 0.0
+    · 1.1 broadcast from send/recv — not attempted
+
+and records the result: in :data:`RESULTS`, and as a JSON line appended to the
+file named by ``$COURSE_RESULTS`` when that is set (the grader reads it).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import pkgutil
+import traceback
+from dataclasses import asdict, dataclass
+
+import torch
+
+from course_lib.launch import DeadlockError, RankError
+
+PASSED, FAILED, NOT_ATTEMPTED, ERROR = "passed", "failed", "not attempted", "error"
+_MARKS = {PASSED: "✔", FAILED: "✘", NOT_ATTEMPTED: "·", ERROR: "✘"}
+
+
+class Mismatch(AssertionError):
+    """A learner's result differs from the reference; the message says where."""
+
+
+@dataclass
+class Result:
+    id: str
+    title: str
+    status: str
+    message: str = ""
+
+    def line(self) -> str:
+        head = f"{_MARKS[self.status]} {self.id} {self.title}"
+        if self.status == PASSED:
+            return head
+        if self.status == NOT_ATTEMPTED:
+            return f"{head} — not attempted"
+        return f"{head} — {self.message}"
+
+
+#: Every exercise of every imported chapter module: id -> (title, check function).
+EXERCISES: dict[str, tuple[str, callable]] = {}
+#: Results of the checks run in this kernel, in order.
+RESULTS: list[Result] = []
+
+
+def exercise(ex_id: str, title: str):
+    """Declare a check function for exercise ``ex_id``; see the module doc."""
+
+    def decorate(check):
+        @functools.wraps(check)
+        def run_check(*args, **kwargs):
+            result = Result(ex_id, title, PASSED)
+            try:
+                check(*args, **kwargs)
+            except BaseException as exc:  # noqa: B902 - a check must never crash the notebook
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                result.status, result.message = classify(exc)
+            _record(result)
+            print(result.line(), flush=True)
+            return result
+
+        EXERCISES[ex_id] = (title, run_check)
+        return run_check
+
+    return decorate
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """Map what a check raised to (status, one-line message)."""
+    if isinstance(exc, NotImplementedError) or getattr(exc, "exc_type", "") == "NotImplementedError":
+        return NOT_ATTEMPTED, ""
+    if isinstance(exc, Mismatch):
+        return FAILED, str(exc)
+    if isinstance(exc, DeadlockError):
+        return FAILED, "deadlock: " + str(exc).splitlines()[0]
+    if isinstance(exc, RankError):
+        return ERROR, f"rank {exc.rank} raised {_last_line(str(exc))}"
+    return ERROR, "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
+
+
+def _last_line(text: str) -> str:
+    """The exception line of a traceback text (its last line that names an error)."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip() and not ln.startswith(("(", " "))]
+    return lines[-1] if lines else text.strip()[:200]
+
+
+def _record(result: Result) -> None:
+    RESULTS.append(result)
+    path = os.environ.get("COURSE_RESULTS")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(asdict(result)) + "\n")
+
+
+def exercises_for_chapter(chapter: int) -> dict[str, str]:
+    """All exercise ids -> titles of a chapter, in order (imports every check module)."""
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+    ids = [i for i in EXERCISES if int(i.split(".")[0]) == chapter]
+    return {i: EXERCISES[i][0] for i in sorted(ids, key=lambda i: tuple(map(int, i.split("."))))}
+
+
+# ----------------------------------------------------------------------------
+# comparisons with a diagnostic a learner can act on
+
+
+def compare(got, expected, what: str = "result", rank: int | None = None, exact: bool = False,
+            rtol: float = 1e-5, atol: float = 1e-5) -> None:
+    """Raise :class:`Mismatch` saying which rank/element differs, else return."""
+    where = f"rank {rank}: " if rank is not None else ""
+    if isinstance(expected, (list, tuple)):
+        if not isinstance(got, (list, tuple)) or len(got) != len(expected):
+            n = len(got) if isinstance(got, (list, tuple)) else type(got).__name__
+            raise Mismatch(f"{where}{what} should be a list of {len(expected)} items, got {n}")
+        for i, (g, e) in enumerate(zip(got, expected)):
+            compare(g, e, f"{what}[{i}]", rank, exact, rtol, atol)
+        return
+    if not isinstance(got, torch.Tensor):
+        raise Mismatch(f"{where}{what} should be a tensor, got {type(got).__name__}")
+    if got.shape != expected.shape:
+        raise Mismatch(f"{where}{what} has shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+    if got.dtype != expected.dtype:
+        raise Mismatch(f"{where}{what} has dtype {got.dtype}, expected {expected.dtype}")
+    if exact or not expected.is_floating_point():
+        bad = got != expected
+    else:
+        bad = ~torch.isclose(got, expected, rtol=rtol, atol=atol)
+    if bad.any():
+        index = tuple(int(i) for i in bad.nonzero()[0])
+        count = int(bad.sum())
+        raise Mismatch(f"{where}{what}{list(index)} expected {expected[index].item():g}, "
+                       f"got {got[index].item():g} ({count} of {got.numel()} elements differ)")
+
+
+def compare_ranks(got: list, expected: list, what: str = "result", **kwargs) -> None:
+    """Compare per-rank results (as returned by ``launch.run``) rank by rank."""
+    for rank, (g, e) in enumerate(zip(got, expected)):
+        compare(g, e, what, rank, **kwargs)
+
+
+def summary() -> str:
+    """One line: how many checks of this kernel passed."""
+    passed = sum(r.status == PASSED for r in RESULTS)
+    return f"{passed} of {len(RESULTS)} checks passed"

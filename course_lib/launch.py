@@ -1,0 +1,515 @@
+"""Run one function on N ranks, each a real process with a process group.
+
+    from course_lib.launch import run
+    results = run(fn, 4, x)          # fn(x) on ranks 0..3, results in rank order
+
+Ranks are forked from a *forkserver* that has torch and course_lib imported
+already, so a warm launch costs tens of milliseconds instead of the seconds a
+fresh `import torch` takes. The function travels by value (cloudpickle), so one
+defined in a notebook cell works. Every rank's output comes back prefixed with
+``[rank r]``; a rank that raises, crashes or waits forever in a collective is
+turned into a clear error within seconds, and no child outlives the call.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import functools
+import io
+import math
+import multiprocessing as mp
+import multiprocessing.spawn as mp_spawn
+import operator
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import wait
+
+import cloudpickle
+import torch
+import torch.distributed as dist
+
+#: Seconds a rank may wait inside one collective before it gives up. Short on
+#: purpose: in a classroom a deadlock should surface in tens of seconds.
+PG_TIMEOUT = float(os.environ.get("COURSE_PG_TIMEOUT", "30"))
+#: Largest world a launch accepts; each rank is a whole process.
+MAX_WORLD_SIZE = 64
+
+# Functions of torch.distributed whose entry and exit each rank records, so a
+# deadlock report can say where every rank is waiting.
+TRACED_CALLS = (
+    "send", "recv", "isend", "irecv", "batch_isend_irecv", "broadcast",
+    "all_reduce", "reduce", "all_gather", "all_gather_into_tensor",
+    "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
+    "gather", "scatter", "barrier", "all_gather_object", "broadcast_object_list",
+)
+_RUNNING, _RETURNED = -1, -2
+_SECONDARY_ERRORS = ("Connection closed by peer", "Connection reset by peer",
+                     "Broken pipe", "ECONNRESET", "EPIPE")
+
+
+class RankError(RuntimeError):
+    """A rank raised or died; ``.rank`` is the rank that failed first."""
+
+    def __init__(self, rank: int, message: str, exc_type: str = ""):
+        super().__init__(message)
+        self.rank = rank
+        #: Name of the exception the rank raised ("" when it died without one).
+        self.exc_type = exc_type
+
+
+class DeadlockError(RankError):
+    """Some ranks waited in communication that the others never joined."""
+
+    def __init__(self, rank: int, message: str, waiting_ranks: list[int]):
+        super().__init__(rank, message, "DeadlockError")
+        self.waiting_ranks = waiting_ranks
+
+
+# ----------------------------------------------------------------------------
+# public helpers
+
+
+def choose_backend(backend: str, world_size: int) -> str:
+    """Resolve ``"auto"`` to NCCL (one GPU per rank) or gloo, and validate."""
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"backend must be 'auto', 'gloo' or 'nccl', got {backend!r}")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if backend == "auto":
+        return "nccl" if 0 < world_size <= gpus else "gloo"
+    if backend == "nccl" and world_size > gpus:
+        raise ValueError(
+            f"backend='nccl' needs one GPU per rank: world_size={world_size} but "
+            f"{gpus} CUDA device(s) are visible. Use backend='auto' or 'gloo'.")
+    return backend
+
+
+def device() -> torch.device:
+    """This rank's device: ``cuda:rank`` under NCCL, otherwise the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0, **kwargs):
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return their results.
+
+    Each rank is its own process with the default process group initialised
+    (``dist.get_rank()``, ``dist.get_world_size()`` work inside ``fn``).
+    Returns the list of per-rank return values in rank order; tensors come back
+    on the CPU. Raises :class:`RankError` when a rank raises or dies and
+    :class:`DeadlockError` when ranks are still waiting after ``timeout``
+    seconds or a collective times out (``PG_TIMEOUT``).
+    """
+    if not callable(fn):
+        raise TypeError(f"run() needs a function to run on every rank, got {type(fn).__name__}")
+    world_size = _check_world_size(world_size)
+    if not (isinstance(timeout, (int, float)) and timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    backend = choose_backend(backend, world_size)
+    payload = _dumps_by_value((fn, args, kwargs))
+    return _Launch(payload, world_size, backend, float(timeout)).start()
+
+
+# ----------------------------------------------------------------------------
+# the parent side
+
+
+def _check_world_size(world_size) -> int:
+    if isinstance(world_size, bool):
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    try:
+        n = operator.index(world_size)
+    except TypeError:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}") from None
+    if n < 1:
+        raise ValueError(f"world_size must be at least 1, got {n}")
+    if n > MAX_WORLD_SIZE:
+        raise ValueError(f"world_size={n} is more processes than this course launches "
+                         f"(at most {MAX_WORLD_SIZE})")
+    return n
+
+
+def _dumps_by_value(obj) -> bytes:
+    """cloudpickle, sending the caller's own modules by value.
+
+    Functions from a notebook (``__main__``) always travel by value. Functions
+    from a module the ranks may not import (a test file, a script) would travel
+    by reference and fail in the rank, so those modules go by value too.
+    """
+    fn = obj[0]
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    by_value = module is not None and module.__name__ != "__main__" and not _importable_everywhere(module)
+    if by_value:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(obj)
+    finally:
+        if by_value:
+            cloudpickle.unregister_pickle_by_value(module)
+
+
+def _importable_everywhere(module) -> bool:
+    name = module.__name__.split(".")[0]
+    return name in ("course_lib", "torch", "builtins", "functools", "operator") or \
+        "site-packages" in (getattr(module, "__file__", "") or "")
+
+
+_CONTEXT = None
+
+
+def _context():
+    """The forkserver context, its server preloaded with torch and course_lib."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "cloudpickle", "course_lib.launch"])
+        _CONTEXT = ctx
+    return _CONTEXT
+
+
+@contextlib.contextmanager
+def _main_module_not_rerun():
+    """Stop multiprocessing from re-running the caller's script in each rank.
+
+    Like spawn, forkserver children re-import ``__main__`` (a whole script, or
+    ipykernel) before running. The function already travels by value, so that
+    is wasted time at best and a second launch from an unguarded script at worst.
+    """
+    original = mp_spawn.get_preparation_data
+
+    def without_main(name):
+        data = original(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    mp_spawn.get_preparation_data = without_main
+    try:
+        yield
+    finally:
+        mp_spawn.get_preparation_data = original
+
+
+class _Launch:
+    def __init__(self, payload, world_size, backend, timeout):
+        self.payload, self.n, self.backend, self.timeout = payload, world_size, backend, timeout
+        # A collective gives up a little before the launch does, so the waiting
+        # rank's own traceback (which line it is stuck on) reaches the report.
+        self.pg_timeout = min(PG_TIMEOUT, 0.8 * timeout)
+        self.procs, self.conns = [], []
+        self.results = [None] * world_size
+        self.returned = [False] * world_size
+        self.partial = [""] * world_size
+
+    def start(self):
+        ctx = _context()
+        # Port 0: the OS picks a free port, so concurrent launches never collide.
+        store = dist.TCPStore("127.0.0.1", 0, None, True,
+                              timeout=datetime.timedelta(seconds=self.pg_timeout + 5),
+                              wait_for_workers=False)
+        # Where each rank is: index into TRACED_CALLS, or _RUNNING / _RETURNED; and its call count.
+        self.where = ctx.RawArray("q", [_RUNNING] * self.n)
+        self.calls = ctx.RawArray("q", [0] * self.n)
+        env = dict(os.environ)
+        try:
+            with _main_module_not_rerun():
+                for rank in range(self.n):
+                    parent_end, child_end = ctx.Pipe(duplex=True)
+                    proc = ctx.Process(
+                        target=_rank_main, name=f"rank-{rank}", daemon=True,
+                        args=(rank, self.n, store.port, self.backend, self.pg_timeout,
+                              self.payload, child_end, self.where, self.calls, env))
+                    proc.start()
+                    child_end.close()
+                    self.procs.append(proc)
+                    self.conns.append(parent_end)
+            self._collect()
+            return self.results
+        finally:
+            self._flush_partial()
+            _reap(self.procs)
+            for conn in self.conns:
+                conn.close()
+            del store
+
+    def _collect(self):
+        deadline = time.monotonic() + self.timeout
+        open_conns = {conn: rank for rank, conn in enumerate(self.conns)}
+        while not all(self.returned):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._deadlock_error(None, f"after the launch timeout of {self.timeout:g} s")
+            sentinels = {self.procs[r].sentinel: r for r in range(self.n) if not self.returned[r]}
+            ready = wait(list(open_conns) + list(sentinels), timeout=min(remaining, 1.0))
+            for obj in ready:
+                if obj in open_conns:
+                    rank = open_conns[obj]
+                    msg = self._receive(obj)
+                    if msg is None:
+                        del open_conns[obj]
+                    else:
+                        self._handle(rank, msg)
+            for obj in ready:
+                if obj in sentinels and obj not in open_conns:
+                    rank = sentinels[obj]
+                    if not self.returned[rank]:
+                        self._died(rank)
+        for conn in self.conns:  # everyone returned: let the ranks tear down together
+            try:
+                conn.send_bytes(b"exit")
+            except OSError:
+                pass
+
+    @staticmethod
+    def _receive(conn):
+        try:
+            return pickle.loads(conn.recv_bytes())
+        except (EOFError, OSError):
+            return None
+
+    def _handle(self, rank, msg):
+        kind = msg[0]
+        if kind == "out":
+            self._print(rank, msg[1])
+        elif kind == "ok":
+            try:
+                self.results[rank] = pickle.loads(msg[1])
+            except Exception as exc:  # e.g. a class the kernel cannot import
+                raise RankError(rank, f"rank {rank} returned a value the notebook cannot "
+                                      f"unpickle: {exc!r}") from None
+            self.returned[rank] = True
+            self.where[rank] = _RETURNED
+        elif kind == "error":
+            self._failed(rank, *msg[1:])
+
+    def _failed(self, rank, tb, timed_out, exc_type):
+        """A rank raised: gather what else arrives briefly, report the root cause."""
+        errors = {rank: (tb, timed_out, exc_type)}
+        end = time.monotonic() + 0.3
+        while time.monotonic() < end:
+            for conn in wait(self.conns, timeout=max(0.0, end - time.monotonic())):
+                r = self.conns.index(conn)
+                msg = self._receive(conn)
+                if msg is None:
+                    continue
+                if msg[0] == "error":
+                    errors.setdefault(r, tuple(msg[1:]))
+                elif msg[0] == "out":
+                    self._print(r, msg[1])
+        if all(t for _, t, _ in errors.values()):
+            first = min(errors)
+            raise self._deadlock_error(first, f"when rank {first}'s collective timed out "
+                                              f"(PG_TIMEOUT={self.pg_timeout:g} s)", errors[first][0])
+        primary = [r for r, (tb, t, _) in errors.items()
+                   if not t and not any(s in tb for s in _SECONDARY_ERRORS)]
+        first = min(primary or [r for r, (_, t, _) in errors.items() if not t])
+        tb, _, exc_type = errors[first]
+        tb = tb.rstrip()
+        others = sorted(set(errors) - {first})
+        note = f"\n(ranks {others} failed after it, most likely because rank {first} left.)" if others else ""
+        raise RankError(first, f"rank {first} of {self.n} raised an exception:\n\n{tb}{note}", exc_type)
+
+    def _died(self, rank):
+        code = self.procs[rank].exitcode
+        how = f"was killed by signal {signal.Signals(-code).name}" if code and code < 0 \
+            else f"exited with code {code}"
+        hint = ""
+        if code == -signal.SIGABRT:
+            hint = ("\nAn abort inside a collective usually means the ranks passed tensors "
+                    "of different dtypes or sizes to the same call.")
+        raise RankError(rank, f"rank {rank} of {self.n} {how} before returning{hint}")
+
+    def _deadlock_error(self, blamed, when, traceback_text=None):
+        waiting = [r for r in range(self.n) if not self.returned[r]]
+        lines = []
+        for r in range(self.n):
+            where, calls = self.where[r], self.calls[r]
+            if self.returned[r] or where == _RETURNED:
+                state = f"returned after {calls} communication call(s)"
+            elif where >= 0:
+                state = f"waiting in dist.{TRACED_CALLS[where]} (its communication call #{calls})"
+            else:
+                state = f"running its own code after {calls} communication call(s)"
+            lines.append(f"  rank {r}: {state}")
+        done = [r for r in range(self.n) if self.returned[r]]
+        summary = f"ranks {waiting} were still waiting {when}"
+        if done:
+            summary += f", while ranks {done} had already returned"
+        msg = (f"{summary}.\n" + "\n".join(lines) +
+               "\nThe likely cause is a mismatched collective: every rank of a group must make the "
+               "same communication calls in the same order, and a send needs a matching recv.")
+        if traceback_text:
+            msg += f"\n\nWhere rank {blamed} was waiting:\n{traceback_text.rstrip()}"
+        return DeadlockError(waiting[0] if blamed is None else blamed, msg, waiting)
+
+    def _print(self, rank, text):
+        text = self.partial[rank] + text
+        *lines, self.partial[rank] = text.split("\n")
+        for line in lines:
+            print(f"[rank {rank}] {line}", flush=True)
+
+    def _flush_partial(self):
+        for rank, text in enumerate(self.partial):
+            if text:
+                print(f"[rank {rank}] {text}", flush=True)
+                self.partial[rank] = ""
+
+
+def _reap(procs, grace: float = 1.0):
+    """End every child: SIGTERM, a short grace, then SIGKILL; always join."""
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    end = time.monotonic() + grace
+    for p in procs:
+        p.join(max(0.0, end - time.monotonic()))
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+# ----------------------------------------------------------------------------
+# the rank side
+
+
+def _rank_main(rank, world_size, port, backend, pg_timeout, payload, conn, where, calls, env):
+    _die_with_parent()
+    os.environ.update(env)
+    torch.set_num_threads(1)  # N ranks share a laptop's cores; more threads only fight
+    send = _Sender(conn)
+    output = _CapturedOutput(send)
+    _trace_calls(rank, where, calls)
+    try:
+        timeout = datetime.timedelta(seconds=pg_timeout)
+        store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timeout)
+        options = {}
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            options["device_id"] = torch.device("cuda", rank)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timeout, **options)
+        fn, args, kwargs = cloudpickle.loads(payload)
+        result = pickle.dumps(_to_cpu(fn(*args, **kwargs)), protocol=pickle.HIGHEST_PROTOCOL)
+        output.close()
+        send(("ok", result))
+        try:  # wait until every rank returned, so nobody leaves a peer mid-talk
+            conn.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+        os._exit(0)
+    except BaseException as exc:  # noqa: B902 - ship everything, KeyboardInterrupt included
+        tb = _user_traceback(exc)
+        output.close()
+        try:
+            send(("error", tb, _is_timeout(exc), type(exc).__name__))
+        finally:
+            os._exit(1)
+
+
+class _Sender:
+    def __init__(self, conn):
+        self.conn, self.lock = conn, threading.Lock()
+
+    def __call__(self, msg):
+        data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        with self.lock:
+            self.conn.send_bytes(data)
+
+
+class _CapturedOutput:
+    """Point fds 1 and 2 at a pipe and forward it, so C++ warnings come too."""
+
+    def __init__(self, send):
+        self.send = send
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 1)
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+        self.reader = threading.Thread(target=self._forward, args=(read_fd,), daemon=True)
+        self.reader.start()
+
+    def _forward(self, fd):
+        with io.open(fd, "rb", buffering=0) as pipe:
+            while chunk := pipe.read(65536):
+                try:
+                    self.send(("out", chunk.decode("utf-8", errors="replace")))
+                except OSError:
+                    return
+
+    def close(self):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        self.reader.join(timeout=2.0)
+
+
+def _trace_calls(rank, where, calls):
+    """Wrap torch.distributed's calls in this rank so a deadlock can be located."""
+    for index, name in enumerate(TRACED_CALLS):
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
+
+        @functools.wraps(original)
+        def traced(*args, _original=original, _index=index, **kwargs):
+            calls[rank] += 1
+            where[rank] = _index
+            result = _original(*args, **kwargs)  # on an error `where` keeps the call
+            where[rank] = _RUNNING
+            return result
+
+        setattr(dist, name, traced)
+
+
+def _die_with_parent():
+    """Ask Linux to kill this rank when its parent dies (a killed kernel)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def _user_traceback(exc: BaseException) -> str:
+    """The traceback without this module's or torch's frames: the learner's code."""
+    hidden = (os.path.abspath(__file__), os.path.dirname(torch.__file__) + os.sep)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not os.path.abspath(f.filename).startswith(hidden)]
+    lines = ["Traceback (most recent call last):\n"] if frames else []
+    lines += traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
+    return "".join(lines)
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, (TimeoutError, dist.DistStoreError)) or "Timed out" in text \
+        or "timed out" in text or "Timeout" in text
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_to_cpu(x) for x in obj)
+    if isinstance(obj, dict) and type(obj) is dict:
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
