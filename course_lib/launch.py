@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import datetime
 import functools
-import io
 import math
 import multiprocessing as mp
 import multiprocessing.spawn as mp_spawn
@@ -96,7 +95,8 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0, **kwargs):
+def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0,
+        debug: bool = False, **kwargs):
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return their results.
 
     Each rank is its own process with the default process group initialised
@@ -105,6 +105,11 @@ def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0, **
     on the CPU. Raises :class:`RankError` when a rank raises or dies and
     :class:`DeadlockError` when ranks are still waiting after ``timeout``
     seconds or a collective times out (``PG_TIMEOUT``).
+
+    ``debug=True`` sets ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` in the ranks: every
+    collective first checks that all ranks called the same operation with the
+    same shapes and dtypes, and names the difference. It costs ~10 ms per
+    collective on gloo, so it is off unless you are hunting a bug.
     """
     if not callable(fn):
         raise TypeError(f"run() needs a function to run on every rank, got {type(fn).__name__}")
@@ -113,7 +118,10 @@ def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0, **
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     backend = choose_backend(backend, world_size)
     payload = _dumps_by_value((fn, args, kwargs))
-    return _Launch(payload, world_size, backend, float(timeout)).start()
+    env = dict(os.environ)
+    if debug:
+        env["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
+    return _Launch(payload, world_size, backend, float(timeout), env).start()
 
 
 # ----------------------------------------------------------------------------
@@ -197,12 +205,14 @@ def _main_module_not_rerun():
 
 
 class _Launch:
-    def __init__(self, payload, world_size, backend, timeout):
+    def __init__(self, payload, world_size, backend, timeout, env):
         self.payload, self.n, self.backend, self.timeout = payload, world_size, backend, timeout
+        self.env = env
+        self.last_lines = [[] for _ in range(world_size)]  # for the report of a rank that died
         # A collective gives up a little before the launch does, so the waiting
         # rank's own traceback (which line it is stuck on) reaches the report.
         self.pg_timeout = min(PG_TIMEOUT, 0.8 * timeout)
-        self.procs, self.conns = [], []
+        self.procs, self.conns, self.outputs = [], [], []
         self.results = [None] * world_size
         self.returned = [False] * world_size
         self.partial = [""] * world_size
@@ -216,55 +226,87 @@ class _Launch:
         # Where each rank is: index into TRACED_CALLS, or _RUNNING / _RETURNED; and its call count.
         self.where = ctx.RawArray("q", [_RUNNING] * self.n)
         self.calls = ctx.RawArray("q", [0] * self.n)
-        env = dict(os.environ)
+        env = self.env
         try:
             with _main_module_not_rerun():
                 for rank in range(self.n):
                     parent_end, child_end = ctx.Pipe(duplex=True)
+                    # The rank's fds 1 and 2 become this pipe, read here: even the
+                    # last words of a rank that aborts in C++ reach the notebook.
+                    output_r, output_w = ctx.Pipe(duplex=False)
                     proc = ctx.Process(
                         target=_rank_main, name=f"rank-{rank}", daemon=True,
                         args=(rank, self.n, store.port, self.backend, self.pg_timeout,
-                              self.payload, child_end, self.where, self.calls, env))
+                              self.payload, child_end, output_w, self.where, self.calls, env))
                     proc.start()
                     child_end.close()
+                    output_w.close()
                     self.procs.append(proc)
                     self.conns.append(parent_end)
+                    self.outputs.append(output_r)
             self._collect()
             return self.results
         finally:
             self._flush_partial()
             _reap(self.procs)
-            for conn in self.conns:
+            for conn in self.conns + self.outputs:
                 conn.close()
             del store
 
     def _collect(self):
         deadline = time.monotonic() + self.timeout
-        open_conns = {conn: rank for rank, conn in enumerate(self.conns)}
+        self.open_conns = {conn: rank for rank, conn in enumerate(self.conns)}
+        self.open_outputs = {out: rank for rank, out in enumerate(self.outputs)}
         while not all(self.returned):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise self._deadlock_error(None, f"after the launch timeout of {self.timeout:g} s")
             sentinels = {self.procs[r].sentinel: r for r in range(self.n) if not self.returned[r]}
-            ready = wait(list(open_conns) + list(sentinels), timeout=min(remaining, 1.0))
+            ready = wait(list(self.open_outputs) + list(self.open_conns) + list(sentinels),
+                         timeout=min(remaining, 1.0))
+            self._read_ready(ready)
             for obj in ready:
-                if obj in open_conns:
-                    rank = open_conns[obj]
-                    msg = self._receive(obj)
-                    if msg is None:
-                        del open_conns[obj]
-                    else:
-                        self._handle(rank, msg)
-            for obj in ready:
-                if obj in sentinels and obj not in open_conns:
+                if obj in sentinels and not self.returned[sentinels[obj]]:
                     rank = sentinels[obj]
-                    if not self.returned[rank]:
-                        self._died(rank)
+                    self._drain(rank)  # its last words: output, or the error it sent
+                    self._died(rank)
+        # A rank closes its output before it reports "ok"; read what is left.
+        while self.open_outputs:
+            self._read_ready(wait(list(self.open_outputs), timeout=1.0) or list(self.open_outputs))
         for conn in self.conns:  # everyone returned: let the ranks tear down together
             try:
                 conn.send_bytes(b"exit")
             except OSError:
                 pass
+
+    def _read_ready(self, ready):
+        for obj in ready:
+            if obj in self.open_outputs:
+                rank = self.open_outputs[obj]
+                try:
+                    chunk = os.read(obj.fileno(), 65536)
+                except OSError:
+                    chunk = b""
+                if chunk:
+                    self._print(rank, chunk.decode("utf-8", errors="replace"))
+                else:
+                    del self.open_outputs[obj]
+            elif obj in self.open_conns:
+                rank = self.open_conns[obj]
+                msg = self._receive(obj)
+                if msg is None:
+                    del self.open_conns[obj]
+                else:
+                    self._handle(rank, msg)
+
+    def _drain(self, rank, wait_s=0.5):
+        """Read a dead rank's output and messages up to their end."""
+        end = time.monotonic() + wait_s
+        pending = [c for c in (self.outputs[rank], self.conns[rank])
+                   if c in self.open_outputs or c in self.open_conns]
+        while pending and time.monotonic() < end:
+            self._read_ready(wait(pending, timeout=max(0.0, end - time.monotonic())))
+            pending = [c for c in pending if c in self.open_outputs or c in self.open_conns]
 
     @staticmethod
     def _receive(conn):
@@ -275,9 +317,7 @@ class _Launch:
 
     def _handle(self, rank, msg):
         kind = msg[0]
-        if kind == "out":
-            self._print(rank, msg[1])
-        elif kind == "ok":
+        if kind == "ok":
             try:
                 self.results[rank] = pickle.loads(msg[1])
             except Exception as exc:  # e.g. a class the kernel cannot import
@@ -296,12 +336,8 @@ class _Launch:
             for conn in wait(self.conns, timeout=max(0.0, end - time.monotonic())):
                 r = self.conns.index(conn)
                 msg = self._receive(conn)
-                if msg is None:
-                    continue
-                if msg[0] == "error":
+                if msg is not None and msg[0] == "error":
                     errors.setdefault(r, tuple(msg[1:]))
-                elif msg[0] == "out":
-                    self._print(r, msg[1])
         if all(t for _, t, _ in errors.values()):
             first = min(errors)
             raise self._deadlock_error(first, f"when rank {first}'s collective timed out "
@@ -320,9 +356,13 @@ class _Launch:
         how = f"was killed by signal {signal.Signals(-code).name}" if code and code < 0 \
             else f"exited with code {code}"
         hint = ""
+        tail = self.last_lines[rank] + ([self.partial[rank]] if self.partial[rank] else [])
+        if tail:
+            hint += "\nIts last output:\n" + "\n".join("    " + line for line in tail)
         if code == -signal.SIGABRT:
-            hint = ("\nAn abort inside a collective usually means the ranks passed tensors "
-                    "of different dtypes or sizes to the same call.")
+            hint += ("\nAn abort inside a collective usually means the ranks passed tensors "
+                    "of different dtypes or sizes to the same call; run(..., debug=True) names "
+                    "the difference.")
         raise RankError(rank, f"rank {rank} of {self.n} {how} before returning{hint}")
 
     def _deadlock_error(self, blamed, when, traceback_text=None):
@@ -353,6 +393,7 @@ class _Launch:
         *lines, self.partial[rank] = text.split("\n")
         for line in lines:
             print(f"[rank {rank}] {line}", flush=True)
+        self.last_lines[rank] = (self.last_lines[rank] + lines)[-10:]
 
     def _flush_partial(self):
         for rank, text in enumerate(self.partial):
@@ -379,12 +420,13 @@ def _reap(procs, grace: float = 1.0):
 # the rank side
 
 
-def _rank_main(rank, world_size, port, backend, pg_timeout, payload, conn, where, calls, env):
+def _rank_main(rank, world_size, port, backend, pg_timeout, payload, conn, output, where, calls, env):
     _die_with_parent()
     os.environ.update(env)
+    dist.set_debug_level_from_env()  # torch read it at import, in the forkserver
     torch.set_num_threads(1)  # N ranks share a laptop's cores; more threads only fight
     send = _Sender(conn)
-    output = _CapturedOutput(send)
+    output = _CapturedOutput(output)
     _trace_calls(rank, where, calls)
     try:
         timeout = datetime.timedelta(seconds=pg_timeout)
@@ -428,26 +470,14 @@ class _Sender:
 
 
 class _CapturedOutput:
-    """Point fds 1 and 2 at a pipe and forward it, so C++ warnings come too."""
+    """Point fds 1 and 2 at the parent's pipe, so C++ messages come along too."""
 
-    def __init__(self, send):
-        self.send = send
-        read_fd, write_fd = os.pipe()
-        os.dup2(write_fd, 1)
-        os.dup2(write_fd, 2)
-        os.close(write_fd)
+    def __init__(self, pipe):
+        os.dup2(pipe.fileno(), 1)
+        os.dup2(pipe.fileno(), 2)
+        pipe.close()
         sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
         sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
-        self.reader = threading.Thread(target=self._forward, args=(read_fd,), daemon=True)
-        self.reader.start()
-
-    def _forward(self, fd):
-        with io.open(fd, "rb", buffering=0) as pipe:
-            while chunk := pipe.read(65536):
-                try:
-                    self.send(("out", chunk.decode("utf-8", errors="replace")))
-                except OSError:
-                    return
 
     def close(self):
         for stream in (sys.stdout, sys.stderr):
@@ -459,7 +489,6 @@ class _CapturedOutput:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         os.close(devnull)
-        self.reader.join(timeout=2.0)
 
 
 def _trace_calls(rank, where, calls):
@@ -481,7 +510,20 @@ def _trace_calls(rank, where, calls):
 
 
 def _die_with_parent():
-    """Ask Linux to kill this rank when its parent dies (a killed kernel)."""
+    """Ask Linux to kill this rank when its parent, the forkserver, dies.
+
+    The forkserver exits when the kernel that started it dies, but only once no
+    process holds its "alive" pipe, and each forked child inherits a copy of
+    that pipe: close ours, or a killed kernel would leave its ranks running.
+    """
+    from multiprocessing import forkserver
+    alive_fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        try:
+            os.close(alive_fd)
+        except OSError:
+            pass
+        forkserver._forkserver._forkserver_alive_fd = None
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

@@ -1,0 +1,260 @@
+"""The launcher: results, output, errors, deadlocks, interrupts and orphans."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+
+from course_lib import launch
+from course_lib.launch import DeadlockError, RankError, run
+from conftest import gpu, rank_processes, wait_for_no_ranks
+
+pytestmark = pytest.mark.usefixtures("no_orphans")
+
+
+def rank_info(scale, offset=0.0):
+    t = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(t)
+    return {"rank": dist.get_rank(), "world": dist.get_world_size(),
+            "sum": t * scale + offset, "backend": dist.get_backend()}
+
+
+def test_results_in_rank_order_with_args_and_kwargs():
+    results = run(rank_info, 4, 2.0, offset=1.0)
+    assert [r["rank"] for r in results] == [0, 1, 2, 3]
+    assert all(r["world"] == 4 for r in results)
+    assert all(r["backend"] == "gloo" for r in results)
+    for r in results:
+        assert torch.equal(r["sum"], torch.tensor([(0 + 1 + 2 + 3) * 2.0 + 1.0]))
+        assert r["sum"].device.type == "cpu"
+
+
+def test_one_rank_and_a_lambda():
+    assert run(lambda: dist.get_world_size() * 10, 1) == [10]
+
+
+def test_function_closing_over_local_state_travels_by_value():
+    secret = torch.arange(3)
+
+    def uses_closure():
+        return secret * (dist.get_rank() + 1)
+
+    out = run(uses_closure, 2)
+    assert torch.equal(out[1], torch.tensor([0, 2, 4]))
+
+
+def test_printed_output_is_prefixed_with_the_rank(capsys):
+    def talk():
+        print(f"hello from {dist.get_rank()}")
+        print("no newline at the end", end="")
+        os.write(2, b"raw C-level write\n")
+
+    run(talk, 2)
+    out = capsys.readouterr().out
+    for r in range(2):
+        assert f"[rank {r}] hello from {r}" in out
+        assert f"[rank {r}] no newline at the end" in out
+        assert f"[rank {r}] raw C-level write" in out
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "2", True, None])
+def test_bad_world_size_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="world_size"):
+        run(rank_info, bad, 1.0)
+
+
+def test_bad_backend_and_timeout_are_value_errors():
+    with pytest.raises(ValueError, match="backend"):
+        run(rank_info, 2, 1.0, backend="mpi")
+    with pytest.raises(ValueError, match="timeout"):
+        run(rank_info, 2, 1.0, timeout=0)
+    with pytest.raises(TypeError, match="function"):
+        run("not a function", 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() >= 64, reason="has GPUs")
+def test_nccl_with_too_few_gpus_says_so():
+    with pytest.raises(ValueError, match="one GPU per rank"):
+        run(rank_info, 64, 1.0, backend="nccl")
+
+
+def test_auto_backend_without_enough_gpus_is_gloo():
+    many = torch.cuda.device_count() + 1
+    assert launch.choose_backend("auto", many) == "gloo"
+
+
+def fails_on_rank_two():
+    if dist.get_rank() == 2:
+        raise ValueError("rank two is unhappy")
+    dist.barrier()
+
+
+def test_a_rank_that_raises_becomes_rank_error_quickly():
+    start = time.monotonic()
+    with pytest.raises(RankError) as info:
+        run(fails_on_rank_two, 4, timeout=60)
+    assert time.monotonic() - start < 5
+    err = info.value
+    assert isinstance(err, RuntimeError)
+    assert err.rank == 2 and err.exc_type == "ValueError"
+    assert "rank two is unhappy" in str(err)
+    assert "fails_on_rank_two" in str(err)  # the rank's own traceback
+    assert "course_lib/launch.py" not in str(err)  # without the launcher's frames
+
+
+def test_a_rank_that_dies_without_an_exception_is_reported():
+    def vanish():
+        if dist.get_rank() == 1:
+            print("about to abort")
+            os.abort()
+        dist.barrier()
+
+    start = time.monotonic()
+    with pytest.raises(RankError) as info:
+        run(vanish, 3, timeout=60)
+    assert time.monotonic() - start < 5
+    assert info.value.rank == 1
+    assert "SIGABRT" in str(info.value) and "about to abort" in str(info.value)
+
+
+def skips_a_collective():
+    if dist.get_rank() != 0:
+        dist.all_reduce(torch.ones(3))
+    return dist.get_rank()
+
+
+def test_a_skipped_collective_is_reported_as_a_deadlock():
+    start = time.monotonic()
+    with pytest.raises(DeadlockError) as info:
+        run(skips_a_collective, 3, timeout=4)
+    assert time.monotonic() - start < 4 + 5
+    err = info.value
+    assert err.waiting_ranks == [1, 2]
+    msg = str(err)
+    assert "mismatched collective" in msg
+    assert "rank 0: returned" in msg
+    assert "rank 1: waiting in dist.all_reduce" in msg
+    assert "skips_a_collective" in msg  # where the waiting rank is stuck
+
+
+def test_a_slow_rank_hits_the_launch_deadline():
+    def sleepy():
+        if dist.get_rank() == 1:
+            time.sleep(30)
+
+    start = time.monotonic()
+    with pytest.raises(DeadlockError) as info:
+        run(sleepy, 2, timeout=2)
+    assert time.monotonic() - start < 2 + 5
+    assert info.value.waiting_ranks == [1]
+    assert "rank 1: running its own code" in str(info.value)
+
+
+def test_keyboard_interrupt_ends_every_rank():
+    def sleep_forever():
+        time.sleep(60)
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 1.5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(sleep_forever, 3, timeout=60)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert wait_for_no_ranks() == []
+
+
+def test_unpicklable_return_value_is_a_clear_error():
+    with pytest.raises(RankError, match="pickle"):
+        run(lambda: (lambda: 1), 2)
+
+
+def test_debug_mode_names_a_shape_mismatch():
+    def mismatched():
+        dist.all_reduce(torch.ones(8 if dist.get_rank() == 0 else 4))
+
+    with pytest.raises(RankError, match="[Ss]hape"):
+        run(mismatched, 2, timeout=20, debug=True)
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, time, torch, torch.distributed as dist
+    from course_lib.launch import run
+
+    def work(path):
+        with open(f"{path}.{dist.get_rank()}", "w") as f:
+            f.write(str(__import__("os").getpid()))
+        t = torch.ones(4)
+        dist.all_reduce(t)
+        time.sleep(float(sys.argv[2]))
+        return t
+
+    # no `if __name__ == "__main__"` guard on purpose: the ranks must not re-run this
+    out = run(work, 2, sys.argv[1])
+    print("total", float(sum(o.sum() for o in out)))
+""")
+
+
+def test_plain_script_and_two_concurrent_launches(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"pids{i}"), "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=90)
+        assert p.returncode == 0, err
+        assert "total 16.0" in out
+
+
+def test_ranks_die_with_a_killed_kernel(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    kernel = subprocess.Popen([sys.executable, str(script), str(tmp_path / "pids"), "120"])
+    try:
+        end = time.monotonic() + 60
+        while not all((tmp_path / f"pids.{r}").exists() for r in range(2)):
+            assert time.monotonic() < end and kernel.poll() is None, "ranks never started"
+            time.sleep(0.1)
+        time.sleep(0.2)
+        pids = [int((tmp_path / f"pids.{r}").read_text()) for r in range(2)]
+        assert all(psutil.pid_exists(p) for p in pids)
+        kernel.kill()  # like a kernel killed from the outside: no finally blocks run
+        kernel.wait()
+        end = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not any(_alive(p) for p in pids), "ranks outlived their killed parent"
+    finally:
+        kernel.kill()
+
+
+def _alive(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@gpu
+def test_auto_picks_nccl_and_returns_cpu_tensors():
+    n = min(2, torch.cuda.device_count())
+
+    def on_gpu():
+        t = torch.ones(3, device=launch.device()) * dist.get_rank()
+        dist.all_reduce(t)
+        return dist.get_backend(), t
+
+    out = run(on_gpu, n)
+    assert all(b == "nccl" for b, _ in out)
+    assert all(t.device.type == "cpu" for _, t in out)
