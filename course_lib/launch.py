@@ -16,14 +16,17 @@ import contextlib
 import ctypes
 import datetime
 import functools
+import linecache
 import math
 import multiprocessing as mp
 import multiprocessing.spawn as mp_spawn
 import operator
 import os
 import pickle
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -117,7 +120,7 @@ def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0,
     if not (isinstance(timeout, (int, float)) and timeout > 0 and math.isfinite(timeout)):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     backend = choose_backend(backend, world_size)
-    payload = _dumps_by_value((fn, args, kwargs))
+    payload = _dumps_by_value((fn, args, kwargs, _source_lines(fn)))
     env = dict(os.environ)
     if debug:
         env["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
@@ -160,6 +163,14 @@ def _dumps_by_value(obj) -> bytes:
     finally:
         if by_value:
             cloudpickle.unregister_pickle_by_value(module)
+
+
+def _source_lines(fn) -> dict:
+    """The source of the cell that defined ``fn``: a rank has no copy of it."""
+    filename = getattr(getattr(fn, "__code__", None), "co_filename", "")
+    if not filename or os.path.exists(filename):
+        return {}
+    return {filename: linecache.getlines(filename)}
 
 
 def _importable_everywhere(module) -> bool:
@@ -219,10 +230,11 @@ class _Launch:
 
     def start(self):
         ctx = _context()
-        # Port 0: the OS picks a free port, so concurrent launches never collide.
-        store = dist.TCPStore("127.0.0.1", 0, None, True,
-                              timeout=datetime.timedelta(seconds=self.pg_timeout + 5),
-                              wait_for_workers=False)
+        # The ranks meet in a file of a fresh temporary folder: concurrent
+        # launches never collide, and no DNS lookup of a TCP rendezvous can
+        # stall (c10d's TCPStore reverse-resolves its peers).
+        rendezvous_dir = tempfile.mkdtemp(prefix="course-launch-")
+        store_path = os.path.join(rendezvous_dir, "store")
         # Where each rank is: index into TRACED_CALLS, or _RUNNING / _RETURNED; and its call count.
         self.where = ctx.RawArray("q", [_RUNNING] * self.n)
         self.calls = ctx.RawArray("q", [0] * self.n)
@@ -236,7 +248,7 @@ class _Launch:
                     output_r, output_w = ctx.Pipe(duplex=False)
                     proc = ctx.Process(
                         target=_rank_main, name=f"rank-{rank}", daemon=True,
-                        args=(rank, self.n, store.port, self.backend, self.pg_timeout,
+                        args=(rank, self.n, store_path, self.backend, self.pg_timeout,
                               self.payload, child_end, output_w, self.where, self.calls, env))
                     proc.start()
                     child_end.close()
@@ -251,7 +263,7 @@ class _Launch:
             _reap(self.procs)
             for conn in self.conns + self.outputs:
                 conn.close()
-            del store
+            shutil.rmtree(rendezvous_dir, ignore_errors=True)
 
     def _collect(self):
         deadline = time.monotonic() + self.timeout
@@ -420,7 +432,7 @@ def _reap(procs, grace: float = 1.0):
 # the rank side
 
 
-def _rank_main(rank, world_size, port, backend, pg_timeout, payload, conn, output, where, calls, env):
+def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn, output, where, calls, env):
     _die_with_parent()
     os.environ.update(env)
     dist.set_debug_level_from_env()  # torch read it at import, in the forkserver
@@ -430,14 +442,17 @@ def _rank_main(rank, world_size, port, backend, pg_timeout, payload, conn, outpu
     _trace_calls(rank, where, calls)
     try:
         timeout = datetime.timedelta(seconds=pg_timeout)
-        store = dist.TCPStore("127.0.0.1", port, None, False, timeout=timeout)
+        store = dist.FileStore(store_path, world_size)
+        store.set_timeout(timeout)
         options = {}
         if backend == "nccl":
             torch.cuda.set_device(rank)
             options["device_id"] = torch.device("cuda", rank)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timeout, **options)
-        fn, args, kwargs = cloudpickle.loads(payload)
+        fn, args, kwargs, sources = cloudpickle.loads(payload)
+        for filename, lines in sources.items():  # so tracebacks can quote notebook cells
+            linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
         result = pickle.dumps(_to_cpu(fn(*args, **kwargs)), protocol=pickle.HIGHEST_PROTOCOL)
         output.close()
         send(("ok", result))
