@@ -49,6 +49,7 @@ TRACED_CALLS = (
     "all_reduce", "reduce", "all_gather", "all_gather_into_tensor",
     "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
     "gather", "scatter", "barrier", "all_gather_object", "broadcast_object_list",
+    "all_gather_single", "reduce_scatter_single",
 )
 _RUNNING, _RETURNED = -1, -2
 _SECONDARY_ERRORS = ("Connection closed by peer", "Connection reset by peer",
@@ -120,7 +121,7 @@ def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0,
     if not (isinstance(timeout, (int, float)) and timeout > 0 and math.isfinite(timeout)):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     backend = choose_backend(backend, world_size)
-    payload = _dumps_by_value((fn, args, kwargs, _source_lines(fn)))
+    payload = dumps_by_value((fn, args, kwargs, _source_lines(fn)))
     env = dict(os.environ)
     if debug:
         env["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
@@ -146,23 +147,37 @@ def _check_world_size(world_size) -> int:
     return n
 
 
-def _dumps_by_value(obj) -> bytes:
-    """cloudpickle, sending the caller's own modules by value.
+def dumps_by_value(obj) -> bytes:
+    """cloudpickle ``obj``, sending the caller's own modules by value.
 
     Functions from a notebook (``__main__``) always travel by value. Functions
     from a module the ranks may not import (a test file, a script) would travel
-    by reference and fail in the rank, so those modules go by value too.
+    by reference and fail in the rank, so the modules of the functions found in
+    ``obj`` (and in its top-level tuples, lists and dicts) go by value too.
     """
-    fn = obj[0]
-    module = sys.modules.get(getattr(fn, "__module__", None) or "")
-    by_value = module is not None and module.__name__ != "__main__" and not _importable_everywhere(module)
-    if by_value:
+    modules = {m for m in map(_module_of, _top_level_items(obj))
+               if m is not None and m.__name__ != "__main__" and not _importable_everywhere(m)}
+    for module in modules:
         cloudpickle.register_pickle_by_value(module)
     try:
         return cloudpickle.dumps(obj)
     finally:
-        if by_value:
+        for module in modules:
             cloudpickle.unregister_pickle_by_value(module)
+
+
+def _top_level_items(obj, depth=2):
+    yield obj
+    if depth and isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _top_level_items(item, depth - 1)
+    elif depth and isinstance(obj, dict):
+        for item in obj.values():
+            yield from _top_level_items(item, depth - 1)
+
+
+def _module_of(obj):
+    return sys.modules.get(getattr(obj, "__module__", None) or "") if callable(obj) else None
 
 
 def _source_lines(fn) -> dict:
@@ -343,13 +358,21 @@ class _Launch:
     def _failed(self, rank, tb, timed_out, exc_type):
         """A rank raised: gather what else arrives briefly, report the root cause."""
         errors = {rank: (tb, timed_out, exc_type)}
-        end = time.monotonic() + 0.3
-        while time.monotonic() < end:
-            for conn in wait(self.conns, timeout=max(0.0, end - time.monotonic())):
+        end, live = time.monotonic() + 0.3, [c for c in self.conns if c in self.open_conns]
+        while live and time.monotonic() < end:
+            for conn in wait(live, timeout=max(0.0, end - time.monotonic())):
                 r = self.conns.index(conn)
                 msg = self._receive(conn)
-                if msg is not None and msg[0] == "error":
+                if msg is None:
+                    live.remove(conn)
+                    del self.open_conns[conn]
+                elif msg[0] == "error":
                     errors.setdefault(r, tuple(msg[1:]))
+        for r in range(self.n):  # a rank that died without a word is the likelier cause
+            if r not in errors and not self.returned[r] and not self.procs[r].is_alive():
+                self._drain(r)
+                if r not in errors:
+                    self._died(r)
         if all(t for _, t, _ in errors.values()):
             first = min(errors)
             raise self._deadlock_error(first, f"when rank {first}'s collective timed out "

@@ -45,6 +45,9 @@ class Result:
     status: str
     message: str = ""
 
+    def _ipython_display_(self):
+        """Show nothing: the check already printed its line (no second copy in a cell)."""
+
     def line(self) -> str:
         head = f"{_MARKS[self.status]} {self.id} {self.title}"
         if self.status == PASSED:

@@ -1,0 +1,227 @@
+"""Checks for chapter 01: collectives built from point-to-point send/recv.
+
+Each check runs the learner's function on N = 1, 2, 3 and 4 ranks (3 is not a
+power of two, which catches tree code that assumes one), for every root rank,
+on integer-valued float tensors, and compares it exactly with torch's
+built-in collective run on the same data. Inside the ranks the built-in
+collectives are swapped for functions that raise, so only send/recv/isend/irecv
+(and barrier) can be used.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+import types
+
+import cloudpickle
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from course_lib import launch
+from course_lib.checks import Mismatch, compare, exercise
+
+WORLD_SIZES = (1, 2, 3, 4)
+#: Seconds one launch may take; a learner's deadlock is reported after about this long.
+TIMEOUT = 10.0
+SHAPE = (2, 5)
+
+# Everything in torch.distributed that moves data between ranks except point-to-point.
+FORBIDDEN = tuple(name for name in (
+    "broadcast", "all_reduce", "reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
+    "all_gather_coalesced", "all_reduce_coalesced", "_all_gather_base", "reduce_scatter",
+    "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base", "all_to_all",
+    "all_to_all_single", "scatter", "gather", "broadcast_object_list", "all_gather_object",
+    "gather_object", "scatter_object_list") if hasattr(c10d, name))
+
+
+class BuiltinCollectiveUsed(RuntimeError):
+    """A learner's function called a built-in collective it was asked to build."""
+
+
+def _rank_data(salt: int) -> torch.Tensor:
+    """Integer-valued floats, different on every rank, world size and root: sums are exact."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(1000 * n + 31 * rank + salt)
+    return torch.randint(-50, 50, SHAPE, generator=g).float().to(launch.device())
+
+
+def _learner_functions(fn) -> list:
+    """``fn`` and the learner's functions it reaches through globals and closures (not libraries')."""
+    module_dicts = {id(vars(m)) for m in list(sys.modules.values()) if m is not None}
+    found, todo, seen = [], [fn], set()
+    while todo:
+        f = todo.pop()
+        if not isinstance(f, types.FunctionType) or id(f) in seen:
+            continue
+        seen.add(id(f))
+        if f is not fn and id(f.__globals__) in module_dicts:
+            continue  # a library's function: its module namespace is patched separately
+        found.append(f)
+        todo += list(f.__globals__.values()) + [c.cell_contents for c in f.__closure__ or ()
+                                                 if _cell_is_set(c)]
+    return found
+
+
+def _cell_is_set(cell) -> bool:
+    try:
+        cell.cell_contents
+        return True
+    except ValueError:  # a closure variable not assigned yet
+        return False
+
+
+@contextlib.contextmanager
+def _only_send_recv(ex_id: str, learner_fn):
+    """Make every built-in collective raise while the learner's function runs."""
+    saved = [(ns, name, getattr(ns, name)) for ns in (dist, c10d) for name in FORBIDDEN if hasattr(ns, name)]
+    by_identity = {id(fn): name for _, name, fn in saved}
+    functions = _learner_functions(learner_fn)
+    # A collective imported by name (`from torch.distributed import broadcast`) is
+    # the original function by now, in the learner's globals or closure: swap it too.
+    saved_globals = {(id(f.__globals__), key): (f.__globals__, key, v) for f in functions
+                     for key, v in list(f.__globals__.items()) if id(v) in by_identity}
+    saved_cells = [(c, c.cell_contents) for f in functions for c in f.__closure__ or ()
+                   if _cell_is_set(c) and id(c.cell_contents) in by_identity]
+
+    def forbidden(name):
+        def refuse(*args, **kwargs):
+            raise BuiltinCollectiveUsed(
+                f"exercise {ex_id} must be built from send/recv only: you called dist.{name}")
+        return refuse
+
+    try:
+        for ns, name, _ in saved:
+            setattr(ns, name, forbidden(name))
+        for g, key, v in saved_globals.values():
+            g[key] = forbidden(by_identity[id(v)])
+        for cell, v in saved_cells:
+            cell.cell_contents = forbidden(by_identity[id(v)])
+        yield
+    finally:
+        for ns, name, fn in saved:
+            setattr(ns, name, fn)
+        for g, key, v in saved_globals.values():
+            g[key] = v
+        for cell, v in saved_cells:
+            cell.cell_contents = v
+
+
+def _launch(n: int, rank_fn, learner_fn, *args):
+    """Run ``rank_fn(learner_fn, *args)`` on n ranks; turn rank failures into one-line verdicts."""
+    # Sent as bytes so a learner function from any module (a notebook, a test) travels by value.
+    payload = launch.dumps_by_value((learner_fn,))
+    try:
+        return launch.run(rank_fn, n, payload, *args, timeout=TIMEOUT)
+    except launch.DeadlockError as exc:
+        lines = str(exc).splitlines()
+        where = "; ".join(ln.strip() for ln in lines[1:1 + n] if ln.startswith("  rank"))
+        raise Mismatch(f"N={n}: deadlock — {lines[0]} ({where})") from None
+    except launch.RankError as exc:
+        if exc.exc_type == BuiltinCollectiveUsed.__name__:
+            message = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
+            raise Mismatch(f"{message} (rank {exc.rank}, N={n})") from None
+        raise
+
+
+def _compare(prefix: str, got, expected, what: str, rank: int, returned_new: bool = False) -> None:
+    try:
+        compare(got, expected, what, rank=rank, exact=True)
+    except Mismatch as exc:
+        hint = " — change the tensor in place; your function returned a new one" if returned_new else ""
+        raise Mismatch(f"{prefix}: {exc}{hint}") from None
+
+
+def _in_place(learner, tensor, *args) -> bool:
+    """Call ``learner(tensor, *args)``; True when it returned a new tensor instead of changing ``tensor``."""
+    returned = learner(tensor, *args)
+    return isinstance(returned, torch.Tensor) and returned is not tensor
+
+
+# ----------------------------------------------------------------------------
+# running the learner's function and the built-in reference
+#
+# They run in separate launches, so that a deadlock report lists only the
+# learner's own communication calls. References are cached: a learner re-running
+# a check cell pays only for their own code.
+
+
+def _roots(kind: str, n: int) -> list:
+    return list(range(n)) if kind in ("broadcast", "reduce") else [0]
+
+
+def _learner_rank(payload, ex_id, kind):
+    (learner,) = cloudpickle.loads(payload)
+    results = []  # per root: (this rank's result, returned a new tensor instead of in place?)
+    with _only_send_recv(ex_id, learner):
+        for root in _roots(kind, dist.get_world_size()):
+            tensor = _rank_data(root)
+            if kind == "all_gather":
+                gathered = learner(tensor)
+                results.append((list(gathered) if isinstance(gathered, tuple) else gathered, False))
+            else:
+                args = (root,) if kind in ("broadcast", "reduce") else ()
+                results.append((tensor, _in_place(learner, tensor, *args)))
+    return results
+
+
+def _reference_rank(kind):
+    results = []
+    for root in _roots(kind, dist.get_world_size()):
+        tensor = _rank_data(root)
+        if kind == "broadcast":
+            dist.broadcast(tensor, root)
+        elif kind == "reduce":
+            dist.reduce(tensor, root)
+        elif kind == "all_reduce":
+            dist.all_reduce(tensor)
+        else:
+            gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, tensor)
+            tensor = gathered
+        results.append(tensor)
+    return results
+
+
+@functools.cache
+def _reference(kind: str, n: int) -> list:
+    return launch.run(_reference_rank, n, kind, timeout=TIMEOUT)
+
+
+def _check(ex_id: str, kind: str, learner_fn, what: str = "tensor") -> None:
+    """Run the learner's ``kind`` on every world size and root; raise Mismatch on the first difference."""
+    for n in WORLD_SIZES:
+        got = _launch(n, _learner_rank, learner_fn, ex_id, kind)
+        expected = _reference(kind, n)
+        for case, root in enumerate(_roots(kind, n)):
+            prefix = f"N={n}" + {"broadcast": f", src={root}", "reduce": f", dst={root}"}.get(kind, "")
+            # A reduce defines the result on dst only; the others may use their tensor as scratch.
+            ranks = [root] if kind == "reduce" else range(n)
+            for rank in ranks:
+                result, returned_new = got[rank][case]
+                _compare(prefix, result, expected[rank][case], what, rank, returned_new)
+
+
+@exercise("1.1", "broadcast from send/recv")
+def broadcast(learner_fn):
+    """Check ``learner_fn(tensor, src)``: afterwards every rank's tensor equals src's."""
+    _check("1.1", "broadcast", learner_fn)
+
+
+@exercise("1.2", "ring all-gather from send/recv")
+def all_gather(learner_fn):
+    """Check ``learner_fn(tensor) -> list``: item j of every rank's list is rank j's tensor."""
+    _check("1.2", "all_gather", learner_fn, what="gathered")
+
+
+@exercise("1.3", "tree reduce from send/recv")
+def reduce(learner_fn):
+    """Check ``learner_fn(tensor, dst)``: afterwards dst's tensor is the sum over all ranks."""
+    _check("1.3", "reduce", learner_fn)
+
+
+@exercise("1.4", "all-reduce as reduce + broadcast")
+def all_reduce(learner_fn):
+    """Check ``learner_fn(tensor)``: afterwards every rank's tensor is the sum over all ranks."""
+    _check("1.4", "all_reduce", learner_fn)

@@ -1,0 +1,439 @@
+"""Grade learners' exercise notebooks headless.
+
+    python -m course_lib.grade exercises/01_collectives.ipynb [more notebooks...]
+        [--report grade-report.json] [--time-limit 600] [--exercises exercises/]
+
+For each notebook (``.ipynb``, or a jupytext ``.py``) the grader takes the
+canonical ``exercises/<same name>.ipynb``, puts the learner's *answer cells*
+into it in place of the stubs and runs it in a fresh ``python3`` kernel.
+Answer cells are found by their ``answer`` metadata, or else by the top-level
+``def``/``class`` they define; everything else, the check cells included,
+comes from the canonical notebook, so editing or deleting a check earns
+nothing. The checks report to a JSON-lines file named by ``$COURSE_RESULTS``;
+only results recorded while a canonical (non-answer) cell runs count.
+
+Time limit. A notebook gets T seconds (``--time-limit``, default 600), counted
+from when its kernel is up. Each cell may run for whatever is left of T, but
+never for less than G = min(60 s, T). A cell that runs out of time is
+interrupted (the kernel survives, with its state) and its exercise fails with
+"time limit of T s reached"; the cells after it still run, each with at least
+G seconds, so one endless loop does not take the later exercises down with it.
+A cell that starts after T is used up and runs out of its G seconds as well
+ends the run: the cells after it are not run and their exercises fail with the
+time limit. A kernel that does not answer within RECOVERY_TIME seconds of an
+interrupt, or that dies, also ends the run; the exercises it had not checked
+yet are reported as errors.
+
+Prints a table per notebook and a score line; writes a JSON report. Exit
+status: 0 when every exercise of every notebook passed, 1 otherwise, 2 for a
+usage error (no such file, no canonical exercise notebook, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jupytext
+import nbformat
+from nbclient import NotebookClient
+from nbclient.exceptions import DeadKernelError
+
+from course_lib import build, checks
+
+TIME_LIMIT = 600.0
+#: Least time any cell gets, even after the notebook's budget is used up.
+MIN_CELL_TIME = 60.0
+#: How long a kernel may take to become responsive again after an interrupt.
+RECOVERY_TIME = 10
+STATUSES = (checks.PASSED, checks.FAILED, checks.NOT_ATTEMPTED, checks.ERROR)
+_TIMEOUT_ENAME = "GraderTimeLimit"
+
+
+class UsageError(Exception):
+    """Bad arguments: reported on stderr with exit status 2."""
+
+
+@dataclass
+class CellRun:
+    """What happened to one cell of the graded notebook."""
+
+    index: int
+    state: str = "skipped"  # skipped | ok | error | timeout | died | not run
+    error: str = ""  # "Name: value" of the cell's exception, first line
+    ename: str = ""
+    reason: str = ""  # why it timed out / was not run
+    out_of_time: bool = False  # for "not run": stopped by the time limit
+    results: list = field(default_factory=list)  # check results recorded while it ran
+
+
+# ----------------------------------------------------------------------------
+# preparing the notebook
+
+
+def read_learner_notebook(path: Path):
+    if path.suffix == ".py":
+        return jupytext.read(path, fmt="py:percent")
+    return nbformat.read(path, as_version=4)
+
+
+def splice(canonical, learner):
+    """A copy of ``canonical`` with the learner's answer cells in place of its stubs.
+
+    Returns (notebook, {answer name: cell index}, set of names the learner answered).
+    """
+    nb = copy.deepcopy(canonical)
+    spots = build.answer_cells(nb)
+    by_metadata, by_definition = {}, {}
+    for cell in learner.cells:
+        if cell.cell_type != "code":
+            continue
+        name = cell.get("metadata", {}).get("answer")
+        if isinstance(name, str):
+            by_metadata.setdefault(name, cell.source)
+        for defined in build.defined_names(cell.source):
+            by_definition.setdefault(defined, cell.source)
+    answered = set()
+    for name, index in spots.items():
+        source = by_metadata.get(name, by_definition.get(name))
+        if source is not None:
+            nb.cells[index].source = source
+            answered.add(name)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+    return nb, spots, answered
+
+
+# ----------------------------------------------------------------------------
+# running it
+
+
+class _ResultsFile:
+    """Reads the check results appended to $COURSE_RESULTS since the last read."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+        path.write_text("")
+
+    def new(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:  # the notebook's code removed it: nothing more to read
+            return []
+        end = data.rfind(b"\n") + 1  # leave a half-written line for next time
+        self.offset += end
+        found = []
+        for line in data[:end].decode("utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                found.append(record)
+        return found
+
+
+def run_notebook(nb, cwd: Path, time_limit: float, results_path: Path) -> list[CellRun]:
+    """Execute ``nb`` in place, cell by cell, under the time policy of the module doc."""
+    runs = [CellRun(i) for i in range(len(nb.cells))]
+    results = _ResultsFile(results_path)
+    floor = min(MIN_CELL_TIME, time_limit)
+    replies = {}
+    client = NotebookClient(
+        nb, kernel_name="python3", allow_errors=True, interrupt_on_timeout=True,
+        error_on_timeout={"ename": _TIMEOUT_ENAME, "evalue": "time limit", "traceback": []},
+        resources={"metadata": {"path": str(cwd)}}, shell_timeout_interval=1,
+        on_cell_executed=lambda cell_index, execute_reply, **_: replies.__setitem__(cell_index, execute_reply))
+    env = dict(os.environ, COURSE_RESULTS=str(results_path))
+    # The kernel process's own stdout/stderr (not the cells' output) go to a log:
+    # startup chatter stays off the table, a crash message is kept for the report.
+    log_path = results_path.with_name("kernel.log")
+    stop = None  # (reason, out_of_time) once the run has ended early
+    pending = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
+    try:
+        with open(log_path, "wb") as log, \
+                client.setup_kernel(env=env, stdout=log, stderr=subprocess.STDOUT):
+            deadline = time.monotonic() + time_limit
+            for index in pending:
+                run = runs[index]
+                if stop:
+                    run.state, run.reason, run.out_of_time = "not run", stop[0], stop[1]
+                    continue
+                left = deadline - time.monotonic()
+                client.timeout = max(1, math.ceil(max(left, floor)))
+                try:
+                    client.execute_cell(nb.cells[index], index)
+                except DeadKernelError:
+                    run.state, run.reason = "died", _died_reason(log_path)
+                    stop = (f"the kernel died in cell {index + 1} before this cell ran", False)
+                    continue
+                content = replies.get(index, {}).get("content", {})
+                if content.get("ename") == _TIMEOUT_ENAME:
+                    run.state = "timeout"
+                    if left > 0:
+                        run.reason = f"time limit of {time_limit:g} s reached"
+                    else:
+                        run.reason = (f"time limit reached: this cell ran {floor:g} s after the "
+                                      f"notebook's {time_limit:g} s were used up")
+                        stop = (f"time limit of {time_limit:g} s reached before this cell ran", True)
+                    if not stop and not _responsive(client):
+                        stop = ("the kernel did not recover from the time-limit interrupt "
+                                f"in cell {index + 1}", False)
+                    if stop:  # a busy kernel would only stall a polite shutdown
+                        client.shutdown_kernel = "immediate"
+                elif content.get("status") == "error":
+                    run.state, run.ename = "error", content.get("ename", "")
+                    run.error = _first_line(f"{run.ename}: {content.get('evalue', '')}")
+                else:
+                    run.state = "ok"
+                run.results = results.new()
+    except Exception as exc:  # kernel would not start, or nbclient itself failed
+        reason = f"the grader could not run the notebook: {_first_line(str(exc)) or type(exc).__name__}"
+        for index in pending:
+            if runs[index].state == "skipped":
+                runs[index].state, runs[index].reason = "not run", reason
+    leftover = results.new()
+    if leftover:  # written after the last read (e.g. by an interrupted cell): give to the last cell run
+        ran = [r for r in runs if r.state not in ("skipped", "not run")]
+        if ran:
+            ran[-1].results += leftover
+    return runs
+
+
+def _died_reason(log_path: Path) -> str:
+    """'the kernel died ...' plus the kernel's last words, if it left any."""
+    try:
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        lines = []
+    lines = [ln for ln in lines if "WARNING" not in ln]
+    return "the kernel died while this cell ran" + (f" ({lines[-1][:200]})" if lines else "")
+
+
+def _responsive(client) -> bool:
+    """Whether the kernel answers a trivial request within RECOVERY_TIME seconds."""
+    client.timeout = RECOVERY_TIME
+    try:
+        msg_id = client.kc.execute("pass", store_history=False)
+        return client.wait_for_reply(msg_id) is not None
+    except DeadKernelError:
+        return False
+
+
+def _first_line(text: str) -> str:
+    for line in text.strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+# ----------------------------------------------------------------------------
+# judging
+
+
+def judge(nb, runs: list[CellRun], expected: dict[str, str], spots: dict[str, int]) -> list[dict]:
+    """One {id, title, status, message} per expected exercise."""
+    answer_indices = set(spots.values())
+    recorded = {}
+    for run in runs:
+        if run.index in answer_indices:
+            continue  # a result recorded by the learner's own cell proves nothing
+        for record in run.results:
+            recorded.setdefault(record["id"], []).append(record)
+    rows = []
+    for ex_id, title in expected.items():
+        records = recorded.get(ex_id)
+        if records:
+            # Every check of an exercise must pass; report the first that did not.
+            worst = next((r for r in records if r.get("status") != checks.PASSED), records[-1])
+            status = worst.get("status") if worst.get("status") in STATUSES else checks.ERROR
+            message = str(worst.get("message") or "")
+        else:
+            status, message = _explain_missing(ex_id, nb, runs, spots)
+        rows.append({"id": ex_id, "title": title, "status": status, "message": message})
+    return rows
+
+
+def _explain_missing(ex_id: str, nb, runs: list[CellRun], spots: dict[str, int]) -> tuple[str, str]:
+    """Status and message for an exercise whose check recorded nothing."""
+    entry = checks.EXERCISES.get(ex_id)
+    if entry is None:
+        return checks.ERROR, "no check function is registered for this exercise"
+    name = entry[1].__name__
+    answer_indices = set(spots.values())
+    code = [(i, c.source) for i, c in enumerate(nb.cells)
+            if c.cell_type == "code" and i not in answer_indices]
+    check_cells = [i for i, src in code if re.search(rf"\.{re.escape(name)}\s*\(", src)] or \
+                  [i for i, src in code if re.search(rf"\b{re.escape(name)}\s*\(", src)]
+    if not check_cells:
+        return checks.ERROR, f"no cell of the exercise notebook calls the check {name}()"
+    answers = set()
+    for c in check_cells:
+        named = {i for n, i in spots.items() if re.search(rf"\b{re.escape(n)}\b", nb.cells[c].source)}
+        above = [i for i in answer_indices if i < c]
+        answers |= named or ({max(above)} if above else set())
+    related = sorted(answers | set(check_cells))
+    for i in related:
+        if runs[i].state == "timeout":
+            return checks.FAILED, runs[i].reason
+    for i in sorted(answers):
+        if runs[i].state == "error":
+            if runs[i].ename == "NotImplementedError":
+                return checks.NOT_ATTEMPTED, ""
+            return checks.ERROR, f"your answer cell raised {runs[i].error}"
+    for i in check_cells:
+        if runs[i].state == "error":
+            return checks.ERROR, runs[i].error
+    for i in related:
+        if runs[i].state in ("died", "not run"):
+            return (checks.FAILED if runs[i].out_of_time else checks.ERROR), runs[i].reason
+    return checks.ERROR, f"the check {name}() recorded no result"
+
+
+# ----------------------------------------------------------------------------
+# one notebook, many notebooks
+
+
+def chapter_of(stem: str) -> int:
+    match = re.match(r"^(\d+)_", stem)
+    if not match:
+        raise UsageError(f"cannot tell the chapter of {stem!r}: exercise notebooks are named NN_name")
+    return int(match[1])
+
+
+def locate(path: Path, exercises_dir: Path) -> Path:
+    """The canonical exercise notebook for a learner's notebook; UsageError if there is none."""
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    if path.suffix not in (".ipynb", ".py"):
+        raise UsageError(f"{path}: expected a .ipynb notebook or a jupytext .py file")
+    chapter_of(path.stem)
+    canonical = exercises_dir / f"{path.stem}.ipynb"
+    if not canonical.is_file():
+        raise UsageError(f"{path}: there is no exercise notebook {canonical} to grade it against "
+                         "(the file name must match an exercise; run python -m course_lib.build?)")
+    return canonical
+
+
+def grade_notebook(path: Path, canonical_path: Path, time_limit: float = TIME_LIMIT,
+                   save_dir: Path | None = None) -> dict:
+    """Grade one learner notebook; return its entry of the JSON report."""
+    started = time.monotonic()
+    chapter = chapter_of(path.stem)
+    expected = checks.exercises_for_chapter(chapter)
+    entry = {"name": path.stem, "path": str(path), "exercise_notebook": str(canonical_path),
+             "chapter": chapter, "error": None}
+    try:
+        learner = read_learner_notebook(path)
+    except Exception as exc:  # unreadable JSON, not a notebook, ...
+        learner, entry["error"] = None, f"could not read {path}: {_first_line(str(exc))}"
+    if learner is not None:
+        canonical = nbformat.read(canonical_path, as_version=4)
+        nb, spots, answered = splice(canonical, learner)
+        entry["answers_found"] = sorted(answered)
+        entry["answers_missing"] = sorted(set(spots) - answered)
+        with tempfile.TemporaryDirectory(prefix="course-grade-") as tmp:
+            runs = run_notebook(nb, canonical_path.parent.resolve(), time_limit, Path(tmp) / "results.jsonl")
+        if not expected:  # a chapter without registered checks: go by what was recorded
+            for run in runs:
+                for record in run.results:
+                    expected.setdefault(record["id"], record.get("title", ""))
+        entry["exercises"] = judge(nb, runs, expected, spots)
+        if not expected:
+            entry["error"] = f"no exercises are registered for chapter {chapter:02d}"
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            nbformat.write(nb, save_dir / f"{path.stem}.ipynb")
+    else:
+        entry["exercises"] = [{"id": i, "title": t, "status": checks.ERROR, "message": entry["error"]}
+                              for i, t in expected.items()]
+    entry["passed"] = sum(e["status"] == checks.PASSED for e in entry["exercises"])
+    entry["total"] = len(entry["exercises"])
+    entry["seconds"] = round(time.monotonic() - started, 1)
+    return entry
+
+
+def print_table(entry: dict, out=sys.stdout) -> None:
+    rows = [(e["id"], e["title"], e["status"], _shorten(e["message"])) for e in entry["exercises"]]
+    head = ("id", "title", "status", "detail")
+    widths = [max(len(r[k]) for r in rows + [head]) for k in range(3)]
+    print(f"\n{entry['path']}  (graded against {entry['exercise_notebook']}, {entry['seconds']:g} s)", file=out)
+    if entry["error"]:
+        print(f"  {entry['error']}", file=out)
+    for row in [head] + rows:
+        cells = [row[k].ljust(widths[k]) for k in range(3)] + [row[3]]
+        print("  " + "  ".join(cells).rstrip(), file=out)
+    print(f"{entry['name']}: {entry['passed']}/{entry['total']} exercises passed", file=out)
+
+
+def _shorten(text: str, width: int = 100) -> str:
+    line = _first_line(text)
+    return line if len(line) <= width else line[:width - 1] + "…"
+
+
+def make_report(entries: list[dict], time_limit: float) -> dict:
+    totals = {"notebooks": len(entries), "exercises": sum(e["total"] for e in entries)}
+    for status in STATUSES:
+        totals[status] = sum(x["status"] == status for e in entries for x in e["exercises"])
+    all_passed = bool(entries) and all(e["passed"] == e["total"] and not e["error"] for e in entries)
+    return {"time_limit_s": time_limit, "all_passed": all_passed, "totals": totals, "notebooks": entries}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m course_lib.grade",
+                                     description="Grade exercise notebooks headless (see the module doc).")
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
+                        help="a learner's exercise notebook (.ipynb or jupytext .py)")
+    parser.add_argument("--report", type=Path, default=Path("grade-report.json"), metavar="FILE",
+                        help="where to write the JSON report (default: %(default)s)")
+    parser.add_argument("--time-limit", type=float, default=TIME_LIMIT, metavar="SECONDS",
+                        help="seconds each notebook may run (default: %(default)g)")
+    parser.add_argument("--exercises", type=Path, default=build.ROOT / build.EXERCISE_DIR, metavar="DIR",
+                        help="folder of the canonical exercise notebooks (default: %(default)s)")
+    parser.add_argument("--save-executed", type=Path, metavar="DIR",
+                        help="also write each executed notebook, with its outputs, to DIR")
+    parser.add_argument("--checks-module", action="append", default=[], metavar="MODULE",
+                        help="import this extra module of @exercise checks first (tests, add-on chapters)")
+    args = parser.parse_args(argv)
+    try:
+        if not (args.time_limit > 0 and math.isfinite(args.time_limit)):
+            raise UsageError(f"--time-limit must be a positive number of seconds, got {args.time_limit:g}")
+        for name in args.checks_module:
+            try:
+                importlib.import_module(name)
+            except ImportError as exc:
+                raise UsageError(f"--checks-module {name}: {exc}") from None
+        canonicals = [locate(p, args.exercises) for p in args.paths]
+    except UsageError as exc:
+        print(f"grade: {exc}", file=sys.stderr)
+        return 2
+    entries = []
+    for path, canonical in zip(args.paths, canonicals):
+        print(f"grading {path} ...", flush=True)
+        entry = grade_notebook(path, canonical, args.time_limit, args.save_executed)
+        print_table(entry)
+        entries.append(entry)
+    report = make_report(entries, args.time_limit)
+    if len(entries) > 1:
+        t = report["totals"]
+        print(f"\ntotal: {t['passed']}/{t['exercises']} exercises passed in {t['notebooks']} notebooks")
+    args.report.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"report written to {args.report}")
+    return 0 if report["all_passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

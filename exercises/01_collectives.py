@@ -1,0 +1,166 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# > **Generated from `solutions/01_collectives.py`** by `python -m course_lib.build`; do not edit it by hand here, a rebuild overwrites it.
+# >
+# > Replace every `# YOUR CODE HERE` with your code and run the check cell below it. To grade the whole notebook from a terminal, run `python -m course_lib.grade exercises/01_collectives.ipynb` (or give it the path of your own copy).
+
+# %% [markdown]
+# # 01 · Collectives from send/recv — exercises
+#
+# In the lesson (`notebooks/01_collectives.ipynb`) every collective was a single call into
+# `torch.distributed`. Here you build some of them yourself from the only two things a network
+# really offers: **send** a tensor to one rank, and **receive** a tensor from one rank.
+#
+# Notation: **N** ranks, each holding a tensor of **K** elements; rank `r` is `dist.get_rank()`,
+# N is `dist.get_world_size()`.
+#
+# How the checks work: each check cell runs your function on N = 1, 2, 3 and 4 ranks (3 is not a
+# power of two), with every rank as the root, on tensors of whole numbers, and compares the result
+# *exactly* with torch's own collective. It prints one line: `✔`, or `✘` with the world size, the
+# rank and the element that differ. Inside the check the built-in collectives (`dist.broadcast`,
+# `dist.all_reduce`, …) are switched off: only `dist.send`, `dist.recv`, `dist.isend` and
+# `dist.irecv` work. A function that waits forever (a `recv` nobody sends to) is stopped after
+# about ten seconds and reported as a deadlock, with where each rank was waiting.
+#
+# Two rules of point-to-point that every exercise leans on:
+#
+# * `dist.send(t, dst)` may **block until `dst` posts the matching `recv`**. If two ranks both
+#   `send` to each other first, both can wait forever. Use `req = dist.isend(t, dst)` (returns at
+#   once), do your `recv`, then `req.wait()`.
+# * A `recv` must name a tensor of the **same shape and dtype** as the one sent; gloo does not
+#   always catch a mismatch.
+
+# %%
+import torch
+import torch.distributed as dist
+
+from course_lib import launch
+from course_lib.checks import collectives as check
+
+# %% [markdown]
+# ### A warm-up you can run: send/recv on two ranks
+#
+# Rank 0 sends a tensor to rank 1. `launch.run(fn, N)` runs `fn` on N ranks, each a separate
+# process, and returns what every rank returned. Add prints or change the code to experiment —
+# this is also how you can debug your own functions below: call them inside a function like
+# `hello`, print on each rank, and look at the `[rank r]` lines.
+
+# %%
+def hello():
+    rank = dist.get_rank()
+    t = torch.zeros(3)
+    if rank == 0:
+        t += torch.tensor([1.0, 2.0, 3.0])
+        dist.send(t, dst=1)
+    else:
+        dist.recv(t, src=0)
+    print("I hold", t.tolist())
+    return t
+
+
+launch.run(hello, 2)
+
+# %% [markdown]
+# ## Exercise 1.1 — broadcast
+#
+# After `broadcast(tensor, src)`, every rank's `tensor` holds what rank `src`'s `tensor` held.
+# Change `tensor` **in place** (`dist.recv` writes into the tensor you give it), return nothing.
+#
+# The simplest correct version: `src` sends to each of the other N−1 ranks in turn; every other
+# rank receives once from `src`. (The root then sends (N−1)·K elements alone — exercise 1.3 shows
+# how a tree spreads that work.)
+
+# %% answer="broadcast" tags=["answer"]
+def broadcast(tensor, src):
+    """Make every rank's `tensor` equal to rank `src`'s, in place, using only send/recv."""
+    # YOUR CODE HERE
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+# %%
+check.broadcast(broadcast)
+
+# %% [markdown]
+# ## Exercise 1.2 — all-gather as a ring
+#
+# `all_gather(tensor)` returns a list of N tensors on every rank: item `j` is rank `j`'s `tensor`.
+#
+# Build it as a **ring**: rank r only ever sends to its right neighbour `(r + 1) % N` and receives
+# from its left neighbour `(r - 1) % N`. Start with your own tensor in slot `r`. In each of N−1
+# steps, send the slot you filled most recently to the right and receive the next slot from the
+# left: at step `s` rank r sends slot `(r − s) % N` and receives slot `(r − s − 1) % N`.
+#
+# ```
+# step 0:  r sends its own slot r          receives slot r−1 (the left neighbour's own)
+# step 1:  r forwards slot r−1             receives slot r−2
+# ...      after N−1 steps every rank holds all N slots
+# ```
+#
+# Every rank sends and receives K elements per step, (N−1)·K in all — no rank does more work than
+# another, which is why rings are bandwidth-optimal. Every rank sends and receives in the same
+# step, so use `isend` for the send (see the rules above).
+
+# %% answer="all_gather" tags=["answer"]
+def all_gather(tensor):
+    """Return [tensor of rank 0, ..., tensor of rank N-1] on every rank, gathered around a ring."""
+    # YOUR CODE HERE
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+# %%
+check.all_gather(all_gather)
+
+# %% [markdown]
+# ## Exercise 1.3 — reduce as a binomial tree
+#
+# After `reduce(tensor, dst)`, rank `dst`'s `tensor` holds the **sum** of every rank's `tensor`
+# (in place). The other ranks' tensors may end up holding anything — use them as scratch.
+#
+# A binomial tree finishes in ⌈log₂ N⌉ rounds instead of N−1. Number the ranks relative to the
+# root, `me = (rank − dst) % N`, so the root is 0. In round `step = 1, 2, 4, …`:
+#
+# * if `me` has the bit `step` set, send your partial sum to `me − step` and stop;
+# * otherwise, if `me + step < N`, receive from `me + step` and add it to your tensor.
+#
+# Convert back to real ranks with `(me ± step + dst) % N`. With N = 3 and dst = 0: round 1, rank 1
+# sends to 0 (rank 2 has no partner at distance 1 and waits); round 2, rank 2 sends to 0.
+
+# %% answer="reduce" tags=["answer"]
+def reduce(tensor, dst):
+    """Sum every rank's `tensor` into rank `dst`'s `tensor`, in place, using only send/recv."""
+    # YOUR CODE HERE
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+# %%
+check.reduce(reduce)
+
+# %% [markdown]
+# ## Exercise 1.4 — all-reduce = reduce + broadcast
+#
+# After `all_reduce(tensor)`, **every** rank's `tensor` holds the sum over all ranks. Build it from
+# your `reduce` (1.3) and `broadcast` (1.1): two lines. (If those are not done yet, this check
+# reads "not attempted" too.)
+#
+# It is correct, but not fast: the root receives and then sends the whole K elements about
+# log₂ N times (tree) or N−1 times (your broadcast). A later chapter builds the ring all-reduce, where
+# every rank sends only 2(N−1)/N·K elements — the algorithm behind data parallelism.
+
+# %% answer="all_reduce" tags=["answer"]
+def all_reduce(tensor):
+    """Sum every rank's `tensor` into every rank's `tensor`, in place: reduce, then broadcast."""
+    # YOUR CODE HERE
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+# %%
+check.all_reduce(all_reduce)

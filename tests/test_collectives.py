@@ -1,0 +1,265 @@
+"""Chapter 01: the collectives library, its pictures, and the exercise checks."""
+import pytest
+import torch
+import torch.distributed as dist
+from matplotlib.figure import Figure
+
+from course_lib import collectives, viz
+from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
+from course_lib.checks import collectives as check
+
+
+@pytest.fixture(autouse=True)
+def _no_results_file(monkeypatch):
+    monkeypatch.delenv("COURSE_RESULTS", raising=False)
+
+
+# ----------------------------------------------------------------------------
+# sizes and bus bandwidth
+
+
+@pytest.mark.parametrize("name, n, factor", [
+    ("all-reduce", 2, 1.0), ("all-reduce", 4, 1.5), ("all-reduce", 8, 1.75), ("all-reduce", 1, 0.0),
+    ("all-gather", 4, 0.75), ("reduce-scatter", 4, 0.75), ("all-to-all", 8, 0.875),
+    ("broadcast", 4, 1.0), ("reduce", 4, 1.0), ("send/recv", 4, 1.0),
+])
+def test_bus_factor_follows_nccl_tests(name, n, factor):
+    assert collectives.bus_factor(name, n) == pytest.approx(factor)
+
+
+def test_bandwidth_is_bytes_over_time_times_factor():
+    algbw, busbw = collectives.bandwidth("all-reduce", 4 * 2**20, 0.002, 4)
+    assert algbw == pytest.approx(4 * 2**20 / 0.002)
+    assert busbw == pytest.approx(algbw * 1.5)
+
+
+def test_sizes_count_the_full_array():
+    assert collectives.numels("all-gather", 12, 4) == (3, 12)
+    assert collectives.numels("reduce-scatter", 12, 4) == (12, 3)
+    assert collectives.numels("all-to-all", 12, 4) == (12, 12)
+    assert collectives.numels("broadcast", 7, 4) == (7, 7)
+    with pytest.raises(ValueError, match="not a multiple"):
+        collectives.numels("all-gather", 10, 4)
+    with pytest.raises(ValueError, match="unknown collective"):
+        collectives.numels("allreduce", 8, 2)
+
+
+# ----------------------------------------------------------------------------
+# the demo: every rank's data before and after, against plain tensor math
+
+
+def expected_after(name, before, root):
+    n = len(before)
+    total = torch.stack(before).sum(0) if name in ("reduce", "all-reduce", "reduce-scatter") else None
+    if name == "send/recv":
+        return [before[(r - 1) % n] for r in range(n)]
+    if name == "broadcast":
+        return [before[root]] * n
+    if name == "reduce":
+        return [total if r == root else None for r in range(n)]
+    if name == "all-reduce":
+        return [total] * n
+    if name == "all-gather":
+        return [torch.cat(before)] * n
+    if name == "reduce-scatter":
+        return list(total.chunk(n))
+    if name == "all-to-all":
+        return [torch.cat([before[j].chunk(n)[r] for j in range(n)]) for r in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("name", collectives.COLLECTIVES)
+def test_demo_before_and_after(name, n):
+    root = n - 1
+    demo = collectives.run_collective(name, n, root=root)
+    assert demo.world_size == n and len(demo.before) == n and len(demo.after) == n
+    for r, b in enumerate(demo.before):
+        assert torch.equal(b, 10.0 * r + torch.arange(len(b), dtype=b.dtype))
+        assert torch.equal(demo.before_sources[r], torch.full_like(demo.before_sources[r], 2**r))
+    for r, (got, want) in enumerate(zip(demo.after, expected_after(name, demo.before, root))):
+        if want is None:
+            assert got is None and demo.after_sources[r] is None
+        else:
+            assert torch.equal(got, want), (name, n, r, got, want)
+
+
+def test_demo_sources_say_where_each_value_came_from():
+    demo = collectives.run_collective("all-to-all", 3)
+    # Rank r's chunk j came from rank j.
+    for mask in demo.after_sources:
+        assert [collectives.sources(int(m)) for m in mask] == [[0], [0], [1], [1], [2], [2]]
+    demo = collectives.run_collective("reduce-scatter", 3)
+    assert all(collectives.sources(int(m)) == [0, 1, 2] for mask in demo.after_sources for m in mask)
+
+
+def test_time_collective_returns_one_time_per_size():
+    timing = collectives.time_collective("all-reduce", 2, [4096, 65536], min_seconds=0.01)
+    assert timing.nbytes == [4096, 65536] and timing.backend == "gloo"
+    assert all(t > 0 for t in timing.seconds)
+    assert timing.busbw[1] == pytest.approx(timing.algbw[1])  # factor 1 at N = 2
+    assert "busbw" in timing.table()
+
+
+# ----------------------------------------------------------------------------
+# pictures
+
+
+def test_plot_collective_has_before_and_after_axes():
+    demo = collectives.run_collective("reduce", 3, root=1)
+    fig = viz.plot_collective(demo)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert [ax.get_title() for ax in fig.axes] == ["before", "after"]
+    assert len(fig.axes[0].get_yticklabels()) == 3
+    assert fig._repr_png_().startswith(b"\x89PNG")
+
+
+def test_plot_timing_has_time_and_bandwidth_axes():
+    sizes = [4096, 16384]
+    timings = [collectives.Timing("all-reduce", n, "gloo", sizes, [1e-3, 2e-3]) for n in (2, 4)]
+    fig = viz.plot_timing(timings)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    assert len(fig.axes[1].get_lines()) == 2
+
+
+# ----------------------------------------------------------------------------
+# checks: reference solutions pass, wrong ones get a specific diagnostic
+
+
+def good_broadcast(tensor, src):
+    if dist.get_rank() == src:
+        for dst in range(dist.get_world_size()):
+            if dst != src:
+                dist.send(tensor, dst)
+    else:
+        dist.recv(tensor, src)
+
+
+def good_all_gather(tensor):
+    rank, n = dist.get_rank(), dist.get_world_size()
+    out = [torch.empty_like(tensor) for _ in range(n)]
+    out[rank] = tensor.clone()
+    for step in range(n - 1):
+        req = dist.isend(out[(rank - step) % n], (rank + 1) % n)
+        dist.recv(out[(rank - step - 1) % n], (rank - 1) % n)
+        req.wait()
+    return out
+
+
+def good_reduce(tensor, dst):
+    rank, n = dist.get_rank(), dist.get_world_size()
+    me, step, incoming = (rank - dst) % n, 1, torch.empty_like(tensor)
+    while step < n:
+        if me % (2 * step):
+            dist.send(tensor, (me - step + dst) % n)
+            break
+        if me + step < n:
+            dist.recv(incoming, (me + step + dst) % n)
+            tensor += incoming
+        step *= 2
+
+
+def good_all_reduce(tensor):
+    good_reduce(tensor, 0)
+    good_broadcast(tensor, 0)
+
+
+def test_reference_solutions_pass():
+    assert check.broadcast(good_broadcast).status == PASSED
+    assert check.all_gather(good_all_gather).status == PASSED
+    assert check.reduce(good_reduce).status == PASSED
+    assert check.all_reduce(good_all_reduce).status == PASSED
+
+
+def test_wrong_broadcast_names_world_size_rank_and_element():
+    def adds_instead_of_copying(tensor, src):
+        if dist.get_rank() == src:
+            for dst in range(dist.get_world_size()):
+                if dst != src:
+                    dist.send(tensor, dst)
+        else:
+            incoming = torch.empty_like(tensor)
+            dist.recv(incoming, src)
+            tensor += incoming
+
+    result = check.broadcast(adds_instead_of_copying)
+    assert result.status == FAILED
+    assert result.message.startswith("N=2, src=0: rank 1: tensor[0, 0] expected ")
+
+
+def test_broadcast_that_returns_a_new_tensor_is_told_to_work_in_place():
+    def returns_copy(tensor, src):
+        out = tensor.clone()
+        good_broadcast(out, src)
+        return out
+
+    result = check.broadcast(returns_copy)
+    assert result.status == FAILED and "in place" in result.message
+
+
+def test_off_by_one_all_gather_is_located():
+    def off_by_one(tensor):
+        gathered = good_all_gather(tensor)
+        return gathered[1:] + gathered[:1]  # rank order shifted by one
+
+    result = check.all_gather(off_by_one)
+    assert result.status == FAILED
+    assert result.message.startswith("N=2: rank 0: gathered[0][0, 0] expected ")
+
+
+def test_reduce_that_ignores_dst_fails_on_dst_1():
+    result = check.reduce(lambda tensor, dst: good_reduce(tensor, 0))
+    assert result.status == FAILED
+    assert result.message.startswith("N=2, dst=1: rank 1: tensor[")
+
+
+def test_all_reduce_without_broadcast_fails_on_rank_1():
+    result = check.all_reduce(lambda tensor: good_reduce(tensor, 0))
+    assert result.status == FAILED
+    assert result.message.startswith("N=2: rank 1: tensor[")
+
+
+def test_not_implemented_reads_not_attempted():
+    def stub(tensor, src):
+        raise NotImplementedError("replace this line with your code")
+
+    result = check.broadcast(stub)
+    assert result.status == NOT_ATTEMPTED
+    assert result.line().endswith("not attempted")
+
+
+def test_built_in_collectives_are_refused():
+    def uses_built_in(tensor, src):
+        dist.broadcast(tensor, src)
+
+    result = check.broadcast(uses_built_in)
+    assert result.status == FAILED
+    assert "exercise 1.1 must be built from send/recv only: you called dist.broadcast" in result.message
+
+
+def test_built_in_imported_by_name_is_refused_too():
+    from torch.distributed import all_gather as imported_all_gather
+
+    def uses_imported(tensor):
+        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        imported_all_gather(out, tensor)
+        return out
+
+    result = check.all_gather(uses_imported)
+    assert result.status == FAILED and "you called dist.all_gather" in result.message
+
+
+def test_deadlock_is_reported_quickly(monkeypatch):
+    monkeypatch.setattr(check, "TIMEOUT", 3.0)
+
+    def forgets_rank_0(tensor, src):
+        if dist.get_rank() == src:
+            for dst in range(1, dist.get_world_size()):
+                if dst != src:
+                    dist.send(tensor, dst)
+        else:
+            dist.recv(tensor, src)  # rank 0 waits forever when src != 0
+
+    result = check.broadcast(forgets_rank_0)
+    assert result.status == FAILED
+    assert result.message.startswith("N=2: deadlock")
+    assert "rank 0: waiting in dist.recv" in result.message

@@ -1,0 +1,153 @@
+"""course_lib.grade on the fake chapter 99 (tests/fixtures): real kernels, small time limits."""
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+
+from course_lib import build, checks, grade
+from course_lib.grade import CellRun
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LOOP_LIMIT = 8  # seconds: enough for the imports, small enough to keep the test short
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory):
+    """A built fixture course plus three learners' versions of exercises/99_demo."""
+    root = tmp_path_factory.mktemp("course")
+    shutil.copytree(FIXTURES / "solutions", root / "solutions")
+    build.build(root)
+    exercise = root / "exercises" / "99_demo.ipynb"
+
+    # Check cells edited to claim success, answers still the stubs.
+    nb = nbformat.read(exercise, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code" and cell.source.startswith("check."):
+            cell.source = 'print("✔ 99.1 add one")'
+    (root / "edited").mkdir()
+    nbformat.write(nb, root / "edited" / "99_demo.ipynb")
+
+    # A jupytext .py whose first answer never returns and whose second is right;
+    # the answer metadata is gone, so the grader must find them by their def.
+    nb = nbformat.read(exercise, as_version=4)
+    for cell in nb.cells:
+        name = cell.metadata.pop("answer", None)
+        if name == "add_one":
+            cell.source = "def add_one(x):\n    while True:\n        pass"
+        elif name == "double":
+            cell.source = "def double(x):\n    return x * 2"
+    (root / "loop").mkdir()
+    jupytext.write(nb, root / "loop" / "99_demo.py", fmt="py:percent")
+    return root
+
+
+def grade_cli(course, *args):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FIXTURES), env.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "course_lib.grade", *args, "--exercises", str(course / "exercises"),
+         "--checks-module", "demo_checks", "--report", str(course / "report.json")],
+        cwd=course, env=env, capture_output=True, text=True, timeout=240)
+    assert not re.search(r"\d+ passed, \d+ failed", result.stdout)  # CI parses that form
+    report = json.loads((course / "report.json").read_text()) if result.returncode != 2 else None
+    return result, report
+
+
+def statuses(entry):
+    return {e["id"]: (e["status"], e["message"]) for e in entry["exercises"]}
+
+
+def test_solution_passes_everything(course):
+    result, report = grade_cli(course, "solutions/99_demo.ipynb")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "99_demo: 2/2 exercises passed" in result.stdout
+    assert report["all_passed"] is True
+    assert report["totals"] == {"notebooks": 1, "exercises": 2, "passed": 2, "failed": 0,
+                                "not attempted": 0, "error": 0}
+    (entry,) = report["notebooks"]
+    assert entry["chapter"] == 99 and entry["passed"] == 2 and entry["total"] == 2
+    assert entry["exercises"] == [
+        {"id": "99.1", "title": "add one", "status": "passed", "message": ""},
+        {"id": "99.2", "title": "double", "status": "passed", "message": ""},
+    ]
+
+
+def test_stubs_edited_checks_and_endless_loop(course):
+    result, report = grade_cli(course, "exercises/99_demo.ipynb", "edited/99_demo.ipynb",
+                               "loop/99_demo.py", "--time-limit", str(LOOP_LIMIT))
+    assert result.returncode == 1, result.stdout + result.stderr
+    untouched, edited, loop = report["notebooks"]
+    nothing = {"99.1": ("not attempted", ""), "99.2": ("not attempted", "")}
+    assert statuses(untouched) == nothing
+    assert statuses(edited) == nothing  # the printed "✔" of an edited check cell earns nothing
+    assert statuses(loop) == {"99.1": ("failed", f"time limit of {LOOP_LIMIT} s reached"),
+                              "99.2": ("passed", "")}
+    assert report["totals"]["passed"] == 1 and report["totals"]["not attempted"] == 4
+    assert "99_demo: 1/2 exercises passed" in result.stdout
+    assert "total: 1/6 exercises passed in 3 notebooks" in result.stdout
+
+
+def test_usage_errors_exit_2(course, capsys):
+    assert grade.main([str(course / "nowhere" / "99_demo.ipynb")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (course / "97_other.ipynb").write_text("{}")
+    assert grade.main([str(course / "97_other.ipynb"), "--exercises", str(course / "exercises")]) == 2
+    assert "no exercise notebook" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------
+# splicing and judging, without a kernel
+
+
+def test_splice_takes_only_answer_cells(course):
+    canonical = nbformat.read(course / "exercises" / "99_demo.ipynb", as_version=4)
+    learner = nbformat.read(course / "edited" / "99_demo.ipynb", as_version=4)
+    learner.cells[build.answer_cells(learner)["add_one"]].source = "def add_one(x):\n    return x + 1"
+    del learner.cells[build.answer_cells(learner)["double"]]  # a deleted answer keeps the stub
+    learner.cells.append(nbformat.v4.new_code_cell("def double(x):\n    return 2 * x"))  # found by def
+    nb, spots, answered = grade.splice(canonical, learner)
+    assert answered == {"add_one", "double"}
+    assert nb.cells[spots["add_one"]].source.endswith("return x + 1")
+    assert nb.cells[spots["double"]].source.endswith("return 2 * x")
+    others = [c.source for i, c in enumerate(nb.cells) if i not in spots.values()]
+    assert others == [c.source for i, c in enumerate(canonical.cells) if i not in spots.values()]
+
+
+@pytest.fixture
+def demo_checks(monkeypatch):
+    """Register the fake chapter 99 in this process, and forget it afterwards."""
+    monkeypatch.syspath_prepend(str(FIXTURES))
+    monkeypatch.setattr(checks, "EXERCISES", dict(checks.EXERCISES))
+    monkeypatch.delitem(sys.modules, "demo_checks", raising=False)
+    importlib.import_module("demo_checks")
+    yield
+    sys.modules.pop("demo_checks", None)
+
+
+def test_judge_explains_missing_results(course, demo_checks):
+    nb = nbformat.read(course / "exercises" / "99_demo.ipynb", as_version=4)
+    spots = build.answer_cells(nb)
+    add_check = next(i for i, c in enumerate(nb.cells) if "check.add_one(" in c.source)
+    double_check = next(i for i, c in enumerate(nb.cells) if "check.double(" in c.source)
+    runs = [CellRun(i, state="ok") for i in range(len(nb.cells))]
+    cheat = {"id": "99.1", "title": "add one", "status": "passed", "message": ""}
+    runs[spots["add_one"]].results = [cheat]  # recorded by the learner's own cell: ignored
+    runs[add_check] = CellRun(add_check, "error", "NameError: name 'add_one' is not defined", "NameError")
+    runs[spots["double"]] = CellRun(spots["double"], "error", "SyntaxError: invalid syntax", "SyntaxError")
+    rows = grade.judge(nb, runs, {"99.1": "add one", "99.2": "double"}, spots)
+    assert [(r["status"], r["message"]) for r in rows] == [
+        ("error", "NameError: name 'add_one' is not defined"),
+        ("error", "your answer cell raised SyntaxError: invalid syntax"),
+    ]
+    runs[double_check] = CellRun(double_check, "not run", reason="time limit of 5 s reached before this cell ran",
+                                 out_of_time=True)
+    runs[spots["double"]] = CellRun(spots["double"], "ok")
+    assert grade.judge(nb, runs, {"99.2": "double"}, spots)[0]["status"] == "failed"
