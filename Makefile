@@ -16,7 +16,8 @@ setup: $(VENV)/.installed
 # Reinstall only when the dependencies change; a second `make lab` reuses the venv.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e . 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -m pip install --disable-pip-version-check -e . > $(VENV)/pip.log 2>&1 \
+		|| { tail -40 $(VENV)/pip.log; echo "pip install failed: see $(VENV)/pip.log"; exit 1; }
 	$(PY) -c "import torch, jupyterlab, ipywidgets, jupytext, nbval, course_lib; print('course installed: torch', torch.__version__)"
 	touch $@
 

@@ -66,12 +66,16 @@ class RankError(RuntimeError):
         self.exc_type = exc_type
 
 
-class DeadlockError(RankError):
-    """Some ranks waited in communication that the others never joined."""
+class LaunchTimeout(RankError):
+    """Some ranks had not returned when the launch's ``timeout`` ran out."""
 
     def __init__(self, rank: int, message: str, waiting_ranks: list[int]):
-        super().__init__(rank, message, "DeadlockError")
+        super().__init__(rank, message, type(self).__name__)
         self.waiting_ranks = waiting_ranks
+
+
+class DeadlockError(LaunchTimeout):
+    """Some ranks waited in communication that the others never joined."""
 
 
 # ----------------------------------------------------------------------------
@@ -107,8 +111,9 @@ def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0,
     (``dist.get_rank()``, ``dist.get_world_size()`` work inside ``fn``).
     Returns the list of per-rank return values in rank order; tensors come back
     on the CPU. Raises :class:`RankError` when a rank raises or dies and
-    :class:`DeadlockError` when ranks are still waiting after ``timeout``
-    seconds or a collective times out (``PG_TIMEOUT``).
+    :class:`DeadlockError` when ranks are still waiting in communication after
+    ``timeout`` seconds or a collective times out (``PG_TIMEOUT``), and
+    :class:`LaunchTimeout` (its base class) when they are merely still running.
 
     ``debug=True`` sets ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` in the ranks: every
     collective first checks that all ranks called the same operation with the
@@ -413,15 +418,21 @@ class _Launch:
                 state = f"running its own code after {calls} communication call(s)"
             lines.append(f"  rank {r}: {state}")
         done = [r for r in range(self.n) if self.returned[r]]
-        summary = f"ranks {waiting} were still waiting {when}"
+        in_comm = traceback_text is not None or any(self.where[r] >= 0 for r in waiting)
+        summary = f"ranks {waiting} were still {'waiting' if in_comm else 'running'} {when}"
         if done:
             summary += f", while ranks {done} had already returned"
-        msg = (f"{summary}.\n" + "\n".join(lines) +
-               "\nThe likely cause is a mismatched collective: every rank of a group must make the "
-               "same communication calls in the same order, and a send needs a matching recv.")
+        if in_comm:
+            hint = ("The likely cause is a mismatched collective: every rank of a group must make "
+                    "the same communication calls in the same order, and a send needs a matching recv.")
+        else:
+            hint = ("None of them was inside a communication call: an endless loop, or more work "
+                    "than the timeout allows (run(..., timeout=seconds) gives more).")
+        msg = f"{summary}.\n" + "\n".join(lines) + "\n" + hint
         if traceback_text:
             msg += f"\n\nWhere rank {blamed} was waiting:\n{traceback_text.rstrip()}"
-        return DeadlockError(waiting[0] if blamed is None else blamed, msg, waiting)
+        error = DeadlockError if in_comm else LaunchTimeout
+        return error(waiting[0] if blamed is None else blamed, msg, waiting)
 
     def _print(self, rank, text):
         text = self.partial[rank] + text

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from course_lib.launch import DeadlockError, RankError
+from course_lib.launch import DeadlockError, LaunchTimeout, RankError
 
 PASSED, FAILED, NOT_ATTEMPTED, ERROR = "passed", "failed", "not attempted", "error"
 _MARKS = {PASSED: "✔", FAILED: "✘", NOT_ATTEMPTED: "·", ERROR: "✘"}
@@ -94,6 +94,8 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return FAILED, str(exc)
     if isinstance(exc, DeadlockError):
         return FAILED, "deadlock: " + str(exc).splitlines()[0]
+    if isinstance(exc, LaunchTimeout):
+        return FAILED, "timed out: " + str(exc).splitlines()[0]
     if isinstance(exc, RankError):
         return ERROR, f"rank {exc.rank} raised {_last_line(str(exc))}"
     return ERROR, "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]

@@ -114,10 +114,11 @@ def _launch(n: int, rank_fn, learner_fn, *args):
     payload = launch.dumps_by_value((learner_fn,))
     try:
         return launch.run(rank_fn, n, payload, *args, timeout=TIMEOUT)
-    except launch.DeadlockError as exc:
+    except launch.LaunchTimeout as exc:
         lines = str(exc).splitlines()
         where = "; ".join(ln.strip() for ln in lines[1:1 + n] if ln.startswith("  rank"))
-        raise Mismatch(f"N={n}: deadlock — {lines[0]} ({where})") from None
+        what = "deadlock" if isinstance(exc, launch.DeadlockError) else "timed out (an endless loop?)"
+        raise Mismatch(f"N={n}: {what} — {lines[0]} ({where})") from None
     except launch.RankError as exc:
         if exc.exc_type == BuiltinCollectiveUsed.__name__:
             message = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
