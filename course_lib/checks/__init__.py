@@ -18,15 +18,20 @@ file named by ``$COURSE_RESULTS`` when that is set (the grader reads it).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import json
 import os
 import pkgutil
+import sys
 import traceback
+import types
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from course_lib.launch import DeadlockError, LaunchTimeout, RankError
 
@@ -165,3 +170,82 @@ def summary() -> str:
     """One line: how many checks of this kernel passed."""
     passed = sum(r.status == PASSED for r in RESULTS)
     return f"{passed} of {len(RESULTS)} checks passed"
+
+
+# ----------------------------------------------------------------------------
+# switching built-ins off while a learner's code runs (inside the ranks)
+
+#: Everything in torch.distributed that moves data between ranks except point-to-point.
+COLLECTIVES = tuple(name for name in (
+    "broadcast", "all_reduce", "reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
+    "all_gather_coalesced", "all_reduce_coalesced", "_all_gather_base", "reduce_scatter",
+    "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base", "all_to_all",
+    "all_to_all_single", "scatter", "gather", "broadcast_object_list", "all_gather_object",
+    "gather_object", "scatter_object_list") if hasattr(c10d, name))
+
+
+class BuiltinUsed(RuntimeError):
+    """A learner's function called a built-in that its exercise asks them to build."""
+
+
+def learner_functions(fn) -> list:
+    """``fn`` and the learner's functions it reaches through globals and closures (not libraries')."""
+    module_dicts = {id(vars(m)) for m in list(sys.modules.values()) if m is not None}
+    found, todo, seen = [], [fn], set()
+    while todo:
+        f = todo.pop()
+        if not isinstance(f, types.FunctionType) or id(f) in seen:
+            continue
+        seen.add(id(f))
+        if f is not fn and id(f.__globals__) in module_dicts:
+            continue  # a library's function: its module namespace is patched separately
+        found.append(f)
+        todo += list(f.__globals__.values()) + [c.cell_contents for c in f.__closure__ or ()
+                                                 if _cell_is_set(c)]
+    return found
+
+
+def _cell_is_set(cell) -> bool:
+    try:
+        cell.cell_contents
+        return True
+    except ValueError:  # a closure variable not assigned yet
+        return False
+
+
+@contextlib.contextmanager
+def builtins_switched_off(learner_fn, names, why: str):
+    """Make ``dist.<name>`` for each of ``names`` raise :class:`BuiltinUsed` saying ``why``.
+
+    Also where the learner imported one by name (``from torch.distributed import
+    broadcast``): by now that is the original function in their globals or a
+    closure, so it is swapped there too, and everything is restored afterwards.
+    """
+    saved = [(ns, name, getattr(ns, name)) for ns in (dist, c10d) for name in names if hasattr(ns, name)]
+    by_identity = {id(fn): name for _, name, fn in saved}
+    functions = learner_functions(learner_fn)
+    in_globals = {(id(f.__globals__), key): (f.__globals__, key, v) for f in functions
+                  for key, v in list(f.__globals__.items()) if id(v) in by_identity}
+    in_cells = [(c, c.cell_contents) for f in functions for c in f.__closure__ or ()
+                if _cell_is_set(c) and id(c.cell_contents) in by_identity]
+
+    def refusing(name):
+        def refuse(*args, **kwargs):
+            raise BuiltinUsed(f"{why}: you called dist.{name}")
+        return refuse
+
+    try:
+        for ns, name, _ in saved:
+            setattr(ns, name, refusing(name))
+        for g, key, v in in_globals.values():
+            g[key] = refusing(by_identity[id(v)])
+        for cell, v in in_cells:
+            cell.cell_contents = refusing(by_identity[id(v)])
+        yield
+    finally:
+        for ns, name, fn in saved:
+            setattr(ns, name, fn)
+        for g, key, v in in_globals.values():
+            g[key] = v
+        for cell, v in in_cells:
+            cell.cell_contents = v

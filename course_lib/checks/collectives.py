@@ -9,35 +9,23 @@ collectives are swapped for functions that raise, so only send/recv/isend/irecv
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import sys
-import types
 
 import cloudpickle
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 
 from course_lib import launch
-from course_lib.checks import Mismatch, compare, exercise
+from course_lib.checks import (COLLECTIVES, BuiltinUsed, Mismatch, _cell_is_set, builtins_switched_off,
+                               compare, exercise, learner_functions)
 
 WORLD_SIZES = (1, 2, 3, 4)
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
 TIMEOUT = 10.0
 SHAPE = (2, 5)
 
-# Everything in torch.distributed that moves data between ranks except point-to-point.
-FORBIDDEN = tuple(name for name in (
-    "broadcast", "all_reduce", "reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
-    "all_gather_coalesced", "all_reduce_coalesced", "_all_gather_base", "reduce_scatter",
-    "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base", "all_to_all",
-    "all_to_all_single", "scatter", "gather", "broadcast_object_list", "all_gather_object",
-    "gather_object", "scatter_object_list") if hasattr(c10d, name))
-
-
-class BuiltinCollectiveUsed(RuntimeError):
-    """A learner's function called a built-in collective it was asked to build."""
+FORBIDDEN = COLLECTIVES
+BuiltinCollectiveUsed = BuiltinUsed
 
 
 def _rank_data(salt: int) -> torch.Tensor:
@@ -47,65 +35,14 @@ def _rank_data(salt: int) -> torch.Tensor:
     return torch.randint(-50, 50, SHAPE, generator=g).float().to(launch.device())
 
 
-def _learner_functions(fn) -> list:
-    """``fn`` and the learner's functions it reaches through globals and closures (not libraries')."""
-    module_dicts = {id(vars(m)) for m in list(sys.modules.values()) if m is not None}
-    found, todo, seen = [], [fn], set()
-    while todo:
-        f = todo.pop()
-        if not isinstance(f, types.FunctionType) or id(f) in seen:
-            continue
-        seen.add(id(f))
-        if f is not fn and id(f.__globals__) in module_dicts:
-            continue  # a library's function: its module namespace is patched separately
-        found.append(f)
-        todo += list(f.__globals__.values()) + [c.cell_contents for c in f.__closure__ or ()
-                                                 if _cell_is_set(c)]
-    return found
+# Kept for chapter modules that imported them from here.
+_learner_functions, _cell_is_set = learner_functions, _cell_is_set
 
 
-def _cell_is_set(cell) -> bool:
-    try:
-        cell.cell_contents
-        return True
-    except ValueError:  # a closure variable not assigned yet
-        return False
-
-
-@contextlib.contextmanager
 def _only_send_recv(ex_id: str, learner_fn):
     """Make every built-in collective raise while the learner's function runs."""
-    saved = [(ns, name, getattr(ns, name)) for ns in (dist, c10d) for name in FORBIDDEN if hasattr(ns, name)]
-    by_identity = {id(fn): name for _, name, fn in saved}
-    functions = _learner_functions(learner_fn)
-    # A collective imported by name (`from torch.distributed import broadcast`) is
-    # the original function by now, in the learner's globals or closure: swap it too.
-    saved_globals = {(id(f.__globals__), key): (f.__globals__, key, v) for f in functions
-                     for key, v in list(f.__globals__.items()) if id(v) in by_identity}
-    saved_cells = [(c, c.cell_contents) for f in functions for c in f.__closure__ or ()
-                   if _cell_is_set(c) and id(c.cell_contents) in by_identity]
-
-    def forbidden(name):
-        def refuse(*args, **kwargs):
-            raise BuiltinCollectiveUsed(
-                f"exercise {ex_id} must be built from send/recv only: you called dist.{name}")
-        return refuse
-
-    try:
-        for ns, name, _ in saved:
-            setattr(ns, name, forbidden(name))
-        for g, key, v in saved_globals.values():
-            g[key] = forbidden(by_identity[id(v)])
-        for cell, v in saved_cells:
-            cell.cell_contents = forbidden(by_identity[id(v)])
-        yield
-    finally:
-        for ns, name, fn in saved:
-            setattr(ns, name, fn)
-        for g, key, v in saved_globals.values():
-            g[key] = v
-        for cell, v in saved_cells:
-            cell.cell_contents = v
+    return builtins_switched_off(learner_fn, COLLECTIVES,
+                                 f"exercise {ex_id} must be built from send/recv only")
 
 
 def _launch(n: int, rank_fn, learner_fn, *args):
