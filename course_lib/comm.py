@@ -14,11 +14,17 @@ Two kinds of figure, kept apart on purpose:
   bytes_received). This covers built-in collectives too (gloo's all-reduce
   shows up as its ring's 2(N-1)/N·K) and includes gloo's small message headers
   (tens of bytes per message). Not available under NCCL or off Linux: None.
+
+Chapter 03 adds all-reduce built from point-to-point calls only, to count and time:
+``ring_all_reduce`` (= ``ring_reduce_scatter`` + ``ring_all_gather``), and for
+contrast ``unchunked_ring_all_reduce`` and ``naive_all_reduce``; ``time_all_reduce``
+times them against ``dist.all_reduce``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 import socket
 import struct
@@ -28,6 +34,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from course_lib import launch
+from course_lib.collectives import Timing, _slowest, _sync
 
 _P2P = {"send": "sent", "isend": "sent", "recv": "received", "irecv": "received"}
 _COLLECTIVES = ("broadcast", "all_reduce", "reduce", "all_gather", "all_gather_into_tensor",
@@ -107,19 +117,26 @@ def count_traffic():
     traffic = Traffic()
     wire = _measures_wire()
     originals = {}
+    depth = [0]  # a call made inside a counted call (recv uses irecv) is not counted again
 
     def wrap(name, original):
         direction = _P2P.get(name)
 
         @functools.wraps(original)
         def counted(*args, **kwargs):
+            if depth[0]:
+                return original(*args, **kwargs)
             call = Call(name)
             if direction:
                 call.payload_bytes = _tensor_bytes(args[0] if args else kwargs.get("tensor"))
                 setattr(traffic, f"payload_{direction}",
                         getattr(traffic, f"payload_{direction}") + call.payload_bytes)
             before = tcp_bytes() if wire else None
-            result = original(*args, **kwargs)
+            depth[0] += 1
+            try:
+                result = original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
             if before is not None:
                 after = tcp_bytes()
                 call.wire_sent, call.wire_received = after[0] - before[0], after[1] - before[1]
@@ -131,12 +148,18 @@ def count_traffic():
     def wrap_batch(original):
         @functools.wraps(original)
         def counted(p2p_ops):
+            if depth[0]:
+                return original(p2p_ops)
             for op in p2p_ops:
-                direction = "sent" if op.op in (dist.isend, originals.get("isend")) else "received"
+                direction = "sent" if getattr(op.op, "__name__", "") == "isend" else "received"
                 size = _tensor_bytes(op.tensor)
                 setattr(traffic, f"payload_{direction}", getattr(traffic, f"payload_{direction}") + size)
                 traffic.calls.append(Call("isend" if direction == "sent" else "irecv", size))
-            return original(p2p_ops)
+            depth[0] += 1
+            try:
+                return original(p2p_ops)
+            finally:
+                depth[0] -= 1
 
         return counted
 
@@ -144,13 +167,18 @@ def count_traffic():
         if hasattr(dist, name):
             originals[name] = getattr(dist, name)
     start = tcp_bytes() if wire else None
+    c10d_originals = {name: getattr(c10d, name) for name in ("isend", "irecv")}
     try:
         for name, original in originals.items():
             setattr(dist, name, wrap_batch(original) if name == "batch_isend_irecv" else wrap(name, original))
+        for name in c10d_originals:  # P2POp accepts only what c10d itself calls isend/irecv
+            setattr(c10d, name, getattr(dist, name))
         yield traffic
     finally:
         for name, original in originals.items():
             setattr(dist, name, original)
+        for name, original in c10d_originals.items():
+            setattr(c10d, name, original)
         if start is not None:
             end = _settled_tcp_bytes()
             traffic.sent, traffic.received = end[0] - start[0], end[1] - start[1]
@@ -167,3 +195,282 @@ def _settled_tcp_bytes(quiet_s: float = 0.005, limit_s: float = 0.2):
             break
         last = now
     return last
+
+
+# ----------------------------------------------------------------------------
+# all-reduce built from point-to-point calls (chapter 03)
+#
+# Chunk c of a tensor of K elements on N ranks is ``tensor.view(-1).tensor_split(N)[c]``:
+# the first K mod N chunks hold one element more than the others.
+
+#: Size of the header each rank sends its right neighbour before a ring, so that
+#: ranks holding different shapes or dtypes fail with a clear error.
+HEADER_BYTES = 80
+_HEADER_DIMS = 8
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
+           torch.int16, torch.int8, torch.uint8, torch.complex64, torch.complex128)
+
+
+@dataclass(frozen=True)
+class Ring:
+    """This rank's place in a group: its group rank, the group size, neighbours' global ranks."""
+
+    rank: int
+    size: int
+    left: int
+    right: int
+    group: object = None
+
+    def global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+
+
+def ring_of(group=None) -> Ring:
+    """This rank's :class:`Ring` in ``group`` (None: every rank)."""
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this rank is not a member of the group it was asked to communicate in")
+    size = dist.get_world_size(group)
+    # point-to-point calls name peers by their global rank, even inside a group
+    to_global = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
+    return Ring(rank, size, to_global((rank - 1) % size), to_global((rank + 1) % size), group)
+
+
+def _header(tensor: torch.Tensor) -> torch.Tensor:
+    code = _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else -1
+    shape = list(tensor.shape) if tensor.dim() <= _HEADER_DIMS else [tensor.numel()]
+    dims = shape + [0] * (_HEADER_DIMS - len(shape))
+    return torch.tensor([code, len(shape)] + dims, dtype=torch.int64, device=tensor.device)
+
+
+def _describe(header: torch.Tensor) -> str:
+    code, ndim, *dims = header.tolist()
+    dtype = str(_DTYPES[code]).replace("torch.", "") if 0 <= code < len(_DTYPES) else "another dtype"
+    return f"shape {tuple(dims[:ndim])} {dtype}"
+
+
+def _checked_ring(tensor, group, name: str) -> Ring:
+    """Validate ``tensor`` and agree on its shape and dtype with the left neighbour."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} needs a tensor, got {type(tensor).__name__}")
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} works in place on a contiguous tensor; this one is a strided view "
+                         "(call it on tensor.contiguous() and copy the result back)")
+    ring = ring_of(group)
+    if ring.size == 1:
+        return ring
+    # A ring only ever talks to its neighbours, so comparing with the left one is
+    # enough: any difference anywhere makes some rank's left neighbour differ.
+    # (gloo itself would silently produce wrong sums for different sizes.)
+    mine = _header(tensor)
+    theirs = torch.empty_like(mine)
+    request = dist.isend(mine, ring.right, group=group)
+    dist.recv(theirs, ring.left, group=group)
+    request.wait()
+    if not torch.equal(mine, theirs):
+        raise ValueError(f"{name}: rank {ring.rank} holds a tensor of {_describe(mine)} but its left "
+                         f"neighbour (rank {(ring.rank - 1) % ring.size}) holds {_describe(theirs)}; "
+                         "every rank must pass the same shape and dtype")
+    return ring
+
+
+def _exchange(send: torch.Tensor, recv: torch.Tensor, ring: Ring) -> None:
+    """Send ``send`` to the right neighbour while receiving ``recv`` from the left one."""
+    # isend first: two blocking sends facing each other could wait forever.
+    request = dist.isend(send, ring.right, group=ring.group)
+    dist.recv(recv, ring.left, group=ring.group)
+    request.wait()
+
+
+_scratch_buffers = {}
+
+
+def _scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
+    """A receive buffer kept between calls: a fresh multi-MiB tensor on every call costs
+    page faults, which made the ring use ~1.5x the CPU time of gloo's all-reduce."""
+    key = (like.dtype, like.device)
+    buffer = _scratch_buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch_buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buffer[:numel]
+
+
+def _reduce_scatter(flat: torch.Tensor, ring: Ring) -> torch.Tensor:
+    r, n = ring.rank, ring.size
+    parts = flat.tensor_split(n)
+    if n == 1:
+        return flat
+    # Chunk c starts at rank c+1 and travels right, each rank adding its own
+    # part, so after N-1 steps it is complete on rank c. At step s this rank
+    # sends chunk r-s-1 and adds the arriving chunk r-s-2.
+    # Every receive is posted up front, each into its own scratch slot, so the
+    # left neighbour's next chunk can arrive while this rank is still adding.
+    width = parts[0].numel()
+    slots = _scratch(width * (n - 1), flat)
+    incoming = [slots[s * width:s * width + parts[(r - s - 2) % n].numel()] for s in range(n - 1)]
+    receives = [dist.irecv(slot, ring.left, group=ring.group) for slot in incoming]
+    sends = [dist.isend(parts[(r - 1) % n], ring.right, group=ring.group)]
+    for step in range(n - 1):
+        receives[step].wait()
+        chunk = parts[(r - step - 2) % n]
+        chunk += incoming[step]
+        if step < n - 2:  # the partial sum moves on: the right neighbour adds to it next
+            sends.append(dist.isend(chunk, ring.right, group=ring.group))
+    for request in sends:
+        request.wait()
+    return parts[r]
+
+
+def _all_gather(flat: torch.Tensor, ring: Ring) -> None:
+    r, n = ring.rank, ring.size
+    parts = flat.tensor_split(n)
+    if n == 1:
+        return
+    # At step s this rank sends chunk r-s (its own, then the one it received
+    # last) and receives chunk r-s-1 straight into place. Each chunk arrives
+    # once, so all receives can be posted up front.
+    sends = [dist.isend(parts[r], ring.right, group=ring.group)]
+    receives = [dist.irecv(parts[(r - s - 1) % n], ring.left, group=ring.group) for s in range(n - 1)]
+    for step in range(n - 1):
+        receives[step].wait()
+        if step < n - 2:
+            sends.append(dist.isend(parts[(r - step - 1) % n], ring.right, group=ring.group))
+    for request in sends:
+        request.wait()
+
+
+def ring_reduce_scatter(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum chunk r of every rank's ``tensor`` into chunk r of rank r's ``tensor``, over a ring.
+
+    In place; returns that chunk (a view). The other chunks are left holding
+    partial sums. N-1 steps; each rank sends (N-1)/N·K elements.
+    """
+    ring = _checked_ring(tensor, group, "ring_reduce_scatter")
+    return _reduce_scatter(tensor.view(-1), ring)
+
+
+def ring_all_gather(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Fill every chunk c of every rank's ``tensor`` with chunk c of rank c's, over a ring.
+
+    In place (chunk r of rank r is the input); returns ``tensor``. N-1 steps;
+    each rank sends (N-1)/N·K elements.
+    """
+    ring = _checked_ring(tensor, group, "ring_all_gather")
+    _all_gather(tensor.view(-1), ring)
+    return tensor
+
+
+def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks of ``group``, in place, from send/recv only; returns it.
+
+    A reduce-scatter then an all-gather around the ring, 2(N-1) steps; each rank
+    sends 2(N-1)/N·K elements (plus a HEADER_BYTES header), however large N is.
+    """
+    ring = _checked_ring(tensor, group, "ring_all_reduce")
+    flat = tensor.view(-1)
+    _reduce_scatter(flat, ring)
+    _all_gather(flat, ring)
+    return tensor
+
+
+def unchunked_ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``tensor`` in place by passing whole tensors around the ring (for contrast).
+
+    N-1 steps, each moving all K elements: every rank sends (N-1)·K.
+    """
+    ring = _checked_ring(tensor, group, "unchunked_ring_all_reduce")
+    passing, incoming = tensor.clone(), torch.empty_like(tensor)
+    for _ in range(ring.size - 1):
+        _exchange(passing.view(-1), incoming.view(-1), ring)
+        tensor += incoming
+        passing, incoming = incoming, passing  # forward what arrived: a neighbour's original
+    return tensor
+
+
+def naive_all_reduce(tensor: torch.Tensor, group=None, root: int = 0) -> torch.Tensor:
+    """Sum ``tensor`` in place: everyone sends to ``root``, which adds and sends the sum back.
+
+    The root receives (N-1)·K elements and sends (N-1)·K; the others send and
+    receive K each. ``root`` is a rank of ``group``.
+    """
+    ring = _checked_ring(tensor, group, "naive_all_reduce")
+    if not 0 <= root < ring.size:
+        raise ValueError(f"root must be a rank of the group, 0..{ring.size - 1}; got {root}")
+    if ring.size == 1:
+        return tensor
+    if ring.rank == root:
+        incoming = torch.empty_like(tensor)
+        for r in range(ring.size):
+            if r != root:
+                dist.recv(incoming, ring.global_rank(r), group=group)
+                tensor += incoming
+        requests = [dist.isend(tensor, ring.global_rank(r), group=group)
+                    for r in range(ring.size) if r != root]
+        for request in requests:
+            request.wait()
+    else:
+        dist.send(tensor, ring.global_rank(root), group=group)
+        dist.recv(tensor, ring.global_rank(root), group=group)
+    return tensor
+
+
+def _builtin_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+#: All-reduce implementations by name, all called as ``fn(tensor, group=None)``, summing in place.
+ALL_REDUCES = {
+    "ring": ring_all_reduce,
+    "dist.all_reduce": _builtin_all_reduce,
+    "unchunked ring": unchunked_ring_all_reduce,
+    "naive": naive_all_reduce,
+}
+
+
+def _time_all_reduce_rank(names, sizes, min_seconds, batches):
+    n, dev = dist.get_world_size(), launch.device()
+    seconds = {name: [] for name in names}
+    measured = []
+    for nbytes in sizes:
+        k = max(n, nbytes // 4 // n * n)
+        tensor = torch.zeros(k, device=dev)  # zeros: repeated sums stay finite
+        iters = {}
+        for name in names:
+            ALL_REDUCES[name](tensor)  # warm-up: connections, allocations
+            _sync(dev)
+            start = time.perf_counter()
+            ALL_REDUCES[name](tensor)
+            _sync(dev)
+            estimate = _slowest(time.perf_counter() - start)
+            iters[name] = max(1, min(100, math.ceil(min_seconds / batches / max(estimate, 1e-9))))
+        # Batches of each algorithm take turns, so a busy moment of a shared
+        # machine hits all of them alike; each keeps the median of its batch means.
+        means = {name: [] for name in names}
+        for _ in range(batches):
+            for name in names:
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(iters[name]):
+                    ALL_REDUCES[name](tensor)
+                _sync(dev)
+                means[name].append((time.perf_counter() - start) / iters[name])
+        for name in names:
+            seconds[name].append(_slowest(sorted(means[name])[batches // 2]))
+        measured.append(k * 4)
+    return measured, seconds, dist.get_backend()
+
+
+def time_all_reduce(world_size: int, sizes, names=("ring", "dist.all_reduce"), min_seconds: float = 0.1,
+                    batches: int = 5, **run_kwargs) -> dict:
+    """Time all-reduce implementations (keys of :data:`ALL_REDUCES`) on ``world_size`` ranks.
+
+    ``sizes`` are array sizes S in bytes (float32). Returns name ->
+    :class:`course_lib.collectives.Timing`, whose ``busbw`` can be compared directly.
+    """
+    unknown = [name for name in names if name not in ALL_REDUCES]
+    if unknown:
+        raise ValueError(f"unknown all-reduce {unknown[0]!r}; choose from {', '.join(ALL_REDUCES)}")
+    nbytes, seconds, backend = launch.run(_time_all_reduce_rank, world_size, list(names), list(sizes),
+                                          min_seconds, batches, **run_kwargs)[0]
+    return {name: Timing("all-reduce", world_size, backend, nbytes, seconds[name]) for name in names}

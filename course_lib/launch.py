@@ -35,6 +35,7 @@ from multiprocessing.connection import wait
 import cloudpickle
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 #: Seconds a rank may wait inside one collective before it gives up. Short on
 #: purpose: in a classroom a deadlock should surface in tens of seconds.
@@ -207,7 +208,11 @@ def _context():
     global _CONTEXT
     if _CONTEXT is None:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "cloudpickle", "course_lib.launch"])
+        # Preloaded once, shared by every rank forked later. DTensor and dynamo are
+        # heavy (~1 s each) and get imported by optimizers, DDP, FSDP and even by
+        # cloudpickle's submodule detection once the notebook has imported them.
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor",
+                                    "torch._dynamo", "cloudpickle", "course_lib.launch"])
         _CONTEXT = ctx
     return _CONTEXT
 
@@ -378,8 +383,13 @@ class _Launch:
                 self._drain(r)
                 if r not in errors:
                     self._died(r)
-        if all(t for _, t, _ in errors.values()):
-            first = min(errors)
+        secondary = {r for r, (tb, t, _) in errors.items()
+                     if not t and any(s in tb for s in _SECONDARY_ERRORS)}
+        timed_out = {r for r, (_, t, _) in errors.items() if t}
+        # A rank whose collective timed out leaves, and its peers then see their
+        # connection close: still a deadlock, reported as one.
+        if timed_out and set(errors) == timed_out | secondary:
+            first = min(timed_out)
             raise self._deadlock_error(first, f"when rank {first}'s collective timed out "
                                               f"(PG_TIMEOUT={self.pg_timeout:g} s)", errors[first][0])
         primary = [r for r, (tb, t, _) in errors.items()
@@ -494,10 +504,11 @@ def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn,
             conn.recv_bytes()
         except (EOFError, OSError):
             pass
-        try:
-            dist.destroy_process_group()
-        except Exception:
-            pass
+        if backend == "nccl":  # gloo needs no goodbye; its teardown can hang with DDP alive
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass
         os._exit(0)
     except BaseException as exc:  # noqa: B902 - ship everything, KeyboardInterrupt included
         tb = _user_traceback(exc)
@@ -542,6 +553,8 @@ class _CapturedOutput:
 
 def _trace_calls(rank, where, calls):
     """Wrap torch.distributed's calls in this rank so a deadlock can be located."""
+    depth = [0]  # calls made inside a traced call (recv uses irecv) are not counted again
+
     for index, name in enumerate(TRACED_CALLS):
         original = getattr(dist, name, None)
         if original is None:
@@ -549,13 +562,21 @@ def _trace_calls(rank, where, calls):
 
         @functools.wraps(original)
         def traced(*args, _original=original, _index=index, **kwargs):
+            if depth[0]:
+                return _original(*args, **kwargs)
             calls[rank] += 1
             where[rank] = _index
-            result = _original(*args, **kwargs)  # on an error `where` keeps the call
-            where[rank] = _RUNNING
+            depth[0] += 1
+            try:
+                result = _original(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+            where[rank] = _RUNNING  # on an error `where` keeps the call
             return result
 
         setattr(dist, name, traced)
+        if name in ("isend", "irecv"):  # P2POp accepts only what c10d itself calls isend/irecv
+            setattr(c10d, name, traced)
 
 
 def _die_with_parent():

@@ -19,13 +19,11 @@ import functools
 import cloudpickle
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from course_lib import dp, launch
-from course_lib.checks import Mismatch, compare, exercise
-from course_lib.checks.collectives import _cell_is_set, _learner_functions
+from course_lib.checks import BuiltinUsed, Mismatch, builtins_switched_off, compare, exercise
 from course_lib.comm import count_traffic
 from course_lib.models import make_mlp, shard
 
@@ -42,51 +40,25 @@ ALL_TO_ALL_KIND = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gath
                    "all_gather_single", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single")
 
 
-class BuiltinUsed(RuntimeError):
-    """A learner's function used a built-in that the exercise asks them to replace."""
-
-
 # ----------------------------------------------------------------------------
 # inside the ranks
 
 
 @contextlib.contextmanager
 def _switched_off(ex_id: str, learner_fn, collectives=()):
-    """DistributedDataParallel, and the named collectives, raise while the learner's code runs."""
-    def refuse(what, why):
-        def raiser(*args, **kwargs):
-            raise BuiltinUsed(f"exercise {ex_id} {why}: you used {what}")
-        return raiser
+    """torch's DDP, and the named collectives, raise BuiltinUsed while the learner's code runs."""
+    def refuse(self, *args, **kwargs):
+        raise BuiltinUsed(f"exercise {ex_id} builds data parallelism itself: you used torch's "
+                          "DistributedDataParallel (switched off here)")
 
-    saved = [(ns, name, getattr(ns, name)) for ns in (dist, c10d) for name in collectives
-             if hasattr(ns, name)]
-    names = {id(fn): name for _, name, fn in saved}
-    # A collective imported by name sits in the learner's globals or closure: swap it there too.
-    functions = _learner_functions(learner_fn)
-    in_globals = {(id(f.__globals__), k): (f.__globals__, k, v) for f in functions
-                  for k, v in list(f.__globals__.items()) if id(v) in names}
-    in_cells = [(c, c.cell_contents) for f in functions for c in f.__closure__ or ()
-                if _cell_is_set(c) and id(c.cell_contents) in names]
-    no_collective = "is a parameter server: workers talk to the server only"
     ddp_init = DistributedDataParallel.__init__
+    DistributedDataParallel.__init__ = refuse
     try:
-        DistributedDataParallel.__init__ = refuse(
-            "torch's DistributedDataParallel", "builds data parallelism itself (DDP is switched off)")
-        for ns, name, _ in saved:
-            setattr(ns, name, refuse(f"dist.{name}", no_collective))
-        for g, k, v in in_globals.values():
-            g[k] = refuse(f"dist.{names[id(v)]}", no_collective)
-        for cell, v in in_cells:
-            cell.cell_contents = refuse(f"dist.{names[id(v)]}", no_collective)
-        yield
+        why = f"exercise {ex_id} is a parameter server: workers talk to the server only"
+        with builtins_switched_off(learner_fn, collectives, why):
+            yield
     finally:
         DistributedDataParallel.__init__ = ddp_init
-        for ns, name, fn in saved:
-            setattr(ns, name, fn)
-        for g, k, v in in_globals.values():
-            g[k] = v
-        for cell, v in in_cells:
-            cell.cell_contents = v
 
 
 def _batch(step: int, size: int = BATCH):
@@ -170,14 +142,20 @@ def _launch(n: int, rank_fn, learner_fn):
     payload = launch.dumps_by_value((learner_fn,))
     try:
         return launch.run(rank_fn, n, payload, timeout=TIMEOUT)
-    except launch.DeadlockError as exc:
+    except launch.LaunchTimeout as exc:
         lines = str(exc).splitlines()
         where = "; ".join(ln.strip() for ln in lines[1:1 + n] if ln.startswith("  rank"))
-        raise Mismatch(f"N={n}: deadlock — {lines[0]} ({where})") from None
+        what = "deadlock" if isinstance(exc, launch.DeadlockError) else "timed out (an endless loop?)"
+        raise Mismatch(f"N={n}: {what} — {lines[0]} ({where})") from None
     except launch.RankError as exc:
         if exc.exc_type == BuiltinUsed.__name__:
             message = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
             raise Mismatch(f"{message} (rank {exc.rank}, N={n})") from None
+        if any(s in str(exc) for s in launch._SECONDARY_ERRORS):
+            # Its peer gave up waiting first (a timed-out collective) and hung up.
+            raise Mismatch(f"N={n}: deadlock — rank {exc.rank} lost its connection while its peers "
+                           f"waited for each other: is there a recv with no matching send, or do "
+                           f"the ranks make different calls?") from None
         raise
 
 
@@ -186,7 +164,8 @@ def _simulate(n: int, mode: str, steps: int, scale: float = 1.0, batch: int = BA
     """Parameters of every rank after each step when rank r updates with ...
 
     mode "mean": the mean of all ranks' shard gradients (the right answer),
-    "local": its own shard gradient only; times ``scale`` (N for a sum).
+    "without-root": the same sum without rank 0's gradient, still divided by N,
+    "local": its own shard gradient only; all times ``scale`` (N for a sum).
     Returns history[step][rank] -> {name: tensor}; replicas are plain models here.
     """
     replicas = [make_mlp(D_MODEL, D_HIDDEN, SEED) for _ in range(n)]
@@ -196,9 +175,9 @@ def _simulate(n: int, mode: str, steps: int, scale: float = 1.0, batch: int = BA
         x, y = dp.make_batches(step + 1, batch, D_MODEL, seed=SEED)[step]
         for r, model in enumerate(replicas):
             F.mse_loss(model(shard(x, r, n)), shard(y, r, n)).backward()
-        if mode == "mean":
+        if mode != "local":
             for params in zip(*(m.parameters() for m in replicas)):
-                mean = torch.stack([p.grad for p in params]).mean(0)
+                mean = torch.stack([p.grad for p in params][mode == "without-root":]).sum(0) / n
                 for p in params:
                     p.grad = mean.clone()
         for model, optimizer in zip(replicas, optimizers):
@@ -226,15 +205,17 @@ def _matches(got: dict, expected: dict) -> bool:
                for g, e in ((got.get(k), v) for k, v in expected.items()))
 
 
-def _first_difference(prefix: str, got: dict, expected: dict, rank: int, what: str = "") -> None:
-    """Raise a Mismatch naming the first parameter (and element) of ``got`` that differs."""
+def _first_difference(where: str, got: dict, expected: dict, hint: str = "", what: str = "") -> None:
+    """Raise a Mismatch: ``where``, then the hint (what went wrong, first, so it survives a
+    shortened line), then the first parameter and element that differ."""
+    lead = f"{where}{hint}; " if hint else where
     for name, want in expected.items():
         if name not in got or got[name] is None:
-            raise Mismatch(f"{prefix}rank {rank}: {name}{what} is None")
+            raise Mismatch(f"{lead}{name}{what} is None")
         try:
-            compare(got[name], want, name + what, rank=rank)
+            compare(got[name], want, name + what)
         except Mismatch as exc:
-            raise Mismatch(f"{prefix}{exc}") from None
+            raise Mismatch(f"{lead}{exc}") from None
 
 
 def _rows(t: torch.Tensor) -> str:
@@ -285,13 +266,10 @@ def average_gradients(learner_fn):
                 continue
             hint = ""
             if _matches(grads, {k: n * v for k, v in full.items()}):
-                hint = f" — that is the SUM over the {n} ranks: divide by N to get the mean"
+                hint = f"that is the SUM over the {n} ranks, not the mean: divide by N"
             elif _matches(grads, local[rank]):
-                hint = " — still this rank's own gradient: nothing was averaged across ranks"
-            try:
-                _first_difference(f"N={n}: ", grads, full, rank, ".grad")
-            except Mismatch as exc:
-                raise Mismatch(f"{exc}{hint}") from None
+                hint = "still this rank's own gradient: nothing was averaged across ranks"
+            _first_difference(f"N={n}, rank {rank}: ", grads, full, hint, ".grad")
 
 
 @exercise("2.3", "parameter-server step")
@@ -310,17 +288,18 @@ def parameter_server_step(learner_fn):
                 before = initial if step == 0 else got[rank][step - 1]
                 hint = ""
                 if rank != dp.ROOT and _matches(params, before):
-                    hint = (" — this worker's parameters did not change: the server (rank 0) must "
+                    hint = ("this worker's parameters did not change: the server (rank 0) must "
                             "send the updated parameters back to every worker")
                 elif _matches(params, _simulate(n, "mean", STEPS, scale=n)[step][rank]):
-                    hint = f" — the server used the SUM of the {n} gradients: divide by N"
+                    hint = f"the server used the SUM of the {n} gradients, not the mean: divide by N"
                 elif _matches(params, _simulate(n, "local", STEPS)[step][dp.ROOT]):
-                    hint = (" — the server stepped with its own gradient only: receive every "
+                    hint = ("the server stepped with its own gradient only: receive every "
                             "worker's gradient and average them first")
-                try:
-                    _first_difference(f"N={n}, after step {step + 1}: ", params, expected[step][rank], rank)
-                except Mismatch as exc:
-                    raise Mismatch(f"{exc}{hint}") from None
+                elif _matches(params, _simulate(n, "without-root", STEPS)[step][dp.ROOT]):
+                    hint = ("the server's own gradient is missing from the average: add each "
+                            "worker's gradient to it (+=) rather than overwrite it")
+                where = f"N={n}, step {step + 1}, rank {rank}: "
+                _first_difference(where, params, expected[step][rank], hint)
 
 
 @exercise("2.4", "gradient accumulation, one sync per step")
@@ -338,20 +317,18 @@ def accumulate_and_step(learner_fn):
                     continue
                 hint = ""
                 if _matches(params, _simulate(n, "mean", STEPS, m, BATCH * m)[step][rank]):
-                    hint = (f" — the gradient is {m}× too large: divide each micro-batch's loss by "
+                    hint = (f"the gradient is {m}× too large: divide each micro-batch's loss by "
                             f"the number of micro-batches ({m})")
                 elif n > 1 and _matches(params, _simulate(n, "mean", STEPS, n, BATCH * m)[step][rank]):
-                    hint = f" — the update used the SUM of the {n} ranks' gradients: divide by N"
+                    hint = f"the update used the SUM of the {n} ranks' gradients, not the mean: divide by N"
                 elif n > 1 and _matches(params, _simulate(n, "local", STEPS, 1.0, BATCH * m)[step][rank]):
-                    hint = (" — this rank trained on its own shard only: average the gradients "
+                    hint = ("this rank trained on its own shard only: average the gradients "
                             "across ranks after the last micro-batch")
                 elif step > 0:
-                    hint = (f" (step {step} was right: are last step's gradients still there? "
-                            "Call optimizer.zero_grad() after the step)")
-                try:
-                    _first_difference(f"N={n}, after step {step + 1}: ", params, expected[step][rank], rank)
-                except Mismatch as exc:
-                    raise Mismatch(f"{exc}{hint}") from None
+                    hint = (f"step {step} was right, this one is not: are last step's gradients still "
+                            "there? Call optimizer.zero_grad() after the step")
+                where = f"N={n}, step {step + 1}, rank {rank}: "
+                _first_difference(where, params, expected[step][rank], hint)
         for rank in range(n):
             if got[rank][1]:
                 step, micro, op = got[rank][1][0]

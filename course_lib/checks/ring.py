@@ -1,9 +1,9 @@
 """Checks for chapter 03: the ring all-reduce from send/recv, and DDP's buckets.
 
 The ring checks run the learner's function on N = 1, 2, 3 and 4 ranks, each
-time on three tensors: whole numbers as int64 and as float32 (sums are exact,
-so results are compared exactly) with a number of elements K that N does not
-divide, and one with fewer elements than ranks (some chunks are empty). The
+time on three tensors of whole numbers (sums are exact, so results are compared
+exactly): K = 10 as int64 and K = 7 as float32, which most N do not divide
+(unequal chunks), and K = 2, fewer elements than ranks (empty chunks). The
 expected values are computed here from every rank's data. As in chapter 01,
 the built-in collectives raise inside the ranks; and each rank's bytes sent
 (counted by ``course_lib.comm.count_traffic``) must be what a ring sends, so
@@ -13,13 +13,15 @@ Chunk c of a tensor is ``tensor.view(-1).tensor_split(N)[c]``.
 """
 from __future__ import annotations
 
+import re
+
 import cloudpickle
 import torch
 import torch.distributed as dist
 
-from course_lib import dp
-from course_lib.checks import Mismatch, exercise
-from course_lib.checks.collectives import _launch, _only_send_recv
+from course_lib import dp, launch
+from course_lib.checks import COLLECTIVES, Mismatch, builtins_switched_off, exercise
+from course_lib.checks.collectives import _launch
 from course_lib.comm import count_traffic
 
 WORLD_SIZES = (1, 2, 3, 4)
@@ -86,7 +88,7 @@ def _learner_rank(payload, ex_id, kind):
     (learner,) = cloudpickle.loads(payload)
     rank, n = dist.get_rank(), dist.get_world_size()
     results = []  # per case: (tensor after, returned a new tensor?, bytes sent)
-    with _only_send_recv(ex_id, learner):
+    with builtins_switched_off(learner, COLLECTIVES, f"exercise {ex_id} must be built from send/recv only"):
         for case in range(len(CASES)):
             tensor = _input(kind, case, rank, n)
             dist.barrier()  # the previous case's messages are all delivered
@@ -97,8 +99,8 @@ def _learner_rank(payload, ex_id, kind):
     return results
 
 
-def _compare(prefix, kind, got, want, rank, n, returned_new):
-    flat_got, flat_want = got.view(-1), want.view(-1)
+def _compare(prefix, kind, got, want, given, rank, n, returned_new):
+    flat_got, flat_want, flat_given = got.view(-1), want.view(-1), given.view(-1)
     positions = range(got.numel())
     if kind == "reduce_scatter":  # only chunk `rank` is defined afterwards
         sizes = chunk_sizes(got.numel(), n)
@@ -111,13 +113,31 @@ def _compare(prefix, kind, got, want, rank, n, returned_new):
     hint = " — change the tensor in place; your function returned a new one" if returned_new else ""
     if kind == "all_gather" and flat_got[i] == UNSET:
         hint = hint or f" (chunk {chunk} never arrived)"
+    elif flat_got[i] == flat_given[i]:
+        hint = hint or f" (rank {rank}'s own value: nothing was added into chunk {chunk})"
     raise Mismatch(f"{prefix}, rank {rank}: chunk {chunk}, element [{i}] expected {flat_want[i].item():g}, "
                    f"got {flat_got[i].item():g} ({len(bad)} of {len(positions)} elements differ){hint}")
 
 
+# gloo's words when a recv's tensor is smaller than the message that arrives (the rank aborts).
+_SIZE_MISMATCH = re.compile(r"(\d+) vs (\d+)\. Received data size doesn't match expected size")
+
+
+def _run(n: int, ex_id: str, kind: str, learner_fn):
+    try:
+        return _launch(n, _learner_rank, learner_fn, ex_id, kind)
+    except launch.RankError as exc:
+        sizes = _SIZE_MISMATCH.search(str(exc))
+        if sizes is None:
+            raise
+        raise Mismatch(f"N={n}, rank {exc.rank}: a message of {sizes[1]} B arrived in a recv of {sizes[2]} B — "
+                       "sender and receiver disagree on which chunk moves at some step (check your chunk "
+                       "indices; chunks differ in size when N does not divide K)") from None
+
+
 def _check(ex_id: str, kind: str, learner_fn) -> None:
     for n in WORLD_SIZES:
-        got = _launch(n, _learner_rank, learner_fn, ex_id, kind)
+        got = _run(n, ex_id, kind, learner_fn)
         for case, (shape, dtype) in enumerate(CASES):
             numel = torch.Size(shape).numel()
             prefix = f"N={n}, K={numel} {str(dtype).replace('torch.', '')}"
@@ -126,7 +146,8 @@ def _check(ex_id: str, kind: str, learner_fn) -> None:
                 if tensor.shape != torch.Size(shape) or tensor.dtype != dtype:
                     raise Mismatch(f"{prefix}, rank {rank}: the tensor became {tuple(tensor.shape)} "
                                    f"{tensor.dtype}; keep its shape and dtype")
-                _compare(prefix, kind, tensor, expected(kind, case, rank, n), rank, n, returned_new)
+                _compare(prefix, kind, tensor, expected(kind, case, rank, n), _input(kind, case, rank, n),
+                         rank, n, returned_new)
                 should = ring_bytes_sent(kind, numel, tensor.element_size(), rank, n)
                 if sent != should:
                     raise Mismatch(f"{prefix}, rank {rank}: right result, but it sent {sent} B; a ring "

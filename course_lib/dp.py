@@ -1,0 +1,460 @@
+"""Chapter 02: data parallelism. Every rank holds the whole model; each sees a slice of the batch.
+
+    losses = dp.train_single_process(model, batches)                     # the reference
+    losses = dp.train_data_parallel(model, batches)                      # inside each of N ranks
+    losses = dp.train_data_parallel(model, batches, sync="parameter-server")
+    losses = dp.train_data_parallel(model, batches, accumulation_steps=4)
+
+Why it is exact: a batch's loss is the mean over its samples, so with equal
+shards the full-batch gradient is the mean of the N ranks' shard gradients.
+If every rank applies that same mean, the N replicas stay identical, and equal
+to one process training on the whole batch.
+
+Notation: N ranks, Ψ parameters (4Ψ bytes in fp32).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from course_lib.comm import count_traffic
+from course_lib.models import make_mlp, regression_data, shard
+
+#: How the ranks agree on the gradient: ours two ways, and torch's DDP as the reference.
+SYNCS = ("all-reduce", "parameter-server", "ddp")
+#: The parameter server's rank.
+ROOT = 0
+LR, MOMENTUM = 0.1, 0.9
+
+
+class SGD:
+    """SGD with momentum: the update of ``torch.optim.SGD(params, lr, momentum)``.
+
+    Written out so its state is in plain sight (one momentum buffer per
+    parameter, Ψ more numbers per rank), and because creating a torch
+    optimizer in a fresh rank costs about a second (it imports torch._dynamo).
+    """
+
+    def __init__(self, params, lr: float = LR, momentum: float = MOMENTUM):
+        self.params, self.lr, self.momentum = list(params), lr, momentum
+        self.momentum_buffers = [None] * len(self.params)
+
+    @torch.no_grad()
+    def step(self):
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            if self.momentum_buffers[i] is None:
+                self.momentum_buffers[i] = p.grad.clone()
+            else:
+                self.momentum_buffers[i].mul_(self.momentum).add_(p.grad)
+            p.add_(self.momentum_buffers[i], alpha=-self.lr)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+def make_batches(steps: int, batch_size: int, d_model: int = 16, seed: int = 1):
+    """``steps`` global batches ``(x, y)`` of ``batch_size`` samples each."""
+    x, y = regression_data(steps * batch_size, d_model, seed)
+    return list(zip(x.split(batch_size), y.split(batch_size)))
+
+
+def parameters(model) -> dict:
+    """A copy of every parameter by name, to compare runs with."""
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def flatten(tensors) -> torch.Tensor:
+    """One contiguous vector: one message instead of one per tensor."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, tensors) -> None:
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+# ----------------------------------------------------------------------------
+# the single-process reference
+
+
+def train_single_process(model, batches, lr: float = LR, momentum: float = MOMENTUM) -> list[float]:
+    """Full-batch training, one step per batch; returns the loss of every step."""
+    optimizer = SGD(model.parameters(), lr, momentum)
+    losses = []
+    for x, y in batches:
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+# ----------------------------------------------------------------------------
+# two ways to agree on the gradient
+
+
+@torch.no_grad()
+def broadcast_parameters(model, src: int = 0) -> None:
+    """Give every rank ``src``'s weights: replicas must start identical."""
+    for p in model.parameters():
+        dist.broadcast(p, src)
+
+
+@torch.no_grad()
+def average_gradients_allreduce(model, group=None) -> None:
+    """Every rank ends with the mean gradient: all-reduce (sum), then divide by N.
+
+    One all-reduce per parameter keeps it simple; chapter 03 groups them into buckets.
+    """
+    n = dist.get_world_size(group)
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+            p.grad /= n
+
+
+@torch.no_grad()
+def parameter_server_step(model, optimizer, root: int = ROOT) -> None:
+    """One update through a parameter server on rank ``root``.
+
+    Workers send their gradients up; the server averages them, runs the only
+    optimizer (so only the server holds optimizer state) and sends the new
+    parameters down. Parameters rather than gradients come down because the
+    workers then need no optimizer at all; the bytes are the same, Ψ each way.
+    ``optimizer`` is used on ``root`` only (None elsewhere is fine).
+    """
+    rank, n = dist.get_rank(), dist.get_world_size()
+    params = list(model.parameters())
+    grads = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+    if rank == root:
+        incoming = torch.empty_like(grads)
+        for worker in range(n):
+            if worker != root:  # one at a time: the server's link is the bottleneck
+                dist.recv(incoming, worker)
+                grads += incoming
+        grads /= n
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        unflatten_into(grads, [p.grad for p in params])
+        optimizer.step()
+        new_params = flatten(params)
+        for worker in range(n):
+            if worker != root:
+                dist.send(new_params, worker)
+    else:
+        dist.send(grads, root)
+        new_params = torch.empty_like(grads)
+        dist.recv(new_params, root)
+        unflatten_into(new_params, params)
+
+
+# ----------------------------------------------------------------------------
+# a data-parallel step, with gradient accumulation
+
+
+def data_parallel_step(model, optimizer, x, y, sync: str = "all-reduce", accumulation_steps: int = 1,
+                       sync_every_micro_batch: bool = False) -> float:
+    """One optimizer step on this rank's shard of the global batch ``(x, y)``.
+
+    The shard is split into ``accumulation_steps`` micro-batches; their gradients
+    add up locally (each loss divided by their number, so the sum is the
+    shard's mean) and the ranks communicate once, after the last one: the
+    ``no_sync`` idea. ``sync_every_micro_batch=True`` all-reduces after every
+    micro-batch instead: the same result for M times the traffic.
+    ``model`` is a DistributedDataParallel wrapper when ``sync="ddp"``.
+    Returns this rank's loss (the mean over its shard).
+    """
+    if sync == "parameter-server" and sync_every_micro_batch:
+        raise ValueError("a parameter server updates once per step: sync_every_micro_batch needs "
+                         "sync='all-reduce' or 'ddp'")
+    rank, n, m = dist.get_rank(), dist.get_world_size(), accumulation_steps
+    x, y = shard(x, rank, n), shard(y, rank, n)
+    total = 0.0
+    for i in range(m):
+        communicate = i == m - 1 or sync_every_micro_batch
+        skip = model.no_sync() if sync == "ddp" and not communicate else contextlib.nullcontext()
+        with skip:  # DDP all-reduces inside backward unless told not to
+            loss = F.mse_loss(model(shard(x, i, m)), shard(y, i, m)) / m
+            loss.backward()
+        if communicate and sync == "all-reduce":
+            average_gradients_allreduce(model)
+        total += loss.item()
+    if sync == "parameter-server":
+        parameter_server_step(model, optimizer)
+    else:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def train_data_parallel(model, batches, sync: str = "all-reduce", accumulation_steps: int = 1,
+                        sync_every_micro_batch: bool = False, lr: float = LR,
+                        momentum: float = MOMENTUM) -> list[float]:
+    """Run inside every rank: one step per global batch; returns this rank's losses.
+
+    ``model`` is trained in place. With equal shards, the mean of the ranks'
+    losses is the full-batch loss of :func:`train_single_process`.
+    """
+    if sync not in SYNCS:
+        raise ValueError(f"sync must be one of {', '.join(SYNCS)}; got {sync!r}")
+    broadcast_parameters(model)
+    wrapped = DistributedDataParallel(model) if sync == "ddp" else model
+    server = sync == "parameter-server"
+    optimizer = SGD(model.parameters(), lr, momentum) if not server or dist.get_rank() == ROOT else None
+    losses = [data_parallel_step(wrapped, optimizer, x, y, sync, accumulation_steps, sync_every_micro_batch)
+              for x, y in batches]
+    del wrapped  # a live DDP wrapper at process-group teardown can hang
+    return losses
+
+
+# ----------------------------------------------------------------------------
+# traffic: measured, and the formulas
+
+
+def measure_sync_traffic(sync: str, d_model: int = 64, d_hidden: int = 256, accumulation_steps: int = 1,
+                         sync_every_micro_batch: bool = False):
+    """Inside a rank: count one training step's communication. Returns (Traffic, Ψ bytes)."""
+    model = make_mlp(d_model, d_hidden)
+    wrapped = DistributedDataParallel(model) if sync == "ddp" else model
+    optimizer = SGD(model.parameters()) if sync != "parameter-server" or dist.get_rank() == ROOT else None
+    (x, y), = make_batches(1, 4 * dist.get_world_size() * accumulation_steps, d_model)
+    dist.barrier()  # nobody's earlier bytes may still be in flight
+    with count_traffic() as traffic:
+        data_parallel_step(wrapped, optimizer, x, y, sync, accumulation_steps, sync_every_micro_batch)
+    del wrapped
+    psi_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return traffic, psi_bytes
+
+
+def expected_traffic(sync: str, n: int, rank: int, psi_bytes: int, syncs: int = 1) -> tuple[float, float]:
+    """(bytes sent, bytes received) by ``rank`` for ``syncs`` gradient syncs of a Ψ-byte model."""
+    if sync == "parameter-server":
+        per_sync = ((n - 1) * psi_bytes,) * 2 if rank == ROOT else (psi_bytes, psi_bytes)
+    else:  # a ring all-reduce: reduce-scatter, then all-gather
+        per_sync = (2 * (n - 1) / n * psi_bytes,) * 2
+    return per_sync[0] * syncs, per_sync[1] * syncs
+
+
+# ---- chapter 03: bucketed DDP (below) ----
+#
+#     model = dp.BucketedDDP(make_mlp(), bucket_cap_mb=1.0)   # inside each rank
+#     F.mse_loss(model(x), y).backward()     # gradients are averaged when this returns
+#     model.timeline                         # when each bucket was ready, launched, done
+#
+# Backward produces gradients from the last layer to the first. Instead of one
+# all-reduce after backward, DDP groups parameters into buckets of about
+# bucket_cap_mb, last parameter first, and all-reduces each bucket in the
+# background as soon as its gradients exist, while backward computes the rest.
+
+import math  # noqa: E402 - this section's imports stay with it
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from torch import nn  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+
+def assign_buckets(sizes, cap_bytes: float) -> list[list[int]]:
+    """Group parameters into buckets, last parameter first; returns their indices per bucket.
+
+    ``sizes[i]`` is parameter i's gradient size in bytes, in registration order.
+    Walking from the last parameter to the first, each one joins the open
+    bucket; the bucket closes as soon as it holds ``cap_bytes`` or more (so a
+    bucket can exceed the cap by its last parameter, as in torch's DDP).
+    """
+    if not cap_bytes > 0:
+        raise ValueError(f"the bucket size cap must be positive, got {cap_bytes!r}")
+    buckets, current, filled = [], [], 0
+    for i in reversed(range(len(sizes))):
+        current.append(i)
+        filled += sizes[i]
+        if filled >= cap_bytes:
+            buckets.append(current)
+            current, filled = [], 0
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+@dataclass
+class BucketTiming:
+    """One bucket in one backward pass; times in seconds since backward started."""
+
+    index: int
+    nbytes: int
+    params: list  # names
+    ready: float = math.nan  # its last gradient was computed
+    launched: float = math.nan  # its all-reduce started
+    finished: float = math.nan  # its all-reduce completed
+
+
+@dataclass
+class Timeline:
+    """What happened during the last backward pass of a :class:`BucketedDDP`."""
+
+    buckets: list = field(default_factory=list)
+    grads: list = field(default_factory=list)  # (parameter name, seconds) as each gradient appeared
+    backward_done: float = math.nan  # autograd finished computing
+    synced: float = math.nan  # every bucket averaged and copied back: backward() returns
+
+
+class _Bucket:
+    def __init__(self, index, params, names):
+        self.index, self.params, self.names = index, params, names
+        self.offsets = [0]
+        for p in params:
+            self.offsets.append(self.offsets[-1] + p.numel())
+        self.buffer = torch.zeros(self.offsets[-1], dtype=params[0].dtype, device=params[0].device)
+        self.start_pass()
+
+    def start_pass(self):
+        self.filled = [False] * len(self.params)
+        self.pending, self.work, self.done = len(self.params), None, None
+        self.timing = BucketTiming(self.index, self.buffer.numel() * self.buffer.element_size(),
+                                   list(self.names))
+
+    def view(self, i):
+        return self.buffer[self.offsets[i]:self.offsets[i + 1]].view_as(self.params[i])
+
+
+class BucketedDDP(nn.Module):
+    """Data parallelism like torch's DistributedDataParallel: buckets all-reduced during backward.
+
+    Called like ``module``. At construction every rank takes rank 0's
+    parameters and buffers. During ``loss.backward()`` a hook on each parameter
+    copies its gradient into its bucket; a bucket whose gradients are all in
+    starts an asynchronous all-reduce (buckets start in order, the same on
+    every rank). When autograd is done, the wrapper waits for the buckets and
+    writes the averaged gradients back, so ``p.grad`` is final when
+    ``backward()`` returns. A parameter that got no gradient in a pass
+    contributes zeros. ``timeline`` describes the last backward pass.
+    """
+
+    def __init__(self, module: nn.Module, bucket_cap_mb: float = 25.0, group=None):
+        super().__init__()
+        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) \
+                or not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {bucket_cap_mb!r}")
+        self.module, self.group = module, group
+        self.world_size = dist.get_world_size(group)
+        self._broadcast_state()
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        self.buckets = []
+        for run in _same_dtype_runs(named):  # a bucket is one flat buffer: one dtype
+            sizes = [p.numel() * p.element_size() for _, p in run]
+            for indices in assign_buckets(sizes, bucket_cap_mb * 2**20):
+                self.buckets.append(_Bucket(len(self.buckets), [run[i][1] for i in indices],
+                                            [run[i][0] for i in indices]))
+        self._slot = {p: (bucket, i) for bucket in self.buckets for i, p in enumerate(bucket.params)}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self._slot]
+        self.timeline = Timeline()
+        self._in_backward, self._start = False, None
+        self._start_pass()
+
+    @torch.no_grad()
+    def _broadcast_state(self):
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        for t in [*self.module.parameters(), *self.module.buffers()]:
+            dist.broadcast(t.data, src, group=self.group)
+
+    def _start_pass(self):
+        """Forget the last pass (one that raised midway too), after its all-reduces are done."""
+        for bucket in self.buckets:
+            if bucket.work is not None:
+                bucket.work.wait()
+            bucket.start_pass()
+        self._next_launch, self._grads = 0, []
+
+    def forward(self, *args, **kwargs):
+        if self._in_backward:  # the last backward pass never finished (it raised)
+            self._start_pass()
+            self._in_backward = False
+        self._start = None
+        output = self.module(*args, **kwargs)
+        for leaf in tree_leaves(output):  # their gradients are the first thing backward computes
+            if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                leaf.register_hook(self._backward_started)
+        return output
+
+    def _backward_started(self, grad=None):
+        if self._start is None:
+            self._start = time.perf_counter()
+
+    def _now(self) -> float:
+        return time.perf_counter() - self._start
+
+    @torch.no_grad()
+    def _grad_ready(self, param):
+        if not self._in_backward:
+            self._start_pass()
+            self._in_backward = True
+            self._backward_started()
+            # Runs when autograd has finished this pass, before backward() returns.
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+        bucket, i = self._slot[param]
+        bucket.view(i).copy_(param.grad)
+        bucket.filled[i] = True
+        bucket.pending -= 1
+        self._grads.append((bucket.names[i], self._now()))
+        if bucket.pending == 0:
+            bucket.timing.ready = self._now()
+            self._launch_ready()
+
+    def _launch_ready(self, everything: bool = False):
+        # In bucket order, so every rank starts the same all-reduces in the same order.
+        while self._next_launch < len(self.buckets):
+            bucket = self.buckets[self._next_launch]
+            if bucket.pending and not everything:
+                return
+            bucket.timing.launched = self._now()
+            bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
+            # Called by the communication thread the moment this all-reduce completes.
+            bucket.done = bucket.work.get_future().then(
+                lambda _, timing=bucket.timing, start=self._start:
+                setattr(timing, "finished", time.perf_counter() - start))
+            self._next_launch += 1
+
+    @torch.no_grad()
+    def _finish(self):
+        backward_done = self._now()
+        for bucket in self.buckets:
+            for i, filled in enumerate(bucket.filled):
+                if not filled:  # no gradient this pass: contribute zeros
+                    bucket.view(i).zero_()
+        for bucket in self.buckets:
+            if bucket.pending:  # it waited for a gradient that never came
+                bucket.timing.ready = backward_done
+        self._launch_ready(everything=True)
+        for bucket in self.buckets:
+            bucket.work.wait()
+            bucket.done.wait()
+            for i, p in enumerate(bucket.params):  # the sum, divided on its way back: one pass
+                if p.grad is None:
+                    p.grad = bucket.view(i) / self.world_size
+                else:
+                    torch.div(bucket.view(i), self.world_size, out=p.grad)
+        self.timeline = Timeline([b.timing for b in self.buckets], self._grads, backward_done, self._now())
+        for bucket in self.buckets:
+            bucket.work = None
+        self._in_backward, self._start = False, None
+
+
+def _same_dtype_runs(named):
+    runs = []
+    for name, p in named:
+        if runs and runs[-1][-1][1].dtype == p.dtype:
+            runs[-1].append((name, p))
+        else:
+            runs.append([(name, p)])
+    return runs

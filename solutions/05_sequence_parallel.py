@@ -1,0 +1,183 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 05 · Sequence parallelism — exercises
+#
+# Tensor parallelism (chapter 04) splits the big matrices, but leaves every rank holding the
+# whole sequence wherever the work is per token: LayerNorm, dropout, the residual adds. Sequence
+# parallelism splits *those* regions along the sequence instead, and swaps each of TP's
+# all-reduces for its two halves: an **all-gather** where a sequence shard enters a
+# tensor-parallel region, a **reduce-scatter** where it leaves.
+#
+# Notation: **N** ranks, rank **r**; activations have shape `(batch, seq, d_model)`, and the
+# sequence is **dim 1**. Rank r's shard is its contiguous block of positions
+# `r·s/N … (r+1)·s/N`.
+#
+# How the checks work: each check runs your code on N = 1, 2 and 4 ranks on activations of shape
+# (2, 4, 8) and compares the output **and the gradients** with one process that sees the whole
+# sequence (rtol = atol = 1e-5), printing `✔` or `✘` with N, rank, tensor, element, and a hint
+# for common mistakes. `course_lib.tp` (the course's answer) is switched off inside the checks.
+
+# %%
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from course_lib import launch
+from course_lib.checks import sequence_parallel as check
+
+# %% [markdown]
+# ### A warm-up you can run: all-gather along the sequence
+#
+# `dist.all_gather(list_of_tensors, mine)` fills the list with every rank's tensor, in rank
+# order; `torch.cat(..., dim=1)` joins them along the sequence. Each rank starts with a shard of
+# 2 positions filled with its rank number:
+
+# %%
+def gather_demo():
+    rank, n = dist.get_rank(), dist.get_world_size()
+    mine = torch.full((1, 2, 3), float(rank))
+    parts = [torch.empty_like(mine) for _ in range(n)]
+    dist.all_gather(parts, mine)
+    return torch.cat(parts, dim=1)[0, :, 0]  # one number per position
+
+
+launch.run(gather_demo, 3, backend="gloo")
+
+# %% [markdown]
+# ## Exercise 5.1 — my shard of the sequence
+#
+# `sequence_shard(x)` takes the whole activation `x` (the same on every rank) and returns this
+# rank's block of positions along dim 1, shape `(batch, seq/N, d_model)`. Index or `chunk`; the
+# check also follows the gradient back into `x`, so do not `.detach()`.
+
+# %%
+def sequence_shard(x):
+    """This rank's contiguous block of the sequence (dim 1) of x."""
+    ### BEGIN SOLUTION
+    return x.chunk(dist.get_world_size(), dim=1)[dist.get_rank()]
+    ### END SOLUTION
+
+
+# %%
+check.sequence_shard(sequence_shard)
+
+# %% [markdown]
+# ## Exercise 5.2 — all-gather forward, reduce-scatter backward
+#
+# Entering a tensor-parallel region, every rank needs the **whole** sequence (attention mixes all
+# positions; a column-parallel layer multiplies every token). Forward: all-gather the shards along
+# dim 1. Backward: each rank's gradient of the gathered tensor covers the whole sequence but only
+# its own part of the computation, so the gradient of my shard is the **sum over ranks**, keeping
+# **my block** of positions: a reduce-scatter.
+#
+# Useful: `dist.all_gather(list, t)` (as above) and
+# `dist.reduce_scatter(out, list_of_N_blocks)` — it sums block j over the ranks into rank j's
+# `out`. Both want contiguous tensors (`.contiguous()`).
+
+# %%
+class GatherFromSequenceRegion(torch.autograd.Function):
+    """All-gather the sequence shards (dim 1) forward; reduce-scatter the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x_shard):
+        ### BEGIN SOLUTION
+        parts = [torch.empty_like(x_shard) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x_shard.contiguous())
+        return torch.cat(parts, dim=1)
+        ### END SOLUTION
+
+    @staticmethod
+    def backward(ctx, grad):
+        ### BEGIN SOLUTION
+        blocks = [b.contiguous() for b in grad.chunk(dist.get_world_size(), dim=1)]
+        mine = torch.empty_like(blocks[0])
+        dist.reduce_scatter(mine, blocks)
+        return mine
+        ### END SOLUTION
+
+
+# %%
+check.gather_from_sequence_region(GatherFromSequenceRegion)
+
+# %% [markdown]
+# ## Exercise 5.3 — reduce-scatter forward, all-gather backward
+#
+# Leaving a tensor-parallel region (after the row-parallel layer) every rank holds a **partial
+# sum** over the whole sequence. Tensor parallelism all-reduced it; sequence parallelism needs
+# only its own positions of the sum afterwards: a **reduce-scatter**. Backward is the mirror
+# image: every rank's shard of the gradient is needed everywhere, an all-gather.
+#
+# Together, 5.2 and 5.3 move exactly what one all-reduce moves: an all-reduce *is* a
+# reduce-scatter followed by an all-gather.
+
+# %%
+class ReduceScatterToSequenceRegion(torch.autograd.Function):
+    """Sum over ranks and keep my block of the sequence forward; all-gather the gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ### BEGIN SOLUTION
+        blocks = [b.contiguous() for b in x.chunk(dist.get_world_size(), dim=1)]
+        mine = torch.empty_like(blocks[0])
+        dist.reduce_scatter(mine, blocks)
+        return mine
+        ### END SOLUTION
+
+    @staticmethod
+    def backward(ctx, grad):
+        ### BEGIN SOLUTION
+        parts = [torch.empty_like(grad) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, grad.contiguous())
+        return torch.cat(parts, dim=1)
+        ### END SOLUTION
+
+
+# %%
+check.reduce_scatter_to_sequence_region(ReduceScatterToSequenceRegion)
+
+# %% [markdown]
+# ## Exercise 5.4 — the sequence-parallel LayerNorm + MLP sublayer
+#
+# The second half of a pre-norm transformer block is `x + mlp(norm(x))`. Sequence-parallel, rank
+# r gets only its shard `x_shard` and returns only its shard of the result:
+#
+# ```
+# x_shard ─▶ norm (on s/N tokens) ─▶ all-gather (5.2) ─▶ fc1 columns r ─▶ gelu ─▶ fc2 rows r
+#         ─▶ reduce-scatter (5.3) ─▶ + fc2.bias ─▶ + x_shard (the residual, on s/N tokens)
+# ```
+#
+# `norm` is a `nn.LayerNorm` and `mlp` a dense `course_lib.models.MLP`: use `norm(x_shard)` as it
+# is (every rank holds all of it), and rank r's blocks of `mlp.fc1` (rows of the weight, and the
+# bias) and `mlp.fc2` (columns of the weight) as in chapter 04. No f here: the all-gather's
+# backward already sums the gradient over ranks. Add `mlp.fc2.bias` once, after the reduce-scatter.
+#
+# The check compares your output shard, `x_shard.grad`, and the blocks of the fc1/fc2 gradients
+# with the dense sublayer. `norm.weight`, `norm.bias` and `mlp.fc2.bias` are whole on every rank
+# but each rank trained them on its own tokens only, so their gradients are **parts of a sum**:
+# the check adds them over the ranks (a trainer all-reduces them once per step).
+
+# %%
+def sequence_parallel_mlp(x_shard, norm, mlp):
+    """x + mlp(norm(x)) for this rank's shard of the sequence, with the MLP tensor-parallel."""
+    ### BEGIN SOLUTION
+    rank, n = dist.get_rank(), dist.get_world_size()
+    size = mlp.fc1.out_features // n
+    rows = slice(rank * size, (rank + 1) * size)
+    h = GatherFromSequenceRegion.apply(norm(x_shard))
+    h = F.gelu(F.linear(h, mlp.fc1.weight[rows], mlp.fc1.bias[rows]))
+    out = ReduceScatterToSequenceRegion.apply(F.linear(h, mlp.fc2.weight[:, rows])) + mlp.fc2.bias
+    return x_shard + out
+    ### END SOLUTION
+
+
+# %%
+check.sequence_parallel_mlp(sequence_parallel_mlp)

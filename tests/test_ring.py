@@ -1,0 +1,421 @@
+"""Chapter 03: all-reduce from send/recv, traffic against the formulas, BucketedDDP, and the checks."""
+import math
+import re
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from course_lib import comm, dp, launch, models
+from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
+from course_lib.checks import ring as check
+
+
+@pytest.fixture(autouse=True)
+def _no_results_file(monkeypatch):
+    monkeypatch.delenv("COURSE_RESULTS", raising=False)
+
+
+def chunk_sizes(k, n):
+    return [len(c) for c in torch.arange(k).tensor_split(n)]
+
+
+# ----------------------------------------------------------------------------
+# results equal dist.all_reduce
+
+
+def compare_everything(cases):
+    """Inside a rank: every from-scratch op against the built-in; returns what differed."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    failures = []
+    for case, (shape, dtype) in enumerate(cases):
+        g = torch.Generator().manual_seed(97 * rank + case)
+        x = (torch.randn(shape, generator=g) * 100).to(dtype)
+        expected = x.clone()
+        dist.all_reduce(expected)
+
+        def same(a, b):  # integers exactly; floats up to the order of the additions
+            return torch.equal(a, b) if not dtype.is_floating_point else torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+
+        for name in ("ring", "unchunked ring", "naive"):
+            if not same(comm.ALL_REDUCES[name](x.clone()), expected):
+                failures.append(f"{name} {shape} {dtype} rank {rank}")
+        own = comm.ring_reduce_scatter(x.clone())
+        if not same(own, expected.view(-1).tensor_split(n)[rank]):
+            failures.append(f"reduce-scatter {shape} {dtype} rank {rank}")
+        mine = torch.full_like(x, -1)
+        mine.view(-1).tensor_split(n)[rank].copy_(x.view(-1).tensor_split(n)[rank])
+        gathered = comm.ring_all_gather(mine)
+        everyone = [torch.empty_like(x) for _ in range(n)]
+        dist.all_gather(everyone, x)
+        want = torch.cat([everyone[c].view(-1).tensor_split(n)[c] for c in range(n)]).view_as(x)
+        if not torch.equal(gathered, want):
+            failures.append(f"all-gather {shape} {dtype} rank {rank}")
+    return failures
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_every_op_equals_the_builtin(n):
+    cases = [((1,), torch.int64), ((7,), torch.int32), ((3, 5), torch.int64), ((13,), torch.float32),
+             ((2, 3), torch.float64), ((n + 1,), torch.float32)]
+    results = launch.run(compare_everything, n, cases, timeout=60)
+    assert results == [[]] * n
+
+
+def subgroup_all_reduce():
+    rank = dist.get_rank()
+    pairs = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    odd_three = dist.new_group([1, 2, 3])
+    mine = pairs[rank % 2]
+    x = torch.arange(5) + 10 * rank
+    expected = x.clone()
+    dist.all_reduce(expected, group=mine)
+    ring = comm.ring_all_reduce(x.clone(), group=mine)
+    naive = comm.naive_all_reduce(x.clone(), group=mine, root=1)
+    three = None
+    if rank:
+        three = comm.ring_all_reduce(x.clone(), group=odd_three)
+    else:
+        with pytest.raises(ValueError, match="not a member"):
+            comm.ring_all_reduce(x.clone(), group=odd_three)
+    return torch.equal(ring, expected), torch.equal(naive, expected), three
+
+
+def test_subgroups():
+    results = launch.run(subgroup_all_reduce, 4)
+    assert all(r[0] and r[1] for r in results)
+    total = sum(torch.arange(5) + 10 * r for r in (1, 2, 3))
+    assert results[0][2] is None and all(torch.equal(r[2], total) for r in results[1:])
+
+
+# ----------------------------------------------------------------------------
+# bytes: count_traffic's payload against the formulas, exactly
+
+
+def payload_of_each_op(k):
+    result = {}
+    for name in ("ring", "unchunked ring", "naive", "reduce-scatter", "all-gather"):
+        fn = {"reduce-scatter": comm.ring_reduce_scatter, "all-gather": comm.ring_all_gather}.get(
+            name, comm.ALL_REDUCES.get(name))
+        x = torch.ones(k, dtype=torch.int64)
+        with comm.count_traffic() as traffic:
+            fn(x)
+        result[name] = (traffic.payload_sent, traffic.payload_received)
+    return result
+
+
+@pytest.mark.parametrize("n, k", [(3, 10), (4, 12)])
+def test_bytes_per_rank_equal_the_formulas(n, k):
+    b, h = 8, comm.HEADER_BYTES
+    sizes = chunk_sizes(k, n)
+    for rank, got in enumerate(launch.run(payload_of_each_op, n, k)):
+        mine, right, left = sizes[rank], sizes[(rank + 1) % n], sizes[(rank - 1) % n]
+        # Reduce-scatter sends every chunk but its own and receives every chunk but its left
+        # neighbour's own; all-gather sends every chunk but the one it gets last (r+1), and
+        # receives every chunk but its own.
+        assert got["reduce-scatter"] == ((k - mine) * b + h, (k - left) * b + h)
+        assert got["all-gather"] == ((k - right) * b + h, (k - mine) * b + h)
+        assert got["ring"] == ((2 * k - mine - right) * b + h, (2 * k - left - mine) * b + h)
+        assert got["unchunked ring"] == ((n - 1) * k * b + h,) * 2
+        assert got["naive"] == (((n - 1) * k * b + h,) * 2 if rank == 0 else (k * b + h,) * 2)
+        if k % n == 0:  # the textbook figure
+            assert got["ring"][0] - h == 2 * (n - 1) / n * k * b
+
+
+# ----------------------------------------------------------------------------
+# bad input
+
+
+def test_non_contiguous_tensor_is_refused_before_any_communication():
+    with pytest.raises(ValueError, match="contiguous"):
+        comm.ring_all_reduce(torch.zeros(4, 3).t())
+    with pytest.raises(TypeError, match="needs a tensor"):
+        comm.naive_all_reduce([1.0, 2.0])
+
+
+def ring_with_rank_1_different(kind):
+    x = torch.zeros(6)
+    if dist.get_rank() == 1:
+        x = {"numel": torch.zeros(8), "dtype": torch.zeros(6, dtype=torch.int64),
+             "shape": torch.zeros(2, 3)}[kind]
+    comm.ring_all_reduce(x)
+
+
+@pytest.mark.parametrize("kind, theirs", [("numel", "shape (8,) float32"), ("dtype", "shape (6,) int64"),
+                                          ("shape", "shape (2, 3) float32")])
+def test_ranks_holding_different_tensors_get_a_clear_error_fast(kind, theirs, no_orphans):
+    start = time.monotonic()
+    with pytest.raises(launch.RankError) as info:
+        launch.run(ring_with_rank_1_different, 3, kind, timeout=20)
+    assert time.monotonic() - start < 10
+    assert info.value.exc_type == "ValueError"
+    message = str(info.value)
+    assert "every rank must pass the same shape and dtype" in message
+    assert theirs in message  # the different tensor is named, by rank 1 or by its right neighbour
+
+
+# ----------------------------------------------------------------------------
+# buckets and BucketedDDP
+
+
+def test_assign_buckets_fills_from_the_last_parameter():
+    assert dp.assign_buckets([4, 4, 4], 8) == [[2, 1], [0]]
+    assert dp.assign_buckets([16, 4, 4, 4], 10) == [[3, 2, 1], [0]]
+    assert dp.assign_buckets([4, 100, 4], 10) == [[2, 1], [0]]
+    assert dp.assign_buckets([4, 4], 1e9) == [[1, 0]]
+    assert dp.assign_buckets([], 8) == []
+    with pytest.raises(ValueError):
+        dp.assign_buckets([4], 0)
+
+
+@pytest.mark.parametrize("cap", [0, -1.0, math.nan, True, "25"])
+def test_bucket_cap_must_be_positive(cap):
+    with pytest.raises(ValueError, match="bucket_cap_mb"):
+        dp.BucketedDDP(models.make_mlp(), bucket_cap_mb=cap)
+
+
+def gradients_ours_and_torch(caps, steps):
+    """Two steps (SGD between them) with each wrapper; gradients of every step, ours per cap and torch's."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    x, y = models.regression_data(8 * n)
+    x, y = models.shard(x, rank, n), models.shard(y, rank, n)
+    runs = {cap: dp.BucketedDDP(models.make_mlp(seed=rank), bucket_cap_mb=cap) for cap in caps}
+    runs["torch"] = DistributedDataParallel(models.make_mlp(seed=0))
+    grads, timelines = {}, {}
+    for key, model in runs.items():
+        grads[key] = []
+        for step in range(steps):
+            F.mse_loss(model(x), y).backward()
+            if step == steps - 1:  # the last step accumulates a second backward, as DDP allows
+                F.mse_loss(model(x * 0.5), y).backward()
+            grads[key].append([p.grad.clone() for p in model.parameters()])
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+            if step < steps - 1:
+                model.zero_grad(set_to_none=True)
+        if key != "torch":
+            timelines[key] = (len(model.buckets), model.timeline)
+    del runs["torch"]  # a live DDP wrapper at process-group teardown can hang
+    return grads, timelines
+
+
+def single_process_gradients(n, steps):
+    model = models.make_mlp(seed=0)
+    x, y = models.regression_data(8 * n)
+    grads = []
+    for step in range(steps):
+        F.mse_loss(model(x), y).backward()
+        if step == steps - 1:
+            # Each rank's second loss is the mean over its shard: over the whole batch, the same mean.
+            F.mse_loss(model(x * 0.5), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_bucketed_ddp_equals_torch_ddp_and_one_process(n):
+    caps, steps = (1e-6, 0.004, 25.0), 2
+    single = single_process_gradients(n, steps)
+    for grads, timelines in launch.run(gradients_ours_and_torch, n, caps, steps, timeout=90):
+        for cap in caps:
+            for ours, theirs, alone in zip(grads[cap], grads["torch"], single):
+                for a, b, c in zip(ours, theirs, alone):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+        assert [timelines[cap][0] for cap in caps] == [4, 2, 1]
+        for buckets, t in timelines.values():
+            assert len(t.buckets) == buckets and len(t.grads) == 4
+            for b in t.buckets:
+                assert 0 <= b.ready <= b.launched <= b.finished <= t.synced
+            assert t.backward_done <= t.synced
+
+
+def bucketed_ddp_on_a_subgroup():
+    rank = dist.get_rank()
+    group = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
+    model = dp.BucketedDDP(models.make_mlp(seed=rank), bucket_cap_mb=0.004, group=group)
+    x, y = models.regression_data(8, seed=rank)
+    F.mse_loss(model(x), y).backward()
+    return [p.detach().clone() for p in model.parameters()], [p.grad for p in model.parameters()]
+
+
+def test_bucketed_ddp_on_subgroups_averages_within_each_group():
+    results = launch.run(bucketed_ddp_on_a_subgroup, 4)
+    for first in (0, 2):
+        (params_a, grads_a), (params_b, grads_b) = results[first], results[first + 1]
+        reference = models.make_mlp(seed=first)  # the group's rank 0 broadcasts its parameters
+        for a, b, p in zip(params_a, params_b, reference.parameters()):
+            assert torch.equal(a, p.detach()) and torch.equal(b, p.detach())
+        local = []
+        for r in (first, first + 1):
+            model = models.make_mlp(seed=first)
+            x, y = models.regression_data(8, seed=r)
+            F.mse_loss(model(x), y).backward()
+            local.append([p.grad for p in model.parameters()])
+        for a, b, g0, g1 in zip(grads_a, grads_b, *local):
+            torch.testing.assert_close(a, (g0 + g1) / 2, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------
+# the exercise checks: references pass, wrong answers get a specific diagnostic
+
+
+def good_reduce_scatter(tensor):
+    r, n = dist.get_rank(), dist.get_world_size()
+    chunks = tensor.view(-1).tensor_split(n)
+    for step in range(n - 1):
+        send, receive = chunks[(r - step - 1) % n], chunks[(r - step - 2) % n]
+        incoming = torch.empty_like(receive)
+        request = dist.isend(send, (r + 1) % n)
+        dist.recv(incoming, (r - 1) % n)
+        request.wait()
+        receive += incoming
+
+
+def good_all_gather(tensor):
+    r, n = dist.get_rank(), dist.get_world_size()
+    chunks = tensor.view(-1).tensor_split(n)
+    for step in range(n - 1):
+        request = dist.isend(chunks[(r - step) % n], (r + 1) % n)
+        dist.recv(chunks[(r - step - 1) % n], (r - 1) % n)
+        request.wait()
+
+
+def good_all_reduce(tensor):
+    good_reduce_scatter(tensor)
+    good_all_gather(tensor)
+
+
+def test_reference_solutions_pass():
+    assert check.ring_reduce_scatter(good_reduce_scatter).status == PASSED
+    assert check.ring_all_gather(good_all_gather).status == PASSED
+    assert check.ring_all_reduce(good_all_reduce).status == PASSED
+    assert check.assign_buckets(dp.assign_buckets).status == PASSED
+
+
+def test_reduce_scatter_that_copies_instead_of_adding_names_rank_chunk_and_element():
+    def copies(tensor):
+        r, n = dist.get_rank(), dist.get_world_size()
+        chunks = tensor.view(-1).tensor_split(n)
+        for step in range(n - 1):
+            request = dist.isend(chunks[(r - step - 1) % n], (r + 1) % n)
+            dist.recv(chunks[(r - step - 2) % n], (r - 1) % n)
+            request.wait()
+
+    result = check.ring_reduce_scatter(copies)
+    assert result.status == FAILED
+    assert result.message.startswith("N=2, K=10 int64, rank 0: chunk 0, element [0] expected ")
+
+
+def test_all_gather_one_step_short_says_which_chunk_never_arrived():
+    def one_step_short(tensor):
+        r, n = dist.get_rank(), dist.get_world_size()
+        chunks = tensor.view(-1).tensor_split(n)
+        for step in range(n - 2):
+            request = dist.isend(chunks[(r - step) % n], (r + 1) % n)
+            dist.recv(chunks[(r - step - 1) % n], (r - 1) % n)
+            request.wait()
+
+    result = check.ring_all_gather(one_step_short)
+    assert result.status == FAILED
+    assert result.message.startswith("N=2, K=10 int64, rank 0: chunk 1, element [5] expected ")
+    assert result.message.endswith("got -99 (5 of 10 elements differ) (chunk 1 never arrived)")
+
+
+def test_receiving_into_a_chunk_of_another_size_is_explained():
+    def wrong_chunk(tensor):
+        r, n = dist.get_rank(), dist.get_world_size()
+        chunks = tensor.view(-1).tensor_split(n)
+        for step in range(n - 1):
+            request = dist.isend(chunks[(r - step) % n], (r + 1) % n)
+            dist.recv(chunks[(r - step + 1) % n], (r - 1) % n)  # should be r - step - 1
+            request.wait()
+
+    result = check.ring_all_gather(wrong_chunk)  # N = 2 passes by luck: r + 1 = r - 1 (mod 2)
+    assert result.status == FAILED
+    assert re.fullmatch(r"N=3, rank \d: a message of 32 B arrived in a recv of 24 B — sender and receiver "
+                        r"disagree on which chunk moves at some step \(.*\)", result.message), result.message
+
+
+def test_unchunked_all_reduce_is_correct_but_sends_too_much():
+    def unchunked(tensor):
+        r, n = dist.get_rank(), dist.get_world_size()
+        passing, incoming, total = tensor.clone(), torch.empty_like(tensor), tensor.clone()
+        for _ in range(n - 1):
+            request = dist.isend(passing, (r + 1) % n)
+            dist.recv(incoming, (r - 1) % n)
+            request.wait()
+            total += incoming
+            passing, incoming = incoming, passing
+        tensor.copy_(total)
+
+    result = check.ring_all_reduce(unchunked)
+    assert result.status == FAILED
+    # At N = 2 both send K; at N = 3 the unchunked version sends 2K, the ring 4/3·K.
+    assert result.message == ("N=3, K=10 int64, rank 0: right result, but it sent 160 B; a ring "
+                              "all-reduce sends 104 B (each chunk once per phase)")
+
+
+def test_returning_a_new_tensor_is_told_to_work_in_place():
+    def returns_copy(tensor):
+        out = tensor.clone()
+        good_all_reduce(out)
+        return out
+
+    result = check.ring_all_reduce(returns_copy)
+    assert result.status == FAILED and result.message.endswith("your function returned a new one")
+
+
+def test_built_in_collectives_are_refused():
+    result = check.ring_all_reduce(lambda tensor: dist.all_reduce(tensor))
+    assert result.status == FAILED
+    assert result.message.startswith("exercise 3.3 must be built from send/recv only: you called dist.all_reduce")
+
+
+def test_not_implemented_reads_not_attempted():
+    def stub(tensor):
+        raise NotImplementedError("exercise: replace this line with your code")
+
+    assert check.ring_reduce_scatter(stub).status == NOT_ATTEMPTED
+    assert check.assign_buckets(lambda sizes, cap: stub(sizes)).status == NOT_ATTEMPTED
+
+
+def test_buckets_in_forward_order_are_diagnosed():
+    def forward_order(sizes, cap):
+        return [sorted(b) for b in dp.assign_buckets(sizes, cap)]
+
+    result = check.assign_buckets(forward_order)
+    assert result.status == FAILED
+    assert result.message == ("sizes=[4, 4, 4, 4], cap=8: bucket 0 should be [3, 2], got [2, 3] "
+                              "(expected [[3, 2], [1, 0]], got [[2, 3], [0, 1]])")
+
+
+def test_deadlock_is_reported_quickly(monkeypatch):
+    from course_lib.checks import collectives
+    # The ring checks launch through chapter 01's helper. Not much shorter: on a busy machine
+    # starting the ranks alone can take seconds, which would read as "timed out", not "deadlock".
+    monkeypatch.setattr(collectives, "TIMEOUT", 6.0)
+
+    def both_receive_first(tensor):
+        r, n = dist.get_rank(), dist.get_world_size()
+        chunks = tensor.view(-1).tensor_split(n)
+        for step in range(n - 1):
+            incoming = torch.empty_like(chunks[0])
+            dist.recv(incoming, (r - 1) % n)  # everyone waits for a send nobody makes
+            dist.send(chunks[r], (r + 1) % n)
+
+    start = time.monotonic()
+    result = check.ring_reduce_scatter(both_receive_first)
+    assert time.monotonic() - start < 20
+    assert result.status == FAILED
+    assert result.message.startswith("N=2: deadlock"), result.message
+    assert "waiting in dist.recv" in result.message

@@ -1,0 +1,272 @@
+"""Chapter 05: the sequence-parallel block against the dense one, its traffic and memory, and the checks."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from course_lib import launch, tp
+from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
+from course_lib.checks import sequence_parallel as check
+from course_lib.comm import count_traffic
+from course_lib.models import make_block
+
+D_MODEL, N_HEADS, SEQ = 8, 4, 8
+
+
+@pytest.fixture(autouse=True)
+def _no_results_file(monkeypatch):
+    monkeypatch.delenv("COURSE_RESULTS", raising=False)
+
+
+def run(fn, n, *args):
+    """Ranks on the CPU with gloo, also on a machine with GPUs (the tensors here are CPU tensors)."""
+    return launch.run(fn, n, *args, backend="gloo")
+
+
+def inputs():
+    g = torch.Generator().manual_seed(9)
+    return torch.randn(2, SEQ, D_MODEL, generator=g), torch.randn(2, SEQ, D_MODEL, generator=g)
+
+
+def mine(n, r, size=SEQ):
+    return slice(r * size // n, (r + 1) * size // n)
+
+
+def sp_run(x, upstream, recompute_gather):
+    r, n = dist.get_rank(), dist.get_world_size()
+    block = tp.SequenceParallelBlock.from_dense(make_block(D_MODEL, N_HEADS, seed=2),
+                                                recompute_gather=recompute_gather)
+    x_shard = x[:, mine(n, r)].clone().requires_grad_()
+    out = block(x_shard)
+    (out * upstream[:, mine(n, r)]).sum().backward()
+    block.sync_replicated_grads()
+    return out.detach(), x_shard.grad, {k: p.grad for k, p in block.named_parameters()}
+
+
+@pytest.mark.parametrize("recompute_gather", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_sequence_parallel_block_equals_dense(n, recompute_gather):
+    x, upstream = inputs()
+    dense = make_block(D_MODEL, N_HEADS, seed=2)
+    x_dense = x.clone().requires_grad_()
+    out = dense(x_dense)
+    (out * upstream).sum().backward()
+    grads = {k: p.grad for k, p in dense.named_parameters()}
+    close = dict(rtol=1e-5, atol=1e-5)
+    for r, (got_out, got_x, got) in enumerate(run(sp_run, n, x, upstream, recompute_gather)):
+        torch.testing.assert_close(got_out, out.detach()[:, mine(n, r)], **close)
+        torch.testing.assert_close(got_x, x_dense.grad[:, mine(n, r)], **close)
+        h, hidden = mine(n, r, D_MODEL), mine(n, r, 4 * D_MODEL)
+        qkv_rows = torch.cat([torch.arange(D_MODEL)[h] + k * D_MODEL for k in range(3)])
+        expected = {"attn.qkv.weight": grads["attn.qkv.weight"][qkv_rows],
+                    "attn.qkv.bias": grads["attn.qkv.bias"][qkv_rows],
+                    "attn.proj.weight": grads["attn.proj.weight"][:, h],
+                    "mlp.fc1.weight": grads["mlp.fc1.weight"][hidden],
+                    "mlp.fc1.bias": grads["mlp.fc1.bias"][hidden],
+                    "mlp.fc2.weight": grads["mlp.fc2.weight"][:, hidden]}
+        assert set(got) == set(grads)
+        for name, grad in got.items():
+            torch.testing.assert_close(grad, expected.get(name, grads[name]), **close, msg=name)
+
+
+def sequence_functions(x, upstream):
+    """gather/scatter/reduce-scatter on their own: outputs and input gradients."""
+    r, n = dist.get_rank(), dist.get_world_size()
+    results = {}
+    shard = x[:, mine(n, r)].clone().requires_grad_()
+    out = tp.gather_from_sequence_region(shard)
+    (out * (r + 1) * upstream).sum().backward()
+    results["gather"] = (out.detach(), shard.grad)
+    whole = ((r + 1) * x).requires_grad_()
+    out = tp.reduce_scatter_to_sequence_region(whole)
+    (out * upstream[:, mine(n, r)]).sum().backward()
+    results["reduce_scatter"] = (out.detach(), whole.grad)
+    whole = x.clone().requires_grad_()
+    out = tp.scatter_to_sequence_region(whole)
+    (out * (r + 1) * upstream[:, mine(n, r)]).sum().backward()
+    results["scatter"] = (out.detach(), whole.grad)
+    return results
+
+
+def test_gather_scatter_and_reduce_scatter_and_their_backwards():
+    n = 4
+    x, upstream = inputs()
+    total = sum(range(1, n + 1))
+    for r, got in enumerate(run(sequence_functions, n, x, upstream)):
+        out, grad = got["gather"]  # all-gather forward; backward sums the ranks' gradients, keeps mine
+        torch.testing.assert_close(out, x)
+        torch.testing.assert_close(grad, total * upstream[:, mine(n, r)])
+        out, grad = got["reduce_scatter"]  # sum then my block forward; all-gather backward
+        torch.testing.assert_close(out, total * x[:, mine(n, r)])
+        torch.testing.assert_close(grad, upstream)
+        out, grad = got["scatter"]  # my block forward; backward all-gathers every rank's block
+        torch.testing.assert_close(out, x[:, mine(n, r)])
+        expected = torch.cat([(k + 1) * upstream[:, mine(n, k)] for k in range(n)], dim=1)
+        torch.testing.assert_close(grad, expected)
+
+
+def traffic(kind):
+    r, n = dist.get_rank(), dist.get_world_size()
+    dense = make_block(32, 4, seed=0)
+    x = torch.randn(2, 64, 32)  # K = 4096 floats, 16 KiB
+    if kind == "tp":
+        block = tp.TensorParallelBlock.from_dense(dense)
+    else:
+        block, x = tp.SequenceParallelBlock.from_dense(dense), x[:, mine(n, r, 64)].clone()
+    x.requires_grad_()
+    with count_traffic() as forward:
+        out = block(x)
+    with count_traffic() as backward:
+        out.sum().backward()
+    return [c.op for c in forward.calls], [c.op for c in backward.calls], forward.sent, backward.sent
+
+
+def test_sequence_parallel_sends_what_tensor_parallel_sends():
+    n = 4
+    tp_fwd, tp_bwd, tp_sent, tp_back = run(traffic, n, "tp")[0]
+    sp_fwd, sp_bwd, sp_sent, sp_back = run(traffic, n, "sp")[0]
+    assert tp_fwd == tp_bwd == ["all_reduce"] * 2
+    # one all-gather before each column-parallel layer, one reduce-scatter (an all-to-all) after
+    # each row-parallel one; backward mirrors it
+    assert sp_fwd == sp_bwd == ["all_gather_single", "all_to_all_single"] * 2
+    if tp_sent is not None:
+        ideal = 2 * 2 * (n - 1) / n * 4 * 4096  # two all-reduces' worth on a ring
+        for sent in (tp_sent, tp_back, sp_sent, sp_back):
+            assert ideal <= sent < 1.25 * ideal  # gloo's headers and a little noise on top
+
+
+def layer_norm_bytes():
+    r, n = dist.get_rank(), dist.get_world_size()
+    block = tp.SequenceParallelBlock.from_dense(make_block(D_MODEL, N_HEADS))
+    x = torch.randn(2, 64, D_MODEL)[:, mine(n, r, 64)].clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        block.ln1(x)
+    parameters = {p.data_ptr() for p in block.ln1.parameters()}
+    return sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in parameters)
+
+
+def test_layer_norm_activations_shrink_by_1_over_n():
+    whole = run(layer_norm_bytes, 1)[0]
+    assert run(layer_norm_bytes, 4)[0] * 4 == whole
+
+
+def uneven_sequence():
+    block = tp.SequenceParallelBlock.from_dense(make_block(D_MODEL, N_HEADS))
+    try:
+        tp.reduce_scatter_to_sequence_region(torch.randn(1, 5, D_MODEL))
+    except ValueError as exc:
+        return str(exc), block is not None
+    return None, block is not None
+
+
+def test_sequence_that_does_not_split_raises_value_error():
+    message, _ = run(uneven_sequence, 2)[0]
+    assert message and "sequence length=5" in message and "N=2" in message
+
+
+# ----------------------------------------------------------------------------
+# the exercise checks
+
+
+def good_shard(x):
+    return x.chunk(dist.get_world_size(), dim=1)[dist.get_rank()]
+
+
+class GoodGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        blocks = [b.contiguous() for b in grad.chunk(dist.get_world_size(), dim=1)]
+        out = torch.empty_like(blocks[0])
+        dist.reduce_scatter(out, blocks)
+        return out
+
+
+class GoodReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return GoodGather.backward(ctx, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return GoodGather.forward(ctx, grad)
+
+
+def good_sublayer(x_shard, norm, mlp):
+    r, n = dist.get_rank(), dist.get_world_size()
+    h = mine(n, r, mlp.fc1.out_features)
+    hidden = F.gelu(F.linear(GoodGather.apply(norm(x_shard)), mlp.fc1.weight[h], mlp.fc1.bias[h]))
+    return x_shard + GoodReduceScatter.apply(F.linear(hidden, mlp.fc2.weight[:, h])) + mlp.fc2.bias
+
+
+def test_reference_solutions_pass():
+    assert check.sequence_shard(good_shard).status == PASSED
+    assert check.gather_from_sequence_region(GoodGather).status == PASSED
+    assert check.reduce_scatter_to_sequence_region(GoodReduceScatter).status == PASSED
+    assert check.sequence_parallel_mlp(good_sublayer).status == PASSED
+
+
+def test_shard_of_the_features_instead_of_the_sequence_is_named():
+    result = check.sequence_shard(lambda x: x.chunk(dist.get_world_size(), dim=-1)[dist.get_rank()])
+    assert result.status == FAILED
+    assert result.message.startswith("N=2: rank 0: output has shape (2, 4, 4), expected (2, 2, 8)")
+
+
+class GatherWithoutSum(GoodGather):
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.chunk(dist.get_world_size(), dim=1)[dist.get_rank()].contiguous()
+
+
+def test_gather_whose_backward_does_not_sum_is_diagnosed():
+    result = check.gather_from_sequence_region(GatherWithoutSum)
+    assert result.status == FAILED
+    assert result.message.startswith("N=2: rank 0: x.grad[0, 0, 0] expected ")
+    assert "sum over the ranks" in result.message
+
+
+def test_sublayer_without_residual_is_diagnosed_and_a_stub_is_not_attempted():
+    def no_residual(x_shard, norm, mlp):
+        return good_sublayer(x_shard, norm, mlp) - x_shard
+
+    result = check.sequence_parallel_mlp(no_residual)
+    assert result.status == FAILED and "the residual is missing" in result.message
+
+    def stub(x_shard, norm, mlp):
+        raise NotImplementedError("exercise: replace this line with your code")
+
+    assert check.sequence_parallel_mlp(stub).status == NOT_ATTEMPTED
+
+
+def in_two_groups(x, upstream):
+    """Ranks {0, 1} and {2, 3} each form their own tensor-parallel group."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    group = groups[dist.get_rank() // 2]
+    r = dist.get_rank(group)
+    dense = make_block(D_MODEL, N_HEADS, seed=2)
+    mlp = tp.TensorParallelMLP.from_dense(dense.mlp, group)
+    block = tp.SequenceParallelBlock.from_dense(dense, group)
+    out_mlp = mlp(x)
+    shard = x[:, mine(2, r)].clone().requires_grad_()
+    out = block(shard)
+    (out * upstream[:, mine(2, r)]).sum().backward()
+    return out_mlp.detach(), out.detach(), shard.grad
+
+
+def test_group_argument_keeps_each_tensor_parallel_group_to_itself():
+    x, upstream = inputs()
+    dense = make_block(D_MODEL, N_HEADS, seed=2)
+    x_dense = x.clone().requires_grad_()
+    out = dense(x_dense)
+    (out * upstream).sum().backward()
+    for rank, (out_mlp, out_block, grad) in enumerate(run(in_two_groups, 4, x, upstream)):
+        r = rank % 2
+        torch.testing.assert_close(out_mlp, dense.mlp(x).detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out_block, out.detach()[:, mine(2, r)], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grad, x_dense.grad[:, mine(2, r)], rtol=1e-5, atol=1e-5)
