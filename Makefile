@@ -9,7 +9,7 @@ LAB_ARGS ?=
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300
 
-.PHONY: setup lab test test-fast bench exercises clean
+.PHONY: setup lab test test-ui test-fast bench exercises clean
 
 setup: $(VENV)/.installed
 
@@ -28,10 +28,17 @@ lab: setup
 # pytest: unit tests of course_lib, grading, then every notebook run by nbval.
 test: setup
 	$(PY) -m course_lib.build --check
-	$(PY) -m pytest $(NBVAL) tests notebooks solutions exercises
+	$(PY) -m pytest $(NBVAL) tests notebooks solutions exercises --ignore=tests/ui
+
+# A real browser (Debian's chromium, driven by Playwright) runs a chapter in JupyterLab.
+# Skips, saying why, when there is no chromium; `.ci/run` installs it first.
+test-ui: setup
+	$(PY) -m pip install --disable-pip-version-check playwright > $(VENV)/pip-ui.log 2>&1 \
+		|| { tail -20 $(VENV)/pip-ui.log; exit 1; }
+	$(PY) -m pytest tests/ui -rs
 
 test-fast: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --ignore=tests/ui
 
 exercises: setup
 	$(PY) -m course_lib.build
@@ -40,4 +47,4 @@ bench: setup
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) .grade grade-report.json
+	rm -rf $(VENV) .grade grade-report.json ui-artifacts

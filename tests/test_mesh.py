@@ -1,0 +1,135 @@
+"""Chapter 09: the rank grid, its process groups, 3D training against one process, and the checks."""
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from course_lib import dp, launch, mesh
+from course_lib.checks import ERROR, FAILED, NOT_ATTEMPTED, PASSED
+from course_lib.checks import hybrid as check
+from course_lib.models import make_stack
+
+
+@pytest.fixture(autouse=True)
+def _no_results_file(monkeypatch):
+    monkeypatch.delenv("COURSE_RESULTS", raising=False)
+
+
+def test_layout_order_is_tp_then_dp_then_pp():
+    layout = mesh.GridLayout(dp=2, tp=2, pp=2)
+    assert layout.coordinates(5) == mesh.Coord(dp=0, tp=1, pp=1)
+    assert [layout.rank_at(**vars(layout.coordinates(r))) for r in range(8)] == list(range(8))
+    assert layout.groups("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert layout.groups("dp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert layout.groups("pp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 2, 2), (2, 4, 1), (1, 1, 5)])
+def test_every_rank_in_exactly_one_group_per_axis(shape):
+    layout = mesh.GridLayout(*shape)
+    for axis in mesh.AXES:
+        groups = layout.groups(axis)
+        assert sorted(r for g in groups for r in g) == list(range(layout.world_size))
+        assert all(len(g) == layout.size(axis) for g in groups)
+
+
+def test_invalid_sizes():
+    with pytest.raises(ValueError, match="positive integer"):
+        mesh.GridLayout(dp=0)
+    with pytest.raises(ValueError, match="rank must be in"):
+        mesh.GridLayout(2, 2, 1).coordinates(4)
+    with pytest.raises(ValueError, match="tp index"):
+        mesh.GridLayout(2, 2, 1).rank_at(tp=2)
+
+
+def test_draw_returns_a_figure():
+    fig = mesh.GridLayout(2, 2, 2).draw(highlight=5)
+    assert len(fig.axes) == 3 and fig._repr_png_()[:4] == b"\x89PNG"
+
+
+def _groups_in_rank(d, t, p):
+    grid = mesh.RankGrid(d, t, p)
+    return grid.coord, [dist.get_process_group_ranks(getattr(grid, f"{a}_group")) for a in ("tp", "dp", "pp")]
+
+
+def _wrong_size():
+    mesh.RankGrid(dp=2, tp=2, pp=2)
+
+
+def test_rank_grid_groups_on_four_ranks():
+    layout = mesh.GridLayout(2, 2, 1)
+    results = launch.run(_groups_in_rank, 4, 2, 2, 1, backend="gloo")
+    for rank, (coord, groups) in enumerate(results):
+        assert coord == layout.coordinates(rank)
+        for axis, ranks in zip(("tp", "dp", "pp"), groups):
+            assert rank in ranks and ranks in layout.groups(axis)
+    with pytest.raises(launch.RankError, match="must equal the world size"):
+        launch.run(_wrong_size, 2, backend="gloo")
+
+
+MODEL = functools.partial(make_stack, 2, 8, 16, 0)
+
+
+def test_dp_x_tp_equals_single_process_on_four_ranks():
+    batches = dp.make_batches(2, 8, d_model=8)
+    reference = MODEL()
+    reference_losses = mesh.train_dense(reference, batches)
+    dense = {k: v.detach() for k, v in reference.named_parameters()}
+    results = launch.run(mesh.train_3d, 4, 2, 2, 1, batches, MODEL, 2, backend="gloo")
+    assert mesh.compare_with_dense(results, dense, tp_size=2) == 4 * 8
+    torch.testing.assert_close(torch.tensor(results[0]["losses"]), torch.tensor(reference_losses),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_tp_x_pp_with_zero1_equals_adamw_on_four_ranks():
+    batches = dp.make_batches(2, 8, d_model=8)
+    reference = MODEL()
+    mesh.train_dense(reference, batches, zero_stage=1, lr=0.01)
+    dense = {k: v.detach() for k, v in reference.named_parameters()}
+    results = launch.run(mesh.train_3d, 4, 2, 1, 2, batches, MODEL, 2, 1, 0.01, backend="gloo")
+    mesh.compare_with_dense(results, dense, tp_size=1)
+    assert results[0]["memory"]["optimizer"] < results[0]["memory"]["params"] * 2  # halved over dp=2
+
+
+# ----------------------------------------------------------------------------
+# the checks
+
+
+def test_checks_pass_for_correct_answers():
+    assert check.coordinates(lambda r, d, t, p: (r // t % d, r % t, r // (t * d))).status == PASSED
+    assert check.group_ranks(lambda axis, d, t, p: mesh.GridLayout(d, t, p).groups(axis)).status == PASSED
+
+
+def test_checks_diagnose_wrong_answers():
+    result = check.coordinates(lambda r, d, t, p: (r % d, r // d % t, r // (d * t)))
+    assert result.status == FAILED and "dp varies fastest" in result.message
+    result = check.group_ranks(lambda axis, d, t, p: mesh.GridLayout(d, t, p).groups(
+        {"tp": "dp", "dp": "tp", "pp": "pp"}[axis]))
+    assert result.status == FAILED and "those are the dp groups" in result.message
+    result = check.model_state_bytes(lambda psi, zero, d, t, p: 16 * psi / (t * p) / (d if zero else 1))
+    assert result.status == FAILED and "ZeRO-3's memory" in result.message  # shards all at every stage
+
+
+def _world_average(model, dp_group):
+    dp.average_gradients_allreduce(model)  # over everyone: mixes the tp blocks
+
+
+def test_average_gradients_check_names_the_wrong_group():
+    assert check.average_gradients(
+        lambda model, g: dp.average_gradients_allreduce(model, group=g)).status == PASSED
+    result = check.average_gradients(_world_average)
+    assert result.status == FAILED and "dp_group only" in result.message
+
+
+def _not_attempted(*args):
+    raise NotImplementedError
+
+
+@pytest.mark.parametrize("name", ["coordinates", "group_ranks", "model_state_bytes", "average_gradients"])
+def test_not_attempted(name):
+    assert getattr(check, name)(_not_attempted).status == NOT_ATTEMPTED
+
+
+def test_crash_is_an_error_not_a_pass():
+    assert check.coordinates(lambda *a: 1 / 0).status == ERROR
