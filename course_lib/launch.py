@@ -53,7 +53,7 @@ TRACED_CALLS = (
     "all_gather_single", "reduce_scatter_single",
 )
 _RUNNING, _RETURNED = -1, -2
-_SECONDARY_ERRORS = ("Connection closed by peer", "Connection reset by peer",
+SECONDARY_ERRORS = ("Connection closed by peer", "Connection reset by peer",
                      "Broken pipe", "ECONNRESET", "EPIPE")
 
 
@@ -384,7 +384,7 @@ class _Launch:
                 if r not in errors:
                     self._died(r)
         secondary = {r for r, (tb, t, _) in errors.items()
-                     if not t and any(s in tb for s in _SECONDARY_ERRORS)}
+                     if not t and any(s in tb for s in SECONDARY_ERRORS)}
         timed_out = {r for r, (_, t, _) in errors.items() if t}
         # A rank whose collective timed out leaves, and its peers then see their
         # connection close: still a deadlock, reported as one.
@@ -393,7 +393,7 @@ class _Launch:
             raise self._deadlock_error(first, f"when rank {first}'s collective timed out "
                                               f"(PG_TIMEOUT={self.pg_timeout:g} s)", errors[first][0])
         primary = [r for r, (tb, t, _) in errors.items()
-                   if not t and not any(s in tb for s in _SECONDARY_ERRORS)]
+                   if not t and not any(s in tb for s in SECONDARY_ERRORS)]
         first = min(primary or [r for r, (_, t, _) in errors.items() if not t])
         tb, _, exc_type = errors[first]
         tb = tb.rstrip()

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from course_lib import launch
 from course_lib.launch import DeadlockError, LaunchTimeout, RankError
 
 PASSED, FAILED, NOT_ATTEMPTED, ERROR = "passed", "failed", "not attempted", "error"
@@ -164,6 +165,31 @@ def compare_ranks(got: list, expected: list, what: str = "result", **kwargs) -> 
     """Compare per-rank results (as returned by ``launch.run``) rank by rank."""
     for rank, (g, e) in enumerate(zip(got, expected)):
         compare(g, e, what, rank, **kwargs)
+
+
+def run_learner(n: int, rank_fn, learner_fn, *args, timeout: float = 20.0, refusals=(),
+                deadlock_hint: str = "", **launch_options):
+    """Run ``rank_fn(payload, *args)`` on n ranks, ``payload`` carrying the learner's function
+    by value; a deadlock, an endless loop or a refused built-in becomes a one-line Mismatch."""
+    payload = launch.dumps_by_value((learner_fn,))
+    refused = {cls.__name__ for cls in (BuiltinUsed, *refusals)}
+    try:
+        return launch.run(rank_fn, n, payload, *args, timeout=timeout, **launch_options)
+    except LaunchTimeout as exc:
+        lines = str(exc).splitlines()
+        where = "; ".join(ln.strip() for ln in lines[1:1 + n] if ln.startswith("  rank"))
+        if isinstance(exc, DeadlockError):
+            raise Mismatch(f"N={n}: deadlock — {lines[0]} ({where}){deadlock_hint}") from None
+        raise Mismatch(f"N={n}: timed out (an endless loop?) — {lines[0]} ({where})") from None
+    except RankError as exc:
+        if exc.exc_type in refused:
+            message = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
+            raise Mismatch(f"{message} (rank {exc.rank}, N={n})") from None
+        if any(s in str(exc) for s in launch.SECONDARY_ERRORS):
+            raise Mismatch(f"N={n}: deadlock — rank {exc.rank} lost its connection while its peers "
+                           f"waited: is there a recv with no matching send, or do the ranks make "
+                           f"different calls?{deadlock_hint}") from None
+        raise
 
 
 def summary() -> str:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from course_lib import launch
 from course_lib.checks import (COLLECTIVES, BuiltinUsed, Mismatch, _cell_is_set, builtins_switched_off,
-                               compare, exercise, learner_functions)
+                               compare, exercise, learner_functions, run_learner)
 
 WORLD_SIZES = (1, 2, 3, 4)
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
@@ -46,21 +46,7 @@ def _only_send_recv(ex_id: str, learner_fn):
 
 
 def _launch(n: int, rank_fn, learner_fn, *args):
-    """Run ``rank_fn(learner_fn, *args)`` on n ranks; turn rank failures into one-line verdicts."""
-    # Sent as bytes so a learner function from any module (a notebook, a test) travels by value.
-    payload = launch.dumps_by_value((learner_fn,))
-    try:
-        return launch.run(rank_fn, n, payload, *args, timeout=TIMEOUT)
-    except launch.LaunchTimeout as exc:
-        lines = str(exc).splitlines()
-        where = "; ".join(ln.strip() for ln in lines[1:1 + n] if ln.startswith("  rank"))
-        what = "deadlock" if isinstance(exc, launch.DeadlockError) else "timed out (an endless loop?)"
-        raise Mismatch(f"N={n}: {what} — {lines[0]} ({where})") from None
-    except launch.RankError as exc:
-        if exc.exc_type == BuiltinCollectiveUsed.__name__:
-            message = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
-            raise Mismatch(f"{message} (rank {exc.rank}, N={n})") from None
-        raise
+    return run_learner(n, rank_fn, learner_fn, *args, timeout=TIMEOUT)
 
 
 def _compare(prefix: str, got, expected, what: str, rank: int, returned_new: bool = False) -> None:

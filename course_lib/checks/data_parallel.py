@@ -22,8 +22,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from course_lib import dp, launch
-from course_lib.checks import BuiltinUsed, Mismatch, builtins_switched_off, compare, exercise
+from course_lib import dp
+from course_lib.checks import BuiltinUsed, Mismatch, builtins_switched_off, compare, exercise, run_learner
 from course_lib.comm import count_traffic
 from course_lib.models import make_mlp, shard
 
@@ -138,25 +138,7 @@ def _accumulate_rank(payload):
 
 
 def _launch(n: int, rank_fn, learner_fn):
-    """Run ``rank_fn`` on n ranks; a deadlock or a switched-off built-in becomes a one-line Mismatch."""
-    payload = launch.dumps_by_value((learner_fn,))
-    try:
-        return launch.run(rank_fn, n, payload, timeout=TIMEOUT)
-    except launch.LaunchTimeout as exc:
-        lines = str(exc).splitlines()
-        where = "; ".join(ln.strip() for ln in lines[1:1 + n] if ln.startswith("  rank"))
-        what = "deadlock" if isinstance(exc, launch.DeadlockError) else "timed out (an endless loop?)"
-        raise Mismatch(f"N={n}: {what} — {lines[0]} ({where})") from None
-    except launch.RankError as exc:
-        if exc.exc_type == BuiltinUsed.__name__:
-            message = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
-            raise Mismatch(f"{message} (rank {exc.rank}, N={n})") from None
-        if any(s in str(exc) for s in launch._SECONDARY_ERRORS):
-            # Its peer gave up waiting first (a timed-out collective) and hung up.
-            raise Mismatch(f"N={n}: deadlock — rank {exc.rank} lost its connection while its peers "
-                           f"waited for each other: is there a recv with no matching send, or do "
-                           f"the ranks make different calls?") from None
-        raise
+    return run_learner(n, rank_fn, learner_fn, timeout=TIMEOUT)
 
 
 @functools.cache

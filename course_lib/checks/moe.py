@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from course_lib import launch, moe
+from course_lib import moe
 from course_lib.checks import (COLLECTIVES, BuiltinUsed, Mismatch, _cell_is_set, builtins_switched_off,
-                               exercise, learner_functions)
+                               exercise, learner_functions, run_learner)
 
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
 TIMEOUT = 20.0
@@ -243,21 +243,7 @@ DEADLOCK_HINT = " — every recv needs a matching send: does each rank expect ex
 
 
 def _launch(n: int, rank_fn, learner_fn, *args):
-    """Run ``rank_fn`` on n ranks; a deadlock or a switched-off built-in becomes a one-line Mismatch."""
-    payload = launch.dumps_by_value((learner_fn,))
-    try:
-        return launch.run(rank_fn, n, payload, *args, timeout=TIMEOUT)
-    except launch.LaunchTimeout as exc:
-        lines = str(exc).splitlines()
-        where = "; ".join(ln.strip() for ln in lines[1:1 + n] if ln.startswith("  rank"))
-        if isinstance(exc, launch.DeadlockError):
-            raise Mismatch(f"N={n}: deadlock — {lines[0]} ({where}){DEADLOCK_HINT}") from None
-        raise Mismatch(f"N={n}: timed out (an endless loop?) — {lines[0]} ({where})") from None
-    except launch.RankError as exc:
-        if exc.exc_type == BuiltinUsed.__name__:
-            message = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
-            raise Mismatch(f"{message} (rank {exc.rank}, N={n})") from None
-        raise
+    return run_learner(n, rank_fn, learner_fn, *args, timeout=TIMEOUT, deadlock_hint=DEADLOCK_HINT)
 
 
 def _describe_row(row: list) -> str:

@@ -161,7 +161,7 @@ def _launch_stages(p: int, learner_fn):
         cases = ", then ".join(f"{n} m={m}" for n, m in CASES)
         if exc.exc_type == NothingToSend.__name__:
             raise Mismatch(f"p={p}: {_last_line(str(exc)).split(': ', 1)[-1]}") from None
-        if not any(s in str(exc) for s in launch._SECONDARY_ERRORS):
+        if not any(s in str(exc) for s in launch.SECONDARY_ERRORS):
             raise
         raise Mismatch(f"p={p} ({cases}): deadlock — a rank waited for a message that never came "
                        f"until the time-out; every recv needs a matching send") from None

@@ -16,8 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from course_lib import launch
-from course_lib.checks import Mismatch, compare, exercise
+from course_lib.checks import Mismatch, compare, exercise, run_learner
 from course_lib.models import make_mlp
 
 WORLD_SIZES = (1, 2, 4)
@@ -80,20 +79,9 @@ def learner_in_rank(payload):
 
 def run_ranks(n: int, rank_fn, learner, *args):
     """Run ``rank_fn(payload, *args)`` on n ranks; turn a hang or a refusal into a one-line Mismatch."""
-    payload = launch.dumps_by_value((learner,))
-    try:
-        # gloo on the CPU even where GPUs exist: the checks' tensors are tiny and built on the CPU.
-        return launch.run(rank_fn, n, payload, *args, timeout=TIMEOUT, backend="gloo")
-    except launch.LaunchTimeout as exc:
-        lines = str(exc).splitlines()
-        where = "; ".join(ln.strip() for ln in lines[1:1 + n] if ln.startswith("  rank"))
-        what = "deadlock" if isinstance(exc, launch.DeadlockError) else "timed out (an endless loop?)"
-        raise Mismatch(f"N={n}: {what} — {lines[0]} ({where})") from None
-    except launch.RankError as exc:
-        if exc.exc_type == CourseCodeUsed.__name__:
-            message = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
-            raise Mismatch(f"{message} (rank {exc.rank}, N={n})") from None
-        raise
+    # gloo on the CPU even where GPUs exist: the checks' tensors are tiny and built on the CPU.
+    return run_learner(n, rank_fn, learner, *args, timeout=TIMEOUT, refusals=(CourseCodeUsed,),
+                       backend="gloo")
 
 
 def backprop(out, upstream) -> dict:

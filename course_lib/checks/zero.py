@@ -20,8 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from course_lib import launch, zero
-from course_lib.checks import BuiltinUsed, Mismatch, builtins_switched_off, compare, exercise
+from course_lib import zero
+from course_lib.checks import Mismatch, builtins_switched_off, compare, exercise, run_learner
 from course_lib.models import make_mlp, regression_data, shard
 
 WORLD_SIZES = (1, 2, 3, 4)
@@ -195,19 +195,7 @@ def _zero1_reference(n: int, mode: str) -> list:
 
 
 def _launch(n: int, rank_fn, learner_fn):
-    payload = launch.dumps_by_value((learner_fn,))
-    try:
-        return launch.run(rank_fn, n, payload, timeout=TIMEOUT)
-    except launch.LaunchTimeout as exc:
-        lines = str(exc).splitlines()
-        where = "; ".join(ln.strip() for ln in lines[1:1 + n] if ln.startswith("  rank"))
-        what = "deadlock" if isinstance(exc, launch.DeadlockError) else "timed out (an endless loop?)"
-        raise Mismatch(f"N={n}: {what} — {lines[0]} ({where})") from None
-    except launch.RankError as exc:
-        if exc.exc_type == BuiltinUsed.__name__:
-            message = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
-            raise Mismatch(f"{message} (rank {exc.rank}, N={n})") from None
-        raise
+    return run_learner(n, rank_fn, learner_fn, timeout=TIMEOUT)
 
 
 @exercise("7.3", "the ZeRO-1 step: reduce-scatter, AdamW on a shard, all-gather")
