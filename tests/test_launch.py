@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from course_lib import launch
 from course_lib.launch import DeadlockError, LaunchTimeout, RankError, run
-from conftest import gpu, rank_processes, wait_for_no_ranks
+from conftest import gpu, wait_for_no_ranks
 
 pytestmark = pytest.mark.usefixtures("no_orphans")
 

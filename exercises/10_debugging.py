@@ -1,0 +1,173 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# > **Generated from `solutions/10_debugging.py`** by `python -m course_lib.build`; do not edit it by hand here, a rebuild overwrites it.
+# >
+# > Replace every `# YOUR CODE HERE` with your code and run the check cell below it. To grade the whole notebook from a terminal, run `python -m course_lib.grade exercises/10_debugging.ipynb` (or give it the path of your own copy).
+
+# %% [markdown]
+# # 10 · Debugging — labs
+#
+# Four short distributed functions, each with a bug that really happens in practice. For each
+# lab you first **run the broken version** and read what the launcher (or the check) reports;
+# then you write the fixed function in the answer cell, and the check cell runs it on several
+# world sizes and compares every rank with one process.
+#
+# Reading the reports is covered in the lesson (`notebooks/10_debugging.ipynb`):
+# `RankError` names the rank that crashed and quotes its traceback; `DeadlockError` lists where
+# every rank was waiting; a silently wrong result only shows up when you compare numbers.
+#
+# Rank `r` is `dist.get_rank()`, N is `dist.get_world_size()`.
+
+# %%
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from course_lib.checks import debugging as check
+
+# %% [markdown]
+# ## Lab 10.1 — a collective one rank skips
+#
+# Every rank holds the losses of its own samples (a 1-D tensor), and we want the **mean over all
+# samples of all ranks**. The dataset does not split evenly, so the last rank has **no samples**
+# at all. The broken version skips the all-reduce on a rank with nothing to contribute. Run it
+# and read the report (it takes a few seconds: the other ranks wait until the timeout).
+
+# %%
+def global_mean_broken(losses):
+    total = torch.stack([losses.sum(), torch.tensor(float(len(losses)))])
+    if len(losses) > 0:  # "nothing to add" ... but the others wait for this rank
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+check.show(check.global_mean, global_mean_broken)
+
+# %% [markdown]
+# The report says which ranks were waiting in `dist.all_reduce` and that the last rank had
+# already returned after 0 communication calls. **A collective needs every rank of its group.**
+# Fix it: every rank joins the all-reduce, contributing a sum of 0 and a count of 0 when it has
+# no samples. Return a Python float, the same on every rank.
+
+# %% answer="global_mean" tags=["answer"]
+def global_mean(losses):
+    """The mean of every rank's losses (some ranks may have none), on every rank."""
+    # YOUR CODE HERE
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+# %%
+check.global_mean(global_mean)
+
+# %% [markdown]
+# ## Lab 10.2 — the last rank falls off the end
+#
+# Every rank sends its tensor `t` to its right neighbour and returns what it received from its
+# left neighbour, as in one step of a ring all-reduce. The broken version looks the neighbours
+# up in a list of ranks. Run it: which rank crashed, and why did the others stop too?
+
+# %%
+def pass_right_broken(t):
+    rank, n = dist.get_rank(), dist.get_world_size()
+    ranks = list(range(n))
+    right, left = ranks[rank + 1], ranks[rank - 1]
+    received = torch.empty_like(t)
+    request = dist.isend(t, right)  # isend: every rank sends and receives at once, no deadlock
+    dist.recv(received, left)
+    request.wait()
+    return received
+
+
+check.show(check.pass_right, pass_right_broken)
+
+# %% [markdown]
+# `RankError` names the **last** rank and quotes its `IndexError`: rank N−1 has no `rank + 1`
+# in the list. (`ranks[rank - 1]` happens to work for rank 0 only because Python reads index −1
+# as the last element.) The launcher stopped the other ranks, which were waiting for a message
+# that would never come. (The check runs N = 2, 3, 4.) Fix it: the ring wraps around, right = (r + 1) mod N, left = (r − 1) mod N.
+
+# %% answer="pass_right" tags=["answer"]
+def pass_right(t):
+    """Send t to rank (r+1) mod N; return the tensor received from rank (r-1) mod N."""
+    # YOUR CODE HERE
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+# %%
+check.pass_right(pass_right)
+
+# %% [markdown]
+# ## Lab 10.3 — the wrong process group
+#
+# The ranks form data-parallel **replicas**, each split over a **tensor-parallel group** of
+# adjacent ranks (with 4 ranks: replicas {0, 1} and {2, 3}). Each replica has its own batch `x`.
+# A row-parallel layer (chapter 04) gives each TP rank a block of the input features and the
+# same block of the columns of `w`; the partial products `x_shard @ w_shard.T` must be **summed
+# over the TP group**. The broken version all-reduces over the default group, the whole world.
+# Nothing crashes; the numbers are wrong. Run it:
+
+# %%
+def row_parallel_output_broken(x_shard, w_shard, tp_group):
+    y = x_shard @ w_shard.T
+    dist.all_reduce(y)  # the default group: every rank of every replica
+    return y
+
+
+check.show(check.row_parallel_output, row_parallel_output_broken)
+
+# %% [markdown]
+# Every rank got the sum over *all* replicas, so the other replicas' data leaked into this one.
+# With a single replica the bug would be invisible — one more reason to test on grids where
+# the groups differ from the world. Fix it: name the group in every collective.
+
+# %% answer="row_parallel_output" tags=["answer"]
+def row_parallel_output(x_shard, w_shard, tp_group):
+    """x @ w.T of this replica: the partial products summed over the tensor-parallel group."""
+    # YOUR CODE HERE
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+# %%
+check.row_parallel_output(row_parallel_output)
+
+# %% [markdown]
+# ## Lab 10.4 — `no_sync` on every micro-batch
+#
+# With torch's `DistributedDataParallel`, gradient accumulation over M micro-batches should
+# all-reduce **once**, after the last backward: `with ddp_model.no_sync():` around the first M−1
+# backward passes tells DDP to skip its all-reduce. `micro_batches` is this rank's list of
+# `(x, y)` pairs; the loss is `F.mse_loss(ddp_model(x), y) / M`. The broken version wraps *all*
+# of them — a pattern that is easy to write with one `with` around the loop:
+
+# %%
+def accumulate_broken(ddp_model, micro_batches):
+    with ddp_model.no_sync():
+        for x, y in micro_batches:
+            (F.mse_loss(ddp_model(x), y) / len(micro_batches)).backward()
+
+
+check.show(check.accumulate_with_no_sync, accumulate_broken)
+
+# %% [markdown]
+# No error, no hang: every rank simply keeps its own gradient, the replicas drift apart, and
+# the training curve looks plausible. The check counts DDP's all-reduces (0 here). Fix it: skip
+# the sync on all but the last micro-batch.
+
+# %% answer="accumulate_with_no_sync" tags=["answer"]
+def accumulate_with_no_sync(ddp_model, micro_batches):
+    """Forward/backward every micro-batch (loss / M); DDP all-reduces after the last one only."""
+    # YOUR CODE HERE
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+# %%
+check.accumulate_with_no_sync(accumulate_with_no_sync)
