@@ -25,10 +25,12 @@ lab: setup
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) --notebook-dir=. $(LAB_ARGS)
 
 # build --check: exercises/ and every .ipynb match their sources.
-# pytest: unit tests of course_lib, grading, then every notebook run by nbval.
+# pytest: unit tests of course_lib, then lessons and solutions run by nbval. The untouched
+# exercises are executed by the grader in tests/test_course.py, which asserts every one
+# reads "not attempted" (stronger than running them a second time under nbval).
 test: setup
 	$(PY) -m course_lib.build --check
-	$(PY) -m pytest $(NBVAL) tests notebooks solutions exercises --ignore=tests/ui
+	$(PY) -m pytest $(NBVAL) tests notebooks solutions --ignore=tests/ui --durations=15
 
 # A real browser (Debian's chromium, driven by Playwright) runs a chapter in JupyterLab.
 # Skips, saying why, when there is no chromium; `.ci/run` installs it first.
