@@ -57,9 +57,9 @@ from course_lib.checks import collectives as check
 # %%
 def hello():
     rank = dist.get_rank()
-    t = torch.zeros(3)
+    t = torch.zeros(3, device=launch.device())  # the rank's device: cuda:r under NCCL
     if rank == 0:
-        t += torch.tensor([1.0, 2.0, 3.0])
+        t += torch.tensor([1.0, 2.0, 3.0], device=t.device)
         dist.send(t, dst=1)
     else:
         dist.recv(t, src=0)

@@ -52,7 +52,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from course_lib.launch import run
+from course_lib.launch import device, run
 
 
 def who_am_i():
@@ -77,7 +77,7 @@ for n in (1, 2, 4):
 
 # %%
 def sum_of_ranks():
-    t = torch.tensor([float(dist.get_rank())])
+    t = torch.tensor([float(dist.get_rank())], device=device())  # cuda:r under NCCL
     dist.all_reduce(t)  # every rank calls it; afterwards every rank holds the sum
     return t.item()
 
@@ -126,7 +126,7 @@ except RankError as err:
 
 # %%
 def forgetful():
-    t = torch.ones(2)
+    t = torch.ones(2, device=device())
     if dist.get_rank() != 0:
         dist.all_reduce(t)
     return t
@@ -148,7 +148,7 @@ except DeadlockError as err:
 
 # %%
 def mismatched_shapes():
-    dist.all_reduce(torch.ones(4 if dist.get_rank() == 0 else 2))
+    dist.all_reduce(torch.ones(4 if dist.get_rank() == 0 else 2, device=device()))
 
 
 try:

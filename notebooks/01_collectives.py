@@ -46,9 +46,9 @@ from course_lib import collectives, launch, viz
 
 # %%
 def send_to_rank_1():
-    t = torch.zeros(3)
+    t = torch.zeros(3, device=launch.device())  # the rank's device: cuda:r under NCCL
     if dist.get_rank() == 0:
-        t = torch.tensor([1.0, 2.0, 3.0])
+        t = torch.tensor([1.0, 2.0, 3.0], device=launch.device())
         dist.send(t, dst=1)
     else:
         dist.recv(t, src=0)
@@ -149,12 +149,12 @@ print(inspect.getsource(collectives.collective))
 # %%
 def all_reduce_two_ways():
     rank = dist.get_rank()
-    x = 10.0 * rank + torch.arange(8.0)
+    x = 10.0 * rank + torch.arange(8.0, device=launch.device())
     direct = x.clone()
     dist.all_reduce(direct)
-    shard = torch.empty(8 // dist.get_world_size())
+    shard = torch.empty(8 // dist.get_world_size(), device=x.device)
     collectives.collective("reduce-scatter", x, shard)
-    gathered = torch.empty(8)
+    gathered = torch.empty(8, device=x.device)
     collectives.collective("all-gather", shard, gathered)
     return torch.equal(direct, gathered)
 
