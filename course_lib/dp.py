@@ -86,9 +86,14 @@ def unflatten_into(flat: torch.Tensor, tensors) -> None:
 # the single-process reference
 
 
-def train_single_process(model, batches, lr: float = LR, momentum: float = MOMENTUM) -> list[float]:
-    """Full-batch training, one step per batch; returns the loss of every step."""
-    optimizer = SGD(model.parameters(), lr, momentum)
+def train_single_process(model, batches, lr: float = LR, momentum: float = MOMENTUM,
+                         optimizer=None) -> list[float]:
+    """Full-batch training, one step per batch; returns the loss of every step.
+
+    The optimizer defaults to this module's momentum SGD; pass another to compare
+    against, e.g., a sharded Adam.
+    """
+    optimizer = optimizer or SGD(model.parameters(), lr, momentum)
     losses = []
     for x, y in batches:
         loss = F.mse_loss(model(x), y)

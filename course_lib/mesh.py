@@ -237,15 +237,8 @@ def train_dense(model, batches, zero_stage: int | None = None, lr: float = 0.1) 
     from course_lib import dp as data_parallel
     if zero_stage is None:
         return data_parallel.train_single_process(model, batches, lr)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)  # ZeroAdam's defaults
-    losses = []
-    for x, y in batches:
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    adamw = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)  # ZeroAdam's defaults
+    return data_parallel.train_single_process(model, batches, optimizer=adamw)
 
 
 def compare_with_dense(results: list, dense_params: dict, tp_size: int, rtol=1e-5, atol=1e-5) -> int:
