@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 from course_lib import dp, launch
-from course_lib.checks import COLLECTIVES, Mismatch, builtins_switched_off, exercise
-from course_lib.checks.collectives import _launch
+from course_lib.checks import COLLECTIVES, Mismatch, builtins_switched_off, exercise, run_learner
+from course_lib.checks.collectives import TIMEOUT
 from course_lib.comm import count_traffic
 
 WORLD_SIZES = (1, 2, 3, 4)
@@ -125,7 +125,7 @@ _SIZE_MISMATCH = re.compile(r"(\d+) vs (\d+)\. Received data size doesn't match 
 
 def _run(n: int, ex_id: str, kind: str, learner_fn):
     try:
-        return _launch(n, _learner_rank, learner_fn, ex_id, kind)
+        return run_learner(n, _learner_rank, learner_fn, ex_id, kind, timeout=TIMEOUT)
     except launch.RankError as exc:
         sizes = _SIZE_MISMATCH.search(str(exc))
         if sizes is None:
