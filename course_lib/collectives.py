@@ -225,12 +225,13 @@ def format_bytes(nbytes: float) -> str:
         nbytes /= 1024
 
 
-def _sync(dev: torch.device) -> None:
+def sync_device(dev: torch.device) -> None:
+    """Wait for queued GPU work, so a timer measures it (nothing to wait for on the CPU)."""
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
 
-def _slowest(seconds: float) -> float:
+def slowest_rank(seconds: float) -> float:
     """The largest value over all ranks: a collective is done when its last rank is."""
     t = torch.tensor([seconds], dtype=torch.float64, device=launch.device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -244,11 +245,11 @@ def _time_rank(name: str, sizes: list, min_seconds: float, max_iters: int, batch
         k = max(n, nbytes // 4 // n * n)  # float32, a multiple of N so chunks are equal
         inp, out = buffers(name, k)  # zeros: repeated sums stay finite
         collective(name, inp, out)  # warm-up: first calls set up connections
-        _sync(dev)
+        sync_device(dev)
         start = time.perf_counter()
         collective(name, inp, out)
-        _sync(dev)
-        estimate = _slowest(time.perf_counter() - start)
+        sync_device(dev)
+        estimate = slowest_rank(time.perf_counter() - start)
         iters = max(1, min(max_iters, math.ceil(min_seconds / batches / max(estimate, 1e-9))))
         # Several batches and their median: on a shared laptop one batch can
         # be hit by the OS scheduling something else.
@@ -258,9 +259,9 @@ def _time_rank(name: str, sizes: list, min_seconds: float, max_iters: int, batch
             start = time.perf_counter()
             for _ in range(iters):
                 collective(name, inp, out)
-            _sync(dev)
+            sync_device(dev)
             means.append((time.perf_counter() - start) / iters)
-        seconds.append(_slowest(sorted(means)[batches // 2]))
+        seconds.append(slowest_rank(sorted(means)[batches // 2]))
         measured_bytes.append(k * 4)
     return measured_bytes, seconds, dist.get_backend()
 

@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from course_lib import launch
-from course_lib.collectives import Timing, _slowest, _sync
+from course_lib.collectives import Timing, slowest_rank, sync_device
 
 _P2P = {"send": "sent", "isend": "sent", "recv": "received", "irecv": "received"}
 _COLLECTIVES = ("broadcast", "all_reduce", "reduce", "all_gather", "all_gather_into_tensor",
@@ -438,11 +438,11 @@ def _time_all_reduce_rank(names, sizes, min_seconds, batches):
         iters = {}
         for name in names:
             ALL_REDUCES[name](tensor)  # warm-up: connections, allocations
-            _sync(dev)
+            sync_device(dev)
             start = time.perf_counter()
             ALL_REDUCES[name](tensor)
-            _sync(dev)
-            estimate = _slowest(time.perf_counter() - start)
+            sync_device(dev)
+            estimate = slowest_rank(time.perf_counter() - start)
             iters[name] = max(1, min(100, math.ceil(min_seconds / batches / max(estimate, 1e-9))))
         # Batches of each algorithm take turns, so a busy moment of a shared
         # machine hits all of them alike; each keeps the median of its batch means.
@@ -453,10 +453,10 @@ def _time_all_reduce_rank(names, sizes, min_seconds, batches):
                 start = time.perf_counter()
                 for _ in range(iters[name]):
                     ALL_REDUCES[name](tensor)
-                _sync(dev)
+                sync_device(dev)
                 means[name].append((time.perf_counter() - start) / iters[name])
         for name in names:
-            seconds[name].append(_slowest(sorted(means[name])[batches // 2]))
+            seconds[name].append(slowest_rank(sorted(means[name])[batches // 2]))
         measured.append(k * 4)
     return measured, seconds, dist.get_backend()
 

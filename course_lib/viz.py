@@ -39,7 +39,7 @@ def rank_color(rank: int, world_size: int = 10):
     return matplotlib.colormaps["hsv"](rank / world_size)
 
 
-def _draw_rank_rows(ax, values, masks, n, title, root_label):
+def draw_rank_rows(ax, values, masks, n, title, root_label):
     """One row per rank; each cell striped with the colors of the ranks it came from."""
     width = max((len(v) for v in values if v is not None), default=1)
     for rank, (row, mask_row) in enumerate(zip(values, masks)):
@@ -88,8 +88,8 @@ def plot_collective(demo) -> Figure:
     width = 0.55 * (k_before + k_after) + 2.6
     fig = CourseFigure(figsize=(width, 0.5 * n + 1.3), layout="constrained")
     ax_before, ax_after = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[k_before, k_after]))
-    _draw_rank_rows(ax_before, demo.before, demo.before_sources, n, "before", label)
-    _draw_rank_rows(ax_after, demo.after, demo.after_sources, n, "after", label)
+    draw_rank_rows(ax_before, demo.before, demo.before_sources, n, "before", label)
+    draw_rank_rows(ax_after, demo.after, demo.after_sources, n, "after", label)
     title = f"{demo.name} on N = {n} rank{'s' if n > 1 else ''}"
     if rooted:
         title += f", {'src' if demo.name == 'broadcast' else 'dst'} = rank {demo.root}"

@@ -143,7 +143,7 @@ def draw_ring_step(ax, snaps, step, notes=True):
     masks = [rank_snaps[1][0][step] for rank_snaps in snaps]
     phase = "start" if step == 0 else "reduce-scatter" if step <= n - 1 else "all-gather"
     title = f"after step {step} of {2 * (n - 1)}: {phase}" if step else "before step 1"
-    viz._draw_rank_rows(ax, values, masks, n, title, lambda r: f"rank {r}")
+    viz.draw_rank_rows(ax, values, masks, n, title, lambda r: f"rank {r}")
     if step:
         for rank in range(n):
             left = (rank - 1) % n
