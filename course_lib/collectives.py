@@ -13,6 +13,7 @@ receives K per rank; the rest keep K elements per rank.
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -238,32 +239,51 @@ def slowest_rank(seconds: float) -> float:
     return float(t)
 
 
-def _time_rank(name: str, sizes: list, min_seconds: float, max_iters: int, batches: int):
+def time_calls(calls: dict, make_args, sizes: list, min_seconds: float, batches: int,
+               max_iters: int = 100):
+    """Inside a rank: seconds per call of each ``calls[name](*make_args(k))``, per size.
+
+    Per size S: one warm-up call (first calls set up connections), an estimate that sets the
+    number of calls per batch, then ``batches`` batches taking turns between the names, so a busy
+    moment of a shared laptop hits all alike. A rank's time is the median of its batch means; the
+    result is the slowest rank's (a collective is done when its last rank is).
+    Returns (bytes per size, {name: seconds per size}, backend).
+    """
     n, dev = dist.get_world_size(), launch.device()
-    measured_bytes, seconds = [], []
+    seconds = {name: [] for name in calls}
+    measured_bytes = []
     for nbytes in sizes:
         k = max(n, nbytes // 4 // n * n)  # float32, a multiple of N so chunks are equal
-        inp, out = buffers(name, k)  # zeros: repeated sums stay finite
-        collective(name, inp, out)  # warm-up: first calls set up connections
-        sync_device(dev)
-        start = time.perf_counter()
-        collective(name, inp, out)
-        sync_device(dev)
-        estimate = slowest_rank(time.perf_counter() - start)
-        iters = max(1, min(max_iters, math.ceil(min_seconds / batches / max(estimate, 1e-9))))
-        # Several batches and their median: on a shared laptop one batch can
-        # be hit by the OS scheduling something else.
-        means = []
-        for _ in range(batches):
-            dist.barrier()
-            start = time.perf_counter()
-            for _ in range(iters):
-                collective(name, inp, out)
+        args = make_args(k)
+        iters = {}
+        for name, call in calls.items():
+            call(*args)
             sync_device(dev)
-            means.append((time.perf_counter() - start) / iters)
-        seconds.append(slowest_rank(sorted(means)[batches // 2]))
+            start = time.perf_counter()
+            call(*args)
+            sync_device(dev)
+            estimate = slowest_rank(time.perf_counter() - start)
+            iters[name] = max(1, min(max_iters, math.ceil(min_seconds / batches / max(estimate, 1e-9))))
+        means = {name: [] for name in calls}
+        for _ in range(batches):
+            for name, call in calls.items():
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(iters[name]):
+                    call(*args)
+                sync_device(dev)
+                means[name].append((time.perf_counter() - start) / iters[name])
+        for name in calls:
+            seconds[name].append(slowest_rank(sorted(means[name])[batches // 2]))
         measured_bytes.append(k * 4)
     return measured_bytes, seconds, dist.get_backend()
+
+
+def _time_rank(name: str, sizes: list, min_seconds: float, max_iters: int, batches: int):
+    nbytes, seconds, backend = time_calls({name: functools.partial(collective, name)},
+                                          functools.partial(buffers, name), sizes, min_seconds,
+                                          batches, max_iters)
+    return nbytes, seconds[name], backend
 
 
 def time_collective(name: str, world_size: int, sizes, min_seconds: float = 0.1,

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 import socket
 import struct
@@ -37,7 +36,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from course_lib import launch
-from course_lib.collectives import Timing, slowest_rank, sync_device
+from course_lib.collectives import Timing, time_calls
 
 _P2P = {"send": "sent", "isend": "sent", "recv": "received", "irecv": "received"}
 _COLLECTIVES = ("broadcast", "all_reduce", "reduce", "all_gather", "all_gather_into_tensor",
@@ -104,7 +103,9 @@ def tcp_bytes() -> tuple[int, int] | None:
 
 
 def _measures_wire() -> bool:
-    return dist.is_initialized() and dist.get_backend() == "gloo" and tcp_bytes() is not None
+    # gloo (alone, or for the CPU tensors beside NCCL) talks over TCP sockets we can read;
+    # NCCL's traffic (shared memory, NVLink, InfiniBand) is invisible here.
+    return dist.is_initialized() and "gloo" in dist.get_backend() and tcp_bytes() is not None
 
 
 def _tensor_bytes(t) -> int:
@@ -429,36 +430,11 @@ ALL_REDUCES = {
 
 
 def _time_all_reduce_rank(names, sizes, min_seconds, batches):
-    n, dev = dist.get_world_size(), launch.device()
-    seconds = {name: [] for name in names}
-    measured = []
-    for nbytes in sizes:
-        k = max(n, nbytes // 4 // n * n)
-        tensor = torch.zeros(k, device=dev)  # zeros: repeated sums stay finite
-        iters = {}
-        for name in names:
-            ALL_REDUCES[name](tensor)  # warm-up: connections, allocations
-            sync_device(dev)
-            start = time.perf_counter()
-            ALL_REDUCES[name](tensor)
-            sync_device(dev)
-            estimate = slowest_rank(time.perf_counter() - start)
-            iters[name] = max(1, min(100, math.ceil(min_seconds / batches / max(estimate, 1e-9))))
-        # Batches of each algorithm take turns, so a busy moment of a shared
-        # machine hits all of them alike; each keeps the median of its batch means.
-        means = {name: [] for name in names}
-        for _ in range(batches):
-            for name in names:
-                dist.barrier()
-                start = time.perf_counter()
-                for _ in range(iters[name]):
-                    ALL_REDUCES[name](tensor)
-                sync_device(dev)
-                means[name].append((time.perf_counter() - start) / iters[name])
-        for name in names:
-            seconds[name].append(slowest_rank(sorted(means[name])[batches // 2]))
-        measured.append(k * 4)
-    return measured, seconds, dist.get_backend()
+    def one_tensor(k):  # the algorithms take turns on one array, summing it in place
+        return (torch.zeros(k, device=launch.device()),)
+
+    return time_calls({name: ALL_REDUCES[name] for name in names}, one_tensor, sizes, min_seconds,
+                      batches)
 
 
 def time_all_reduce(world_size: int, sizes, names=("ring", "dist.all_reduce"), min_seconds: float = 0.1,

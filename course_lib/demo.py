@@ -15,8 +15,9 @@ which tensor. ``--perturb`` corrupts the last rank's result on purpose, so you
 can see (and tests can check) that a mismatch is caught. Exit code 2: an
 unknown strategy or a world size it cannot use.
 
-Backend: gloo on CPUs; NCCL when every local rank has its own GPU
-(``cuda:LOCAL_RANK``); ``--backend`` overrides.
+Backend: gloo on CPUs; ``cpu:gloo,cuda:nccl`` when every local rank has its own
+GPU (``cuda:LOCAL_RANK``): the strategies' tensors live on that GPU and travel
+over NCCL. ``--backend`` overrides.
 
 Two machines (nodes), 2 ranks each. Run the same command on both, changing
 only ``--node_rank``; HOST is node 0's address as node 1 sees it:
@@ -51,7 +52,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from course_lib import comm, dp, moe, pp, tp, zero
+from course_lib import comm, dp, launch, moe, pp, tp, zero
 from course_lib.mesh import RankGrid
 from course_lib.models import make_block, make_mlp, make_stack, shard
 
@@ -258,7 +259,8 @@ def pick_backend(choice: str) -> str:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if choice == "auto":
         # NCCL needs one GPU per rank: two ranks on one GPU are refused.
-        return "nccl" if local_rank < gpus and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) <= gpus else "gloo"
+        one_each = local_rank < gpus and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) <= gpus
+        return launch.GPU_BACKEND if one_each else "gloo"
     return choice
 
 
@@ -325,7 +327,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # ranks share the machine's cores
     backend = pick_backend(opts.backend)
     dev = torch.device("cpu")
-    if backend == "nccl":
+    if launch.uses_nccl(backend):
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
     if "RANK" in os.environ:

@@ -23,6 +23,7 @@ import multiprocessing.spawn as mp_spawn
 import operator
 import os
 import pickle
+import re
 import shutil
 import signal
 import sys
@@ -83,23 +84,41 @@ class DeadlockError(LaunchTimeout):
 # public helpers
 
 
+# What "auto" starts on a machine with a GPU per rank: CUDA tensors travel over NCCL, and the
+# CPU tensors of the chapters that keep tiny models on the CPU still work, over gloo.
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
+
+
 def choose_backend(backend: str, world_size: int) -> str:
-    """Resolve ``"auto"`` to NCCL (one GPU per rank) or gloo, and validate."""
+    """Resolve ``"auto"`` to NCCL+gloo (one GPU per rank) or gloo, and validate."""
     if backend not in ("auto", "gloo", "nccl"):
         raise ValueError(f"backend must be 'auto', 'gloo' or 'nccl', got {backend!r}")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if backend == "auto" and os.environ.get("COURSE_BACKEND"):
+        backend = os.environ["COURSE_BACKEND"]  # an instructor's choice for the whole session
+        if not _BACKEND_STRING.fullmatch(backend):
+            raise ValueError(f"COURSE_BACKEND must be 'gloo', 'nccl' or like {GPU_BACKEND!r}, "
+                             f"got {backend!r}")
     if backend == "auto":
-        return "nccl" if 0 < world_size <= gpus else "gloo"
-    if backend == "nccl" and world_size > gpus:
+        return GPU_BACKEND if 0 < world_size <= gpus else "gloo"
+    if uses_nccl(backend) and world_size > gpus:
         raise ValueError(
-            f"backend='nccl' needs one GPU per rank: world_size={world_size} but "
+            f"backend {backend!r} needs one GPU per rank: world_size={world_size} but "
             f"{gpus} CUDA device(s) are visible. Use backend='auto' or 'gloo'.")
     return backend
 
 
+_BACKEND_STRING = re.compile(r"(gloo|nccl)|(cpu|cuda):(gloo|nccl)(,(cpu|cuda):(gloo|nccl))*")
+
+
+def uses_nccl(backend: str) -> bool:
+    """Whether a backend string (``"nccl"``, ``"cpu:gloo,cuda:nccl"``, ...) includes NCCL."""
+    return "nccl" in backend
+
+
 def device() -> torch.device:
-    """This rank's device: ``cuda:rank`` under NCCL, otherwise the CPU."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+    """This rank's device: ``cuda:rank`` when NCCL is in the process group, otherwise the CPU."""
+    if dist.is_initialized() and uses_nccl(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -489,7 +508,7 @@ def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn,
         store = dist.FileStore(store_path, world_size)
         store.set_timeout(timeout)
         options = {}
-        if backend == "nccl":
+        if uses_nccl(backend):
             torch.cuda.set_device(rank)
             options["device_id"] = torch.device("cuda", rank)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
@@ -504,7 +523,7 @@ def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn,
             conn.recv_bytes()
         except (EOFError, OSError):
             pass
-        if backend == "nccl":  # gloo needs no goodbye; its teardown can hang with DDP alive
+        if uses_nccl(backend):  # gloo needs no goodbye; its teardown can hang with DDP alive
             try:
                 dist.destroy_process_group()
             except Exception:

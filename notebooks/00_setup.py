@@ -24,7 +24,9 @@
 # ## 1. Environment check
 # Run this first. It prints the versions the course was built with and which **backend** (the
 # library that moves bytes between ranks) a launch of N ranks will use: **gloo** on CPUs,
-# **NCCL** when there is one CUDA GPU per rank.
+# **NCCL** when there is one CUDA GPU per rank. On GPUs the launcher starts the group as
+# `cpu:gloo,cuda:nccl`: tensors on a GPU go over NCCL, and the chapters that keep their tiny
+# models on the CPU still run, over gloo. `COURSE_BACKEND=gloo make lab` keeps everything on gloo.
 
 # %%
 from course_lib import env
@@ -42,7 +44,7 @@ assert info["gloo available"], "this PyTorch build has no gloo backend; reinstal
 # |---|---|
 # | `dist.get_rank()` | this process's id, `0 … N-1` |
 # | `dist.get_world_size()` | N, the number of ranks in the group |
-# | `dist.get_backend()` | `gloo` or `nccl` |
+# | `dist.get_backend()` | `gloo`, or `cpu:gloo,cuda:nccl` with a GPU per rank |
 #
 # Anything a rank prints shows up here, prefixed with `[rank r]`.
 

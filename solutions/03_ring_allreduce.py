@@ -173,15 +173,12 @@ check.ring_all_reduce(ring_all_reduce)
 def assign_buckets(sizes, cap_bytes):
     """Indices of the parameters in each bucket, last parameter first; a bucket closes at >= cap_bytes."""
     ### BEGIN SOLUTION
-    buckets, current, filled = [], [], 0
-    for i in reversed(range(len(sizes))):
-        current.append(i)
-        filled += sizes[i]
-        if filled >= cap_bytes:
-            buckets.append(current)
-            current, filled = [], 0
-    if current:
-        buckets.append(current)
+    buckets = []
+    for i in range(len(sizes) - 1, -1, -1):
+        # Open a new bucket when there is none yet or the last one reached the cap.
+        if not buckets or sum(sizes[j] for j in buckets[-1]) >= cap_bytes:
+            buckets.append([])
+        buckets[-1].append(i)
     return buckets
     ### END SOLUTION
 

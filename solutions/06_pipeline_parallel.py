@@ -105,15 +105,21 @@ def one_f_one_b_schedule(num_stages, num_microbatches):
     """Per stage, its list of actions: warm-up forwards, then one forward one backward, then the rest."""
     ### BEGIN SOLUTION
     p, m = num_stages, num_microbatches
-    schedule = []
-    for s in range(p):
-        warmup = min(p - s - 1, m)
-        actions = [("F", i) for i in range(warmup)]
-        for i in range(m - warmup):
-            actions += [("F", warmup + i), ("B", i)]
-        actions += [("B", i) for i in range(m - warmup, m)]
-        schedule.append(actions)
-    return schedule
+
+    def stage_actions(s):
+        next_forward = next_backward = 0
+        actions = []
+        while next_backward < m:
+            # Forward while the pipe is filling (p - s micro-batches alive), else backward.
+            if next_forward < m and next_forward - next_backward < p - s:
+                actions.append(("F", next_forward))
+                next_forward += 1
+            else:
+                actions.append(("B", next_backward))
+                next_backward += 1
+        return actions
+
+    return [stage_actions(s) for s in range(p)]
     ### END SOLUTION
 
 

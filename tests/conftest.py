@@ -5,6 +5,8 @@ import psutil
 import pytest
 import torch
 
+from course_lib import launch
+
 # Ranks are processes on a 2-core machine: keep every test's world small.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -38,6 +40,17 @@ def wait_for_no_ranks(seconds=3.0):
     return rank_processes()
 
 
+@pytest.fixture(autouse=True)
+def _no_results_file(monkeypatch):
+    """Check results go to the terminal, never into a grader's $COURSE_RESULTS file."""
+    monkeypatch.delenv("COURSE_RESULTS", raising=False)
+
+
+def run_gloo(fn, n, *args):
+    """Ranks on the CPU with gloo, also on a machine with GPUs (for tests whose tensors are CPU tensors)."""
+    return launch.run(fn, n, *args, backend="gloo")
+
+
 @pytest.fixture
 def no_orphans():
     yield
@@ -45,4 +58,8 @@ def no_orphans():
     assert not left, f"rank processes survived: {[p.pid for p in left]}"
 
 
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA GPUs (instructor mode)")
+def gpus(n):
+    """Skip unless there are ``n`` GPUs: "auto" gives NCCL only with a GPU per rank."""
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    what = f"{n} CUDA GPU" + ("s" if n > 1 else "")
+    return pytest.mark.skipif(have < n, reason=f"needs {what} (instructor mode), found {have}")

@@ -1,7 +1,4 @@
 """Chapter 02: data parallel training equals single-process training; traffic; the exercise checks."""
-import pathlib
-
-import jupytext
 import pytest
 import torch
 import torch.distributed as dist
@@ -10,14 +7,9 @@ import torch.nn.functional as F
 from course_lib import dp, launch, models
 from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import data_parallel as check
+import reference_answers
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS, BATCH = 3, 8  # BATCH divides by N·M for N in 1, 2, 4 and M = 2
-
-
-@pytest.fixture(autouse=True)
-def _no_results_file(monkeypatch):
-    monkeypatch.delenv("COURSE_RESULTS", raising=False)
 
 
 def test_sgd_is_torch_sgd_with_momentum():
@@ -124,21 +116,13 @@ def test_accumulation_syncs_once_per_step():
 
 @pytest.fixture(scope="module")
 def solution():
-    """The answer cells of solutions/02_data_parallel.py, run in a namespace of their own."""
-    namespace = {"__name__": "dp_solutions"}
-    nb = jupytext.read(ROOT / "solutions" / "02_data_parallel.py")
-    exec("import torch\nimport torch.distributed as dist\nimport torch.nn.functional as F\n"
-         "from course_lib import dp", namespace)
-    for cell in nb.cells:
-        if cell.cell_type == "code" and "### BEGIN SOLUTION" in cell.source:
-            exec(cell.source, namespace)
-    return namespace
+    return reference_answers.load("02_data_parallel")
 
 
 @pytest.mark.parametrize("name", ["shard_batch", "average_gradients", "parameter_server_step",
                                   "accumulate_and_step"])
 def test_solution_passes(solution, name):
-    assert getattr(check, name)(solution[name]).status == PASSED
+    assert getattr(check, name)(getattr(solution, name)).status == PASSED
 
 
 def test_course_implementations_pass():

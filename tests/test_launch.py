@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from course_lib import launch
+from course_lib import comm, launch
 from course_lib.launch import DeadlockError, LaunchTimeout, RankError, run
-from conftest import gpu, wait_for_no_ranks
+from conftest import wait_for_no_ranks
 
 pytestmark = pytest.mark.usefixtures("no_orphans")
 
@@ -29,7 +29,7 @@ def test_results_in_rank_order_with_args_and_kwargs():
     results = run(rank_info, 4, 2.0, offset=1.0)
     assert [r["rank"] for r in results] == [0, 1, 2, 3]
     assert all(r["world"] == 4 for r in results)
-    assert all(r["backend"] == "gloo" for r in results)
+    assert all(r["backend"] == launch.choose_backend("auto", 4) for r in results)
     for r in results:
         assert torch.equal(r["sum"], torch.tensor([(0 + 1 + 2 + 3) * 2.0 + 1.0]))
         assert r["sum"].device.type == "cpu"
@@ -87,6 +87,55 @@ def test_nccl_with_too_few_gpus_says_so():
 def test_auto_backend_without_enough_gpus_is_gloo():
     many = torch.cuda.device_count() + 1
     assert launch.choose_backend("auto", many) == "gloo"
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """What choose_backend sees on a machine with 4 GPUs (it only counts them)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("COURSE_BACKEND", raising=False)
+
+
+def test_auto_backend_with_a_gpu_per_rank_puts_nccl_beside_gloo(four_gpus):
+    assert launch.choose_backend("auto", 4) == "cpu:gloo,cuda:nccl"
+    assert launch.choose_backend("auto", 5) == "gloo"  # two ranks may not share a GPU
+    assert launch.choose_backend("gloo", 4) == "gloo"
+    assert launch.choose_backend("nccl", 4) == "nccl"
+    with pytest.raises(ValueError, match="one GPU per rank: world_size=5 but 4"):
+        launch.choose_backend("nccl", 5)
+
+
+def test_course_backend_overrides_auto_only(four_gpus, monkeypatch):
+    monkeypatch.setenv("COURSE_BACKEND", "gloo")
+    assert launch.choose_backend("auto", 4) == "gloo"
+    monkeypatch.setenv("COURSE_BACKEND", "nccl")
+    assert launch.choose_backend("gloo", 2) == "gloo"  # an explicit backend= wins
+    with pytest.raises(ValueError, match="one GPU per rank"):
+        launch.choose_backend("auto", 8)
+    monkeypatch.setenv("COURSE_BACKEND", "mpi")
+    with pytest.raises(ValueError, match="COURSE_BACKEND must be"):
+        launch.choose_backend("auto", 2)
+
+
+def chapter_style_work():
+    t = torch.ones(1000) * dist.get_rank()
+    with comm.count_traffic() as traffic:
+        dist.all_reduce(t)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 3))
+    model(torch.ones(2, 3)).sum().backward()
+    return dist.get_backend(), launch.device(), t, traffic.received, model.module.weight.grad
+
+
+def test_a_group_with_a_backend_per_device_type_runs_cpu_chapters(monkeypatch):
+    # On GPUs "auto" starts cpu:gloo,cuda:nccl. Here gloo stands in for NCCL: the CPU code of
+    # the chapters (collectives, DDP, the wire-byte counter) must work in such a group too.
+    monkeypatch.setenv("COURSE_BACKEND", "cpu:gloo,cuda:gloo")
+    for backend, dev, t, received, grad in run(chapter_style_work, 2):
+        assert backend == "cpu:gloo,cuda:gloo" and dev == torch.device("cpu")
+        assert torch.equal(t, torch.ones(1000))
+        assert received >= 4000 / 2  # a ring all-reduce of 4000 B receives (N-1)/N of it twice
+        assert torch.equal(grad, torch.full((3, 3), 2.0))
 
 
 def fails_on_rank_two():
@@ -246,17 +295,3 @@ def _alive(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-@gpu
-def test_auto_picks_nccl_and_returns_cpu_tensors():
-    n = min(2, torch.cuda.device_count())
-
-    def on_gpu():
-        t = torch.ones(3, device=launch.device()) * dist.get_rank()
-        dist.all_reduce(t)
-        return dist.get_backend(), t
-
-    out = run(on_gpu, n)
-    assert all(b == "nccl" for b, _ in out)
-    assert all(t.device.type == "cpu" for _, t in out)

@@ -11,11 +11,6 @@ from course_lib.checks import hybrid as check
 from course_lib.models import make_stack
 
 
-@pytest.fixture(autouse=True)
-def _no_results_file(monkeypatch):
-    monkeypatch.delenv("COURSE_RESULTS", raising=False)
-
-
 def test_layout_order_is_tp_then_dp_then_pp():
     layout = mesh.GridLayout(dp=2, tp=2, pp=2)
     assert layout.coordinates(5) == mesh.Coord(dp=0, tp=1, pp=1)

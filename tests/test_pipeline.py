@@ -1,7 +1,4 @@
 """Chapter 06: course_lib.pp (schedules, simulator, partition, runtime, checkpointing) and its checks."""
-import pathlib
-
-import jupytext
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,16 +10,11 @@ from course_lib import launch, pp
 from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import pipeline as check
 from course_lib.models import make_stack, regression_data
+import reference_answers
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEPTH, D_MODEL, D_HIDDEN, BATCH = 8, 8, 16, 16
 GRID = [(p, m) for p in range(1, 7) for m in range(1, 11)]
 EXERCISES = ["gpipe_schedule", "one_f_one_b_schedule", "run_stage", "recompute_backward"]
-
-
-@pytest.fixture(autouse=True)
-def _no_results_file(monkeypatch):
-    monkeypatch.delenv("COURSE_RESULTS", raising=False)
 
 
 # ----------------------------------------------------------------------------
@@ -238,16 +230,12 @@ def test_checkpointed_equals_torch_checkpoint_and_stores_only_the_input():
 
 @pytest.fixture(scope="module")
 def solution():
-    namespace = {"__name__": "pp_solutions"}
-    for cell in jupytext.read(ROOT / "solutions" / "06_pipeline_parallel.py").cells:
-        if cell.cell_type == "code" and ("### BEGIN SOLUTION" in cell.source or "import" in cell.source):
-            exec(compile(cell.source, "06_pipeline_parallel_solution", "exec"), namespace)
-    return namespace
+    return reference_answers.load("06_pipeline_parallel")
 
 
 def test_solutions_pass(solution):
     for name in EXERCISES:
-        assert getattr(check, name)(solution[name]).status == PASSED, name
+        assert getattr(check, name)(getattr(solution, name)).status == PASSED, name
 
 
 def not_yet(*args):
@@ -281,7 +269,7 @@ def test_schedule_diagnostics():
 
 
 def test_run_stage_diagnostics(solution, monkeypatch):
-    source = solution["run_stage"]
+    source = solution.run_stage  # closures carry the function, not the module
 
     def loss_not_divided(stage, actions, micro_inputs, micro_targets, loss_fn, shape):
         return source(stage, actions, micro_inputs, micro_targets,

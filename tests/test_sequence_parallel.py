@@ -2,25 +2,16 @@
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from course_lib import launch, tp
+from course_lib import tp
 from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import sequence_parallel as check
 from course_lib.comm import count_traffic
 from course_lib.models import make_block
+from conftest import run_gloo as run
+import reference_answers
 
 D_MODEL, N_HEADS, SEQ = 8, 4, 8
-
-
-@pytest.fixture(autouse=True)
-def _no_results_file(monkeypatch):
-    monkeypatch.delenv("COURSE_RESULTS", raising=False)
-
-
-def run(fn, n, *args):
-    """Ranks on the CPU with gloo, also on a machine with GPUs (the tensors here are CPU tensors)."""
-    return launch.run(fn, n, *args, backend="gloo")
 
 
 def inputs():
@@ -169,47 +160,16 @@ def test_sequence_that_does_not_split_raises_value_error():
 # the exercise checks
 
 
-def good_shard(x):
-    return x.chunk(dist.get_world_size(), dim=1)[dist.get_rank()]
+@pytest.fixture(scope="module")
+def solution():
+    return reference_answers.load("05_sequence_parallel")
 
 
-class GoodGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        blocks = [b.contiguous() for b in grad.chunk(dist.get_world_size(), dim=1)]
-        out = torch.empty_like(blocks[0])
-        dist.reduce_scatter(out, blocks)
-        return out
-
-
-class GoodReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return GoodGather.backward(ctx, x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return GoodGather.forward(ctx, grad)
-
-
-def good_sublayer(x_shard, norm, mlp):
-    r, n = dist.get_rank(), dist.get_world_size()
-    h = mine(n, r, mlp.fc1.out_features)
-    hidden = F.gelu(F.linear(GoodGather.apply(norm(x_shard)), mlp.fc1.weight[h], mlp.fc1.bias[h]))
-    return x_shard + GoodReduceScatter.apply(F.linear(hidden, mlp.fc2.weight[:, h])) + mlp.fc2.bias
-
-
-def test_reference_solutions_pass():
-    assert check.sequence_shard(good_shard).status == PASSED
-    assert check.gather_from_sequence_region(GoodGather).status == PASSED
-    assert check.reduce_scatter_to_sequence_region(GoodReduceScatter).status == PASSED
-    assert check.sequence_parallel_mlp(good_sublayer).status == PASSED
+def test_reference_solutions_pass(solution):
+    assert check.sequence_shard(solution.sequence_shard).status == PASSED
+    assert check.gather_from_sequence_region(solution.GatherFromSequenceRegion).status == PASSED
+    assert check.reduce_scatter_to_sequence_region(solution.ReduceScatterToSequenceRegion).status == PASSED
+    assert check.sequence_parallel_mlp(solution.sequence_parallel_mlp).status == PASSED
 
 
 def test_shard_of_the_features_instead_of_the_sequence_is_named():
@@ -218,22 +178,23 @@ def test_shard_of_the_features_instead_of_the_sequence_is_named():
     assert result.message.startswith("N=2: rank 0: output has shape (2, 4, 4), expected (2, 2, 8)")
 
 
-class GatherWithoutSum(GoodGather):
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.chunk(dist.get_world_size(), dim=1)[dist.get_rank()].contiguous()
+def test_gather_whose_backward_does_not_sum_is_diagnosed(solution):
+    class GatherWithoutSum(solution.GatherFromSequenceRegion):
+        @staticmethod
+        def backward(ctx, grad):
+            return grad.chunk(dist.get_world_size(), dim=1)[dist.get_rank()].contiguous()
 
-
-def test_gather_whose_backward_does_not_sum_is_diagnosed():
     result = check.gather_from_sequence_region(GatherWithoutSum)
     assert result.status == FAILED
     assert result.message.startswith("N=2: rank 0: x.grad[0, 0, 0] expected ")
     assert "sum over the ranks" in result.message
 
 
-def test_sublayer_without_residual_is_diagnosed_and_a_stub_is_not_attempted():
+def test_sublayer_without_residual_is_diagnosed_and_a_stub_is_not_attempted(solution):
+    sublayer = solution.sequence_parallel_mlp  # closures carry the function, not the module
+
     def no_residual(x_shard, norm, mlp):
-        return good_sublayer(x_shard, norm, mlp) - x_shard
+        return sublayer(x_shard, norm, mlp) - x_shard
 
     result = check.sequence_parallel_mlp(no_residual)
     assert result.status == FAILED and "the residual is missing" in result.message

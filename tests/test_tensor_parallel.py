@@ -4,23 +4,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from course_lib import launch, tp
+from course_lib import tp
 from course_lib.checks import ERROR, FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import tensor_parallel as check
 from course_lib.comm import count_traffic
 from course_lib.models import make_block, make_mlp
+from conftest import run_gloo as run
+import reference_answers
 
 D_MODEL, D_HIDDEN, N_HEADS = 8, 32, 4
-
-
-@pytest.fixture(autouse=True)
-def _no_results_file(monkeypatch):
-    monkeypatch.delenv("COURSE_RESULTS", raising=False)
-
-
-def run(fn, n, *args):
-    """Ranks on the CPU with gloo, also on a machine with GPUs (the tensors here are CPU tensors)."""
-    return launch.run(fn, n, *args, backend="gloo")
 
 
 def inputs():
@@ -151,55 +143,17 @@ def test_same_as_torch_parallelize_module():
 # the exercise checks: references pass, wrong answers get specific diagnostics
 
 
-def my_rows(size):
-    r, n = dist.get_rank(), dist.get_world_size()
-    return slice(r * size // n, (r + 1) * size // n)
+@pytest.fixture(scope="module")
+def solution():
+    return reference_answers.load("04_tensor_parallel")
 
 
-def good_column(x, weight, bias):
-    h = my_rows(weight.shape[0])
-    return F.linear(x, weight[h], bias[h])
-
-
-class GoodF(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
-
-
-class GoodG(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        x = x.clone()
-        dist.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-def good_row(y, weight, bias):
-    return GoodG.apply(F.linear(y, weight[:, my_rows(weight.shape[1])])) + bias
-
-
-def good_mlp(x, mlp):
-    hidden = F.gelu(good_column(GoodF.apply(x), mlp.fc1.weight, mlp.fc1.bias))
-    return good_row(hidden, mlp.fc2.weight, mlp.fc2.bias)
-
-
-def test_reference_solutions_pass():
-    assert check.column_parallel(good_column).status == PASSED
-    assert check.copy_to_tp_region(GoodF).status == PASSED
-    assert check.reduce_from_tp_region(GoodG).status == PASSED
-    assert check.row_parallel(good_row).status == PASSED
-    assert check.tensor_parallel_mlp(good_mlp).status == PASSED
+def test_reference_solutions_pass(solution):
+    assert check.column_parallel(solution.column_parallel).status == PASSED
+    assert check.copy_to_tp_region(solution.CopyToTPRegion).status == PASSED
+    assert check.reduce_from_tp_region(solution.ReduceFromTPRegion).status == PASSED
+    assert check.row_parallel(solution.row_parallel).status == PASSED
+    assert check.tensor_parallel_mlp(solution.tensor_parallel_mlp).status == PASSED
 
 
 def test_column_parallel_that_returns_everything_is_told_to_keep_its_rows():
@@ -209,47 +163,50 @@ def test_column_parallel_that_returns_everything_is_told_to_keep_its_rows():
     assert "keep only rank r's rows" in result.message
 
 
-class FWithoutAllReduce(GoodF):
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
+def test_f_without_all_reduce_names_the_gradient(solution):
+    class FWithoutAllReduce(solution.CopyToTPRegion):
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
 
-
-def test_f_without_all_reduce_names_the_gradient():
     result = check.copy_to_tp_region(FWithoutAllReduce)
     assert result.status == FAILED
     assert result.message.startswith("N=2: rank 0: x.grad[0, 0, 0] expected ")
     assert "backward must all-reduce it" in result.message
 
 
-class GReducingTwice(GoodG):
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+def test_g_that_all_reduces_in_backward_is_n_times_too_large(solution):
+    class GReducingTwice(solution.ReduceFromTPRegion):
+        @staticmethod
+        def backward(ctx, grad):
+            grad = grad.clone()
+            dist.all_reduce(grad)
+            return grad
 
-
-def test_g_that_all_reduces_in_backward_is_n_times_too_large():
     result = check.reduce_from_tp_region(GReducingTwice)
     assert result.status == FAILED
     assert result.message.startswith("N=2: rank 0: x.grad[0, 0, 0] expected ")
     assert "N times too large" in result.message
 
 
-def test_bias_added_before_the_sum_is_counted_n_times():
+def test_bias_added_before_the_sum_is_counted_n_times(solution):
+    g = solution.ReduceFromTPRegion  # closures carry the class, not the module
+
     def bias_on_every_rank(y, weight, bias):
-        return GoodG.apply(F.linear(y, weight[:, my_rows(weight.shape[1])], bias))
+        mine = rows(weight.shape[1], dist.get_world_size(), dist.get_rank())
+        return g.apply(F.linear(y, weight[:, mine], bias))
 
     result = check.row_parallel(bias_on_every_rank)
     assert result.status == FAILED
     assert result.message.startswith("N=2: rank 0: output[") and "bias was added 2 times" in result.message
 
 
-def test_mlp_without_f_gets_a_partial_input_gradient():
+def test_mlp_without_f_gets_a_partial_input_gradient(solution):
+    column_parallel, row_parallel = solution.column_parallel, solution.row_parallel
+
     def without_f(x, mlp):
-        hidden = F.gelu(good_column(x, mlp.fc1.weight, mlp.fc1.bias))
-        return good_row(hidden, mlp.fc2.weight, mlp.fc2.bias)
+        hidden = F.gelu(column_parallel(x, mlp.fc1.weight, mlp.fc1.bias))
+        return row_parallel(hidden, mlp.fc2.weight, mlp.fc2.bias)
 
     result = check.tensor_parallel_mlp(without_f)
     assert result.status == FAILED

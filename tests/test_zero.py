@@ -9,16 +9,12 @@ from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import zero as check
 from course_lib.comm import count_traffic
 from course_lib.models import make_stack, num_params, regression_data, shard
+import reference_answers
 
 # Layers of 5·7 + 7 = 42 and 7·5 + 5 = 40 parameters: N = 4 pads the first, N = 3 the second.
 SMALL = dict(depth=2, d_model=5, d_hidden=7, seed=0)
 HYPER = dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.1)
 STEPS, BATCH = 3, 12  # 12 splits over N = 1 … 4
-
-
-@pytest.fixture(autouse=True)
-def _no_results_file(monkeypatch):
-    monkeypatch.delenv("COURSE_RESULTS", raising=False)
 
 
 def batches():
@@ -213,37 +209,17 @@ def test_parameters_that_differ_across_ranks_are_refused_by_name():
 # the checks: reference solutions pass, wrong ones get a specific diagnostic
 
 
-def good_shard_of(flat, rank, world_size):
-    size = -(-flat.numel() // world_size)
-    padded = torch.zeros(size * world_size)
-    padded[:flat.numel()] = flat
-    return padded[rank * size:(rank + 1) * size].clone()
+@pytest.fixture(scope="module")
+def solution():
+    return reference_answers.load("07_zero")
 
 
-def good_zero1_step(flat_params, flat_grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
-    rank, n = dist.get_rank(), dist.get_world_size()
-    size = flat_params.numel() // n
-    grad = torch.empty(size)
-    dist.reduce_scatter_single(grad, flat_grad)
-    mine = flat_params[rank * size:(rank + 1) * size]
-    zero.adamw_(mine, grad / n, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay)
-    dist.all_gather_single(flat_params, mine.clone())
-
-
-def good_hook(param):
-    n = dist.get_world_size()
-    mine = torch.empty(-(-param.grad.numel() // n))
-    dist.reduce_scatter_single(mine, torch.cat([good_shard_of(param.grad.reshape(-1), r, n) for r in range(n)]))
-    mine /= n
-    param.grad_shard = mine if getattr(param, "grad_shard", None) is None else param.grad_shard + mine
-    param.grad = None
-
-
-def test_reference_solutions_pass():
-    assert check.shard_of(good_shard_of).status == PASSED
+def test_reference_solutions_pass(solution):
+    assert check.shard_of(solution.shard_of).status == PASSED
+    assert check.adamw_step_(solution.adamw_step_).status == PASSED
     assert check.adamw_step_(zero.adamw_).status == PASSED
-    assert check.zero1_step(good_zero1_step).status == PASSED
-    assert check.shard_grad_hook(good_hook).status == PASSED
+    assert check.zero1_step(solution.zero1_step).status == PASSED
+    assert check.shard_grad_hook(solution.shard_grad_hook).status == PASSED
 
 
 def test_unpadded_shard_names_k_n_and_rank():
@@ -277,19 +253,23 @@ def test_zero1_without_all_gather_is_told_so():
     assert "all the new parameters — flat_params[41] expected " in result.message
 
 
-def test_zero1_with_all_reduce_is_refused():
+def test_zero1_with_all_reduce_is_refused(solution):
+    zero1_step = solution.zero1_step  # closures carry the function, not the module
+
     def all_reduces(flat_params, flat_grad, *args, **kwargs):
         dist.all_reduce(flat_grad)
-        good_zero1_step(flat_params, flat_grad / dist.get_world_size(), *args, **kwargs)
+        zero1_step(flat_params, flat_grad / dist.get_world_size(), *args, **kwargs)
 
     result = check.zero1_step(all_reduces)
     assert result.status == FAILED and "you called dist.all_reduce" in result.message
 
 
-def test_hook_that_keeps_the_full_gradient_or_sums_is_diagnosed():
+def test_hook_that_keeps_the_full_gradient_or_sums_is_diagnosed(solution):
+    hook = solution.shard_grad_hook
+
     def keeps_grad(param):
         grad = param.grad
-        good_hook(param)
+        hook(param)
         param.grad = grad
 
     result = check.shard_grad_hook(keeps_grad)
@@ -297,7 +277,7 @@ def test_hook_that_keeps_the_full_gradient_or_sums_is_diagnosed():
 
     def sums(param):
         param.grad *= dist.get_world_size()
-        good_hook(param)
+        hook(param)
 
     result = check.shard_grad_hook(sums)
     assert result.status == FAILED
