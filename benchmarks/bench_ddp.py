@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from course_lib import dp, launch, models
+from course_lib import ddp, launch, models
 
 GOAL = 1.1
 DEPTH, D_MODEL, D_HIDDEN, BATCH = 8, 256, 1024, 64  # 4.2 M parameters, 16.8 MB of gradients
@@ -30,7 +30,7 @@ def step(model, x, y):
 
 def compare_rank(bucket_cap_mb):
     rank, n = dist.get_rank(), dist.get_world_size()
-    ours = dp.BucketedDDP(models.make_stack(DEPTH, D_MODEL, D_HIDDEN), bucket_cap_mb=bucket_cap_mb)
+    ours = ddp.BucketedDDP(models.make_stack(DEPTH, D_MODEL, D_HIDDEN), bucket_cap_mb=bucket_cap_mb)
     torch_ddp = DistributedDataParallel(models.make_stack(DEPTH, D_MODEL, D_HIDDEN), bucket_cap_mb=bucket_cap_mb)
     x, y = models.regression_data(BATCH * n, D_MODEL)
     x, y = models.shard(x, rank, n), models.shard(y, rank, n)

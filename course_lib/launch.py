@@ -53,6 +53,7 @@ TRACED_CALLS = (
     "gather", "scatter", "barrier", "all_gather_object", "broadcast_object_list",
     "all_gather_single", "reduce_scatter_single",
 )
+_NON_BLOCKING = {TRACED_CALLS.index(name) for name in ("isend", "irecv", "batch_isend_irecv")}
 _RUNNING, _RETURNED = -1, -2
 SECONDARY_ERRORS = ("Connection closed by peer", "Connection reset by peer",
                      "Broken pipe", "ECONNRESET", "EPIPE")
@@ -502,7 +503,7 @@ def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn,
     torch.set_num_threads(1)  # N ranks share a laptop's cores; more threads only fight
     send = _Sender(conn)
     output = _CapturedOutput(output)
-    _trace_calls(rank, where, calls)
+    _trace_calls(rank, where, calls, on_gpu=uses_nccl(backend))
     try:
         timeout = datetime.timedelta(seconds=pg_timeout)
         store = dist.FileStore(store_path, world_size)
@@ -570,8 +571,13 @@ class _CapturedOutput:
         os.close(devnull)
 
 
-def _trace_calls(rank, where, calls):
-    """Wrap torch.distributed's calls in this rank so a deadlock can be located."""
+def _trace_calls(rank, where, calls, on_gpu=False):
+    """Wrap torch.distributed's calls in this rank so a deadlock can be located.
+
+    ``on_gpu``: NCCL only queues a collective on the GPU and returns at once, so a skipped
+    collective would hang later, far from the call (in ``.item()``). There a blocking call
+    also waits for its GPU work, as it does on gloo: a hang then stays inside the call.
+    """
     depth = [0]  # calls made inside a traced call (recv uses irecv) are not counted again
 
     for index, name in enumerate(TRACED_CALLS):
@@ -588,6 +594,8 @@ def _trace_calls(rank, where, calls):
             depth[0] += 1
             try:
                 result = _original(*args, **kwargs)
+                if on_gpu and _index not in _NON_BLOCKING and not kwargs.get("async_op"):
+                    torch.cuda.current_stream().synchronize()
             finally:
                 depth[0] -= 1
             where[rank] = _RUNNING  # on an error `where` keeps the call

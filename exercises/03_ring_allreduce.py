@@ -155,7 +155,7 @@ check.ring_all_reduce(ring_all_reduce)
 # as soon as the open bucket holds **at least** `cap_bytes`, close it and open a new one. A
 # bucket left open at the end is the last bucket. For example
 # `assign_buckets([4, 4, 4], 8) == [[2, 1], [0]]` and `assign_buckets([16, 4, 4, 4], 10) ==
-# [[3, 2, 1], [0]]`. (`course_lib.dp.BucketedDDP` uses exactly this rule, as torch's DDP does.)
+# [[3, 2, 1], [0]]`. (`course_lib.ddp.BucketedDDP` uses exactly this rule, as torch's DDP does.)
 
 # %% answer="assign_buckets" tags=["answer"]
 def assign_buckets(sizes, cap_bytes):
@@ -169,5 +169,5 @@ check.assign_buckets(assign_buckets)
 
 # %% [markdown]
 # **Done?** Your `ring_all_reduce` is the algorithm behind `dist.all_reduce` on gloo and NCCL's
-# ring. The lesson's last part wraps it all up: `course_lib.dp.BucketedDDP` fills buckets with
+# ring. The lesson's last part wraps it all up: `course_lib.ddp.BucketedDDP` fills buckets with
 # your rule and all-reduces each one as soon as it is full, while backward goes on.

@@ -42,7 +42,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 from torch.nn.parallel import DistributedDataParallel
 
-from course_lib import comm, dp, launch, models, viz
+from course_lib import comm, ddp, launch, models, viz
 from course_lib.collectives import format_bytes
 
 # %% [markdown]
@@ -358,16 +358,16 @@ plot_ring_vs_builtin(timings)
 # * One bucket per parameter: many small messages (latency-bound, as in section 4).
 # * One bucket for everything: nothing overlaps, all communication after backward.
 #
-# `course_lib.dp.BucketedDDP(module, bucket_cap_mb=25.0)` does this with a hook per parameter
+# `course_lib.ddp.BucketedDDP(module, bucket_cap_mb=25.0)` does this with a hook per parameter
 # (`register_post_accumulate_grad_hook`). The bucket rule, last parameter first, closing a bucket
 # once it holds `bucket_cap_mb`:
 
 # %%
-print(inspect.getsource(dp.assign_buckets))
+print(inspect.getsource(ddp.assign_buckets))
 mlp = models.make_mlp(d_model=16, d_hidden=64)
 sizes_bytes = [p.numel() * 4 for p in mlp.parameters()]
 print("parameters:", [name for name, _ in mlp.named_parameters()], "bytes:", sizes_bytes)
-print("buckets with a 4000-byte cap:", dp.assign_buckets(sizes_bytes, 4000))
+print("buckets with a 4000-byte cap:", ddp.assign_buckets(sizes_bytes, 4000))
 
 # %% [markdown]
 # ### Equal to torch's DDP and to one process
@@ -387,7 +387,7 @@ def gradients_three_ways(caps):
     reference = [p.grad for p in torch_ddp.parameters()]
     ours = {}
     for cap in caps:
-        model = dp.BucketedDDP(models.make_mlp(seed=rank), bucket_cap_mb=cap)
+        model = ddp.BucketedDDP(models.make_mlp(seed=rank), bucket_cap_mb=cap)
         F.mse_loss(model(x), y).backward()
         ours[cap] = (len(model.buckets), [p.grad for p in model.parameters()])
     del torch_ddp  # a live DDP wrapper at process-group teardown can hang
@@ -426,7 +426,7 @@ def backward_timelines(caps, steps=4):
     x, y = models.shard(x, rank, n), models.shard(y, rank, n)
     result = {}
     for cap in caps:
-        model = dp.BucketedDDP(models.make_stack(depth=8, d_model=256, d_hidden=1024), bucket_cap_mb=cap)
+        model = ddp.BucketedDDP(models.make_stack(depth=8, d_model=256, d_hidden=1024), bucket_cap_mb=cap)
         for _ in range(steps):  # the first steps set things up; keep the last one's timeline
             dist.barrier()
             F.mse_loss(model(x), y).backward()

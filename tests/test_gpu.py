@@ -4,11 +4,12 @@ On such a machine the rest of `make test` exercises the GPU path too: "auto" sta
 cpu:gloo,cuda:nccl, so the lessons of chapters 00, 01 and 06 and every torchrun demo in
 test_demo.py put their tensors on the ranks' GPUs and talk over NCCL.
 """
+import pytest
 import torch
 import torch.distributed as dist
 
 from course_lib import collectives, comm, launch
-from course_lib.launch import run
+from course_lib.launch import DeadlockError, run
 from conftest import gpus
 
 
@@ -51,3 +52,16 @@ def test_auto_picks_nccl_and_returns_cpu_tensors():
 @gpus(1)
 def test_one_rank_on_one_gpu():
     assert run(lambda: str(launch.device()), 1) == ["cuda:0"]
+
+
+def skips_a_collective():
+    t = torch.ones(2, device=launch.device())
+    if dist.get_rank() != 0:
+        dist.all_reduce(t)  # NCCL only queues it: the hang must still be reported here
+    return t
+
+
+@gpus(2)
+def test_a_skipped_collective_on_the_gpus_is_located():
+    with pytest.raises(DeadlockError, match=r"waiting in dist\.all_reduce"):
+        run(skips_a_collective, 2, timeout=5)

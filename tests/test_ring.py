@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from course_lib import comm, dp, launch, models
+from course_lib import comm, ddp, launch, models
 from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import ring as check
 import reference_answers
@@ -158,19 +158,19 @@ def test_ranks_holding_different_tensors_get_a_clear_error_fast(kind, theirs, no
 
 
 def test_assign_buckets_fills_from_the_last_parameter():
-    assert dp.assign_buckets([4, 4, 4], 8) == [[2, 1], [0]]
-    assert dp.assign_buckets([16, 4, 4, 4], 10) == [[3, 2, 1], [0]]
-    assert dp.assign_buckets([4, 100, 4], 10) == [[2, 1], [0]]
-    assert dp.assign_buckets([4, 4], 1e9) == [[1, 0]]
-    assert dp.assign_buckets([], 8) == []
+    assert ddp.assign_buckets([4, 4, 4], 8) == [[2, 1], [0]]
+    assert ddp.assign_buckets([16, 4, 4, 4], 10) == [[3, 2, 1], [0]]
+    assert ddp.assign_buckets([4, 100, 4], 10) == [[2, 1], [0]]
+    assert ddp.assign_buckets([4, 4], 1e9) == [[1, 0]]
+    assert ddp.assign_buckets([], 8) == []
     with pytest.raises(ValueError):
-        dp.assign_buckets([4], 0)
+        ddp.assign_buckets([4], 0)
 
 
 @pytest.mark.parametrize("cap", [0, -1.0, math.nan, True, "25"])
 def test_bucket_cap_must_be_positive(cap):
     with pytest.raises(ValueError, match="bucket_cap_mb"):
-        dp.BucketedDDP(models.make_mlp(), bucket_cap_mb=cap)
+        ddp.BucketedDDP(models.make_mlp(), bucket_cap_mb=cap)
 
 
 def gradients_ours_and_torch(caps, steps):
@@ -178,7 +178,7 @@ def gradients_ours_and_torch(caps, steps):
     rank, n = dist.get_rank(), dist.get_world_size()
     x, y = models.regression_data(8 * n)
     x, y = models.shard(x, rank, n), models.shard(y, rank, n)
-    runs = {cap: dp.BucketedDDP(models.make_mlp(seed=rank), bucket_cap_mb=cap) for cap in caps}
+    runs = {cap: ddp.BucketedDDP(models.make_mlp(seed=rank), bucket_cap_mb=cap) for cap in caps}
     runs["torch"] = DistributedDataParallel(models.make_mlp(seed=0))
     grads, timelines = {}, {}
     for key, model in runs.items():
@@ -237,7 +237,7 @@ def test_bucketed_ddp_equals_torch_ddp_and_one_process(n):
 def bucketed_ddp_on_a_subgroup():
     rank = dist.get_rank()
     group = [dist.new_group([0, 1]), dist.new_group([2, 3])][rank // 2]
-    model = dp.BucketedDDP(models.make_mlp(seed=rank), bucket_cap_mb=0.004, group=group)
+    model = ddp.BucketedDDP(models.make_mlp(seed=rank), bucket_cap_mb=0.004, group=group)
     x, y = models.regression_data(8, seed=rank)
     F.mse_loss(model(x), y).backward()
     return [p.detach().clone() for p in model.parameters()], [p.grad for p in model.parameters()]
@@ -275,7 +275,7 @@ def test_reference_solutions_pass(solution):
     assert check.ring_all_gather(solution.ring_all_gather).status == PASSED
     assert check.ring_all_reduce(solution.ring_all_reduce).status == PASSED
     assert check.assign_buckets(solution.assign_buckets).status == PASSED
-    assert check.assign_buckets(dp.assign_buckets).status == PASSED
+    assert check.assign_buckets(ddp.assign_buckets).status == PASSED
 
 
 def test_reduce_scatter_that_copies_instead_of_adding_names_rank_chunk_and_element():
@@ -369,7 +369,7 @@ def test_not_implemented_reads_not_attempted():
 
 def test_buckets_in_forward_order_are_diagnosed():
     def forward_order(sizes, cap):
-        return [sorted(b) for b in dp.assign_buckets(sizes, cap)]
+        return [sorted(b) for b in ddp.assign_buckets(sizes, cap)]
 
     result = check.assign_buckets(forward_order)
     assert result.status == FAILED

@@ -19,7 +19,7 @@ import cloudpickle
 import torch
 import torch.distributed as dist
 
-from course_lib import dp, launch
+from course_lib import ddp, launch
 from course_lib.checks import COLLECTIVES, Mismatch, builtins_switched_off, exercise, run_learner
 from course_lib.checks.collectives import TIMEOUT
 from course_lib.comm import count_traffic
@@ -196,7 +196,7 @@ def assign_buckets(learner_fn):
                     for k, cap in zip(torch.randint(1, 12, (20,), generator=g),
                                       torch.randint(1, 120, (20,), generator=g))]
     for sizes, cap, want in [*BUCKET_CASES, *random_cases]:
-        want = dp.assign_buckets(sizes, cap) if want is None else want
+        want = ddp.assign_buckets(sizes, cap) if want is None else want
         got = learner_fn(list(sizes), cap)
         try:
             got = [[int(i) for i in bucket] for bucket in got]
