@@ -511,7 +511,8 @@ def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn,
         options = {}
         if uses_nccl(backend):
             torch.cuda.set_device(rank)
-            options["device_id"] = torch.device("cuda", rank)
+        if backend == "nccl":  # bind the GPU now; beside gloo, NCCL starts at the first GPU call,
+            options["device_id"] = torch.device("cuda", rank)  # so CPU-only chapters never pay for it
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
                                 timeout=timeout, **options)
         fn, args, kwargs, sources = cloudpickle.loads(payload)
