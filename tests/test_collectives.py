@@ -1,4 +1,6 @@
 """Chapter 01: the collectives library, its pictures, and the exercise checks."""
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -203,6 +205,21 @@ def test_built_in_collectives_are_refused():
     result = check.broadcast(uses_built_in)
     assert result.status == FAILED
     assert "exercise 1.1 must be built from send/recv only: you called dist.broadcast" in result.message
+
+
+def test_refusal_is_named_when_another_rank_fails_after_it():
+    def root_sends_others_use_built_in(tensor, src):
+        if dist.get_rank() == src:  # its sends fail once the refused rank has left
+            for dst in range(dist.get_world_size()):
+                if dst != src:
+                    dist.send(tensor, dst)
+        else:
+            dist.broadcast(tensor, src)
+
+    result = check.broadcast(root_sends_others_use_built_in)
+    assert result.status == FAILED
+    assert re.fullmatch(r"exercise 1\.1 must be built from send/recv only: you called "
+                        r"dist\.broadcast \(rank \d, N=2\)", result.message), result.message
 
 
 def test_built_in_imported_by_name_is_refused_too():

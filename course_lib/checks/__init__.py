@@ -29,6 +29,7 @@ import traceback
 import types
 from dataclasses import asdict, dataclass
 
+import cloudpickle
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
@@ -168,9 +169,11 @@ def compare_ranks(got: list, expected: list, what: str = "result", **kwargs) -> 
 
 
 def run_learner(n: int, rank_fn, learner_fn, *args, timeout: float = 20.0, refusals=(),
-                deadlock_hint: str = "", **launch_options):
+                deadlock_hint: str = "", label: str | None = None, **launch_options):
     """Run ``rank_fn(payload, *args)`` on n ranks, ``payload`` carrying the learner's function
-    by value; a deadlock, an endless loop or a refused built-in becomes a one-line Mismatch."""
+    by value (:func:`learner_in_rank` unpacks it); a deadlock, an endless loop or a refused
+    built-in becomes a one-line Mismatch that starts with ``label`` (default "N=n")."""
+    label = f"N={n}" if label is None else label
     payload = launch.dumps_by_value((learner_fn,))
     refused = {cls.__name__ for cls in (BuiltinUsed, *refusals)}
     try:
@@ -179,17 +182,24 @@ def run_learner(n: int, rank_fn, learner_fn, *args, timeout: float = 20.0, refus
         lines = str(exc).splitlines()
         where = "; ".join(ln.strip() for ln in lines[1:1 + n] if ln.startswith("  rank"))
         if isinstance(exc, DeadlockError):
-            raise Mismatch(f"N={n}: deadlock — {lines[0]} ({where}){deadlock_hint}") from None
-        raise Mismatch(f"N={n}: timed out (an endless loop?) — {lines[0]} ({where})") from None
+            raise Mismatch(f"{label}: deadlock — {lines[0]} ({where}){deadlock_hint}") from None
+        raise Mismatch(f"{label}: timed out (an endless loop?) — {lines[0]} ({where})") from None
     except RankError as exc:
         if exc.exc_type in refused:
-            message = str(exc).strip().splitlines()[-1].split(": ", 1)[-1]
-            raise Mismatch(f"{message} (rank {exc.rank}, N={n})") from None
+            # the exception line: ranks that failed after this one add a note below it
+            message = _last_line(str(exc)).split(": ", 1)[-1]
+            raise Mismatch(f"{message} (rank {exc.rank}, {label})") from None
         if any(s in str(exc) for s in launch.SECONDARY_ERRORS):
-            raise Mismatch(f"N={n}: deadlock — rank {exc.rank} lost its connection while its peers "
+            raise Mismatch(f"{label}: deadlock — rank {exc.rank} lost its connection while its peers "
                            f"waited: is there a recv with no matching send, or do the ranks make "
                            f"different calls?{deadlock_hint}") from None
         raise
+
+
+def learner_in_rank(payload):
+    """The learner's function or class that :func:`run_learner` packed, unpickled inside a rank."""
+    (learner,) = cloudpickle.loads(payload)
+    return learner
 
 
 def summary() -> str:
@@ -239,15 +249,22 @@ def _cell_is_set(cell) -> bool:
         return False
 
 
+def send_recv_only(ex_id: str, learner_fn):
+    """Make every built-in collective raise while the learner's function runs."""
+    return builtins_switched_off(learner_fn, COLLECTIVES,
+                                 f"exercise {ex_id} must be built from send/recv only")
+
+
 @contextlib.contextmanager
-def builtins_switched_off(learner_fn, names, why: str):
+def builtins_switched_off(learner_fn, names, why: str, namespaces=(dist, c10d), shown_as: str = "dist"):
     """Make ``dist.<name>`` for each of ``names`` raise :class:`BuiltinUsed` saying ``why``.
 
     Also where the learner imported one by name (``from torch.distributed import
     broadcast``): by now that is the original function in their globals or a
     closure, so it is swapped there too, and everything is restored afterwards.
+    ``namespaces`` and ``shown_as`` switch off a library's functions instead (``moe.route``).
     """
-    saved = [(ns, name, getattr(ns, name)) for ns in (dist, c10d) for name in names if hasattr(ns, name)]
+    saved = [(ns, name, getattr(ns, name)) for ns in namespaces for name in names if hasattr(ns, name)]
     by_identity = {id(fn): name for _, name, fn in saved}
     functions = learner_functions(learner_fn)
     in_globals = {(id(f.__globals__), key): (f.__globals__, key, v) for f in functions
@@ -257,7 +274,7 @@ def builtins_switched_off(learner_fn, names, why: str):
 
     def refusing(name):
         def refuse(*args, **kwargs):
-            raise BuiltinUsed(f"{why}: you called dist.{name}")
+            raise BuiltinUsed(f"{why}: you called {shown_as}.{name}")
         return refuse
 
     try:

@@ -11,38 +11,22 @@ from __future__ import annotations
 
 import functools
 
-import cloudpickle
 import torch
 import torch.distributed as dist
 
 from course_lib import launch
-from course_lib.checks import (COLLECTIVES, BuiltinUsed, Mismatch, _cell_is_set, builtins_switched_off,
-                               compare, exercise, learner_functions, run_learner)
+from course_lib.checks import Mismatch, compare, exercise, learner_in_rank, run_learner, send_recv_only
 
 WORLD_SIZES = (1, 2, 3, 4)
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
 TIMEOUT = 10.0
 SHAPE = (2, 5)
 
-FORBIDDEN = COLLECTIVES
-BuiltinCollectiveUsed = BuiltinUsed
-
-
 def _rank_data(salt: int) -> torch.Tensor:
     """Integer-valued floats, different on every rank, world size and root: sums are exact."""
     rank, n = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(1000 * n + 31 * rank + salt)
     return torch.randint(-50, 50, SHAPE, generator=g).float().to(launch.device())
-
-
-# Kept for chapter modules that imported them from here.
-_learner_functions, _cell_is_set = learner_functions, _cell_is_set
-
-
-def _only_send_recv(ex_id: str, learner_fn):
-    """Make every built-in collective raise while the learner's function runs."""
-    return builtins_switched_off(learner_fn, COLLECTIVES,
-                                 f"exercise {ex_id} must be built from send/recv only")
 
 
 def _launch(n: int, rank_fn, learner_fn, *args):
@@ -76,9 +60,9 @@ def _roots(kind: str, n: int) -> list:
 
 
 def _learner_rank(payload, ex_id, kind):
-    (learner,) = cloudpickle.loads(payload)
+    learner = learner_in_rank(payload)
     results = []  # per root: (this rank's result, returned a new tensor instead of in place?)
-    with _only_send_recv(ex_id, learner):
+    with send_recv_only(ex_id, learner):
         for root in _roots(kind, dist.get_world_size()):
             tensor = _rank_data(root)
             if kind == "all_gather":

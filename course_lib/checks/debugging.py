@@ -10,7 +10,6 @@ without recording a result.
 """
 from __future__ import annotations
 
-import cloudpickle
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -18,7 +17,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from course_lib import launch
-from course_lib.checks import Mismatch, compare, exercise
+from course_lib.checks import Mismatch, compare, exercise, learner_in_rank
 from course_lib.models import make_mlp, shard
 
 #: Seconds one launch may take: a deadlock is reported after about this long.
@@ -51,7 +50,7 @@ def _samples(n):
 
 
 def _mean_rank(payload, n):
-    (learner,) = cloudpickle.loads(payload)
+    learner = learner_in_rank(payload)
     return learner(_samples(n)[dist.get_rank()])
 
 
@@ -76,7 +75,7 @@ def global_mean(learner_fn):
 
 
 def _right_rank(payload):
-    (learner,) = cloudpickle.loads(payload)
+    learner = learner_in_rank(payload)
     return learner(torch.full((3,), float(dist.get_rank())))
 
 
@@ -98,7 +97,7 @@ GRIDS = ((2, 2), (2, 3), (1, 4))  # (replicas, TP ranks per replica)
 
 
 def _group_rank(payload, replicas, width):
-    (learner,) = cloudpickle.loads(payload)
+    learner = learner_in_rank(payload)
     groups = [list(range(d * width, (d + 1) * width)) for d in range(replicas)]
     tp_group, _ = dist.new_subgroups_by_enumeration(groups)
     x, w = _row_parallel_data(dist.get_rank() // width, width)
@@ -138,7 +137,7 @@ def _batch(n):
 
 
 def _accumulate_rank(payload):
-    (learner,) = cloudpickle.loads(payload)
+    learner = learner_in_rank(payload)
     rank, n = dist.get_rank(), dist.get_world_size()
     model = make_mlp(D_MODEL, D_HIDDEN, SEED)
     ddp = DistributedDataParallel(model)

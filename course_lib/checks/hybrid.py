@@ -12,8 +12,8 @@ import functools
 import torch.distributed as dist
 
 from course_lib import cost, dp, mesh
-from course_lib.checks import Mismatch, exercise
-from course_lib.checks.tensor_parallel import learner_in_rank, run_ranks
+from course_lib.checks import Mismatch, exercise, learner_in_rank
+from course_lib.checks.tensor_parallel import run_ranks
 from course_lib.models import make_stack
 
 SHAPES = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2), (2, 4, 1), (3, 2, 2), (2, 2, 3)]

@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import functools
 
-import cloudpickle
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from course_lib import moe
-from course_lib.checks import (COLLECTIVES, BuiltinUsed, Mismatch, _cell_is_set, builtins_switched_off,
-                               exercise, learner_functions, run_learner)
+from course_lib.checks import (BuiltinUsed, Mismatch, builtins_switched_off, exercise, learner_in_rank,
+                               run_learner, send_recv_only)
 
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
 TIMEOUT = 20.0
@@ -31,37 +30,18 @@ LAYER_CASES = ((2, 1.0), (1, 1.0))  # (k, capacity factor): both drop some assig
 @contextlib.contextmanager
 def _library_switched_off(ex_id: str, learner_fn, names):
     """Make ``course_lib.moe.<name>`` raise while the learner's code runs (also if imported by name)."""
-    originals = {name: getattr(moe, name) for name in names}
-    by_identity = {id(fn): name for name, fn in originals.items()}
+    why = f"exercise {ex_id} asks you to write this yourself"
 
-    def refusing(name):
-        def refuse(*args, **kwargs):
-            raise BuiltinUsed(f"exercise {ex_id} asks you to write this yourself: you called moe.{name}")
-        return refuse
+    def refuse_layer(*args, **kwargs):
+        raise BuiltinUsed(f"{why}: you called moe.MoELayer")
 
-    functions = learner_functions(learner_fn)
-    in_globals = {(id(f.__globals__), key): (f.__globals__, key, v) for f in functions
-                  for key, v in list(f.__globals__.items()) if id(v) in by_identity}
-    in_cells = [(c, c.cell_contents) for f in functions for c in f.__closure__ or ()
-                if _cell_is_set(c) and id(c.cell_contents) in by_identity]
     layer_forward = moe.MoELayer.forward
-    try:
-        for name in names:
-            setattr(moe, name, refusing(name))
-        for g, key, v in in_globals.values():
-            g[key] = refusing(by_identity[id(v)])
-        for cell, v in in_cells:
-            cell.cell_contents = refusing(by_identity[id(v)])
-        moe.MoELayer.forward = refusing("MoELayer")
-        yield
-    finally:
-        moe.MoELayer.forward = layer_forward
-        for name, fn in originals.items():
-            setattr(moe, name, fn)
-        for g, key, v in in_globals.values():
-            g[key] = v
-        for cell, v in in_cells:
-            cell.cell_contents = v
+    with builtins_switched_off(learner_fn, names, why, namespaces=(moe,), shown_as="moe"):
+        moe.MoELayer.forward = refuse_layer
+        try:
+            yield
+        finally:
+            moe.MoELayer.forward = layer_forward
 
 
 def _one_thread(check):
@@ -227,9 +207,9 @@ def _a2a_rows(n: int, rank: int) -> torch.Tensor:
 
 
 def _a2a_rank(payload):
-    (learner,) = cloudpickle.loads(payload)
+    learner = learner_in_rank(payload)
     rank, n = dist.get_rank(), dist.get_world_size()
-    with builtins_switched_off(learner, COLLECTIVES, "exercise 8.3 must be built from send/recv only"), \
+    with send_recv_only("8.3", learner), \
             _library_switched_off("8.3", learner, ("all_to_all", "builtin_all_to_all")):
         result = learner(_a2a_rows(n, rank), _a2a_counts(n, rank))
     if isinstance(result, (tuple, list)) and len(result) == 2:
@@ -301,7 +281,7 @@ def _tokens(rank: int) -> torch.Tensor:
 
 
 def _layer_rank(payload, k, capacity_factor):
-    (learner,) = cloudpickle.loads(payload)
+    learner = learner_in_rank(payload)
     rank, n = dist.get_rank(), dist.get_world_size()
     gate, experts = moe.make_moe(D_MODEL, NUM_EXPERTS, D_HIDDEN, SEED)
     per_rank = NUM_EXPERTS // n

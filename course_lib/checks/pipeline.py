@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import functools
 
-import cloudpickle
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from course_lib import launch, pp
-from course_lib.checks import Mismatch, _last_line, compare, exercise
+from course_lib import pp
+from course_lib.checks import Mismatch, compare, exercise, learner_in_rank, run_learner
 from course_lib.models import make_stack, regression_data
 
 STAGES = range(1, 6)
@@ -117,7 +116,7 @@ def _refusing_none(send):
 
 
 def _stage_rank(payload):
-    (learner,) = cloudpickle.loads(payload)
+    learner = learner_in_rank(payload)
     rank, p = dist.get_rank(), dist.get_world_size()
     dist.send, dist.isend = _refusing_none(dist.send), _refusing_none(dist.isend)
     results = []
@@ -147,24 +146,10 @@ def _close(a, b) -> bool:
 
 
 def _launch_stages(p: int, learner_fn):
-    payload = launch.dumps_by_value((learner_fn,))
-    try:
-        # gloo even on a GPU machine: the exercise's buffers are CPU tensors.
-        return launch.run(_stage_rank, p, payload, backend="gloo", timeout=TIMEOUT)
-    except launch.LaunchTimeout as exc:
-        lines = str(exc).splitlines()
-        where = "; ".join(ln.strip() for ln in lines[1:1 + p] if ln.startswith("  rank"))
-        what = "deadlock" if isinstance(exc, launch.DeadlockError) else "timed out (an endless loop?)"
-        cases = ", then ".join(f"{n} m={m}" for n, m in CASES)
-        raise Mismatch(f"p={p} ({cases}): {what} — {lines[0]} ({where})") from None
-    except launch.RankError as exc:
-        cases = ", then ".join(f"{n} m={m}" for n, m in CASES)
-        if exc.exc_type == NothingToSend.__name__:
-            raise Mismatch(f"p={p}: {_last_line(str(exc)).split(': ', 1)[-1]}") from None
-        if not any(s in str(exc) for s in launch.SECONDARY_ERRORS):
-            raise
-        raise Mismatch(f"p={p} ({cases}): deadlock — a rank waited for a message that never came "
-                       f"until the time-out; every recv needs a matching send") from None
+    cases = ", then ".join(f"{n} m={m}" for n, m in CASES)
+    # gloo even on a GPU machine: the exercise's buffers are CPU tensors.
+    return run_learner(p, _stage_rank, learner_fn, timeout=TIMEOUT, refusals=(NothingToSend,),
+                       label=f"p={p} ({cases})", backend="gloo")
 
 
 def _check_loss(prefix, loss, rank, p, m, expected):

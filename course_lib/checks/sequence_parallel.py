@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from course_lib.checks import Mismatch, exercise
+from course_lib.checks import Mismatch, exercise, learner_in_rank
 from course_lib.checks.tensor_parallel import (
     BATCH, D_HIDDEN, D_MODEL, SEED, SEQ, WORLD_SIZES, backprop, block, building_on, check_close,
-    check_output, course_tp_switched_off, grad_of, learner_in_rank, only_block, rank_data, run_ranks)
+    check_output, course_tp_switched_off, grad_of, only_block, rank_data, run_ranks)
 from course_lib.models import make_mlp
 
 SHAPE = (BATCH, SEQ, D_MODEL)

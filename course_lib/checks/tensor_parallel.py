@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import contextlib
 
-import cloudpickle
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from course_lib.checks import Mismatch, compare, exercise, run_learner
+from course_lib.checks import Mismatch, compare, exercise, learner_in_rank, run_learner
 from course_lib.models import make_mlp
 
 WORLD_SIZES = (1, 2, 4)
@@ -69,12 +68,6 @@ def course_tp_switched_off(ex_id: str, learner):
         for name, obj in originals.items():
             setattr(tp, name, obj)
         namespace.update(imported)
-
-
-def learner_in_rank(payload):
-    """The learner's function or class, unpickled inside a rank."""
-    (learner,) = cloudpickle.loads(payload)
-    return learner
 
 
 def run_ranks(n: int, rank_fn, learner, *args):
