@@ -280,14 +280,13 @@ def plan(root: Path = ROOT) -> dict[Path, str]:
     files = {}
     for folder in SOURCE_DIRS:
         for source in sorted((root / folder).glob("*.py")):
-            files[source.with_suffix(".ipynb")] = to_ipynb(_read(source), _rel(source, root))
-    for source in sorted((root / "solutions").glob("*.py")):
-        if not GENERATED_NAME.match(source.stem):
-            continue
-        exercise_py = make_exercise(_read(source), _rel(source, root))
-        target = root / EXERCISE_DIR / source.name
-        files[target] = exercise_py
-        files[target.with_suffix(".ipynb")] = to_ipynb(exercise_py, _rel(target, root))
+            text = _read(source)
+            files[source.with_suffix(".ipynb")] = to_ipynb(text, _rel(source, root))
+            if folder == "solutions" and GENERATED_NAME.match(source.stem):
+                exercise_py = make_exercise(text, _rel(source, root))
+                target = root / EXERCISE_DIR / source.name
+                files[target] = exercise_py
+                files[target.with_suffix(".ipynb")] = to_ipynb(exercise_py, _rel(target, root))
     return files
 
 

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 
 from course_lib import launch
 from course_lib.collectives import Timing, time_calls
@@ -117,7 +116,6 @@ def count_traffic():
     """Count this rank's communication inside the ``with`` block; yields a :class:`Traffic`."""
     traffic = Traffic()
     wire = _measures_wire()
-    originals = {}
     depth = [0]  # a call made inside a counted call (recv uses irecv) is not counted again
 
     def wrap(name, original):
@@ -164,22 +162,15 @@ def count_traffic():
 
         return counted
 
-    for name in (*_P2P, *_COLLECTIVES, "batch_isend_irecv"):
-        if hasattr(dist, name):
-            originals[name] = getattr(dist, name)
+    counted = {name: wrap_batch(getattr(dist, name)) if name == "batch_isend_irecv"
+               else wrap(name, getattr(dist, name))
+               for name in (*_P2P, *_COLLECTIVES, "batch_isend_irecv") if hasattr(dist, name)}
     start = tcp_bytes() if wire else None
-    c10d_originals = {name: getattr(c10d, name) for name in ("isend", "irecv")}
+    undo = launch.replace_dist_functions(counted)
     try:
-        for name, original in originals.items():
-            setattr(dist, name, wrap_batch(original) if name == "batch_isend_irecv" else wrap(name, original))
-        for name in c10d_originals:  # P2POp accepts only what c10d itself calls isend/irecv
-            setattr(c10d, name, getattr(dist, name))
         yield traffic
     finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
-        for name, original in c10d_originals.items():
-            setattr(c10d, name, original)
+        undo()
         if start is not None:
             end = _settled_tcp_bytes()
             traffic.sent, traffic.received = end[0] - start[0], end[1] - start[1]
@@ -212,18 +203,29 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.in
            torch.int16, torch.int8, torch.uint8, torch.complex64, torch.complex128)
 
 
+def global_rank(group, group_rank: int) -> int:
+    """Point-to-point calls name peers by their global rank, even inside a group."""
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
 @dataclass(frozen=True)
 class Ring:
-    """This rank's place in a group: its group rank, the group size, neighbours' global ranks."""
+    """This rank's place in a group: its group rank, the group size, its neighbours."""
 
     rank: int
     size: int
-    left: int
-    right: int
     group: object = None
 
     def global_rank(self, group_rank: int) -> int:
-        return dist.get_global_rank(self.group, group_rank) if self.group is not None else group_rank
+        return global_rank(self.group, group_rank)
+
+    @property
+    def left(self) -> int:
+        return self.global_rank((self.rank - 1) % self.size)
+
+    @property
+    def right(self) -> int:
+        return self.global_rank((self.rank + 1) % self.size)
 
 
 def ring_of(group=None) -> Ring:
@@ -231,10 +233,7 @@ def ring_of(group=None) -> Ring:
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("this rank is not a member of the group it was asked to communicate in")
-    size = dist.get_world_size(group)
-    # point-to-point calls name peers by their global rank, even inside a group
-    to_global = (lambda r: dist.get_global_rank(group, r)) if group is not None else (lambda r: r)
-    return Ring(rank, size, to_global((rank - 1) % size), to_global((rank + 1) % size), group)
+    return Ring(rank, dist.get_world_size(group), group)
 
 
 def _header(tensor: torch.Tensor) -> torch.Tensor:
@@ -242,6 +241,27 @@ def _header(tensor: torch.Tensor) -> torch.Tensor:
     shape = list(tensor.shape) if tensor.dim() <= _HEADER_DIMS else [tensor.numel()]
     dims = shape + [0] * (_HEADER_DIMS - len(shape))
     return torch.tensor([code, len(shape)] + dims, dtype=torch.int64, device=tensor.device)
+
+
+def send_header(tensor: torch.Tensor, dst: int, group=None):
+    """Start sending ``tensor``'s shape and dtype to ``dst``, so it can allocate a buffer.
+
+    Returns (request, header): the header must live until the request completes.
+    """
+    if tensor.dtype not in _DTYPES or tensor.dim() > _HEADER_DIMS:
+        raise ValueError(f"a header describes up to {_HEADER_DIMS} dimensions of "
+                         f"{', '.join(str(d).replace('torch.', '') for d in _DTYPES)}; "
+                         f"got shape {tuple(tensor.shape)} {tensor.dtype}")
+    header = _header(tensor)
+    return dist.isend(header, dst, group=group), header
+
+
+def recv_header(src: int, group=None, device="cpu") -> tuple[tuple, torch.dtype]:
+    """The (shape, dtype) that :func:`send_header` on ``src`` sent."""
+    header = torch.empty(2 + _HEADER_DIMS, dtype=torch.int64, device=device)
+    dist.recv(header, src, group=group)
+    code, ndim, *dims = header.tolist()
+    return tuple(dims[:ndim]), _DTYPES[code]
 
 
 def _describe(header: torch.Tensor) -> str:
@@ -265,9 +285,7 @@ def _checked_ring(tensor, group, name: str) -> Ring:
     # (gloo itself would silently produce wrong sums for different sizes.)
     mine = _header(tensor)
     theirs = torch.empty_like(mine)
-    request = dist.isend(mine, ring.right, group=group)
-    dist.recv(theirs, ring.left, group=group)
-    request.wait()
+    _exchange(mine, theirs, ring)
     if not torch.equal(mine, theirs):
         raise ValueError(f"{name}: rank {ring.rank} holds a tensor of {_describe(mine)} but its left "
                          f"neighbour (rank {(ring.rank - 1) % ring.size}) holds {_describe(theirs)}; "

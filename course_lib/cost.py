@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from course_lib.pp import bubble_formula
 from course_lib.zero import formula_bytes, formula_traffic
 
 #: Bytes per element of activations and of messages (fp16/bf16 training, or the course's fp32).
@@ -103,7 +104,7 @@ def activation_bytes_per_layer(seq_len: int, batch: int, hidden: int, heads: int
 
 def bubble_fraction(p: int, m: int) -> float:
     """Idle share of a GPipe/1F1B pipeline: (p−1)/(m+p−1)."""
-    return (p - 1) / (m + p - 1)
+    return bubble_formula(p, m)
 
 
 def microbatches_alive(p: int, m: int, schedule: str = "1f1b") -> int:
@@ -184,7 +185,6 @@ def format_bytes(n: float) -> str:
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
         n /= 1000
-    return f"{n:.3g} TB"
 
 
 # ----------------------------------------------------------------------------

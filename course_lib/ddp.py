@@ -11,6 +11,7 @@ background as soon as its gradients exist, while backward computes the rest.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_leaves
+
+from course_lib.comm import global_rank
 
 
 def assign_buckets(sizes, cap_bytes: float) -> list[list[int]]:
@@ -120,7 +123,7 @@ class BucketedDDP(nn.Module):
 
     @torch.no_grad()
     def _broadcast_state(self):
-        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        src = global_rank(self.group, 0)
         for t in [*self.module.parameters(), *self.module.buffers()]:
             dist.broadcast(t.data, src, group=self.group)
 
@@ -185,12 +188,11 @@ class BucketedDDP(nn.Module):
     def _finish(self):
         backward_done = self._now()
         for bucket in self.buckets:
-            for i, filled in enumerate(bucket.filled):
-                if not filled:  # no gradient this pass: contribute zeros
-                    bucket.view(i).zero_()
-        for bucket in self.buckets:
-            if bucket.pending:  # it waited for a gradient that never came
+            if bucket.pending:  # it waited for gradients that never came: they contribute zeros
                 bucket.timing.ready = backward_done
+                for i, filled in enumerate(bucket.filled):
+                    if not filled:
+                        bucket.view(i).zero_()
         self._launch_ready(everything=True)
         for bucket in self.buckets:
             bucket.work.wait()
@@ -207,10 +209,5 @@ class BucketedDDP(nn.Module):
 
 
 def _same_dtype_runs(named):
-    runs = []
-    for name, p in named:
-        if runs and runs[-1][-1][1].dtype == p.dtype:
-            runs[-1].append((name, p))
-        else:
-            runs.append([(name, p)])
-    return runs
+    """(name, parameter) pairs in runs of one dtype: a bucket's flat buffer has a single dtype."""
+    return [list(run) for _, run in itertools.groupby(named, key=lambda item: item[1].dtype)]

@@ -602,9 +602,25 @@ def _trace_calls(rank, where, calls, on_gpu=False):
             where[rank] = _RUNNING  # on an error `where` keeps the call
             return result
 
-        setattr(dist, name, traced)
-        if name in ("isend", "irecv"):  # P2POp accepts only what c10d itself calls isend/irecv
-            setattr(c10d, name, traced)
+        replace_dist_functions({name: traced})
+
+
+def replace_dist_functions(replacements: dict):
+    """Install ``replacements[name]`` as ``dist.<name>``; returns a function that undoes it.
+
+    isend/irecv are replaced in c10d too: ``dist.P2POp`` accepts only the functions
+    that c10d itself calls isend/irecv.
+    """
+    saved = [(module, name, getattr(module, name)) for name in replacements
+             for module in ((dist, c10d) if name in ("isend", "irecv") else (dist,))]
+    for module, name, _ in saved:
+        setattr(module, name, replacements[name])
+
+    def undo():
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+    return undo
 
 
 def _die_with_parent():

@@ -209,8 +209,7 @@ def train_3d(dp: int, tp: int, pp: int, batches, model_fn, microbatches: int = 2
     stage = build_3d_stage(grid, model_fn())
     if zero_stage is None:
         optimizer = data_parallel.SGD(stage.parameters(), lr)
-        average_gradients = average_gradients or (
-            lambda model, group: data_parallel.average_gradients_allreduce(model, group=group))
+        average_gradients = average_gradients or data_parallel.average_gradients_allreduce
     else:
         optimizer = ZeroAdam(stage, zero_stage, lr=lr, group=grid.dp_group)
     last = grid.pp_rank == pp - 1
@@ -227,8 +226,7 @@ def train_3d(dp: int, tp: int, pp: int, batches, model_fn, microbatches: int = 2
         if last:  # this replica's mean loss; the batch's is the mean over replicas
             dist.all_reduce(loss, group=grid.dp_group)
             losses.append(loss.item() / dp)
-    params = optimizer.full_parameters() if zero_stage is not None else \
-        {name: p.detach().clone() for name, p in stage.named_parameters()}
+    params = optimizer.full_parameters() if zero_stage is not None else data_parallel.parameters(stage)
     return {"coord": grid.coord, "losses": losses if last else None, "params": params, "memory": memory}
 
 

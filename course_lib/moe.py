@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from course_lib.comm import global_rank
 from course_lib.models import MLP
 
 #: Switch Transformer's scale for the load-balancing loss.
@@ -117,19 +118,15 @@ def _rank_and_size(group=None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _peer(group, group_rank: int) -> int:
-    return group_rank if group is None else dist.get_global_rank(group, group_rank)
-
-
 def _exchange_counts(send_counts: list[int], group=None) -> list[int]:
     """Tell every rank how many rows it gets from me; learn how many I get from each."""
     rank, n = _rank_and_size(group)
     mine = torch.tensor(send_counts, dtype=torch.int64)
     theirs = mine.clone()  # theirs[j]: rows rank j will send me (my own entry is already right)
-    requests = [dist.isend(mine[j:j + 1], _peer(group, j), group=group) for j in range(n) if j != rank]
+    requests = [dist.isend(mine[j:j + 1], global_rank(group, j), group=group) for j in range(n) if j != rank]
     for j in range(n):
         if j != rank:
-            dist.recv(theirs[j:j + 1], _peer(group, j), group=group)
+            dist.recv(theirs[j:j + 1], global_rank(group, j), group=group)
     for request in requests:
         request.wait()
     return theirs.tolist()
@@ -158,12 +155,12 @@ def all_to_all(rows: torch.Tensor, send_counts, group=None, recv_counts=None):
     received = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
     incoming = received.split(recv_counts)
     # All sends are posted first (non-blocking), so no pair of ranks waits on each other.
-    requests = [dist.isend(outgoing[j], _peer(group, j), group=group)
+    requests = [dist.isend(outgoing[j], global_rank(group, j), group=group)
                 for j in range(n) if j != rank and send_counts[j]]
     incoming[rank].copy_(outgoing[rank])
     for j in range(n):
         if j != rank and recv_counts[j]:
-            dist.recv(incoming[j], _peer(group, j), group=group)
+            dist.recv(incoming[j], global_rank(group, j), group=group)
     for request in requests:
         request.wait()
     return received, recv_counts

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from course_lib.comm import global_rank, recv_header, send_header
+
 
 # ----------------------------------------------------------------------------
 # schedules: the order in which each stage runs its forwards (F) and backwards (B)
@@ -298,29 +300,11 @@ def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 # the runtime: one rank runs its stage's actions, talking to its neighbours
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_MAX_DIMS = 8
-
-
 def _split(batch, m: int, what: str):
     if batch.shape[0] % m:
         raise ValueError(f"{what} has a batch of {batch.shape[0]}, which does not split into "
                          f"{m} equal micro-batches: use a batch size that is a multiple of {m}")
     return batch.split(batch.shape[0] // m)
-
-
-def _send_header(tensor, dst, group):
-    """Shape and dtype of what follows, so the receiver can allocate it (sent once per step)."""
-    header = torch.zeros(2 + _MAX_DIMS, dtype=torch.int64, device=tensor.device)
-    header[0], header[1] = _DTYPES.index(tensor.dtype), tensor.dim()
-    header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, device=tensor.device)
-    return dist.isend(header, dst, group=group), header
-
-
-def _recv_header(src, group, device):
-    header = torch.empty(2 + _MAX_DIMS, dtype=torch.int64, device=device)
-    dist.recv(header, src, group=group)
-    return tuple(header[2:2 + int(header[1])].tolist()), _DTYPES[int(header[0])]
 
 
 def train_step(stage, inputs, targets, loss_fn, num_microbatches, schedule="gpipe", group=None, *,
@@ -345,10 +329,8 @@ def train_step(stage, inputs, targets, loss_fn, num_microbatches, schedule="gpip
     if (first and micro_inputs is None) or (last and micro_targets is None):
         raise ValueError("the first stage needs inputs and the last stage needs targets")
 
-    def peer(stage_index):
-        return stage_index if group is None else dist.get_global_rank(group, stage_index)
-
-    before, after = (None if first else peer(s - 1)), (None if last else peer(s + 1))
+    before = None if first else global_rank(group, s - 1)
+    after = None if last else global_rank(group, s + 1)
     device = next(stage.parameters(), torch.empty(0)).device  # NCCL sends only GPU tensors
     stage_inputs, stage_outputs = {}, {}  # micro-batch -> what its backward needs
     in_flight = []  # (request, tensor): a tensor must live until its isend completes
@@ -361,7 +343,7 @@ def train_step(stage, inputs, targets, loss_fn, num_microbatches, schedule="gpip
                 x = micro_inputs[i]
             else:
                 if in_shape is None:
-                    in_shape, in_dtype = _recv_header(before, group, device)
+                    in_shape, in_dtype = recv_header(before, group, device)
                 x = torch.empty(in_shape, dtype=in_dtype, device=device)
                 dist.recv(x, before, group=group)
                 x.requires_grad_()
@@ -372,7 +354,7 @@ def train_step(stage, inputs, targets, loss_fn, num_microbatches, schedule="gpip
                 total_loss += y.detach()
             else:
                 if not header_sent:
-                    in_flight.append(_send_header(y, after, group))
+                    in_flight.append(send_header(y, after, group))
                     header_sent = True
                 out = y.detach()
                 in_flight.append((dist.isend(out, after, group=group), out))

@@ -30,6 +30,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from course_lib.dp import flatten, unflatten_into
+
 SEQ_DIM = 1
 
 
@@ -355,7 +357,7 @@ class SequenceParallelBlock(TensorParallelBlock):
         params = [p for p in self.replicated_parameters() if p is not None and p.grad is not None]
         if not params or dist.get_world_size(self.group) == 1:
             return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        grads = [p.grad for p in params]
+        flat = flatten(grads)
         dist.all_reduce(flat, group=self.group)
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
+        unflatten_into(flat, grads)

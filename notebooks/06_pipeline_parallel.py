@@ -285,15 +285,11 @@ for p in (2, 4):
 
 # %% [markdown]
 # A second reference: torch's own `torch.distributed.pipelining` (`ScheduleGPipe`, `Schedule1F1B`)
-# on the same slices gives the same gradients. (The course's launcher traces `dist.isend`/`irecv`
-# to locate deadlocks; torch's pipelining accepts only the untraced functions, so this cell hands
-# them back first.)
+# on the same slices gives the same gradients.
 
 # %%
 def torch_pipeline_gradients(m):
-    import torch.distributed.distributed_c10d as c10d
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
-    dist.isend, dist.irecv = c10d.isend, c10d.irecv
     rank, p, device = dist.get_rank(), dist.get_world_size(), launch.device()
     x, y = (t.to(device) for t in regression_data(BATCH, D_MODEL))
     results = {}
