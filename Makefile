@@ -25,12 +25,13 @@ lab: setup
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) --notebook-dir=. $(LAB_ARGS)
 
 # build --check: exercises/ and every .ipynb match their sources.
-# pytest: unit tests of course_lib, then lessons and solutions run by nbval. The untouched
-# exercises are executed by the grader in tests/test_course.py, which asserts every one
-# reads "not attempted" (stronger than running them a second time under nbval).
+# pytest: unit tests of course_lib, then the lessons run by nbval. Solutions and untouched
+# exercises are executed by the grader in tests/test_course.py, which asserts every solution
+# passes every exercise with no cell raising, and every untouched exercise reads "not
+# attempted" (stronger than running them a second time under nbval).
 test: setup
 	$(PY) -m course_lib.build --check
-	$(PY) -m pytest $(NBVAL) tests notebooks solutions --ignore=tests/ui --durations=15
+	$(PY) -m pytest $(NBVAL) tests notebooks --ignore=tests/ui --durations=15
 
 # A real browser (Debian's chromium, driven by Playwright) runs a chapter in JupyterLab.
 # Skips, saying why, when there is no chromium; `.ci/run` installs it first.

@@ -335,7 +335,7 @@ def grade_notebook(path: Path, canonical_path: Path, time_limit: float = TIME_LI
     chapter = chapter_of(path.stem)
     expected = checks.exercises_for_chapter(chapter)
     entry = {"name": path.stem, "path": str(path), "exercise_notebook": str(canonical_path),
-             "chapter": chapter, "error": None}
+             "chapter": chapter, "error": None, "cell_errors": []}
     try:
         learner = read_learner_notebook(path)
     except Exception as exc:  # unreadable JSON, not a notebook, ...
@@ -352,6 +352,10 @@ def grade_notebook(path: Path, canonical_path: Path, time_limit: float = TIME_LI
                 for record in run.results:
                     expected.setdefault(record["id"], record.get("title", ""))
         entry["exercises"] = judge(nb, runs, expected, spots)
+        # Lesson cells that failed: informative for a learner's notebook (a demo may use an
+        # unfinished answer); a solution notebook must have none.
+        entry["cell_errors"] = [f"cell {r.index + 1}: {r.error or r.reason}" for r in runs
+                                if r.state in ("error", "timeout", "died") and r.index not in spots.values()]
         if not expected:
             entry["error"] = f"no exercises are registered for chapter {chapter:02d}"
         if save_dir is not None:

@@ -29,6 +29,7 @@ def test_every_solution_passes_and_has_three_exercises(tmp_path):
     for notebook in report["notebooks"]:
         assert len(notebook["exercises"]) >= 3, notebook["name"]
         assert all(e["status"] == "passed" for e in notebook["exercises"]), notebook
+        assert notebook["cell_errors"] == [], notebook  # every cell runs, not only the checks
 
 
 def test_untouched_exercises_pass_nothing(tmp_path):

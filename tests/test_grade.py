@@ -74,6 +74,7 @@ def test_solution_passes_everything(course):
                                 "not attempted": 0, "error": 0}
     (entry,) = report["notebooks"]
     assert entry["chapter"] == 99 and entry["passed"] == 2 and entry["total"] == 2
+    assert entry["cell_errors"] == []
     assert entry["exercises"] == [
         {"id": "99.1", "title": "add one", "status": "passed", "message": ""},
         {"id": "99.2", "title": "double", "status": "passed", "message": ""},
@@ -93,6 +94,20 @@ def test_stubs_edited_checks_and_endless_loop(course):
     assert report["totals"]["passed"] == 1 and report["totals"]["not attempted"] == 4
     assert "99_demo: 1/2 exercises passed" in result.stdout
     assert "total: 1/6 exercises passed in 3 notebooks" in result.stdout
+
+
+def test_lesson_cells_that_raise_are_listed(course):
+    nb = nbformat.read(course / "exercises" / "99_demo.ipynb", as_version=4)
+    for cell in nb.cells:
+        if cell.metadata.get("answer") == "add_one":
+            cell.source = "def add_one(x):\n    return x + 1\n\ndel check"  # the check cells lose it
+    (course / "deleter").mkdir()
+    nbformat.write(nb, course / "deleter" / "99_demo.ipynb")
+    result, report = grade_cli(course, "deleter/99_demo.ipynb")
+    assert result.returncode == 1, result.stdout + result.stderr
+    (entry,) = report["notebooks"]
+    assert len(entry["cell_errors"]) == 2, entry["cell_errors"]
+    assert all("NameError: name 'check' is not defined" in e for e in entry["cell_errors"])
 
 
 def test_usage_errors_exit_2(course, capsys):
