@@ -19,10 +19,6 @@ def notebook_text(*cells: str) -> str:
     return build.HEADER + "".join(f"\n{cell.strip()}\n" for cell in cells)
 
 
-def code_cells(text: str) -> list:
-    return [c for c in jupytext.reads(text, fmt="py:percent").cells if c.cell_type == "code"]
-
-
 @pytest.fixture
 def tree(tmp_path):
     """A copy of the fixture course (one lesson, one solution), built."""

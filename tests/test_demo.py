@@ -25,10 +25,22 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # course_lib.demo under torchrun
 
 
-@pytest.mark.parametrize("strategy", ["dp", "ring", "tp", "sp", "pp", "zero", "moe"])
-def test_strategy_matches_single_process(strategy):
-    out = run_torchrun(strategy, nproc=2, timeout=60, echo=False)
-    assert f"demo {strategy}: OK  world_size=2 backend={launch.choose_backend('auto', 2)}" in out
+STRATEGIES_ON_TWO = ["dp", "ring", "tp", "sp", "pp", "zero", "moe"]
+
+
+@pytest.fixture(scope="module")
+def output_on_two_ranks():
+    """One torchrun for all of them (each reseeds itself): starting torchrun costs seconds."""
+    try:
+        return run_torchrun(STRATEGIES_ON_TWO, nproc=2, timeout=180, echo=False)
+    except TorchrunError as exc:  # each test then names what its strategy printed, or did not
+        return exc.output
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES_ON_TWO)
+def test_strategy_matches_single_process(strategy, output_on_two_ranks):
+    expected = f"demo {strategy}: OK  world_size=2 backend={launch.choose_backend('auto', 2)}"
+    assert expected in output_on_two_ranks, output_on_two_ranks
 
 
 def test_3d_on_eight_ranks():

@@ -83,7 +83,7 @@ def test_tp_x_pp_with_zero1_equals_adamw_on_four_ranks():
     mesh.train_dense(reference, batches, zero_stage=1, lr=0.01)
     dense = {k: v.detach() for k, v in reference.named_parameters()}
     results = launch.run(mesh.train_3d, 4, 2, 1, 2, batches, MODEL, 2, 1, 0.01, backend="gloo")
-    mesh.compare_with_dense(results, dense, tp_size=1)
+    assert mesh.compare_with_dense(results, dense, tp_size=1) == 4 * 4  # every rank, every tensor
     assert results[0]["memory"]["optimizer"] < results[0]["memory"]["params"] * 2  # halved over dp=2
 
 

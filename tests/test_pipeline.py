@@ -161,9 +161,10 @@ def torch_pipeline(schedule_name):
     return {k: q.grad for k, q in stage.named_parameters()}
 
 
-def test_torch_pipelining_agrees():
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_torch_pipelining_agrees(schedule):
     _, full_grads = reference()
-    for grads in launch.run(torch_pipeline, 2, "gpipe"):
+    for grads in launch.run(torch_pipeline, 2, schedule):
         for name, grad in grads.items():
             torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-5)
 

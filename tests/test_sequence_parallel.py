@@ -120,10 +120,11 @@ def test_sequence_parallel_sends_what_tensor_parallel_sends():
     # one all-gather before each column-parallel layer, one reduce-scatter (an all-to-all) after
     # each row-parallel one; backward mirrors it
     assert sp_fwd == sp_bwd == ["all_gather_single", "all_to_all_single"] * 2
-    if tp_sent is not None:
-        ideal = 2 * 2 * (n - 1) / n * 4 * 4096  # two all-reduces' worth on a ring
-        for sent in (tp_sent, tp_back, sp_sent, sp_back):
-            assert ideal <= sent < 1.25 * ideal  # gloo's headers and a little noise on top
+    if tp_sent is None:
+        pytest.skip("wire bytes cannot be read on this system")
+    ideal = 2 * 2 * (n - 1) / n * 4 * 4096  # two all-reduces' worth on a ring
+    for sent in (tp_sent, tp_back, sp_sent, sp_back):
+        assert ideal <= sent < 1.25 * ideal  # gloo's headers and a little noise on top
 
 
 def layer_norm_bytes():
@@ -143,16 +144,15 @@ def test_layer_norm_activations_shrink_by_1_over_n():
 
 
 def uneven_sequence():
-    block = tp.SequenceParallelBlock.from_dense(make_block(D_MODEL, N_HEADS))
     try:
         tp.reduce_scatter_to_sequence_region(torch.randn(1, 5, D_MODEL))
     except ValueError as exc:
-        return str(exc), block is not None
-    return None, block is not None
+        return str(exc)
+    return None
 
 
 def test_sequence_that_does_not_split_raises_value_error():
-    message, _ = run(uneven_sequence, 2)[0]
+    message = run(uneven_sequence, 2)[0]
     assert message and "sequence length=5" in message and "N=2" in message
 
 

@@ -112,9 +112,10 @@ def test_one_all_reduce_each_way_and_a_1_over_n_share_of_parameters(kind):
     for fwd, bwd, sent, rank_bytes, dense_bytes, bias_bytes in run(traffic_and_bytes, n, kind):
         assert fwd == ["all_reduce"] and bwd == ["all_reduce"]
         assert rank_bytes == (dense_bytes - bias_bytes) / n + bias_bytes
-        if sent is not None:  # measured on gloo: a ring all-reduce of K floats plus small headers
-            ring = 2 * (n - 1) / n * 4 * (2 * 256 * D_MODEL)
-            assert ring <= sent < 1.2 * ring
+        if sent is None:
+            pytest.skip("wire bytes cannot be read on this system")
+        ring = 2 * (n - 1) / n * 4 * (2 * 256 * D_MODEL)  # a ring all-reduce of K floats...
+        assert ring <= sent < 1.2 * ring  # ...plus gloo's small headers
 
 
 def ours_and_torch():
