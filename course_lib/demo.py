@@ -53,7 +53,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from course_lib import comm, dp, launch, moe, pp, tp, zero
-from course_lib.mesh import RankGrid
+from course_lib.mesh import RankGrid, build_3d_stage, tp_block
 from course_lib.models import make_block, make_mlp, make_stack, shard
 
 TOLERANCE = 1e-5  # fp32: the course's "equal to single-process" (COURSE_GUIDE §8)
@@ -227,28 +227,19 @@ def demo_3d(rank, n, dev, opts):
     # Chapter 09's grid: rank = (pp · DP + dp) · TP + tp, one process group per axis.
     # TP neighbours are adjacent ranks: on a cluster, the GPUs of one node (fastest link).
     grid = RankGrid(dp=n_dp, tp=n_tp, pp=n_pp)
-    p_i, d_i, t_i = grid.pp_rank, grid.dp_rank, grid.tp_rank
-    pp_group, dp_group, tp_group = grid.pp_group, grid.dp_group, grid.tp_group
     full = make_stack(4, D, H, seed=0)
-    stage = pp.partition(copy.deepcopy(full), p_i, n_pp)
-    stage = torch.nn.Sequential(*[tp.TensorParallelMLP.from_dense(m, tp_group) for m in stage]).to(dev)
-    first_layer = pp.partition_bounds([1] * 4, n_pp)[p_i][0]
+    stage = build_3d_stage(grid, copy.deepcopy(full)).to(dev)  # layers keep their global names
     x, y = _data(4 * n_dp)
     for _ in range(STEPS):
-        xs, ys = shard(x, d_i, n_dp).to(dev), shard(y, d_i, n_dp).to(dev)
-        pp.train_step(stage, xs, ys, F.mse_loss, 2, group=pp_group)
-        dp.average_gradients_allreduce(stage, group=dp_group)
+        xs, ys = shard(x, grid.dp_rank, n_dp).to(dev), shard(y, grid.dp_rank, n_dp).to(dev)
+        pp.train_step(stage, xs, ys, F.mse_loss, 2, group=grid.pp_group)
+        dp.average_gradients_allreduce(stage, group=grid.dp_group)
         _sgd_step(stage.parameters())
         F.mse_loss(full(x), y).backward()
         _sgd_step(full.parameters())
-    block = tp.block_of(H, n_tp, t_i)
-    checks = []
-    for i, m in enumerate(stage):
-        ref = full[first_layer + i]
-        checks += [(f"layer {first_layer + i} fc1.weight", m.fc1.weight, ref.fc1.weight[block]),
-                   (f"layer {first_layer + i} fc2.weight", m.fc2.weight, ref.fc2.weight[:, block]),
-                   (f"layer {first_layer + i} fc2.bias", m.fc2.bias, ref.fc2.bias)]
-    return checks
+    dense = dict(full.named_parameters())
+    return [(f"layer {name}", p, tp_block(name, dense[name], grid.tp_rank, n_tp))
+            for name, p in stage.named_parameters()]
 
 
 # ----------------------------------------------------------------------------
