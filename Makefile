@@ -9,19 +9,29 @@ LAB_ARGS ?=
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300
 
-.PHONY: setup lab test test-ui test-fast test-mixed-backend bench exercises clean
+.PHONY: setup git-filter grade lab test test-ui test-fast test-mixed-backend bench exercises clean
 
 setup: $(VENV)/.installed
 
 # Reinstall only when the dependencies change; a second `make lab` reuses the venv.
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "could not create a venv: on Debian/Ubuntu run: sudo apt install python3-venv"; exit 1; }
+	$(if $(TORCH_INDEX_URL),$(PY) -m pip install --disable-pip-version-check torch==2.13.0 --index-url $(TORCH_INDEX_URL) > $(VENV)/pip-torch.log 2>&1 || { tail -20 $(VENV)/pip-torch.log; exit 1; })
 	$(PY) -m pip install --disable-pip-version-check -e . > $(VENV)/pip.log 2>&1 \
 		|| { tail -40 $(VENV)/pip.log; echo "pip install failed: see $(VENV)/pip.log"; exit 1; }
 	$(PY) -c "import torch, jupyterlab, ipywidgets, jupytext, nbval, course_lib; print('course installed: torch', torch.__version__)"
 	touch $@
+	@$(MAKE) --no-print-directory git-filter
+
+# Outputs a learner's run leaves in a committed notebook are not a change to git (JupyterLab
+# saves them into the .ipynb): a clean filter strips them, as `build --check` ignores them.
+git-filter:
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+		git config filter.course-outputs.clean "$(abspath $(PY)) -m course_lib.build --strip-outputs"; \
+		git config filter.course-outputs.smudge cat; fi
 
 lab: setup
+	@$(PY) -m course_lib.workspace
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) --notebook-dir=. $(LAB_ARGS)
 
 # build --check: exercises/ and every .ipynb match their sources.
@@ -50,6 +60,10 @@ test-mixed-backend: setup
 
 exercises: setup
 	$(PY) -m course_lib.build
+
+# Grade your notebooks in my_exercises/ (what CI's grader would say).
+grade: setup
+	$(PY) -m course_lib.grade
 
 bench: setup
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done

@@ -166,13 +166,14 @@ def answer_cells(nb) -> dict[str, int]:
 
 
 def intro_cell_text(name: str) -> str:
-    return (f"> **Generated from `solutions/{name}.py`** by `python -m course_lib.build`; "
-            "do not edit it by hand here, a rebuild overwrites it.\n"
+    """The first cell of an exercise notebook: words for the learner only."""
+    return (f"> **Where to work.** Do these exercises in your own copy, `my_exercises/{name}.ipynb` "
+            "(`make lab` makes it; delete it and run `make lab` again for a fresh one). "
+            "Answers typed into `exercises/` would be overwritten when the course is updated.\n"
             ">\n"
-            "> Replace every `# YOUR CODE HERE` with your code and run the check cell below it. "
-            "To grade the whole notebook from a terminal, run "
-            f"`python -m course_lib.grade exercises/{name}.ipynb` "
-            "(or give it the path of your own copy).")
+            "> Replace every `# YOUR CODE HERE` with your code and run the check cell below it: "
+            "it prints ✔, or what is wrong. To grade all your notebooks from a terminal, run "
+            "`make grade`.")
 
 
 def exercise_notebook(text: str, path: str = "solutions/exercise.py"):
@@ -270,6 +271,20 @@ def to_ipynb(py_text: str, path: str = "<notebook>") -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
+def without_outputs(ipynb_text: str, path: str = "<notebook>") -> str:
+    """The .ipynb text as the build would write it for the same cells: outputs, execution counts
+    and the metadata JupyterLab adds when a learner runs and saves a notebook are dropped.
+
+    A notebook whose cells a learner only ran comes back byte for byte as committed, so
+    ``--check`` and ``git status`` (through the filter ``make setup`` installs) see no change.
+    """
+    try:
+        nb = jupytext.reads(ipynb_text, fmt="ipynb")
+    except Exception as exc:
+        raise BuildError(f"{path}: not a readable notebook: {exc}") from None
+    return to_ipynb(write_py(nb), path)
+
+
 # ----------------------------------------------------------------------------
 # the whole tree
 
@@ -330,11 +345,19 @@ def check(root: Path = ROOT, files: dict[Path, str] | None = None) -> list[str]:
     for path, text in (plan(root) if files is None else files).items():
         if not path.exists():
             problems.append(f"missing: {_rel(path, root)}")
-        elif _read(path) != text:
+        elif _read(path) != text and not (path.suffix == ".ipynb" and _same_cells(path, text)):
             problems.append(f"out of date: {_rel(path, root)}")
     for path in stale_exercises(root):
         problems.append(f"stale: {_rel(path, root)} (no solutions/{path.stem}.py)")
     return problems
+
+
+def _same_cells(path: Path, expected: str) -> bool:
+    """An .ipynb that differs only by a learner's outputs is up to date."""
+    try:
+        return without_outputs(_read(path), str(path)) == expected
+    except BuildError:
+        return False
 
 
 def _read(path: Path) -> str:
@@ -352,10 +375,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.build", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true",
                         help="write nothing; exit 1 if a generated file is missing, out of date or stale")
+    parser.add_argument("--strip-outputs", action="store_true",
+                        help="read a notebook on stdin, write it without outputs to stdout "
+                             "(the git filter that `make setup` installs)")
     parser.add_argument("--root", type=Path, default=ROOT, metavar="DIR",
                         help="the course tree (default: %(default)s)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
+    if args.strip_outputs:
+        text = sys.stdin.read()
+        try:
+            sys.stdout.write(without_outputs(text, "<stdin>"))
+        except BuildError:
+            sys.stdout.write(text)  # not a course notebook: leave it as it is
+        return 0
     try:
         if args.check:
             files = plan(root)

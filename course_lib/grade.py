@@ -39,6 +39,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -371,21 +372,21 @@ def grade_notebook(path: Path, canonical_path: Path, time_limit: float = TIME_LI
 
 
 def print_table(entry: dict, out=sys.stdout) -> None:
-    rows = [(e["id"], e["title"], e["status"], _shorten(e["message"])) for e in entry["exercises"]]
-    head = ("id", "title", "status", "detail")
+    """One row per exercise; the detail is printed whole (the hint is the point), wrapped between
+    words on lines of its own under the row."""
+    rows = [(e["id"], e["title"], e["status"], " ".join(e["message"].split())) for e in entry["exercises"]]
+    head = ("id", "title", "status")
     widths = [max(len(r[k]) for r in rows + [head]) for k in range(3)]
     print(f"\n{entry['path']}  (graded against {entry['exercise_notebook']}, {entry['seconds']:g} s)", file=out)
     if entry["error"]:
-        print(f"  {entry['error']}", file=out)
+        print(checks.wrap(f"  {entry['error']}"), file=out)
     for row in [head] + rows:
-        cells = [row[k].ljust(widths[k]) for k in range(3)] + [row[3]]
-        print("  " + "  ".join(cells).rstrip(), file=out)
+        print("  " + "  ".join(row[k].ljust(widths[k]) for k in range(3)).rstrip(), file=out)
+        if len(row) > 3 and row[3]:
+            print(textwrap.fill(row[3], checks.LINE_WIDTH, initial_indent="      ",
+                                subsequent_indent="      ", break_long_words=False,
+                                break_on_hyphens=False), file=out)
     print(f"{entry['name']}: {entry['passed']}/{entry['total']} exercises passed", file=out)
-
-
-def _shorten(text: str, width: int = 100) -> str:
-    line = _first_line(text)
-    return line if len(line) <= width else line[:width - 1] + "…"
 
 
 def make_report(entries: list[dict], time_limit: float) -> dict:
@@ -399,8 +400,9 @@ def make_report(entries: list[dict], time_limit: float) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.grade",
                                      description="Grade exercise notebooks headless (see the module doc).")
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                        help="a learner's exercise notebook (.ipynb or jupytext .py)")
+    parser.add_argument("paths", nargs="*", type=Path, metavar="PATH",
+                        help="a learner's exercise notebook (.ipynb or jupytext .py); "
+                             "default: every notebook in my_exercises/")
     parser.add_argument("--report", type=Path, default=Path("grade-report.json"), metavar="FILE",
                         help="where to write the JSON report (default: %(default)s)")
     parser.add_argument("--time-limit", type=float, default=TIME_LIMIT, metavar="SECONDS",
@@ -412,6 +414,14 @@ def main(argv=None) -> int:
     parser.add_argument("--checks-module", action="append", default=[], metavar="MODULE",
                         help="import this extra module of @exercise checks first (tests, add-on chapters)")
     args = parser.parse_args(argv)
+    if not args.paths:
+        from course_lib import workspace
+
+        args.paths = workspace.learner_copies()
+        if not args.paths:
+            print(f"grade: no notebooks in {workspace.WORK_DIR}/ (`make lab` makes them); "
+                  "name the notebooks to grade", file=sys.stderr)
+            return 2
     try:
         if not (args.time_limit > 0 and math.isfinite(args.time_limit)):
             raise UsageError(f"--time-limit must be a positive number of seconds, got {args.time_limit:g}")

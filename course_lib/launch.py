@@ -504,6 +504,8 @@ def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn,
     send = _Sender(conn)
     output = _CapturedOutput(output)
     _trace_calls(rank, where, calls, on_gpu=uses_nccl(backend))
+    global _CALL_COUNTER
+    _CALL_COUNTER = (calls, rank)
     try:
         timeout = datetime.timedelta(seconds=pg_timeout)
         store = dist.FileStore(store_path, world_size)
@@ -570,6 +572,18 @@ class _CapturedOutput:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
         os.close(devnull)
+
+
+#: (shared per-rank call counts, this rank), set inside a rank by _rank_main.
+_CALL_COUNTER = None
+
+
+def count_calls_from_here() -> None:
+    """Inside a rank: number the communication calls from 1 again, so a deadlock report counts
+    the learner's calls (a check's own set-up calls before them are not the learner's)."""
+    if _CALL_COUNTER is not None:
+        calls, rank = _CALL_COUNTER
+        calls[rank] = 0
 
 
 def _trace_calls(rank, where, calls, on_gpu=False):
@@ -652,7 +666,37 @@ def _user_traceback(exc: BaseException) -> str:
               if not os.path.abspath(f.filename).startswith(hidden)]
     lines = ["Traceback (most recent call last):\n"] if frames else []
     lines += traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
-    return "".join(lines)
+    return explain_mismatch("".join(lines))
+
+
+_FINGERPRINT = re.compile(r"Rank (\d+) is running collective: CollectiveFingerPrint\(SequenceNumber=(\d+), "
+                          r"OpType=(\w+), TensorShape=\[([^\]]*)\], TensorDtypes=(\w+)")
+
+
+def explain_mismatch(text: str) -> str:
+    """Reword torch's TORCH_DISTRIBUTED_DEBUG=DETAIL mismatch report (one long line ending in
+    "Tensor Tensor shapes: 4vs 2") as one line per rank saying what each called."""
+    head = "Detected mismatch between collectives on ranks."
+    start = text.find(head)
+    if start < 0:
+        return text
+    end = text.find("\n", start)
+    report = text[start:] if end < 0 else text[start:end]
+    calls = _FINGERPRINT.findall(report)
+    if len(calls) < 2:
+        return text
+    lines = ["The ranks made different communication calls at the same point "
+             "(TORCH_DISTRIBUTED_DEBUG=DETAIL compares them):"]
+    for rank, seq, op, shape, dtype in calls:
+        shape = f"[{shape}]" if shape else "[] (no tensor)"
+        lines.append(f"  rank {rank}: {op.lower()} of a {dtype.lower()} tensor of shape {shape}, "
+                     f"its collective number {int(seq) + 1}")
+    diff = report.split("differ in the following aspects:", 1)[-1].strip()
+    if diff and diff != report:
+        diff = re.sub(r"\bTensor Tensor\b", "tensor", diff)
+        diff = re.sub(r"(\S)vs\s", r"\1 vs ", diff)
+        lines.append(f"They differ in: {' '.join(diff.split())}.")
+    return text[:start] + "\n".join(lines) + ("" if end < 0 else text[end:])
 
 
 def _is_timeout(exc: BaseException) -> bool:

@@ -9,9 +9,9 @@
 # ---
 
 # %% [markdown]
-# > **Generated from `solutions/08_moe.py`** by `python -m course_lib.build`; do not edit it by hand here, a rebuild overwrites it.
+# > **Where to work.** Do these exercises in your own copy, `my_exercises/08_moe.ipynb` (`make lab` makes it; delete it and run `make lab` again for a fresh one). Answers typed into `exercises/` would be overwritten when the course is updated.
 # >
-# > Replace every `# YOUR CODE HERE` with your code and run the check cell below it. To grade the whole notebook from a terminal, run `python -m course_lib.grade exercises/08_moe.ipynb` (or give it the path of your own copy).
+# > Replace every `# YOUR CODE HERE` with your code and run the check cell below it: it prints ✔, or what is wrong. To grade all your notebooks from a terminal, run `make grade`.
 
 # %% [markdown]
 # # 08 · Mixture of experts — exercises

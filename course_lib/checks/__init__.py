@@ -25,6 +25,7 @@ import json
 import os
 import pkgutil
 import sys
+import textwrap
 import traceback
 import types
 from dataclasses import asdict, dataclass
@@ -84,13 +85,27 @@ def exercise(ex_id: str, title: str):
                     raise
                 result.status, result.message = classify(exc)
             _record(result)
-            print(result.line(), flush=True)
+            print(wrap(result.line()), flush=True)
             return result
 
         EXERCISES[ex_id] = (title, run_check)
         return run_check
 
     return decorate
+
+
+#: Columns a printed line may take: JupyterLab breaks longer lines anywhere, even mid-word.
+LINE_WIDTH = 96
+
+
+def wrap(text: str, width: int = LINE_WIDTH) -> str:
+    """Break each long line of ``text`` between words, continuing indented under its start."""
+    out = []
+    for line in text.splitlines() or [""]:
+        indent = " " * (len(line) - len(line.lstrip()) + 2)
+        out.append(textwrap.fill(line, width, subsequent_indent=indent, break_long_words=False,
+                                 break_on_hyphens=False) if len(line) > width else line)
+    return "\n".join(out)
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
@@ -199,6 +214,7 @@ def run_learner(n: int, rank_fn, learner_fn, *args, timeout: float = 20.0, refus
 def learner_in_rank(payload):
     """The learner's function or class that :func:`run_learner` packed, unpickled inside a rank."""
     (learner,) = cloudpickle.loads(payload)
+    launch.count_calls_from_here()
     return learner
 
 
