@@ -1,8 +1,9 @@
 """A real browser drives JupyterLab through a chapter (`make test-ui`).
 
-Starts JupyterLab on loopback, opens chapter 01 in Chromium (Debian's, driven
-by Playwright), runs every cell, moves the "N ranks" slider and checks that
-the picture of every rank's data changed. Saves a screenshot to ui-artifacts/.
+Starts JupyterLab on loopback and, in Chromium (Debian's, driven by Playwright),
+runs every lesson top to bottom; in each lesson with a slider it moves the first
+one and checks that what the widget shows changed, with no traceback. Saves a
+screenshot per lesson to ui-artifacts/.
 Skips, saying why, where there is no Playwright or no Chromium.
 """
 import json
@@ -20,7 +21,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "ui-artifacts"
-NOTEBOOK = "notebooks/01_collectives.ipynb"
 BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -95,57 +95,87 @@ def wait_until(page, js, timeout=60.0, arg=None):
         time.sleep(0.5)
 
 
-def slider_picture(page):
-    """The PNG currently shown under the widget controls (its data URL)."""
-    return page.evaluate("""() => {
-        const imgs = [...document.querySelectorAll('.jp-OutputArea-output img')];
-        const out = imgs.filter(img => img.closest('.widget-output'));
-        return out.length ? out[out.length - 1].src : null;
-    }""")
+def widget_output(page, cell_index):
+    """What the widgets of one cell show: the text and pictures of their output areas."""
+    return page.evaluate("""(i) => {
+        const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[i];
+        return [...cell.querySelectorAll('.widget-output')].map(o =>
+            o.innerText + [...o.querySelectorAll('img')].map(img => img.src).join('|')).join('\\n');
+    }""", cell_index)
 
 
-def test_run_chapter_and_move_widget(lab):
-    base, token = lab
-    ARTIFACTS.mkdir(exist_ok=True)
+def tracebacks(page):
+    errors = page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
+    return errors.first.inner_text()[:2000] if errors.count() else ""
+
+
+LESSONS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def browser(lab):
     with playwright_api.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
         context = p.chromium.launch_persistent_context(
             profile, executable_path=CHROMIUM, headless=True, args=BROWSER_FLAGS,
             viewport={"width": 1400, "height": 1000})
         page = context.pages[0] if context.pages else context.new_page()
+        base, token = lab
+        page.goto(f"{base}/lab?token={token}", timeout=60_000)
+        wait_until(page, "() => !!window.jupyterapp && !!window.jupyterapp.commands")
         try:
-            page.goto(f"{base}/lab?token={token}", timeout=60_000)
-            wait_until(page, "() => !!window.jupyterapp && !!window.jupyterapp.commands")
-            # Open the chapter, wait for its kernel, run every cell (the command's
-            # promise settles when the last cell has run).
-            page.evaluate("""async (path) => {
-                const app = window.jupyterapp;
-                await app.restored;
-                const panel = await app.commands.execute('docmanager:open', {path, factory: 'Notebook'});
-                await panel.context.ready;
-                await panel.sessionContext.ready;
-                await app.commands.execute('notebook:run-all-cells');
-            }""", NOTEBOOK)
-            wait_until(page, """() => {
-                const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
-                return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
-            }""", timeout=240)
-            tracebacks = page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
-            assert tracebacks.count() == 0, tracebacks.first.inner_text()[:2000]
-
-            slider = page.locator(".widget-slider", has_text="N ranks").first
-            slider.scroll_into_view_if_needed()
-            before = slider_picture(page)
-            assert before, "the widget's picture is not on the page"
-            label_before = slider.locator(".widget-readout").inner_text()
-            slider.locator(".noUi-handle, .ui-slider-handle").first.focus()
-            page.keyboard.press("ArrowLeft")
-            wait_until(page, """(old) => {
-                const imgs = [...document.querySelectorAll('.widget-output img')];
-                return imgs.length > 0 && imgs[imgs.length - 1].src !== old;
-            }""", arg=before)
-            label_after = slider.locator(".widget-readout").inner_text()
-            assert label_after != label_before, (label_before, label_after)
-            assert slider_picture(page) != before
-            page.screenshot(path=str(ARTIFACTS / "lab-01_collectives.png"), full_page=False)
+            yield page
         finally:
             context.close()
+
+
+@pytest.mark.parametrize("lesson", LESSONS)
+def test_lesson_runs_top_to_bottom_and_its_widget_answers(browser, lesson):
+    """Run All in JupyterLab: every cell runs, none raises; the first slider of the lesson, moved
+    one step, changes what its widget shows and raises nothing. A screenshot per lesson."""
+    page = browser
+    ARTIFACTS.mkdir(exist_ok=True)
+    # Open the lesson alone, wait for its kernel, run every cell (the command's promise
+    # settles when the last cell has run).
+    page.evaluate("""async (path) => {
+        const app = window.jupyterapp;
+        await app.restored;
+        await app.commands.execute('application:close-all');
+        const panel = await app.commands.execute('docmanager:open', {path, factory: 'Notebook'});
+        await panel.context.ready;
+        await panel.sessionContext.ready;
+        await app.commands.execute('notebook:run-all-cells');
+    }""", f"notebooks/{lesson}")
+    wait_until(page, """() => {
+        const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
+        return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
+    }""", timeout=420)
+    assert not tracebacks(page), f"{lesson}: a cell raised:\n{tracebacks(page)}"
+
+    cell = page.evaluate("""() => [...document.querySelectorAll('.jp-Notebook .jp-Cell')]
+        .findIndex(c => c.querySelector('.widget-slider'))""")
+    if cell >= 0:
+        slider = page.locator(".jp-Notebook .jp-Cell").nth(cell).locator(".widget-slider").first
+        slider.scroll_into_view_if_needed()
+        wait_until(page, "(i) => document.querySelectorAll('.jp-Notebook .jp-Cell')[i]"
+                         ".querySelector('.widget-output') !== null", arg=cell)
+        before = widget_output(page, cell)
+        readout = slider.locator(".widget-readout").inner_text()
+        handle = slider.locator(".noUi-handle, .ui-slider-handle").first
+        handle.focus()
+        page.keyboard.press("ArrowRight")
+        if slider.locator(".widget-readout").inner_text() == readout:  # at its maximum: go the other way
+            page.keyboard.press("ArrowLeft")
+            page.keyboard.press("ArrowLeft")
+        assert slider.locator(".widget-readout").inner_text() != readout, f"{lesson}: the slider did not move"
+        wait_until(page, "([i, old]) => { const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[i];"
+                         " const now = [...cell.querySelectorAll('.widget-output')].map(o => o.innerText +"
+                         " [...o.querySelectorAll('img')].map(img => img.src).join('|')).join('\\n');"
+                         " return now !== old; }",
+                   arg=[cell, before], timeout=90)
+        time.sleep(1.0)  # let the callback finish drawing
+        after = widget_output(page, cell)
+        assert after != before, f"{lesson}: moving the slider changed nothing"
+        assert "Traceback" not in after and "Error" not in after.split("\n")[0], \
+            f"{lesson}: the widget raised:\n{after[:2000]}"
+        assert not tracebacks(page), f"{lesson}: the widget raised:\n{tracebacks(page)}"
+    page.screenshot(path=str(ARTIFACTS / f"lab-{lesson.removesuffix('.ipynb')}.png"), full_page=False)
