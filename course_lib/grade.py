@@ -371,9 +371,10 @@ def grade_notebook(path: Path, canonical_path: Path, time_limit: float = TIME_LI
     return entry
 
 
-def print_table(entry: dict, out=sys.stdout) -> None:
+def print_table(entry: dict, out=None) -> None:
     """One row per exercise; the detail is printed whole (the hint is the point), wrapped between
     words on lines of its own under the row."""
+    out = sys.stdout if out is None else out
     rows = [(e["id"], e["title"], e["status"], " ".join(e["message"].split())) for e in entry["exercises"]]
     head = ("id", "title", "status")
     widths = [max(len(r[k]) for r in rows + [head]) for k in range(3)]

@@ -166,3 +166,33 @@ def test_judge_explains_missing_results(course, demo_checks):
                                  out_of_time=True)
     runs[spots["double"]] = CellRun(spots["double"], "ok")
     assert grade.judge(nb, runs, {"99.2": "double"}, spots)[0]["status"] == "failed"
+
+
+def test_table_prints_the_whole_diagnosis_wrapped_between_words(capsys):
+    hint = ("rank 2: element [3] expected 7.0, got 0.0 — the bias was added N times: add it on "
+            "one rank only, after the all-reduce, as Megatron's row-parallel layer does " * 2).strip()
+    entry = {"path": "x.ipynb", "exercise_notebook": "exercises/x.ipynb", "seconds": 1.0, "error": "",
+             "name": "x", "passed": 0, "total": 1,
+             "exercises": [{"id": "4.4", "title": "row-parallel", "status": "failed", "message": hint}]}
+    grade.print_table(entry)
+    out = capsys.readouterr().out
+    assert " ".join(out.split()).count("after the all-reduce, as Megatron's row-parallel layer does") == 2
+    assert all(len(line) <= checks.LINE_WIDTH for line in out.splitlines() if "x.ipynb" not in line)
+    words = set(hint.split())
+    for line in out.splitlines():  # no word cut in two
+        if line.startswith("      "):
+            assert set(line.split()) <= words, line
+
+
+def test_learner_copies_are_made_once_and_graded_by_default(course, tmp_path, monkeypatch, capsys):
+    from course_lib import workspace
+
+    made = workspace.make_copies(course)
+    assert [p.name for p in made] == ["99_demo.ipynb"]
+    copy = course / workspace.WORK_DIR / "99_demo.ipynb"
+    copy.write_text(copy.read_text().replace("YOUR CODE HERE", "my work"))
+    assert workspace.make_copies(course) == []  # never overwritten
+    assert "my work" in copy.read_text()
+    monkeypatch.setattr(workspace, "learner_copies", lambda root=None: [])
+    assert grade.main([]) == 2
+    assert "no notebooks in my_exercises/" in capsys.readouterr().err

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from course_lib import comm, launch
+from course_lib import launch
 from course_lib.launch import DeadlockError, LaunchTimeout, RankError, run
 from conftest import wait_for_no_ranks
 
@@ -234,8 +235,29 @@ def test_debug_mode_names_a_shape_mismatch():
     def mismatched():
         dist.all_reduce(torch.ones(8 if dist.get_rank() == 0 else 4))
 
-    with pytest.raises(RankError, match="[Ss]hape"):
+    with pytest.raises(RankError) as info:
         run(mismatched, 2, timeout=20, debug=True)
+    msg = str(info.value)
+    assert "rank 0: allreduce of a float tensor of shape [8]" in msg
+    assert "rank 1: allreduce of a float tensor of shape [4]" in msg
+    assert "tensor shapes: 8 vs 4" in msg
+    assert "Tensor Tensor" not in msg and "CollectiveFingerPrint" not in msg
+
+
+def test_deadlock_report_counts_the_learners_calls_not_the_checks():
+    from course_lib.checks import learner_in_rank
+
+    def learner():
+        if dist.get_rank() == 0:
+            dist.all_reduce(torch.ones(1))  # the learner's first call; rank 1 never joins
+
+    def check_rank(payload):
+        dist.barrier()  # a check's own set-up call, before the learner's code
+        learner_in_rank(payload)()
+
+    with pytest.raises(DeadlockError) as info:
+        run(check_rank, 2, launch.dumps_by_value((learner,)), timeout=4)
+    assert "rank 0: waiting in dist.all_reduce (its communication call #1)" in str(info.value)
 
 
 SCRIPT = textwrap.dedent("""
