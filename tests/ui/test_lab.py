@@ -152,9 +152,9 @@ def test_lesson_runs_top_to_bottom_and_its_widget_answers(browser, lesson):
     assert not tracebacks(page), f"{lesson}: a cell raised:\n{tracebacks(page)}"
 
     cell = page.evaluate("""() => [...document.querySelectorAll('.jp-Notebook .jp-Cell')]
-        .findIndex(c => c.querySelector('.widget-slider'))""")
+        .findIndex(c => [...c.querySelectorAll('.widget-slider')].some(s => s.offsetParent !== null))""")
     if cell >= 0:
-        slider = page.locator(".jp-Notebook .jp-Cell").nth(cell).locator(".widget-slider").first
+        slider = page.locator(".jp-Notebook .jp-Cell").nth(cell).locator(".widget-slider:visible").first
         slider.scroll_into_view_if_needed()
         wait_until(page, "(i) => document.querySelectorAll('.jp-Notebook .jp-Cell')[i]"
                          ".querySelector('.widget-output') !== null", arg=cell)
@@ -178,4 +178,5 @@ def test_lesson_runs_top_to_bottom_and_its_widget_answers(browser, lesson):
         assert "Traceback" not in after and "Error" not in after.split("\n")[0], \
             f"{lesson}: the widget raised:\n{after[:2000]}"
         assert not tracebacks(page), f"{lesson}: the widget raised:\n{tracebacks(page)}"
+        slider.scroll_into_view_if_needed()  # the screenshot shows the widget
     page.screenshot(path=str(ARTIFACTS / f"lab-{lesson.removesuffix('.ipynb')}.png"), full_page=False)
