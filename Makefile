@@ -9,7 +9,7 @@ LAB_ARGS ?=
 ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300
 
-.PHONY: setup git-filter grade lab test test-ui test-fast test-mixed-backend bench exercises clean
+.PHONY: setup test-setup git-filter grade lab test test-ui test-fast test-mixed-backend bench exercises clean
 
 setup: $(VENV)/.installed
 
@@ -19,9 +19,17 @@ $(VENV)/.installed: pyproject.toml
 	$(if $(TORCH_INDEX_URL),$(PY) -m pip install --disable-pip-version-check torch==2.13.0 --index-url $(TORCH_INDEX_URL) > $(VENV)/pip-torch.log 2>&1 || { tail -20 $(VENV)/pip-torch.log; exit 1; })
 	$(PY) -m pip install --disable-pip-version-check -e . > $(VENV)/pip.log 2>&1 \
 		|| { tail -40 $(VENV)/pip.log; echo "pip install failed: see $(VENV)/pip.log"; exit 1; }
-	$(PY) -c "import torch, jupyterlab, ipywidgets, jupytext, nbval, course_lib; print('course installed: torch', torch.__version__)"
+	$(PY) -c "import torch, jupyterlab, ipywidgets, jupytext, course_lib; print('course installed: torch', torch.__version__)"
 	touch $@
 	@$(MAKE) --no-print-directory git-filter
+
+# The test extra (pytest, nbval, hypothesis, playwright), on top of what a learner needs.
+test-setup: $(VENV)/.installed-test
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PY) -m pip install --disable-pip-version-check -e ".[test]" > $(VENV)/pip-test.log 2>&1 \
+		|| { tail -40 $(VENV)/pip-test.log; echo "pip install failed: see $(VENV)/pip-test.log"; exit 1; }
+	touch $@
 
 # Outputs a learner's run leaves in a committed notebook are not a change to git (JupyterLab
 # saves them into the .ipynb): a clean filter strips them, as `build --check` ignores them.
@@ -39,23 +47,21 @@ lab: setup
 # exercises are executed by the grader in tests/test_course.py, which asserts every solution
 # passes every exercise with no cell raising, and every untouched exercise reads "not
 # attempted" (stronger than running them a second time under nbval).
-test: setup
+test: test-setup
 	$(PY) -m course_lib.build --check
 	$(PY) -m pytest $(NBVAL) tests notebooks --ignore=tests/ui --durations=15
 
 # A real browser (Debian's chromium, driven by Playwright) runs a chapter in JupyterLab.
 # Skips, saying why, when there is no chromium; `.ci/run` installs it first.
-test-ui: setup
-	$(PY) -m pip install --disable-pip-version-check playwright > $(VENV)/pip-ui.log 2>&1 \
-		|| { tail -20 $(VENV)/pip-ui.log; exit 1; }
+test-ui: test-setup
 	$(PY) -m pytest tests/ui -rs
 
-test-fast: setup
+test-fast: test-setup
 	$(PY) -m pytest tests --ignore=tests/ui
 
 # Every lesson and solution in a process group with a backend per device type, as "auto"
 # starts on GPUs (cpu:gloo,cuda:nccl), with gloo standing in for NCCL (~4 min on 2 cores).
-test-mixed-backend: setup
+test-mixed-backend: test-setup
 	COURSE_BACKEND=cpu:gloo,cuda:gloo $(PY) -m pytest $(NBVAL) notebooks solutions
 
 exercises: setup
@@ -65,7 +71,7 @@ exercises: setup
 grade: setup
 	$(PY) -m course_lib.grade
 
-bench: setup
+bench: test-setup
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 clean:
