@@ -5,6 +5,9 @@ used wherever the course predicts a time (rings vs trees in 03, plans in 09, nod
     model = alpha_beta.fit(pp.nbytes, pp.seconds)   # model.alpha (s), model.beta (bytes/s)
     model.ring_all_reduce(4, 16 << 20)                # predicted seconds, beside a measurement
 
+On a shared machine, fit ``pp.fastest`` (the best of several batches: other programs only ever
+add time) rather than ``pp.seconds`` (the median batch); chapter 01 does.
+
 One message of S bytes takes t(S) = α + S/β: α is the fixed cost of any message (software, the
 operating system, the wire's latency), β the bandwidth of the link. An algorithm that sends
 ``rounds`` messages one after another, each of S bytes, takes rounds·α + rounds·S/β.

@@ -15,8 +15,9 @@
 # `torch.distributed`. Here you build some of them yourself from the only two things a network
 # really offers: **send** a tensor to one rank, and **receive** a tensor from one rank.
 #
-# Notation: **N** ranks, each holding a tensor of **K** elements; rank `r` is `dist.get_rank()`,
-# N is `dist.get_world_size()`.
+# Notation, as in the lesson: **N** ranks; **K** elements in the **full** array. In broadcast,
+# reduce and all-reduce every rank's tensor is the full array of K; in all-gather each rank holds
+# a shard of K/N and ends with all K. Rank `r` is `dist.get_rank()`, N is `dist.get_world_size()`.
 #
 # How the checks work: each check cell runs your function on N = 1, 2, 3 and 4 ranks (3 is not a
 # power of two), with every rank as the root, on tensors of whole numbers, and compares the result
@@ -71,8 +72,8 @@ launch.run(hello, 2)
 # Change `tensor` **in place** (`dist.recv` writes into the tensor you give it), return nothing.
 #
 # The simplest correct version: `src` sends to each of the other N−1 ranks in turn; every other
-# rank receives once from `src`. (The root then sends (N−1)·K elements alone — exercise 1.3 shows
-# how a tree spreads that work.)
+# rank receives once from `src`. (The root then sends (N−1)·K elements alone, in N−1 rounds — the
+# lesson traced a tree that needs only ⌈log₂N⌉, and exercise 1.3 builds that tree for reduce.)
 
 # %%
 def broadcast(tensor, src):
@@ -94,7 +95,8 @@ check.broadcast(broadcast)
 # %% [markdown]
 # ## Exercise 1.2 — all-gather as a ring
 #
-# `all_gather(tensor)` returns a list of N tensors on every rank: item `j` is rank `j`'s `tensor`.
+# `all_gather(tensor)` returns a list of N tensors on every rank: item `j` is rank `j`'s `tensor`,
+# its shard of K/N elements.
 #
 # Build it as a **ring**: rank r only ever sends to its right neighbour `(r + 1) % N` and receives
 # from its left neighbour `(r - 1) % N`. Start with your own tensor in slot `r`. In each of N−1
@@ -107,8 +109,9 @@ check.broadcast(broadcast)
 # ...      after N−1 steps every rank holds all N slots
 # ```
 #
-# Every rank sends and receives K elements per step, (N−1)·K in all — no rank does more work than
-# another, which is why rings are bandwidth-optimal. Every rank sends and receives in the same
+# Every rank sends and receives one shard of K/N elements per step, (N−1)/N·K in all — the
+# least any algorithm can manage, since each rank must receive the N−1 shards it lacks, and no
+# rank does more than another: that is why rings are bandwidth-optimal. Every rank sends and receives in the same
 # step, so use `isend` for the send (see the rules above).
 
 # %%
@@ -174,9 +177,9 @@ check.reduce(reduce)
 # your `reduce` (1.3) and `broadcast` (1.1): two lines. (If those are not done yet, this check
 # reads "not attempted" too.)
 #
-# It is correct, but not fast: the root receives and then sends the whole K elements about
-# log₂ N times (tree) or N−1 times (your broadcast). A later chapter builds the ring all-reduce, where
-# every rank sends only 2(N−1)/N·K elements — the algorithm behind data parallelism.
+# It is correct, but not fast: the root receives the whole K elements ⌈log₂N⌉ times (the tree),
+# then sends them N−1 times (your broadcast). Chapter 03 builds the ring all-reduce, where every
+# rank sends only 2(N−1)/N·K elements — the algorithm behind data parallelism.
 
 # %%
 def all_reduce(tensor):

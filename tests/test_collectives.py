@@ -1,4 +1,5 @@
 """Chapter 01: the collectives library, its pictures, and the exercise checks."""
+import math
 import re
 
 import pytest
@@ -98,6 +99,90 @@ def test_time_collective_returns_one_time_per_size():
     assert "busbw" in timing.table()
 
 
+def test_timing_keeps_the_spread_of_its_batches():
+    timing = collectives.time_collective("all-gather", 2, [4096, 65536], min_seconds=0.01, batches=3)
+    for lo, mid, hi in zip(timing.fastest, timing.seconds, timing.slowest):
+        assert 0 < lo <= mid <= hi
+    assert "best–worst batch" in timing.table()
+    # Without a spread (as chapter 03 builds them) a Timing still works.
+    assert "best–worst" not in collectives.Timing("all-reduce", 2, "gloo", [4096], [1e-3]).table()
+
+
+def test_time_collectives_times_every_collective():
+    timings = collectives.time_collectives(collectives.COLLECTIVES, 3, [3072], min_seconds=0.005, batches=3)
+    assert list(timings) == list(collectives.COLLECTIVES)
+    for name, t in timings.items():
+        assert t.name == name and t.world_size == 3 and t.nbytes == [3072] and t.seconds[0] > 0
+
+
+def test_predictions_follow_the_alpha_beta_formulas():
+    from course_lib.alpha_beta import AlphaBeta
+
+    model = AlphaBeta(1e-4, 1e9)
+    timing = collectives.Timing("all-reduce", 4, "gloo", [4096, 1 << 20], [1e-3, 2e-3])
+    assert collectives.predict(model, timing) == [model.ring_all_reduce(4, s) for s in timing.nbytes]
+    timing.name = "broadcast"
+    assert collectives.predict(model, timing) == [model.tree(4, s) for s in timing.nbytes]
+    timing.name = "reduce"  # gloo's reduce is not one of the modelled algorithms
+    assert collectives.predict(model, timing) is None
+
+
+def test_wire_bytes_reach_the_bus_factor_bound():
+    wire = collectives.wire_bytes(collectives.COLLECTIVES, 4, 1 << 18)
+    if wire is None:
+        pytest.skip("TCP bytes cannot be read here")
+    s = 1 << 18
+    for name, w in wire.items():
+        assert w.nbytes == s and len(w.sent) == len(w.received) == 4
+        assert max(w.received) >= 0.99 * collectives.bus_factor(name, 4) * s, name
+    for name in ("all-reduce", "all-gather", "all-to-all"):  # gloo reaches the bound
+        assert wire[name].busiest <= 1.03 * collectives.bus_factor(name, 4), name
+    assert 1.99 <= wire["broadcast"].sent[0] / s < 2.5  # a binomial tree: the root sends ⌈log₂4⌉·S
+
+
+# ----------------------------------------------------------------------------
+# rounds: traced send/recv, replayed the α–β way
+
+
+def test_rounds_of_simple_programs():
+    ring_step = [[("isend", (r + 1) % 4, 8), ("recv", (r - 1) % 4, 8)] for r in range(4)]
+    assert collectives.count_rounds(ring_step) == 1
+    assert collectives.count_rounds([step * 3 for step in ring_step]) == 3  # three ring steps
+    flat = [[("send", d, 8) for d in (1, 2, 3)]] + [[("recv", 0, 8)] for _ in range(3)]
+    assert collectives.count_rounds(flat) == 3
+    # A root receiving from three ranks at once takes a round per message: one port each way.
+    gather = [[("recv", s, 8) for s in (1, 2, 3)]] + [[("send", 0, 8)] for _ in range(3)]
+    assert collectives.count_rounds(gather) == 3
+    assert collectives.count_rounds([[], []]) == 0
+
+
+def test_rounds_refuse_a_receive_nobody_sends():
+    with pytest.raises(ValueError, match="rank 1 waits for a message nobody sends"):
+        collectives.count_rounds([[], [("recv", 0, 8)]])
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
+def test_traced_broadcasts_take_log_n_and_n_minus_1_rounds(n):
+    traces = collectives.trace_broadcast(("tree", "flat"), n, src=n - 1)
+    assert collectives.count_rounds(traces["tree"]) == (math.ceil(math.log2(n)) if n > 1 else 0)
+    assert collectives.count_rounds(traces["flat"]) == n - 1
+    for name in ("tree", "flat"):  # N−1 messages each, every one of them the whole array
+        messages = collectives.message_rounds(traces[name])
+        assert len(messages) == n - 1 and {m[2] for m in messages} <= {16}
+        assert sorted(dst for _, dst, _, _ in messages) == [r for r in range(n) if r != n - 1]
+
+
+def test_trace_broadcast_refuses_gloo_own():
+    with pytest.raises(ValueError, match="only the send/recv broadcasts"):
+        collectives.trace_broadcast("dist.broadcast", 2)
+
+
+def test_time_broadcasts_returns_one_timing_per_algorithm():
+    timings = collectives.time_broadcasts(3, [4096], min_seconds=0.005, batches=3)
+    assert set(timings) == {"tree", "flat", "dist.broadcast"}
+    assert all(t.name == "broadcast" and t.seconds[0] > 0 for t in timings.values())
+
+
 # ----------------------------------------------------------------------------
 # pictures
 
@@ -117,6 +202,48 @@ def test_plot_timing_has_time_and_bandwidth_axes():
     fig = viz.plot_timing(timings)
     assert isinstance(fig, Figure) and len(fig.axes) == 2
     assert len(fig.axes[1].get_lines()) == 2
+
+
+def test_plot_timing_draws_bands_and_predictions_after_the_measured_lines():
+    from course_lib.alpha_beta import AlphaBeta
+
+    sizes = [4096, 16384]
+    timings = [collectives.Timing("all-reduce", n, "gloo", sizes, [1e-3, 2e-3], [5e-4, 1e-3], [3e-3, 4e-3])
+               for n in (2, 4)]
+    fig = viz.plot_timing(timings, predict=lambda t: collectives.predict(AlphaBeta(1e-4, 1e9), t))
+    time_axis = fig.axes[0]
+    assert len(time_axis.collections) == 2  # one band per timing
+    lines = time_axis.get_lines()
+    assert [line.get_linestyle() for line in lines] == ["-", "-", "--", "--"]
+
+
+def test_plot_alpha_beta_and_rounds():
+    from course_lib.alpha_beta import AlphaBeta, PointToPoint
+
+    pp = PointToPoint([64, 1 << 20], [1.2e-4, 6e-4], [1e-4, 5e-4], [3e-4, 9e-4])
+    fig = viz.plot_alpha_beta(pp, AlphaBeta(1e-4, 2.5e9))
+    assert fig._repr_png_().startswith(b"\x89PNG")
+    traces = collectives.trace_broadcast(("tree", "flat"), 4)
+    fig = viz.plot_rounds({"tree": traces["tree"], "flat": traces["flat"]})
+    assert [ax.get_title() for ax in fig.axes] == ["tree: 2 rounds, 3 messages", "flat: 3 rounds, 3 messages"]
+
+
+def _children(widget):
+    controls, picture = widget.children
+    return (*controls.children, picture)
+
+
+def test_collective_explorer_root_follows_n_and_hides_without_a_root():
+    explorer = viz.collective_explorer("broadcast", 4)
+    picker, ranks, root, picture = _children(explorer)
+    assert (root.max, root.layout.display, root.disabled) == (3, None, False)
+    assert len(picture.outputs) == 1
+    root.value = 3
+    ranks.value = 2  # root 3 no longer exists: the slider clamps it
+    assert (root.max, root.value) == (1, 1)
+    picker.value = "all-gather"
+    assert root.layout.display == "none" and root.disabled
+    assert len(picture.outputs) == 1  # redrawn in place, not appended
 
 
 # ----------------------------------------------------------------------------

@@ -99,6 +99,43 @@ def test_measured_traffic_matches_formulas(n):
             assert exp_sent <= traffic.sent, (sync, rank, traffic)
 
 
+@pytest.mark.parametrize("n, servers, rank, received", [
+    (4, 1, 0, 3.0), (4, 1, 1, 1.0), (4, 2, 0, 2.0), (4, 2, 3, 1.0), (4, 4, 2, 1.5), (2, 2, 0, 1.0)])
+def test_sharded_parameter_server_formula(n, servers, rank, received):
+    sent_got, received_got = dp.expected_traffic("sharded-parameter-server", n, rank, 100, servers=servers)
+    assert sent_got == received_got == pytest.approx(100 * received)
+
+
+def _train_sharded(batches, servers):
+    model = models.make_mlp()
+    dp.train_data_parallel(model, batches, "sharded-parameter-server", servers=servers)
+    return dp.parameters(model)
+
+
+@pytest.mark.parametrize("n, servers", [(2, 1), (3, 2), (4, 4)])
+def test_sharded_parameter_server_equals_single_process_and_its_formula(n, servers):
+    batches = dp.make_batches(STEPS, 12)
+    baseline = models.make_mlp()
+    dp.train_single_process(baseline, batches)
+    for params in launch.run(_train_sharded, n, batches, servers):
+        for name, p in params.items():
+            torch.testing.assert_close(p, dp.parameters(baseline)[name], rtol=1e-5, atol=1e-5)
+    for rank, (traffic, psi_bytes) in enumerate(
+            launch.run(dp.measure_sync_traffic, n, "sharded-parameter-server", servers=servers)):
+        expected = dp.expected_traffic("sharded-parameter-server", n, rank, psi_bytes, servers=servers)
+        assert (traffic.payload_sent, traffic.payload_received) == pytest.approx(expected, abs=n), rank
+
+
+def test_server_ranges_cover_every_element_once():
+    assert dp.server_ranges(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert dp.server_ranges(5, 1) == [(0, 5)]
+
+
+def test_too_many_servers_are_refused():
+    with pytest.raises(launch.RankError, match="servers must be 1 … N = 2"):
+        launch.run(_train_sharded, 2, dp.make_batches(1, 4), 3)
+
+
 def test_accumulation_syncs_once_per_step():
     m = 3
     once, psi_bytes = launch.run(dp.measure_sync_traffic, 2, "all-reduce", accumulation_steps=m)[0]
