@@ -108,6 +108,29 @@ def route(logits: torch.Tensor, k: int, capacity_factor: float) -> Routing:
     )
 
 
+def routing_table(routing: Routing, probs: torch.Tensor) -> str:
+    """One line per token: each choice's expert (with its probability), slot or DROPPED, weight."""
+    k = routing.expert_index.shape[1]
+    lines = ["token | " + " | ".join(f"choice {j + 1}: expert, slot, weight" for j in range(k))]
+    for t in range(routing.expert_index.shape[0]):
+        cells = []
+        for j in range(k):
+            e, s = int(routing.expert_index[t, j]), int(routing.slot[t, j])
+            where = f"slot {s}" if s >= 0 else "DROPPED"
+            cells.append(f"e{e} (p={probs[t, e]:.2f}), {where:>7}, w={routing.weight[t, j]:.2f}")
+        lines.append(f"  t{t}  | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def round_robin_logits(num_tokens: int, num_experts: int, k: int) -> torch.Tensor:
+    """Logits of a perfectly even router: token t's choices are experts t, t+1, ..., t+k-1 (mod E),
+    in that order, so every expert gets exactly k·T/E assignments when E divides T."""
+    logits = torch.zeros(num_tokens, num_experts)
+    for j in range(k):
+        logits[torch.arange(num_tokens), (torch.arange(num_tokens) + j) % num_experts] = float(k - j)
+    return logits
+
+
 # ----------------------------------------------------------------------------
 # all-to-all from point-to-point
 

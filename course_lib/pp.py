@@ -4,6 +4,8 @@
     sim = pp.simulate(schedule, t_f=1, t_b=2)   # .timeline, .total_time, .bubble_fraction, ...
     stage = pp.partition(model, rank, p)        # inside each rank: its slice of an nn.Sequential
     loss = pp.train_step(stage, x, y, F.mse_loss, m, schedule="1f1b")
+    t_f, t_b = pp.time_forward_backward(stage, x)             # one micro-batch, one thread
+    per_rank = launch.run(pp.timed_steps, p, configs, t_f, t_b)   # sleeping stages, timelines
 
 Notation: p stages (one per rank), m micro-batches per step, t_f and t_b the
 time of one micro-batch's forward and backward on one stage. The batch is cut
@@ -18,7 +20,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode  # what torch's FlopCounterMode builds on
+from torch.utils.flop_counter import flop_registry
 
+from course_lib import launch
 from course_lib.comm import global_rank, recv_header, send_header
 
 
@@ -374,3 +379,156 @@ def train_step(stage, inputs, targets, loss_fn, num_microbatches, schedule="gpip
     for request, _ in in_flight:
         request.wait()
     return total_loss if last else None
+
+
+# ----------------------------------------------------------------------------
+# measuring: how long a forward and a backward take, and a pipeline's idle time
+
+
+def time_forward_backward(stage: nn.Module, x: torch.Tensor, repeats: int = 30, threads: int = 1):
+    """(t_f, t_b): the fastest of ``repeats`` forwards and of as many backwards of ``stage`` on ``x``.
+
+    ``x`` gets ``requires_grad`` like the input of any stage but the first, so the
+    backward computes the input's gradient as well as the weights'. Runs on
+    ``threads`` intra-op threads (one, like a rank on a shared CPU). The minimum is
+    the least disturbed run: other processes only ever make a run slower.
+    """
+    x = x.detach().requires_grad_()
+    grad_output = torch.randn_like(stage(x))
+    forward, backward = [], []
+    with _threads(threads):
+        for _ in range(repeats):
+            start = time.perf_counter()
+            y = stage(x)
+            middle = time.perf_counter()
+            y.backward(grad_output)
+            end = time.perf_counter()
+            forward.append(middle - start)
+            backward.append(end - middle)
+    stage.zero_grad(set_to_none=True)
+    return min(forward), min(backward)
+
+
+def fastest(calls: dict, repeats: int = 10, threads: int = 1) -> dict:
+    """The fastest of ``repeats`` runs of each zero-argument function in ``calls``, in seconds.
+
+    The functions take turns (a, b, c, a, b, c, ...), so a busy moment of the machine
+    slows all of them alike instead of one; ``threads`` intra-op threads, like a rank.
+    """
+    times = {name: [] for name in calls}
+    with _threads(threads):
+        for _ in range(repeats):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
+
+
+class _threads:
+    def __init__(self, n):
+        self.n, self.before = n, None
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+class FlopCounter(TorchDispatchMode):
+    """Floating-point operations of the matrix products run inside the block, forward and
+    backward alike (one multiply-add counts 2), by torch's own per-operation formulas.
+
+        with pp.FlopCounter() as flops:
+            stage(x).backward(g)
+        flops.total
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+class SleepInBackward(torch.autograd.Function):
+    """Identity whose backward sleeps: a backward of known duration."""
+
+    @staticmethod
+    def forward(ctx, x, seconds):
+        ctx.seconds = seconds
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.seconds)
+        return grad, None
+
+
+class TimedStage(nn.Module):
+    """A stage whose forward sleeps ``work``·t_f seconds and whose backward ``work``·t_b.
+
+    Sleeping ranks do not compete for CPU cores, so on a laptop the only waiting
+    left to see is the pipeline's own. A tiny ``nn.Linear`` keeps real gradients flowing.
+    """
+
+    def __init__(self, work: float, t_f: float, t_b: float, width: int = 4):
+        super().__init__()
+        self.work, self.t_f, self.t_b = work, t_f, t_b
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        time.sleep(self.work * self.t_f)
+        return SleepInBackward.apply(self.linear(x), self.work * self.t_b)
+
+
+def measured_bubble(timelines) -> tuple[float, float]:
+    """(bubble, wall seconds) of one step from every rank's ``train_step`` timeline.
+
+    bubble = 1 - Σ busy / (p × wall): the idle share of all stage-time, as the simulator's.
+    """
+    start = min(row[0][1] for row in timelines)
+    end = max(row[-1][2] for row in timelines)
+    busy = sum(b - a for row in timelines for _, a, b in row)
+    return 1 - busy / (len(timelines) * (end - start)), end - start
+
+
+def timed_steps(configs, t_f: float, t_b: float, repeats: int = 3):
+    """Run on every rank: per (schedule, m, work of each stage) in ``configs``, ``repeats``
+    steps of :class:`TimedStage` stages; returns this rank's timeline of each repeat."""
+    rank, device = dist.get_rank(), launch.device()
+    torch.manual_seed(0)
+    warm_up = TimedStage(0.0, t_f, t_b).to(device)
+    ones = torch.ones(1, 4, device=device)
+    train_step(warm_up, ones, ones, nn.functional.mse_loss, 1)  # open the links
+    results = []
+    for schedule, m, work in configs:
+        stage = TimedStage(work[rank], t_f, t_b).to(device)
+        x, y = torch.randn(m, 4, device=device), torch.randn(m, 4, device=device)
+        runs = []
+        for _ in range(repeats):
+            dist.barrier()  # start together
+            timeline = []
+            train_step(stage, x, y, nn.functional.mse_loss, m, schedule, timeline=timeline)
+            runs.append(timeline)
+        results.append(runs)
+    return results
+
+
+def least_disturbed(per_rank) -> list:
+    """From :func:`timed_steps`' per-rank results: per configuration, every rank's
+    timeline in the repeat with the smallest bubble (a rank that got no core when
+    its input arrived only ever adds idle time)."""
+    best = []
+    for c in range(len(per_rank[0])):
+        repeats = [[rank_result[c][k] for rank_result in per_rank] for k in range(len(per_rank[0][c]))]
+        best.append(min(repeats, key=lambda timelines: measured_bubble(timelines)[0]))
+    return best

@@ -49,10 +49,10 @@ from course_lib.checks import moe as check
 # (The probabilities are given directly; their logarithms are valid logits.)
 
 # %%
-probs = torch.tensor([[0.7, 0.2, 0.1],
-                      [0.6, 0.3, 0.1],
-                      [0.1, 0.8, 0.1],
-                      [0.5, 0.1, 0.4]])
+probs = torch.tensor([[0.70, 0.20, 0.10],
+                      [0.60, 0.30, 0.10],
+                      [0.15, 0.80, 0.05],
+                      [0.50, 0.10, 0.40]])  # no ties among a token's top two: topk's order is then defined
 example = moe.route(probs.log(), k=2, capacity_factor=0.5)
 print("C =", example.capacity)
 print("expert_index\n", example.expert_index)
@@ -62,8 +62,11 @@ print("weight\n", example.weight)
 # %% [markdown]
 # Read it row by row: token 3's first choice, expert 0, found both of expert 0's slots taken by the
 # first choices of tokens 0 and 1, so it was dropped (slot −1, weight 0). Its second choice, expert
-# 2, was free. Token 1 lost its second choice (expert 1) to token 0's second choice: among second
-# choices, earlier tokens go first.
+# 2, was free. Token 2's second choice, expert 0, was full as well. Token 1 lost its second choice
+# (expert 1) to token 0's second choice: among second choices, earlier tokens go first.
+#
+# (When two probabilities tie, `torch.topk` does not promise which comes first, so examples and
+# tests here avoid ties among the k largest.)
 #
 # ## Exercise 8.1 — the top-k gate
 #

@@ -21,8 +21,9 @@
 # idle time, the **bubble** (气泡), and the two classic ways to shrink it and its memory cost.
 #
 # Notation: **p** stages (one per rank), **m** micro-batches (微批次) per step, **t_f** and **t_b**
-# the forward and backward time of one micro-batch on one stage (t_b ≈ 2·t_f for matrix
-# multiplications: backward computes two products per forward one).
+# the forward and backward time of one micro-batch on one stage. For matrix multiplications
+# t_b ≈ 2·t_f: for each product of the forward, the backward computes two, the gradient of the
+# input and the gradient of the weight. The first cell below measures it on this machine.
 #
 # | term | 中文 | meaning here |
 # |---|---|---|
@@ -30,96 +31,63 @@
 # | stage | 阶段 | one rank's slice |
 # | micro-batch | 微批次 | one of the m equal pieces of a batch |
 # | bubble | 气泡 | the share of stage-time spent waiting |
+# | 1F1B | 一次前向一次反向 (1F1B) | after a warm-up, alternate one forward and one backward |
 # | activation checkpointing, re-materialisation | 激活检查点 / 重计算 | keep only a stage's input; recompute the rest in backward |
 # | load balance | 负载均衡 | equal work per stage |
 
 # %%
 import inspect
-import time
 
-import ipywidgets as widgets
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from IPython.display import display
-from matplotlib.patches import Patch
 
 from course_lib import launch, pp, viz
 from course_lib.models import make_stack, regression_data
 
 # %% [markdown]
-# ## A picture of a pipeline
+# ## First, measure t_b / t_f
 #
-# The helper below draws a schedule as a Gantt chart: one row per stage (stage 0 on top), time to
-# the right, a blue box for each micro-batch's forward and an orange one for its backward (the
-# number is the micro-batch). Grey is **idle**: the bubble. The panel on the right shows, per
-# stage, the most micro-batches whose activations were alive at once — memory. It draws both the
-# simulator's timelines and, later, timelines measured on real ranks.
+# One stage of 4 MLP layers (width 256, hidden 1024) and one micro-batch of 64 samples. Its input
+# needs its gradient, as on every stage but the first. Two measurements: the **work**, counted by
+# `pp.FlopCounter` (the floating-point operations of every matrix product that runs, forward and
+# backward, by torch's own formulas), and the **time**, by `pp.time_forward_backward` on one
+# thread like a rank (the fastest of 30 runs: other programs on the machine only ever make a run
+# slower).
 
 # %%
-COLORS = {"F": "#4C78A8", "B": "#F58518"}
-
-
-def plot_pipeline(timeline, title, peaks=None, note=None, time_unit="t_f", width=12):
-    """Gantt chart of ``timeline`` (per stage: ((kind, i), start, end)); peaks: per-stage bars."""
-    p = len(timeline)
-    start = min(a[1] for row in timeline for a in row)
-    end = max(a[2] for row in timeline for a in row)
-    fig = viz.CourseFigure(figsize=(width, 0.55 * p + 2.0), layout="constrained")
-    if peaks is None:
-        ax = fig.subplots()
-    else:
-        ax, ax_mem = fig.subplots(1, 2, width_ratios=[6, 1], sharey=True)
-    boxes = sum(len(row) for row in timeline) / p
-    edge = 0.8 if boxes <= 24 else 0.3 if boxes <= 64 else 0  # thin boxes must stay coloured
-    points_per_unit = 72 * width * (0.75 if peaks is None else 0.68) / (end - start)
-    digits = len(str(max(i for row in timeline for (_, i), _, _ in row)))
-    labelled = {kind for kind in "FB"  # number a kind's boxes only if its narrowest fits the number
-                if min((b - a for row in timeline for (k, _), a, b in row if k == kind), default=0)
-                * points_per_unit >= 6 * digits + 4}
-    for s, row in enumerate(timeline):
-        y = p - 1 - s
-        ax.broken_barh([(0, end - start)], (y + 0.08, 0.84), facecolor="0.88", hatch="///",
-                       edgecolor="0.75", linewidth=0)
-        for (kind, i), a, b in row:
-            ax.broken_barh([(a - start, b - a)], (y + 0.08, 0.84), facecolor=COLORS[kind],
-                           edgecolor="white", linewidth=edge)
-            if kind in labelled:
-                ax.text((a + b) / 2 - start, y + 0.5, str(i), ha="center", va="center",
-                        fontsize=8, color="white", fontweight="bold")
-    ax.set_yticks([p - 1 - s + 0.5 for s in range(p)], [f"stage {s}" for s in range(p)])
-    ax.set_ylim(0, p)
-    ax.set_xlim(0, end - start)
-    ax.set_xlabel(f"time ({time_unit})")
-    ax.set_title(title, fontsize=11, loc="left")
-    legend = [Patch(color=COLORS["F"], label="forward (micro-batch no.)"),
-              Patch(color=COLORS["B"], label="backward"),
-              Patch(facecolor="0.88", hatch="///", edgecolor="0.75", label="idle (bubble)")]
-    fig.legend(handles=legend, loc="outside lower center", ncols=3, fontsize=9, frameon=False)
-    if peaks is not None:
-        ax_mem.barh([p - 1 - s + 0.5 for s in range(p)], peaks, height=0.6, color="#54A24B")
-        for s, value in enumerate(peaks):
-            ax_mem.text(value, p - 1 - s + 0.5, f" {value}", va="center", fontsize=9)
-        ax_mem.set_xlim(0, max(peaks) * 1.35 + 0.5)
-        ax_mem.set_title("live micro-batches\n(peak)", fontsize=9)
-        ax_mem.tick_params(left=False)
-        ax_mem.set_xticks([])
-    if note:
-        ax.text(1.0, 1.02, note, transform=ax.transAxes, ha="right", va="bottom", fontsize=10)
-    return fig
-
-
-def show_schedule(name, p, m, t_f=1.0, t_b=2.0, width=12):
-    sim = pp.simulate(pp.SCHEDULES[name](p, m), t_f, t_b)
-    label = {"gpipe": "GPipe", "1f1b": "1F1B"}[name]
-    note = f"bubble {sim.bubble_fraction:.1%}   formula (p−1)/(m+p−1) = {pp.bubble_formula(p, m):.1%}"
-    return plot_pipeline(sim.timeline, f"{label}, p = {p}, m = {m}, t_b = {t_b / t_f:g}·t_f",
-                         sim.peak_activations, note, width=width)
-
+STAGE_SHAPE = dict(depth=4, d_model=256, d_hidden=1024)
+probe_stage, probe_x = make_stack(**STAGE_SHAPE, seed=0), torch.randn(64, STAGE_SHAPE["d_model"])
+probe_input = probe_x.clone().requires_grad_()
+with pp.FlopCounter() as forward_flops:
+    probe_output = probe_stage(probe_input)
+with pp.FlopCounter() as backward_flops:
+    probe_output.backward(torch.ones_like(probe_output))
+flop_ratio = backward_flops.total / forward_flops.total
+t_f_measured, t_b_measured = pp.time_forward_backward(probe_stage, probe_x)
+backward_ratio = t_b_measured / t_f_measured
+print(f"work: forward {forward_flops.total / 1e6:.0f} MFLOP, backward {backward_flops.total / 1e6:.0f} MFLOP:"
+      f"  ratio {flop_ratio:.2f}")
+print(f"time: t_f = {t_f_measured * 1e3:.2f} ms, t_b = {t_b_measured * 1e3:.2f} ms:  t_b / t_f = {backward_ratio:.2f}")
+assert flop_ratio == 2, "for each forward product, the backward computes two"
+assert 1.3 < backward_ratio < 4, "a backward should take about two forwards"
 
 # %% [markdown]
+# The work is exactly twice the forward's; the time is close to twice (the GELU, the bias and the
+# gradient accumulation add a little, and small matrices do not run at full speed). On the first
+# stage, whose input needs no gradient, the first layer skips one product: there t_b is a little
+# under 2·t_f. The pictures below use t_b = 2·t_f; the measurements on real ranks use your ratio.
+#
+# ## A picture of a pipeline
+#
+# `viz.plot_schedule(name, p, m)` plays a schedule out and draws it as a Gantt chart: one row per
+# stage (stage 0 on top), time to the right, a blue box for each micro-batch's forward and an
+# orange one for its backward (the number is the micro-batch). Grey is **idle**: the bubble. The
+# panel on the right shows, per stage, the most micro-batches whose activations were alive at
+# once — memory. (`viz.plot_pipeline` draws any timeline, later also ones measured on real ranks.)
+
+#
 # ## Naive model parallelism: one device at a time
 #
 # Split the layers over p devices and push the whole batch through: stage 1 waits for stage 0's
@@ -129,43 +97,48 @@ def show_schedule(name, p, m, t_f=1.0, t_b=2.0, width=12):
 # GPipe schedule with a single micro-batch.)
 
 # %%
-fig = show_schedule("gpipe", 4, 1)
-fig
+viz.plot_schedule("gpipe", 4, 1)
 
 # %% [markdown]
 # ## GPipe: cut the batch into micro-batches
 #
-# GPipe cuts the batch into m **micro-batches**. Stage 0 sends micro-batch 0 on and starts
-# micro-batch 1 at once, so the stages overlap. Every stage runs all m forwards, then all m
-# backwards; each micro-batch's loss is divided by m, so the gradients summed over the
+# GPipe (Huang et al., 2019) cuts the batch into m **micro-batches**. Stage 0 sends micro-batch 0
+# on and starts micro-batch 1 at once, so the stages overlap. Every stage runs all m forwards,
+# then all m backwards; each micro-batch's loss is divided by m, so the gradients summed over the
 # micro-batches equal the full batch's (below, checked on real ranks).
 
 # %%
 print(pp.gpipe_schedule(2, 3))
-fig = show_schedule("gpipe", 4, 8)
-fig
+viz.plot_schedule("gpipe", 4, 8)
 
 # %% [markdown]
-# Count the grey. Each stage is busy for m·(t_f + t_b); the whole step takes (m + p − 1)·(t_f + t_b),
-# because the last micro-batch needs p − 1 extra slots to reach the end of the pipe, and the same
-# again on the way back. So the idle share of all stage-time is
+# Count the grey. Each stage is busy for m·(t_f + t_b), the **ideal** time: what the step would
+# take with no waiting. The whole step takes (m + p − 1)·(t_f + t_b), because the last micro-batch
+# needs p − 1 extra slots to reach the end of the pipe, and the same again on the way back. So
+# the idle share of all stage-time is
 #
 # $$\text{bubble} = \frac{(p-1)(t_f+t_b)}{(m+p-1)(t_f+t_b)} = \frac{p-1}{m+p-1},
-# \qquad \frac{\text{idle time}}{\text{ideal time}} = \frac{p-1}{m}.$$
+# \qquad \frac{\text{step} - \text{ideal}}{\text{ideal}} = \frac{(p-1)(t_f+t_b)}{m\,(t_f+t_b)} = \frac{p-1}{m}.$$
 #
-# The second form compares the wasted time with the useful time m·(t_f + t_b): with m ≥ 4p it is
-# under 1/4, and the bubble is under 20 % ((p−1)/(5p−1) < 1/5). The simulator finds the
-# same numbers by playing the schedule out (`pp.simulate`: each stage runs its actions in order,
-# each as soon as its input exists):
+# The second form compares the wasted time with the ideal time; Megatron-LM's paper (Narayanan
+# et al., 2021) quotes it as the "bubble time fraction". With m ≥ 4p it is under 1/4, and the
+# bubble is under 20 % ((p−1)/(5p−1) < 1/5) — GPipe's authors found the bubble negligible from
+# m ≥ 4p on. The simulator finds the same numbers by playing the schedule out (`pp.simulate`:
+# each stage runs its actions in order, each as soon as its input exists):
 
 # %%
-print(f"{'p':>2} {'m':>3}  {'simulated':>9}  {'(p-1)/(m+p-1)':>13}  {'idle/ideal':>10}  {'(p-1)/m':>7}")
+print(f"{'p':>2} {'m':>3}  {'simulated bubble':>16}  {'(p-1)/(m+p-1)':>13}  "
+      f"{'simulated (step-ideal)/ideal':>28}  {'(p-1)/m':>7}")
 for p in (2, 4, 8):
     for m in (1, p, 4 * p):
-        sim = pp.simulate(pp.gpipe_schedule(p, m))
-        ideal = m * (1.0 + 2.0)
-        print(f"{p:>2} {m:>3}  {sim.bubble_fraction:>9.1%}  {pp.bubble_formula(p, m):>13.1%}  "
-              f"{(sim.total_time - ideal) / ideal:>10.3f}  {(p - 1) / m:>7.3f}")
+        sim = pp.simulate(pp.gpipe_schedule(p, m), t_f=1.0, t_b=2.0)
+        ideal = m * (1.0 + 2.0)  # m·(t_f + t_b)
+        over_ideal = (sim.total_time - ideal) / ideal
+        print(f"{p:>2} {m:>3}  {sim.bubble_fraction:>16.1%}  {pp.bubble_formula(p, m):>13.1%}  "
+              f"{over_ideal:>28.3f}  {(p - 1) / m:>7.3f}")
+        assert abs(sim.bubble_fraction - pp.bubble_formula(p, m)) < 1e-12
+        assert abs(over_ideal - (p - 1) / m) < 1e-12
+        assert m < 4 * p or sim.bubble_fraction < 0.2
 
 # %% [markdown]
 # **The price: memory.** A stage must keep each micro-batch's activations from its forward until
@@ -178,11 +151,14 @@ for p in (2, 4, 8):
 # Stage s runs only min(p − s − 1, m) forwards to fill the pipe, then **alternates**: one forward,
 # one backward — each backward frees a micro-batch. At most **min(p − s, m)** micro-batches are
 # alive on stage s, however large m is. The last stage runs each backward right after its forward.
+# This order with a flush at the end of every step (all backwards done before the optimizer
+# step, so every micro-batch uses the same weights) is PipeDream-Flush (Narayanan et al., 2021)
+# and Megatron-LM's default; the first PipeDream (2019) ran 1F1B without the flush, with
+# asynchronous updates and stashed weight versions.
 
 # %%
 print(inspect.getsource(pp.one_f_one_b_schedule))
-fig = show_schedule("1f1b", 4, 8)
-fig
+viz.plot_schedule("1f1b", 4, 8)
 
 # %% [markdown]
 # Same bubble, less memory: with equal stages 1F1B's step takes exactly as long as GPipe's, but
@@ -196,6 +172,8 @@ for p, m in ((2, 4), (4, 8), (4, 2), (8, 4)):
     expected = [min(p - s, m) for s in range(p)]
     print(f"{p:>2} {m:>2}  {g.bubble_fraction:>12.1%}  {o.bubble_fraction:>11.1%}  "
           f"{str(g.peak_activations):>24}  {str(o.peak_activations):>24}  {str(expected):>24}")
+    assert g.total_time == o.total_time and g.peak_activations == [m] * p
+    assert o.peak_activations == expected
 
 # %% [markdown]
 # ## Try it: p, m, t_b/t_f and the schedule
@@ -204,36 +182,14 @@ for p, m in ((2, 4), (4, 8), (4, 2), (8, 4)):
 # only on the schedule.
 
 # %%
-stages_slider = widgets.IntSlider(value=4, min=1, max=8, description="p stages")
-micro_slider = widgets.IntSlider(value=8, min=1, max=32, description="m micro")
-ratio_slider = widgets.FloatSlider(value=2.0, min=0.5, max=4.0, step=0.5, description="t_b / t_f")
-schedule_picker = widgets.Dropdown(options=[("GPipe", "gpipe"), ("1F1B", "1f1b")], value="gpipe",
-                                   description="schedule")
-formula = widgets.HTML(layout=widgets.Layout(width="300px"))
-
-
-def redraw(p, m, ratio, name):
-    sim = pp.simulate(pp.SCHEDULES[name](p, m), 1.0, ratio)
-    peak = "m" if name == "gpipe" else "min(p−s, m)"
-    formula.value = (
-        f"<b>bubble</b> = (p−1)/(m+p−1)<br>= {p - 1}/{m + p - 1} = <b>{pp.bubble_formula(p, m):.1%}</b>"
-        f"<br>simulated: {sim.bubble_fraction:.1%}<br><br><b>idle / ideal</b> = (p−1)/m = {(p - 1) / m:.3f}"
-        f"<br><br><b>peak live micro-batches</b><br>{peak}: {sim.peak_activations}"
-        f"<br><br>step time: {sim.total_time:g}·t_f<br>ideal m·(t_f+t_b): {m * (1 + ratio):g}·t_f")
-    display(show_schedule(name, p, m, 1.0, ratio, width=9))
-
-
-picture = widgets.interactive_output(redraw, dict(p=stages_slider, m=micro_slider, ratio=ratio_slider,
-                                                  name=schedule_picker))
-display(widgets.HBox([stages_slider, micro_slider, ratio_slider, schedule_picker]),
-        widgets.HBox([picture, formula]))
+viz.pipeline_explorer()
 
 # %% [markdown]
 # ## On real ranks
 #
 # `pp.partition(model, rank, p)` gives rank r a contiguous slice of an `nn.Sequential`, balanced
-# by **parameter count** (for linear layers, compute is proportional to parameters). Then
-# `pp.train_step` runs one step of a schedule on every rank:
+# by **parameter count** (a linear layer's multiply-adds per sample equal its weights, so equal
+# parameters mean equal compute). Then `pp.train_step` runs one step of a schedule on every rank:
 #
 # * a forward receives its input from rank s − 1 (`dist.recv`), runs the stage and sends the
 #   output to rank s + 1 with `dist.isend` — non-blocking, so a stage never waits for its
@@ -280,6 +236,7 @@ for p in (2, 4):
                 torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(per_rank[-1][schedule][0], full_loss.detach(), rtol=1e-5, atol=1e-5)
         layers = [sorted({int(n.split(".")[0]) for n in r[schedule][1]}) for r in per_rank]
+        assert sorted(sum(layers, [])) == list(range(DEPTH))  # every layer on exactly one rank
         print(f"p = {p}, {schedule:>5}, m = 8: loss {per_rank[-1][schedule][0]:.5f} and every gradient "
               f"equal to one process ✔  (layers of each rank: {layers})")
 
@@ -302,8 +259,8 @@ def torch_pipeline_gradients(m):
 
 
 for schedule in ("gpipe", "1f1b"):
-    for per_rank in launch.run(torch_pipeline_gradients, 2, 4):
-        for name, grad in per_rank[schedule].items():
+    for rank_result in launch.run(torch_pipeline_gradients, 2, 4):
+        for name, grad in rank_result[schedule].items():
             torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-5, atol=1e-5)
     print(f"torch.distributed.pipelining, {schedule}: the same gradients ✔")
 
@@ -312,109 +269,52 @@ for schedule in ("gpipe", "1f1b"):
 #
 # To measure the bubble, the stages must take a *known* time. Real matrix multiplications will
 # not do on a laptop: p ranks share a few CPU cores, so a stage's speed depends on what the others
-# are doing. So here each stage **sleeps**: t_f = 30 ms in forward and t_b = 60 ms in backward
-# (a tiny `nn.Linear` keeps real gradients flowing). Sleeping ranks do not compete for the cores,
-# and what is left to see is the pipeline's own waiting.
+# are doing. So here each stage **sleeps** (`pp.TimedStage`): t_f = 30 ms in forward and
+# t_b = t_f × the ratio you measured at the top in backward (a tiny `nn.Linear` keeps real
+# gradients flowing). Sleeping ranks do not compete for the cores, and what is left to see is the
+# pipeline's own waiting.
 #
 # `train_step(..., timeline=list)` records every action from the moment its input had arrived
 # until its output was sent; everything else is waiting. The measured bubble is
-# 1 − Σ busy / (p × wall-clock step time). Each configuration runs three times and keeps the run
-# with the smallest bubble: on a shared machine, a rank that gets no core when its input arrives makes
-# the whole pipeline wait.
+# 1 − Σ busy / (p × wall-clock step time), and the measured (step − ideal)/ideal is Σ idle / Σ busy
+# (each stage's busy time is its ideal time). `pp.timed_steps` runs each configuration three times
+# and `pp.least_disturbed` keeps the run with the smallest bubble: on a shared machine, a rank that
+# gets no core when its input arrives makes the whole pipeline wait.
 
 # %%
-T_F, T_B = 0.030, 0.060
-
-
-class SleepInBackward(torch.autograd.Function):
-    """Identity whose backward sleeps: a backward of known duration."""
-
-    @staticmethod
-    def forward(ctx, x, seconds):
-        ctx.seconds = seconds
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        time.sleep(ctx.seconds)
-        return grad, None
-
-
-class TimedStage(nn.Module):
-    """A stage whose forward takes ``work``·T_F seconds and whose backward ``work``·T_B."""
-
-    def __init__(self, work=1.0, width=4):
-        super().__init__()
-        self.work = work
-        self.linear = nn.Linear(width, width)
-
-    def forward(self, x):
-        time.sleep(self.work * T_F)
-        return SleepInBackward.apply(self.linear(x), self.work * T_B)
-
-
-def measured_bubble(timelines):
-    start = min(row[0][1] for row in timelines)
-    end = max(row[-1][2] for row in timelines)
-    busy = sum(b - a for row in timelines for _, a, b in row)
-    return 1 - busy / (len(timelines) * (end - start)), end - start
-
-
-def timed_steps(configs, repeats=3):
-    """Per (schedule, m, work of each stage): this rank's timeline of each repeat."""
-    rank, device = dist.get_rank(), launch.device()
-    torch.manual_seed(0)
-    warm_up = TimedStage(0.0).to(device)
-    ones = torch.ones(1, 4, device=device)
-    pp.train_step(warm_up, ones, ones, F.mse_loss, 1)  # open the links
-    results = []
-    for schedule, m, work in configs:
-        stage = TimedStage(work[rank]).to(device)
-        x, y = torch.randn(m, 4, device=device), torch.randn(m, 4, device=device)
-        runs = []
-        for _ in range(repeats):
-            dist.barrier()  # start together
-            timeline = []
-            pp.train_step(stage, x, y, F.mse_loss, m, schedule, timeline=timeline)
-            runs.append(timeline)
-        results.append(runs)
-    return results
-
-
+T_F = 0.030
+T_B = min(max(round(backward_ratio, 1), 1.5), 3.0) * T_F  # your measured t_b / t_f (kept within 1.5–3)
 P = 4
 BALANCED, UNBALANCED = [1, 1, 1, 1], [1.5, 1, 1, 0.5]  # 8 layers split (2,2,2,2) or (3,2,2,1)
 configs = [("gpipe", 1, BALANCED), ("gpipe", 4, BALANCED), ("gpipe", 8, BALANCED),
-           ("1f1b", 8, BALANCED), ("1f1b", 8, UNBALANCED)]
-per_rank = launch.run(timed_steps, P, configs)
-best = []  # per configuration: every rank's timeline in the repeat with the smallest bubble
-for c in range(len(configs)):
-    repeats = [[per_rank[r][c][k] for r in range(P)] for k in range(len(per_rank[0][c]))]
-    best.append(min(repeats, key=lambda timelines: measured_bubble(timelines)[0]))
+           ("1f1b", 4, BALANCED), ("1f1b", 8, BALANCED), ("1f1b", 8, UNBALANCED)]
+best = pp.least_disturbed(launch.run(pp.timed_steps, P, configs, T_F, T_B))
 
 print(f"p = {P}, t_f = {T_F * 1e3:.0f} ms, t_b = {T_B * 1e3:.0f} ms, balanced stages")
-print(f"{'schedule':>8} {'m':>3}  {'step':>7}  {'ideal':>7}  {'measured bubble':>15}  {'formula':>7}  "
-      f"{'off by':>6}")
-for (schedule, m, _), timelines in list(zip(configs, best))[:4]:
-    bubble, wall = measured_bubble(timelines)
-    formula = pp.bubble_formula(P, m)
-    ideal = (m + P - 1) * (T_F + T_B)
-    print(f"{schedule:>8} {m:>3}  {wall * 1e3:>5.0f}ms  {ideal * 1e3:>5.0f}ms  {bubble:>15.1%}  "
-          f"{formula:>7.1%}  {abs(bubble - formula) / formula:>6.1%}")
+print(f"{'schedule':>8} {'m':>2}  {'step':>7}  {'(m+p-1)(t_f+t_b)':>16}  {'bubble':>7}  {'(p-1)/(m+p-1)':>13}  "
+      f"{'(step-ideal)/ideal':>18}  {'(p-1)/m':>7}")
+measured = {}  # (schedule, m) -> (bubble, idle / busy, wall seconds)
+for (schedule, m, work), timelines in zip(configs, best):
+    if work is not BALANCED:
+        continue
+    bubble, wall = pp.measured_bubble(timelines)
+    measured[schedule, m] = bubble, bubble / (1 - bubble), wall
+    print(f"{schedule:>8} {m:>2}  {wall * 1e3:>5.0f}ms  {(m + P - 1) * (T_F + T_B) * 1e3:>14.0f}ms  "
+          f"{bubble:>7.1%}  {pp.bubble_formula(P, m):>13.1%}  {bubble / (1 - bubble):>18.3f}  "
+          f"{(P - 1) / m:>7.3f}")
+    assert abs(bubble - pp.bubble_formula(P, m)) < 0.1, "measured bubble far from (p-1)/(m+p-1)"
 
 # %% [markdown]
-# The last column is the difference relative to the formula (10 % of a 27 % bubble is
-# 2.7 points). What is left over is real: a message takes a little time to cross, a stage spends
-# a moment between actions, and a woken rank may wait for a free core. Here is the measured GPipe
-# step with m = 8, drawn like the simulator's (time in ms):
+# Both schedules measure close to the formulas, and 1F1B's bubble is GPipe's at the same m. What
+# is left over is real: a message takes a little time to cross, a stage spends a moment between
+# actions, and a woken rank may wait for a free core. Here is the measured GPipe step with m = 8,
+# drawn like the simulator's (time in ms):
 
 # %%
-timelines = best[2]
-t0 = min(row[0][1] for row in timelines)
-in_ms = [[(a, (s - t0) * 1e3, (e - t0) * 1e3) for a, s, e in row] for row in timelines]
-fig = plot_pipeline(in_ms, f"measured on {P} ranks: GPipe, m = 8, t_f = 30 ms, t_b = 60 ms",
-                    note=f"measured bubble {measured_bubble(timelines)[0]:.1%}   "
-                         f"formula {pp.bubble_formula(P, 8):.1%}", time_unit="ms")
-fig
+bubble_gpipe_8 = pp.measured_bubble(best[2])[0]
+viz.plot_measured_pipeline(best[2], f"measured on {P} ranks: GPipe, m = 8, t_f = {T_F * 1e3:.0f} ms, "
+                                    f"t_b = {T_B * 1e3:.0f} ms",
+                           note=f"measured bubble {bubble_gpipe_8:.1%}   formula {pp.bubble_formula(P, 8):.1%}")
 
 # %% [markdown]
 # ## Measured: an unbalanced partition
@@ -426,13 +326,18 @@ fig
 
 # %%
 print(f"{'partition':>24}  {'measured step':>13}  {'simulated':>9}  {'measured bubble':>15}")
-for label, (_, m, work), timelines in (("balanced (2, 2, 2, 2)", configs[3], best[3]),
-                                       ("unbalanced (3, 2, 2, 1)", configs[4], best[4])):
-    bubble, wall = measured_bubble(timelines)
+steps = {}
+for label, (_, m, work), timelines in (("balanced (2, 2, 2, 2)", configs[4], best[4]),
+                                       ("unbalanced (3, 2, 2, 1)", configs[5], best[5])):
+    bubble, wall = pp.measured_bubble(timelines)
     sim = pp.simulate(pp.one_f_one_b_schedule(P, m), [w * T_F for w in work], [w * T_B for w in work])
+    steps[label] = wall, sim.total_time
     print(f"{label:>24}  {wall * 1e3:>11.0f}ms  {sim.total_time * 1e3:>7.0f}ms  {bubble:>15.1%}")
-slow = measured_bubble(best[4])[1] / measured_bubble(best[3])[1]
-print(f"the same work, split unevenly, takes {slow:.2f}× as long")
+    assert abs(wall - sim.total_time) < 0.25 * sim.total_time, "measured step far from the simulator's"
+(balanced_wall, balanced_sim), (unbalanced_wall, unbalanced_sim) = steps.values()
+slowdown, slowdown_simulated = unbalanced_wall / balanced_wall, unbalanced_sim / balanced_sim
+print(f"the same work, split unevenly, takes {slowdown:.2f}× as long (simulated: {slowdown_simulated:.2f}×)")
+assert slowdown > 1.0, "the unbalanced split should take longer"
 
 # %% [markdown]
 # Every micro-batch has to pass the slowest stage, so in the steady state the whole pipeline runs
@@ -466,25 +371,31 @@ def activation_peaks(m):
     return one.peak_bytes, peaks
 
 
-m = 8
-peaks = launch.run(activation_peaks, P, m)
-print(f"p = {P}, m = {m}: peak live micro-batches = a step's peak bytes / one micro-batch's bytes")
+M_MEMORY = 8
+peaks = launch.run(activation_peaks, P, M_MEMORY)
+print(f"p = {P}, m = {M_MEMORY}: peak live micro-batches = a step's peak bytes / one micro-batch's bytes")
 print(f"{'stage':>5}  {'one micro-batch':>15}  {'GPipe':>6}  {'m':>3}  {'1F1B':>5}  {'min(p-s, m)':>11}")
 for s, (one, peak) in enumerate(peaks):
-    print(f"{s:>5}  {one / 1024:>12.1f}KiB  {peak['gpipe', False] / one:>6.2f}  {m:>3}  "
-          f"{peak['1f1b', False] / one:>5.2f}  {min(P - s, m):>11}")
+    gpipe_live, one_f_one_b_live = peak["gpipe", False] / one, peak["1f1b", False] / one
+    print(f"{s:>5}  {one / 1024:>12.1f}KiB  {gpipe_live:>6.2f}  {M_MEMORY:>3}  "
+          f"{one_f_one_b_live:>5.2f}  {min(P - s, M_MEMORY):>11}")
+    assert abs(gpipe_live - M_MEMORY) < 0.25 and abs(one_f_one_b_live - min(P - s, M_MEMORY)) < 0.25
 
 # %% [markdown]
 # ## Activation checkpointing: memory for a second forward
 #
 # Even 1F1B keeps p micro-batches of activations on stage 0. **Re-materialisation** (activation
 # checkpointing, 重计算) keeps only each micro-batch's *input* to the stage and throws the rest
-# away; the backward first runs the stage's forward again to rebuild them. With a batch of N
-# samples and L layers of width d on K = p stages, a GPipe stage's peak memory falls from
-# O(N·L/K·d) — every micro-batch's activations of every layer — to O(N + N/M·L/K·d) (the
-# letters of the GPipe analysis: K stages, M micro-batches; here p and m): every micro-batch's
-# input, plus one micro-batch's full activations while it is being recomputed. The price is one
-# more forward per micro-batch: about t_f on top of t_f + t_b ≈ 3·t_f, a third more compute.
+# away; the backward first runs the stage's forward again to rebuild them. Take micro-batches of
+# **b** samples (a batch of m·b) and L layers of width **h** split over p stages, L/p layers each.
+# Without it, a GPipe stage's peak holds every layer's activations of all m micro-batches,
+# O(m·b·(L/p)·h). With it (GPipe's analysis, in the course's letters), the peak is
+#
+# $$O\big(m\,b\,h \;+\; b\,(L/p)\,h\big):$$
+#
+# the m stage inputs, plus one micro-batch's activations while it is being rebuilt. The price is
+# one more forward per micro-batch: t_f on top of t_f + t_b, so the compute grows by the factor
+# (2·t_f + t_b)/(t_f + t_b), which is 4/3 when t_b = 2·t_f.
 #
 # `pp.checkpointed(stage, x)` does it with a small `torch.autograd.Function`: forward under
 # `torch.no_grad()` saving only `x`; backward recomputes and backpropagates:
@@ -493,83 +404,138 @@ for s, (one, peak) in enumerate(peaks):
 print(inspect.getsource(pp._Rematerialize))
 
 # %% [markdown]
-# One stage of 4 layers and one micro-batch of 64 samples, in this process: the bytes kept
-# between forward and backward, the forwards started, the time of forward + backward (one thread,
-# like a rank), and the gradients — ours against `torch.utils.checkpoint.checkpoint(...,
-# use_reentrant=False)` and against no checkpointing.
+# The stage you timed at the top (4 layers, width 256, hidden 1024) and one micro-batch of 64
+# samples, in this process: the bytes kept between forward and backward, the forwards started,
+# the matrix-product FLOPs of forward + backward, and the gradients — ours against
+# `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` and against no checkpointing. Then
+# the time of forward + backward, the three taking turns (one thread, the fastest of ten each).
 
 # %%
-def one_stage(mode, x, grad_output, repeats=5):
-    """Bytes kept after forward, peak bytes, forwards started, best time, and the gradients."""
-    stage = make_stack(4, 256, 1024, seed=0)
+def one_stage(mode, x, grad_output):
+    """Bytes kept after forward, peak bytes, forwards started, FLOPs, and the gradients."""
+    stage = make_stack(**STAGE_SHAPE, seed=0)
     forwards = []
     stage.register_forward_pre_hook(lambda *_: forwards.append(1))
     x = x.clone().requires_grad_()
     run = {"none": stage, "ours": lambda t: pp.checkpointed(stage, t),
            "torch": lambda t: torch.utils.checkpoint.checkpoint(stage, t, use_reentrant=False)}[mode]
-    with pp.ActivationMeter(stage) as meter:
+    with pp.ActivationMeter(stage) as meter, pp.FlopCounter() as flops:
         output = run(x)
         kept = meter.live_bytes  # what stays between forward and backward
         output.backward(grad_output)
     grads = [x.grad.clone()] + [q.grad.clone() for q in stage.parameters()]
-    calls = len(forwards)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(x).backward(grad_output)
-            times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    return kept, meter.peak_bytes, calls, min(times), grads
+    return dict(kept=kept, peak=meter.peak_bytes, forwards=len(forwards), flops=flops.total, grads=grads,
+                step=lambda: run(x).backward(grad_output))
 
 
-x, grad_output = torch.randn(64, 256), torch.randn(64, 256)
-runs = {mode: one_stage(mode, x, grad_output) for mode in ("none", "ours", "torch")}
+grad_output = torch.randn(64, STAGE_SHAPE["d_model"])
+runs = {mode: one_stage(mode, probe_x, grad_output) for mode in ("none", "ours", "torch")}
+seconds = pp.fastest({mode: r["step"] for mode, r in runs.items()}, repeats=10)
 print(f"{'checkpoint':>10}  {'kept after forward':>18}  {'peak in backward':>16}  {'forwards':>8}  "
-      f"{'fwd+bwd':>8}")
-for mode, (kept, peak, forwards, seconds, _) in runs.items():
-    shown = "(hidden)" if mode == "torch" else f"{peak / 1024:.0f}KiB"
-    print(f"{mode:>10}  {kept / 1024:>15.0f}KiB  {shown:>16}  {forwards:>8}  {seconds * 1e3:>6.2f}ms")
+      f"{'FLOPs ÷ none':>12}  {'fwd+bwd':>8}  {'÷ none':>6}")
+for mode, r in runs.items():
+    shown = "(hidden)" if mode == "torch" else f"{r['peak'] / 1024:.0f}KiB"
+    print(f"{mode:>10}  {r['kept'] / 1024:>15.0f}KiB  {shown:>16}  {r['forwards']:>8}  "
+          f"{r['flops'] / runs['none']['flops']:>12.3f}  {seconds[mode] * 1e3:>6.2f}ms  "
+          f"{seconds[mode] / seconds['none']:>6.2f}")
 for mode in ("ours", "torch"):
-    torch.testing.assert_close(runs[mode][4], runs["none"][4], rtol=1e-5, atol=1e-5)
-torch.testing.assert_close(runs["ours"][4], runs["torch"][4], rtol=0, atol=0)
+    torch.testing.assert_close(runs[mode]["grads"], runs["none"]["grads"], rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(runs["ours"]["grads"], runs["torch"]["grads"], rtol=0, atol=0)
 print("gradients: ours equal torch.utils.checkpoint's exactly, and both equal no checkpointing ✔")
+
+recompute_flops = runs["ours"]["flops"] / runs["none"]["flops"]
+recompute_time = seconds["ours"] / seconds["none"]
+recompute_formula = (2 * t_f_measured + t_b_measured) / (t_f_measured + t_b_measured)
+print(f"extra compute: FLOPs {recompute_flops:.3f}× (4/3 = {4 / 3:.3f});  time {recompute_time:.2f}× "
+      f"((2·t_f + t_b)/(t_f + t_b) with your t_f, t_b = {recompute_formula:.2f}×)")
+assert runs["none"]["kept"] == 4 * 576 * 1024 and runs["ours"]["kept"] == 64 * 1024  # explained below
+assert [runs[mode]["forwards"] for mode in ("none", "ours", "torch")] == [1, 2, 2]
+assert recompute_flops == 4 / 3 and runs["torch"]["flops"] < runs["ours"]["flops"]
+assert 1.0 < recompute_time < 2.5, "the second forward should cost about t_f (timing: a loose check)"
 
 # %% [markdown]
 # Where do the bytes go? Without checkpointing each layer keeps its input (64 × 256 floats,
 # 64 KiB), fc1's output before the GELU and the GELU's output (64 × 1024 floats, 256 KiB each):
 # 576 KiB per layer, 2304 KiB for four. With checkpointing only the stage's input stays between
 # forward and backward, 64 KiB. Ours reaches its peak *during* backward, while the stage is
-# rebuilt — the N/M·L/K·d term, paid for one micro-batch at a time. (torch's recomputation runs
+# rebuilt — the b·(L/p)·h term, paid for one micro-batch at a time. (torch's recomputation runs
 # under its own hooks, so the meter cannot see its peak, and it stops recomputing as soon as it
-# has rebuilt what the backward needs; both forwards started are counted.) The second forward
-# costs roughly t_f on top of t_f + t_b; on a laptop's small matrices the share varies.
+# has rebuilt what the backward needs: it skips the last product, fc2 of the last layer, so its
+# FLOPs stay a little under 4/3.) The time grows by about one forward, as the formula says; on a
+# busy laptop the measured share varies more than the FLOPs do.
 #
 # In a pipeline the difference multiplies by the micro-batches alive. The same launch as above, a
-# step's peak bytes per stage with and without `checkpoint=True`:
+# step's peak bytes per stage with and without `checkpoint=True`, beside the formula's two terms
+# counted in bytes: m stage inputs of b·h floats (b = 32/8 = 4 samples, h = 32: 512 bytes each)
+# plus the rest of one micro-batch's activations (the "one micro-batch" column of the table
+# above, less its input, which is already among the m):
 
 # %%
-print(f"{'stage':>5}  {'GPipe':>9}  {'GPipe+ckpt':>10}  {'1F1B':>9}  {'1F1B+ckpt':>9}")
+micro_b = BATCH // M_MEMORY
+input_bytes = micro_b * D_MODEL * 4  # one micro-batch's stage input: b·h floats
+
+
+def checkpointed_peak(one):
+    """m·b·h·4 bytes of stage inputs + one micro-batch's activations besides its input."""
+    return M_MEMORY * input_bytes + one - input_bytes
+
+
+print(f"{'stage':>5}  {'GPipe':>9}  {'GPipe+ckpt':>10}  {'formula':>9}  {'1F1B':>9}  {'1F1B+ckpt':>9}")
 for s, (one, peak) in enumerate(peaks):
-    print(f"{s:>5}  " + "  ".join(f"{peak[key] / 1024:>7.1f}KiB" for key in
-                                  (("gpipe", False), ("gpipe", True), ("1f1b", False), ("1f1b", True))))
+    print(f"{s:>5}  {peak['gpipe', False] / 1024:>7.1f}KiB  {peak['gpipe', True] / 1024:>8.1f}KiB  "
+          f"{checkpointed_peak(one) / 1024:>7.1f}KiB  {peak['1f1b', False] / 1024:>7.1f}KiB  "
+          f"{peak['1f1b', True] / 1024:>7.1f}KiB")
+    assert peak["gpipe", True] < peak["gpipe", False] / 2
+    if s < P - 1:  # the last stage is different, see below
+        assert peak["gpipe", True] == checkpointed_peak(one), "checkpointed GPipe peak off the formula"
 
 # %% [markdown]
 # With checkpointing, GPipe's peak no longer grows like m full micro-batches: each live
-# micro-batch costs only its stage input, plus one micro-batch rebuilt at a time.
+# micro-batch costs only its stage input, plus one micro-batch rebuilt at a time — to the byte on
+# every stage but the last. The last stage also keeps, for each micro-batch, what the loss saves
+# for its backward (its output and its target, 2·b·h more floats): a real model's loss head is
+# one more thing to count when balancing stages.
 #
 # ## Summary
 #
 # * Naive layer splitting keeps p − 1 of p devices idle.
-# * GPipe's m micro-batches cut the bubble to (p − 1)/(m + p − 1) (idle/ideal: (p − 1)/m), under
-#   20 % once m ≥ 4p; measured above on real ranks with stages of known duration.
+# * GPipe's m micro-batches cut the bubble to (p − 1)/(m + p − 1) ((step − ideal)/ideal:
+#   (p − 1)/m), under 20 % once m ≥ 4p; measured above on real ranks with stages of known duration.
 # * GPipe keeps m micro-batches of activations per stage; 1F1B, with the same bubble, keeps
 #   min(p − s, m) on stage s.
 # * The slowest stage sets the pace: balance the partition.
 # * Checkpointing keeps only each stage input and pays one extra forward per micro-batch.
 #
+# ## What you measured
+#
+# Each formula of this chapter beside the number your run produced (p = 4 on real ranks).
+
+# %%
+one_0, peak_0 = peaks[0]
+rows = [
+    ("backward ÷ forward FLOPs, one stage", "2", f"{flop_ratio:.2f}"),
+    ("t_b / t_f, one stage, time", "≈ 2", f"{backward_ratio:.2f}"),
+    ("GPipe bubble, m = 8", f"(p−1)/(m+p−1) = {pp.bubble_formula(P, 8):.3f}", f"{measured['gpipe', 8][0]:.3f}"),
+    ("1F1B bubble, m = 8", f"(p−1)/(m+p−1) = {pp.bubble_formula(P, 8):.3f}", f"{measured['1f1b', 8][0]:.3f}"),
+    ("GPipe (step−ideal)/ideal, m = 4", f"(p−1)/m = {(P - 1) / 4:.3f}", f"{measured['gpipe', 4][1]:.3f}"),
+    ("1F1B (step−ideal)/ideal, m = 4", f"(p−1)/m = {(P - 1) / 4:.3f}", f"{measured['1f1b', 4][1]:.3f}"),
+    ("1F1B (step−ideal)/ideal, m = 8", f"(p−1)/m = {(P - 1) / 8:.3f}", f"{measured['1f1b', 8][1]:.3f}"),
+    ("GPipe step, m = 8", f"(m+p−1)(t_f+t_b) = {(8 + P - 1) * (T_F + T_B) * 1e3:.0f} ms",
+     f"{measured['gpipe', 8][2] * 1e3:.0f} ms"),
+    ("unbalanced (3,2,2,1) ÷ balanced step", f"simulated {slowdown_simulated:.2f}×", f"{slowdown:.2f}×"),
+    ("GPipe live micro-batches, stage 0", f"m = {M_MEMORY}", f"{peak_0['gpipe', False] / one_0:.2f}"),
+    ("1F1B live micro-batches, stage 0", f"min(p−s, m) = {min(P, M_MEMORY)}", f"{peak_0['1f1b', False] / one_0:.2f}"),
+    ("1F1B live micro-batches, last stage", "min(p−s, m) = 1", f"{peaks[-1][1]['1f1b', False] / peaks[-1][0]:.2f}"),
+    ("GPipe+ckpt peak, stage 0", f"m·b·h·4 + rest of one = {checkpointed_peak(one_0) / 1024:.1f} KiB",
+     f"{peak_0['gpipe', True] / 1024:.1f} KiB"),
+    ("checkpointing: FLOPs ÷ without", "(2t_f+t_b)/(t_f+t_b) = 4/3 = 1.333", f"{recompute_flops:.3f}"),
+    ("checkpointing: time ÷ without", f"(2t_f+t_b)/(t_f+t_b) = {recompute_formula:.2f} (your t_f, t_b)",
+     f"{recompute_time:.2f}"),
+]
+print(f"{'quantity':<38}  {'formula':<48}  {'measured':>9}")
+for quantity, formula_text, value in rows:
+    print(f"{quantity:<38}  {formula_text:<48}  {value:>9}")
+
+# %% [markdown]
 # **Next**: the exercises (`exercises/06_pipeline_parallel.ipynb`) build the GPipe and 1F1B
 # orders, one stage's send/recv loop, and the recomputing backward.

@@ -12,21 +12,26 @@
 # # 08 · Mixture of experts: routing, capacity and expert parallelism
 #
 # A transformer block spends most of its parameters in its MLP. A **mixture of experts** (MoE,
-# 混合专家) layer replaces that one MLP with **E** MLPs, the **experts** (专家), and a small
-# **gate** (门控, also *router*) that picks **k** of them for each token (k = 1 or 2; E may be
-# 8 … 256). Each token is processed by k experts only, so the parameters grow with E while the
-# work per token stays that of k MLPs.
+# 混合专家模型) layer replaces that one MLP with **E** MLPs, the **experts** (专家), and a small
+# **gate** (门控网络, also *router*, 路由器) that picks **k** of them for each token. Switch
+# Transformer used k = 1, GShard and Mixtral k = 2 (Mixtral: 8 experts); DeepSeek-V3 routes each
+# token to k = 8 of E = 256 small routed experts and, besides, through one shared expert (共享专家)
+# that every token passes. Each token is processed by its k experts only, so the parameters grow
+# with E while the work per token stays that of k expert MLPs.
 #
 # **Expert parallelism** (专家并行) puts the experts on different ranks: with N ranks, rank r holds
 # experts r·E/N … (r+1)·E/N − 1. Every rank has its own T tokens; after the gate, each token must
 # travel to the rank of its expert and its result must travel back. Both trips are one
-# **all-to-all** (全对全) each. The price of all this is paid twice:
+# **all-to-all** (全交换) each. The price of all this is paid twice:
 #
 # * **communication**: two all-to-alls per layer forward (and two in backward), moving k·T·D
 #   numbers per rank each time — most of them to other ranks;
 # * **load imbalance** (负载不均衡): the gate decides how many tokens each expert gets. An expert
-#   that gets too many either makes its rank the slowest one, or — what real systems do, with a
-#   fixed buffer of **capacity** C per expert — **drops** the tokens that do not fit.
+#   that gets too many either makes its rank the slowest one, or — what Switch Transformer and
+#   GShard do, with a fixed buffer of **capacity** (容量) C per expert — **drops** (丢弃) the tokens
+#   that do not fit. (DeepSeek-V3 drops none: it keeps the load even with a per-expert bias that
+#   is added to the routing scores only to choose the top k, and limits each token to experts on
+#   at most 4 machines.)
 #
 # This chapter builds the routing with capacity, the all-to-all from send/recv, and a whole
 # expert-parallel layer; checks it against a one-process loop (outputs and every gradient); and
@@ -38,16 +43,12 @@
 # %%
 import inspect
 
-import ipywidgets as widgets
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from IPython.display import display
-from matplotlib.patches import Patch, Rectangle
 
-from course_lib import launch, models, moe
+from course_lib import launch, models, moe, viz
 from course_lib.comm import count_traffic
-from course_lib.viz import CourseFigure
 
 # This kernel's own small models and plots: one thread. Tiny matmuls gain nothing from more, and
 # on a busy laptop extra threads spin while waiting for each other (we measured 40× slower).
@@ -65,7 +66,8 @@ torch.manual_seed(0)
 #    scales the output down, which is also how the gate receives a gradient); for k ≥ 2 the k
 #    chosen probabilities renormalised to sum to 1;
 # 4. **capacity**: each expert has a buffer of **C = ceil(k·cf·T/E)** slots. k·T/E is the share of
-#    a perfectly even split; the capacity factor cf ≥ 1 adds slack. Assignments claim slots in a
+#    a perfectly even split; a capacity factor cf above 1 adds slack, one below 1 forces drops
+#    (Switch Transformer works well with cf = 1.0 to 1.25). Assignments claim slots in a
 #    fixed priority — **all first choices before any second choice, earlier tokens first** — and an
 #    assignment that finds its expert full is **dropped**: it contributes nothing (in a transformer
 #    the residual connection still carries the token past the layer unchanged).
@@ -85,77 +87,18 @@ probs = torch.tensor([
     [0.10, 0.20, 0.10, 0.60],
 ])
 example = moe.route(probs.log(), k=2, capacity_factor=1.0)  # log-probabilities are valid logits
-
-
-def routing_table(routing, probs):
-    """One line per token: its choices, slots (or dropped) and combine weights."""
-    lines = ["token | choice 1: expert, slot, weight | choice 2: expert, slot, weight"]
-    for t in range(routing.expert_index.shape[0]):
-        cells = []
-        for j in range(routing.expert_index.shape[1]):
-            e, s = int(routing.expert_index[t, j]), int(routing.slot[t, j])
-            where = f"slot {s}" if s >= 0 else "DROPPED"
-            cells.append(f"e{e} (p={probs[t, e]:.2f}), {where:>7}, w={routing.weight[t, j]:.2f}")
-        lines.append(f"  t{t}  | " + " | ".join(cells))
-    return "\n".join(lines)
-
-
 print(f"C = {example.capacity} slots per expert\n")
-print(routing_table(example, probs))
+print(moe.routing_table(example, probs))
 print("\ntokens_per_expert (before dropping):", example.tokens_per_expert.tolist(),
       f"  dropped assignments: {example.num_dropped} of {probs.shape[0] * 2}")
 
-
 # %% [markdown]
-# The same routing as the experts' buffers: one row per expert, one box per slot. Blue boxes are
-# first choices, orange ones second choices; on the right, in red, the assignments that arrived
-# after the buffer was full.
+# The same routing as the experts' buffers (`viz.plot_expert_buffers`): one row per expert, one
+# box per slot. Blue boxes are first choices, orange ones second choices; on the right, in red,
+# the assignments that arrived after the buffer was full.
 
 # %%
-def plot_buffers(routing, title):
-    num_experts, capacity = routing.tokens_per_expert.numel(), routing.capacity
-    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
-    dropped = {e: [] for e in range(num_experts)}
-    width = capacity + 1 + max(1, int(routing.tokens_per_expert.max()) - capacity)
-    fig = CourseFigure(figsize=(1.0 * width + 1.5, 0.6 * num_experts + 1.2), layout="constrained")
-    ax = fig.subplots()
-    for e in range(num_experts):
-        y = num_experts - 1 - e
-        for s in range(capacity):
-            ax.add_patch(Rectangle((s, y + 0.1), 0.9, 0.8, fill=False, edgecolor="0.6", linestyle="--"))
-    for j in range(routing.expert_index.shape[1]):  # in priority order: drops listed as they happened
-        for t in range(routing.expert_index.shape[0]):
-            e, s = int(routing.expert_index[t, j]), int(routing.slot[t, j])
-            y = num_experts - 1 - e
-            if s >= 0:
-                ax.add_patch(Rectangle((s, y + 0.1), 0.9, 0.8, color=colors[j % 4], alpha=0.85))
-                ax.text(s + 0.45, y + 0.5, f"t{t}", ha="center", va="center", color="white",
-                        fontsize=11, fontweight="bold")
-            else:
-                x = capacity + 0.3 + len(dropped[e])
-                dropped[e].append(t)
-                ax.add_patch(Rectangle((x, y + 0.1), 0.9, 0.8, fill=False, edgecolor="tab:red", hatch="//"))
-                ax.text(x + 0.45, y + 0.5, f"t{t} ({('1st', '2nd', '3rd', '4th')[j % 4]})", ha="center",
-                        va="center", color="tab:red", fontsize=10, fontweight="bold",
-                        bbox=dict(boxstyle="round,pad=0.1", facecolor="white", linewidth=0))
-    ax.axvline(capacity + 0.15, color="tab:red", linewidth=1.5)
-    ax.text(capacity + 0.2, num_experts + 0.05, "dropped →", color="tab:red", fontsize=10, va="bottom")
-    ax.set_xlim(-0.2, width + 0.3)
-    ax.set_ylim(0, num_experts + 0.5)
-    ax.set_yticks([num_experts - 1 - e + 0.5 for e in range(num_experts)],
-                  [f"expert {e}" for e in range(num_experts)])
-    ax.set_xticks([s + 0.45 for s in range(capacity)], [f"slot {s}" for s in range(capacity)])
-    for side in ("top", "right", "bottom", "left"):
-        ax.spines[side].set_visible(False)
-    ax.tick_params(length=0)
-    handles = [Patch(color=colors[j], label=f"choice {j + 1}") for j in range(routing.expert_index.shape[1])]
-    handles.append(Patch(fill=False, edgecolor="tab:red", hatch="//", label="dropped: buffer full"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False)
-    fig.suptitle(title, fontsize=11)
-    return fig
-
-
-plot_buffers(example, f"E = 4 experts, k = 2, T = 8, cf = 1 → C = {example.capacity} slots each")
+viz.plot_expert_buffers(example, f"E = 4 experts, k = 2, T = 8, cf = 1 → C = {example.capacity} slots each")
 
 # %% [markdown]
 # Follow the priority. First choices, token by token: tokens 0, 1, 3 and 5 fill expert 0's four
@@ -165,7 +108,14 @@ plot_buffers(example, f"E = 4 experts, k = 2, T = 8, cf = 1 → C = {example.cap
 # earlier token got there first. Token 6 is now served by its second expert alone, with weight
 # 0.30/(0.40 + 0.30) = 0.43: the weights were renormalised over the k choices before dropping, and a
 # drop sets its own weight to 0 without renormalising the rest.
-#
+
+# %%
+dropped = sorted((int(t), int(j)) for t, j in (example.slot < 0).nonzero())
+print("dropped (token, choice):", dropped, f"  token 6's weights: {example.weight[6].tolist()}")
+assert example.capacity == 4 and dropped == [(2, 1), (4, 1), (6, 0), (7, 1)]
+assert example.weight[6, 0] == 0 and abs(example.weight[6, 1] - 0.30 / 0.70) < 1e-6
+
+# %% [markdown]
 # Why first choices before second choices? A token that loses its second expert still gets most
 # of its output; one that loses its first loses the larger part. Why a fixed C at all? So that
 # every expert's buffer — and every message of the all-to-all — has a size known in advance, and
@@ -191,7 +141,9 @@ print("f =", f.tolist(), "  P =", [round(p, 3) for p in P.tolist()])
 print(f"E·Σ f·P = {4 * (f * P).sum():.4f}   route(...).aux_loss = {example.aux_loss:.4f}")
 even = moe.load_balancing_loss(torch.full((8, 4), 0.25), (torch.arange(8) % 4).view(8, 1))
 collapsed = moe.load_balancing_loss(torch.eye(4)[[0] * 8], torch.zeros(8, 1, dtype=torch.long))
-print(f"perfectly even: {even:.4f}   everything to expert 0: {collapsed:.4f}")
+print(f"perfectly even: {even:.4f} (formula: 1)   everything to expert 0: {collapsed:.4f} (formula: E = 4)")
+assert torch.allclose(4 * (f * P).sum(), example.aux_loss)
+assert torch.allclose(even, torch.tensor(1.0)) and torch.allclose(collapsed, torch.tensor(4.0))
 
 # %% [markdown]
 # The routing in `course_lib/moe.py`, top to bottom (the exercises rebuild `top_k_gate` and
@@ -232,8 +184,10 @@ def both_all_to_alls():
 
 for n in (1, 2, 3, 4):
     results = launch.run(both_all_to_alls, n)
-    print(f"N={n}: from scratch == all_to_all_single on every rank: {all(ok for ok, _ in results)}")
+    assert all(ok for ok, _ in results), f"N={n}: the from-scratch all-to-all differs from all_to_all_single"
+    print(f"N={n}: from scratch == all_to_all_single on every rank ✔")
 print("rank 1 of 4 received [sender, receiver, index]:", results[1][1].int().tolist())
+assert all(row[1] == 1 for row in results[1][1].int().tolist())  # every row received was meant for rank 1
 
 # %% [markdown]
 # ## 4. The expert-parallel layer
@@ -315,6 +269,8 @@ try:
     launch.run(lambda: moe.MoELayer.from_dense(*moe.make_moe(D, 6), K, CF), 4)
 except launch.RankError as error:
     print("E = 6 on N = 4:", next(line for line in str(error).splitlines() if line.startswith("ValueError")))
+else:
+    raise AssertionError("E = 6 experts on N = 4 ranks should have been refused")
 
 # %% [markdown]
 # ## 5. Measured: the load on each expert and on each rank
@@ -349,81 +305,69 @@ def load_on_ranks(k, capacity_factor):
 
 N_LOAD = 4
 load = launch.run(load_on_ranks, N_LOAD, 1, 1.25)
-assigned = sum(a for a, _, _ in load)
-kept = sum(k for _, k, _ in load)
-capacity = load[0][2]
-
-
-def plot_load(assigned, kept, capacity, n):
-    num_experts = assigned.numel()
-    fig = CourseFigure(figsize=(11, 3.8), layout="constrained")
-    ax_e, ax_r = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[2, 1]))
-    experts = range(num_experts)
-    ax_e.bar(experts, kept, color="tab:blue", label="kept")
-    ax_e.bar(experts, assigned - kept, bottom=kept, color="tab:red", alpha=0.6, hatch="//", label="dropped")
-    ax_e.axhline(n * capacity, color="black", linestyle="--", label=f"slots: N·C = {n}·{capacity}")
-    ax_e.axhline(assigned.sum() / num_experts, color="0.5", linestyle=":", label="even share k·N·T/E")
-    ax_e.set_xticks(list(experts), [f"e{e}" for e in experts])
-    ax_e.set_xlabel("expert")
-    ax_e.set_ylabel("tokens (all ranks)")
-    ax_e.set_title(f"tokens per expert — {int((assigned - kept).sum())} of {int(assigned.sum())} "
-                   "assignments dropped", fontsize=10)
-    ax_e.legend(fontsize=9, loc="upper left")
-    per_rank = num_experts // n
-    rows = kept.view(n, per_rank).sum(dim=1)
-    ax_r.bar(range(n), rows, color=[f"C{r}" for r in range(n)])
-    ax_r.axhline(rows.float().mean(), color="0.5", linestyle=":", label="mean")
-    ax_r.set_xticks(range(n), [f"rank {r}\ne{r * per_rank}–e{(r + 1) * per_rank - 1}" for r in range(n)])
-    ax_r.set_ylabel("rows processed")
-    ax_r.set_title(f"work per rank: slowest / mean = {rows.max() / rows.float().mean():.2f}", fontsize=10)
-    ax_r.legend(fontsize=9)
-    return fig
-
-
-print("assignments per expert:", assigned.tolist(), " kept:", kept.tolist(), f" C per rank = {capacity}")
-plot_load(assigned, kept, capacity, N_LOAD)
+load_assigned = sum(a for a, _, _ in load)
+load_kept = sum(k for _, k, _ in load)
+load_capacity = load[0][2]
+load_per_rank = load_kept.view(N_LOAD, -1).sum(dim=1).float()
+print("assignments per expert:", load_assigned.tolist(), " kept:", load_kept.tolist(),
+      f" C per rank = {load_capacity}")
+assert load_capacity == 40 and int(load_assigned.sum()) == N_LOAD * T_LOAD
+viz.plot_expert_load(load_assigned, load_kept, load_capacity, N_LOAD)
 
 # %% [markdown]
 # ## 6. Measured: drops against the capacity factor
 #
-# The same untrained gate, one rank's T = 1024 tokens, for cf from 0.25 to 3: the share of
-# assignments dropped. Two routers: the skewed inputs above, and the same inputs without the
-# shared offset (closer to even). With a perfectly even split, drops would be max(0, 1 − cf)
-# (dashed): everything above that line is the price of imbalance. More slack (larger cf) means
-# fewer drops but bigger buffers — more memory, and, on hardware that pads buffers to C, more
-# padding sent and computed.
+# One rank's T = 1024 tokens, E = 8, for cf from 0.25 to 3: the share of assignments dropped.
+# There is a floor no router can go below: the E experts have E·C slots for k·T assignments, so
+# at least 1 − E·C/(k·T) of them are dropped — with C = k·cf·T/E (a whole number here) that is
+# **max(0, 1 − cf)**. A perfectly even router sits exactly on it. Four routers:
+#
+# * **perfectly even**: token t picks experts t, t + 1, … (mod E) — every expert gets exactly
+#   k·T/E assignments (`moe.round_robin_logits`);
+# * **random, no preference**: random logits, every expert equally likely — even *on average*,
+#   but the counts fluctuate around k·T/E;
+# * the untrained gate on the inputs of section 5 **without** the shared offset (near-even),
+#   and **with** it (skewed).
+#
+# Everything above the floor is the price of imbalance. More slack (larger cf) means fewer drops
+# but bigger buffers — more memory, and, where buffers are padded to C (as in GShard and Switch
+# Transformer), more padding sent and computed.
 
 # %%
+T_DROP = 1024
 factors = [0.25 * i for i in range(1, 13)]
+drop_gate, _ = moe.make_moe(D_LOAD, E_LOAD, d_hidden=32, seed=0)
+with torch.no_grad():
+    routers = {
+        "perfectly even": lambda k: moe.round_robin_logits(T_DROP, E_LOAD, k),
+        "random, no preference": lambda k: torch.randn(T_DROP, E_LOAD, generator=torch.Generator().manual_seed(1)),
+        "gate, near-even inputs": lambda k: drop_gate(shifted_tokens(0, T_DROP, 0.0)[0]),
+        "gate, skewed inputs": lambda k: drop_gate(shifted_tokens(0, T_DROP, 2.0)[0]),
+    }
+    curves = {}
+    for label, make_logits in routers.items():
+        for k in (1, 2):
+            logits = make_logits(k)
+            curves[label, k] = [moe.route(logits, k, cf).num_dropped / (T_DROP * k) for cf in factors]
 
-
-def drop_curve(offset, k):
-    gate, _ = moe.make_moe(D_LOAD, E_LOAD, d_hidden=32, seed=0)
-    with torch.no_grad():
-        logits = gate(shifted_tokens(0, 1024, offset)[0])
-    return [moe.route(logits, k, cf).num_dropped / (1024 * k) for cf in factors]
-
-
-curves = {(offset, k): drop_curve(offset, k) for offset in (0.0, 2.0) for k in (1, 2)}
-fig = CourseFigure(figsize=(7.5, 4), layout="constrained")
-ax = fig.subplots()
-for (offset, k), drops in curves.items():
-    ax.plot(factors, [100 * d for d in drops], "o-" if k == 1 else "s--",
-            color="tab:red" if offset else "tab:blue",
-            label=f"{'skewed' if offset else 'near-even'} router, k = {k}")
-ax.plot(factors, [100 * max(0.0, 1 - cf) for cf in factors], color="black", linestyle=":",
-        label="perfectly even split: 1 − cf")
-ax.set_xlabel("capacity factor cf   (C = ceil(k·cf·T/E))")
-ax.set_ylabel("assignments dropped (%)")
-ax.set_title(f"Drops vs capacity, E = {E_LOAD}, T = 1024, untrained gate", fontsize=11)
-ax.grid(alpha=0.3)
-ax.legend(fontsize=9)
-for (offset, k), drops in curves.items():
-    print(f"{'skewed' if offset else 'near-even'} router, k={k}: drops at cf=1.0: {100 * drops[3]:.1f} %, "
-          f"cf=1.25: {100 * drops[4]:.1f} %, cf=2.0: {100 * drops[7]:.1f} %")
-fig
+shown = [1.0, 1.25, 2.0]
+print(f"{'router':>22} {'k':>2}  " + "  ".join(f"{f'cf={cf:g}':>7}" for cf in shown))
+print(f"{'max(0, 1 - cf)':>22} {'':>2}  " + "  ".join(f"{100 * max(0, 1 - cf):>6.1f}%" for cf in shown))
+for (label, k), drops in curves.items():
+    print(f"{label:>22} {k:>2}  " + "  ".join(f"{100 * drops[factors.index(cf)]:>6.1f}%" for cf in shown))
+    for cf, d in zip(factors, drops):
+        assert d >= max(0.0, 1 - cf) - 1e-12, "no router drops less than the floor"
+        if label == "perfectly even":
+            assert abs(d - max(0.0, 1 - cf)) < 1e-12, "a perfectly even router sits on the floor"
+assert curves["random, no preference", 1][factors.index(1.0)] > 0  # even on average is not enough
+viz.plot_drop_curves(factors, curves, E_LOAD, T_DROP)
 
 # %% [markdown]
+# The perfectly even router is the formula, to the last assignment. The random one, even on
+# average, still drops a few percent at cf = 1: some experts draw more than k·T/E by chance —
+# which is one reason to set cf a little above 1.
+# The gates drop far more, the skewed one at any cf shown.
+#
 # ## 7. Measured: how many bytes the all-to-alls move
 #
 # With balanced routing and no drops, each rank dispatches k·T rows of D numbers, and a share
@@ -463,32 +407,37 @@ def wire(nbytes):
     return "n/a" if nbytes is None else f"{nbytes:,}"
 
 
-n = 4
-results = launch.run(traffic_on_ranks, n)
-kept = torch.stack([r[0] for r in results]).view(n, n, E_A2A // n).sum(dim=2)  # [from rank, to rank]
-formula = moe.traffic_formula(T_A2A, K_A2A, D_A2A, n)
-counts_bytes = (n - 1) * (E_A2A // n) * 8
-print(f"formula, one all-to-all: (N-1)/N·k·T·D·4 = {formula:,} B;  forward: 2 × that + "
-      f"{counts_bytes} B of counts = {2 * formula + counts_bytes:,} B\n")
+N_A2A = 4
+traffic = launch.run(traffic_on_ranks, N_A2A)
+rows_kept = torch.stack([r[0] for r in traffic]).view(N_A2A, N_A2A, E_A2A // N_A2A).sum(dim=2)  # [from, to]
+a2a_formula = moe.traffic_formula(T_A2A, K_A2A, D_A2A, N_A2A)
+counts_bytes = (N_A2A - 1) * (E_A2A // N_A2A) * 8
+balanced_rows = (N_A2A - 1) * K_A2A * T_A2A // N_A2A
+print(f"formula, one all-to-all: (N-1)/N·k·T·D·4 = {a2a_formula:,} B;  forward: 2 × that + "
+      f"{counts_bytes} B of counts = {2 * a2a_formula + counts_bytes:,} B\n")
 print("rank | rows out, in | exact fwd payload | measured fwd payload | fwd wire | bwd payload | bwd wire")
-for rank, (_, dropped, (pay_f, wire_f), (pay_b, wire_b)) in enumerate(results):
-    assert dropped == 0
-    rows_out = int(kept[rank].sum() - kept[rank, rank])  # my tokens' rows for other ranks' experts
-    rows_in = int(kept[:, rank].sum() - kept[rank, rank])  # other ranks' rows for my experts
+forward_payloads = []
+for rank, (_, dropped_here, (pay_f, wire_f), (pay_b, wire_b)) in enumerate(traffic):
+    rows_out = int(rows_kept[rank].sum() - rows_kept[rank, rank])  # my tokens' rows for other ranks' experts
+    rows_in = int(rows_kept[:, rank].sum() - rows_kept[rank, rank])  # other ranks' rows for my experts
     exact = (rows_out + rows_in) * D_A2A * 4 + counts_bytes  # dispatch out + results back out + counts
+    forward_payloads.append(pay_f)
     print(f"  {rank}  |  {rows_out:3d}, {rows_in:3d}   | {exact:>15,} | {pay_f:>18,} | {wire(wire_f):>9} |"
           f" {pay_b:>11,} | {wire(wire_b):>8}")
-
+    assert dropped_here == 0 and pay_f == exact and pay_b == exact - counts_bytes
+    assert abs(rows_out - balanced_rows) < 0.2 * balanced_rows and abs(rows_in - balanced_rows) < 0.2 * balanced_rows
+    assert wire_f is None or wire_f >= pay_f  # headers only add
+mean_forward_payload = sum(forward_payloads) / N_A2A
 
 # %% [markdown]
 # How to read it: the dispatch sends this rank's rows for other ranks' experts (rows out), the
 # return trip sends back the results of the rows other ranks sent here (rows in); with the counts
 # that is the exact payload, and the measured payload equals it to the byte. Rows out and in are
-# close to (N−1)/N·k·T = 384 because this router is close to even, so the total stays close to the
-# balanced formula. The wire adds gloo's headers (tens of bytes per message). The backward moves
-# the same rows again (gradients of the results out, gradients of the tokens back), without the
-# counts. Per layer and training step, expert parallelism moves about 4·(N−1)/N·k·T·D numbers per
-# rank: independent of E, proportional to k.
+# within 20 % of (N−1)/N·k·T = 384 because this router is close to even, so the total stays close
+# to the balanced formula. The wire adds gloo's headers (tens of bytes per message). The backward
+# moves the same rows again (gradients of the results out, gradients of the tokens back), without
+# the counts. Per layer and training step, expert parallelism moves about 4·(N−1)/N·k·T·D numbers
+# per rank: independent of E, proportional to k.
 #
 # ## 8. Measured: the load-balancing loss in training
 #
@@ -520,33 +469,24 @@ def train(alpha, steps=150, k=1, num_tokens=256, capacity_factor=1.25):
     return history
 
 
-def smooth(values, window=10):
-    """Mean of the last `window` steps: the 8 batches repeat, so single steps zigzag."""
-    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
-            for i in range(len(values))]
+def last10(values):
+    """Mean of the last 10 steps: the 8 batches repeat, so single steps zigzag."""
+    return sum(values[-10:]) / len(values[-10:])
 
 
-runs = {"task loss only": train(0.0), "with α·aux, α = 0.01": train(0.01)}
-fig = CourseFigure(figsize=(12, 3.6), layout="constrained")
-for ax, (metric, label) in zip(fig.subplots(1, 3), [("imbalance", "max / mean tokens per expert"),
-                                                     ("dropped", "assignments dropped (%)"),
-                                                     ("task loss", "task loss (MSE)")]):
-    for (name, history), color in zip(runs.items(), ("tab:red", "tab:blue")):
-        ax.plot(history[metric], color=color, alpha=0.25, linewidth=1)
-        ax.plot(smooth(history[metric]), color=color, linewidth=2, label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(label)
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-fig.axes[0].legend(fontsize=9, loc="lower left")
-fig.suptitle("E = 8, k = 1, cf = 1.25: the gate without and with the Switch load-balancing loss "
-             "(thick: mean of the last 10 steps)", fontsize=11)
+runs = {"task loss only": train(0.0), "with α·aux, α = 0.01": train(moe.AUX_LOSS_WEIGHT)}
 for name, history in runs.items():
-    print(f"{name:>22}: imbalance {history['imbalance'][0]:.2f} → {smooth(history['imbalance'])[-1]:.2f}, "
-          f"dropped {history['dropped'][0]:.0f} % → {smooth(history['dropped'])[-1]:.0f} %, "
-          f"task loss {history['task loss'][0]:.3f} → {smooth(history['task loss'])[-1]:.3f}"
+    print(f"{name:>22}: imbalance {history['imbalance'][0]:.2f} → {last10(history['imbalance']):.2f}, "
+          f"dropped {history['dropped'][0]:.0f} % → {last10(history['dropped']):.0f} %, "
+          f"task loss {history['task loss'][0]:.3f} → {last10(history['task loss']):.3f}"
           "   (step 0 → mean of the last 10 steps)")
-fig
+plain, balanced = runs.values()
+assert last10(plain["dropped"]) > 50, "without the aux loss more than half should end up dropped"
+assert sum(balanced["imbalance"][15:25]) / 10 < 0.75 * balanced["imbalance"][0]
+assert last10(balanced["imbalance"]) < 0.8 * balanced["imbalance"][0] < last10(plain["imbalance"])
+assert 1.5 < last10(balanced["imbalance"]) < 3 and last10(balanced["dropped"]) > 0
+assert last10(balanced["task loss"]) < 0.6 * last10(plain["task loss"])
+viz.plot_balance_training(runs)
 
 # %% [markdown]
 # Without the auxiliary loss the feedback loop wins: the crowded experts get more crowded, more
@@ -555,8 +495,10 @@ fig
 # imbalance falls well below where it started and stays there, and the task loss ends at about
 # half. The loss term is tiny, but its gradient points exactly at the crowded experts. It does not
 # make the load perfectly even (max/mean stays around 2 here, so cf = 1.25 still drops some
-# tokens); real systems combine it with a larger cf, more tokens per batch, or both. (Your exact
-# numbers may differ a little between machines; the contrast should not.)
+# tokens); real systems combine it with a larger cf, more tokens per batch, or both — or, like
+# DeepSeek-V3, replace most of it by a bias on each expert's routing score, raised while the
+# expert is under-loaded and lowered while it is over-loaded. (The cell above asserts each of
+# these claims on your run.)
 #
 # ## 9. Try it: capacity factor, k, E and a skewed router
 #
@@ -565,35 +507,7 @@ fig
 # dropped (red); the dashed line is C.
 
 # %%
-def plot_routing(capacity_factor, k, num_experts, skew, num_tokens=512):
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(num_tokens, num_experts, generator=g) + skew * torch.linspace(1.5, -1.5, num_experts)
-    r = moe.route(logits, min(k, num_experts), capacity_factor)
-    kept = torch.bincount(r.expert_index[r.slot >= 0], minlength=num_experts)
-    fig = CourseFigure(figsize=(8, 3.6), layout="constrained")
-    ax = fig.subplots()
-    ax.bar(range(num_experts), kept, color="tab:blue", label="kept")
-    ax.bar(range(num_experts), r.tokens_per_expert - kept, bottom=kept, color="tab:red", alpha=0.6,
-           hatch="//", label="dropped")
-    ax.axhline(r.capacity, color="black", linestyle="--", label=f"C = {r.capacity}")
-    ax.set_xticks(range(num_experts), [str(e) for e in range(num_experts)])
-    ax.set_xlabel("expert")
-    ax.set_ylabel("assignments")
-    total = num_tokens * r.expert_index.shape[1]
-    load = r.tokens_per_expert.float()
-    ax.set_title(f"k = {r.expert_index.shape[1]}, E = {num_experts}, cf = {capacity_factor:g}, skew = {skew:g}: "
-                 f"{100 * r.num_dropped / total:.1f} % dropped, max/mean load {load.max() / load.mean():.2f}, "
-                 f"aux = {r.aux_loss:.2f}", fontsize=10)
-    ax.legend(fontsize=9, loc="upper right")
-    return fig
-
-
-controls = dict(capacity_factor=widgets.FloatSlider(value=1.25, min=0.25, max=3.0, step=0.25, description="cf"),
-                k=widgets.IntSlider(value=2, min=1, max=4, description="k"),
-                num_experts=widgets.IntSlider(value=8, min=2, max=16, description="E"),
-                skew=widgets.FloatSlider(value=0.5, min=0.0, max=3.0, step=0.25, description="skew"))
-picture = widgets.interactive_output(lambda **kw: display(plot_routing(**kw)), controls)
-display(widgets.HBox(list(controls.values())), picture)
+viz.routing_explorer()
 
 # %% [markdown]
 # Things to try: at skew 0, how small can cf be before drops start? Raise the skew: which cf keeps
@@ -605,13 +519,44 @@ display(widgets.HBox(list(controls.values())), picture)
 # |---|---|
 # | routing | softmax, top-k; weight = p (k = 1) or p renormalised over the k (k ≥ 2) |
 # | capacity | C = ceil(k·cf·T/E) per expert; first choices before second, earlier tokens first; drops contribute 0 |
+# | drops | at least max(0, 1 − cf) of the assignments; a perfectly even router drops exactly that |
 # | balance | aux = E·Σᵢ fᵢ·Pᵢ, scaled by α = 0.01; 1 when even, up to E when collapsed |
 # | communication | 2 all-to-alls forward, 2 backward; each (N−1)/N·k·T·D numbers per rank when balanced |
 # | imbalance | the fullest expert sets the pace (or the drops); cf trades drops for buffer size |
 #
-# **Glossary** — 混合专家 mixture of experts · 专家 expert · 门控 / 路由器 gate / router · 专家并行
-# expert parallelism · 全对全 all-to-all · 容量因子 capacity factor · 丢弃 drop · 负载均衡损失
+# **Terms** — 混合专家模型 mixture of experts · 专家 expert · 共享专家 shared expert · 门控网络 /
+# 路由器 gate / router · 专家并行 expert parallelism · 全交换 all-to-all · 容量 capacity · 容量因子
+# capacity factor · 词元丢弃 token dropping · 负载不均衡 load imbalance · 负载均衡辅助损失
 # load-balancing (auxiliary) loss.
 #
+# ## What you measured
+#
+# Each formula of this chapter beside the number your run produced.
+
+# %%
+cf_1 = factors.index(1.0)
+cf_075 = factors.index(0.75)
+rows = [
+    ("capacity, T=256, E=8, k=1, cf=1.25", "C = ceil(k·cf·T/E) = 40", f"{load_capacity}"),
+    ("aux loss, uniform router", "E·Σ f·P = 1", f"{float(even):.4f}"),
+    ("aux loss, everything to one expert", "E·Σ f·P = E = 4", f"{float(collapsed):.4f}"),
+    ("drops, perfectly even router, cf=0.75", "max(0, 1 − cf) = 25.0 %",
+     f"{100 * curves['perfectly even', 1][cf_075]:.1f} %"),
+    ("drops, random router, k=1, cf=1", "≥ max(0, 1 − cf) = 0 %",
+     f"{100 * curves['random, no preference', 1][cf_1]:.1f} %"),
+    ("drops, skewed gate, k=1, cf=1", "≥ max(0, 1 − cf) = 0 %",
+     f"{100 * curves['gate, skewed inputs', 1][cf_1]:.1f} %"),
+    ("all-to-all fwd payload per rank (mean)", f"2·(N−1)/N·k·T·D·4 + counts = {2 * a2a_formula + counts_bytes:,} B",
+     f"{mean_forward_payload:,.0f} B"),
+    ("slowest / mean rank, skewed gate (§5)", "1 when balanced",
+     f"{float(load_per_rank.max() / load_per_rank.mean()):.2f}"),
+    ("imbalance after 150 steps, no aux", "max/mean = 1 when even", f"{last10(plain['imbalance']):.2f}"),
+    ("imbalance after 150 steps, α·aux", "max/mean = 1 when even", f"{last10(balanced['imbalance']):.2f}"),
+]
+print(f"{'quantity':<40}  {'formula':<46}  {'measured':>10}")
+for quantity, formula_text, value in rows:
+    print(f"{quantity:<40}  {formula_text:<46}  {value:>10}")
+
+# %% [markdown]
 # **Next**: the exercises (`exercises/08_moe.ipynb`) build the top-k gate, the slot assignment, the
 # all-to-all from send/recv, and the expert-parallel forward.

@@ -31,14 +31,14 @@ def test_k1_weight_is_the_probability_and_later_tokens_are_dropped_first():
 
 
 def test_k2_first_choices_before_second_and_weights_renormalised():
-    probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.5, 0.1, 0.4]])
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.15, 0.8, 0.05], [0.5, 0.1, 0.4]])  # no ties
     r = moe.route(probs.log(), k=2, capacity_factor=0.5)  # C = ceil(2·0.5·4/3) = 2
     assert r.capacity == 2
     assert r.expert_index.tolist() == [[0, 1], [0, 1], [1, 0], [0, 2]]
     # Token 3's first choice loses to tokens 0 and 1's first choices; token 1's second choice
     # loses to token 0's second choice (earlier token), token 2's to the full expert 0.
     assert r.slot.tolist() == [[0, 1], [1, -1], [0, -1], [-1, 0]]
-    want = torch.tensor([[0.7 / 0.9, 0.2 / 0.9], [0.6 / 0.9, 0.0], [0.8 / 0.9, 0.0], [0.0, 0.4 / 0.9]])
+    want = torch.tensor([[0.7 / 0.9, 0.2 / 0.9], [0.6 / 0.9, 0.0], [0.8 / 0.95, 0.0], [0.0, 0.4 / 0.9]])
     assert_close(r.weight, want)
     assert r.tokens_per_expert.tolist() == [4, 3, 1]  # before dropping
     assert r.num_dropped == 3
@@ -53,6 +53,53 @@ def test_lesson_worked_example():
     assert r.slot.tolist() == [[0, 1], [1, 1], [0, -1], [2, 2], [0, -1], [3, 1], [-1, 3], [0, -1]]
     assert r.tokens_per_expert.tolist() == [7, 5, 2, 2] and r.num_dropped == 4
     assert r.weight[6, 0] == 0 and r.weight[6, 1] == pytest.approx(0.3 / 0.7)
+
+
+def test_routing_table_names_every_choice():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.15, 0.8, 0.05], [0.5, 0.1, 0.4]])
+    table = moe.routing_table(moe.route(probs.log(), k=2, capacity_factor=0.5), probs).splitlines()
+    assert len(table) == 5 and "choice 2" in table[0]
+    assert "e0 (p=0.50), DROPPED, w=0.00" in table[4] and "e2 (p=0.40),  slot 0" in table[4]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_drops_never_beat_the_floor_and_an_even_router_sits_on_it(k):
+    num_tokens, num_experts = 96, 8
+    even = moe.round_robin_logits(num_tokens, num_experts, k)
+    assert moe.route(even, k, 100.0).tokens_per_expert.tolist() == [k * num_tokens // num_experts] * num_experts
+    random_logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(k))
+    for cf in (0.25, 0.5, 0.75, 1.0, 1.5):
+        floor = max(0.0, 1 - cf)  # k·cf·T/E is a whole number for these
+        assert moe.route(even, k, cf).num_dropped / (k * num_tokens) == pytest.approx(floor, abs=1e-12)
+        assert moe.route(random_logits, k, cf).num_dropped / (k * num_tokens) >= floor - 1e-12
+
+
+def test_routing_explorer_redraws_on_every_move(monkeypatch):
+    import IPython.display
+    from course_lib import viz
+
+    titles = []
+    monkeypatch.setattr(IPython.display, "display", lambda fig: titles.append(fig.axes[0].get_title()))
+    explorer = viz.routing_explorer()
+    sliders = explorer.children[0].children
+    assert all(s.layout.width == "420px" and s.style.description_width == "initial" for s in sliders)
+    for slider, value in zip(sliders, (0.5, 1, 4, 0.0)):
+        slider.value = value  # the callback runs here; an exception would propagate
+    assert len(titles) == 5 and len(set(titles)) == 5  # the first draw, then one per move
+    assert titles[-1].startswith("k = 1, E = 4, cf = 0.5, skew = 0")
+
+
+def test_chapter_08_pictures_draw():
+    from course_lib import viz
+
+    routing = moe.route(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), 2, 1.0)
+    viz.plot_expert_buffers(routing, "example").savefig(__import__("io").BytesIO())
+    assigned, kept = torch.tensor([10, 6, 4, 4]), torch.tensor([8, 6, 4, 4])
+    assert "2 of 24" in viz.plot_expert_load(assigned, kept, 4, 2).axes[0].get_title()
+    fig = viz.plot_drop_curves([0.5, 1.0], {("even", 1): [0.5, 0.0], ("even", 2): [0.5, 0.0]}, 4, 8)
+    assert len(fig.axes) == 2
+    history = {"imbalance": [2.0, 1.5], "dropped": [10, 5], "task loss": [1.0, 0.5]}
+    assert len(viz.plot_balance_training({"a": history, "b": history}).axes) == 3
 
 
 def test_weights_are_differentiable_and_sum_to_one_for_k_at_least_2():
