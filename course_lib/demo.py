@@ -19,24 +19,25 @@ Backend: gloo on CPUs; ``cpu:gloo,cuda:nccl`` when every local rank has its own
 GPU (``cuda:LOCAL_RANK``): the strategies' tensors live on that GPU and travel
 over NCCL. ``--backend`` overrides.
 
-Two machines (nodes), 2 ranks each. Run the same command on both, changing
-only ``--node_rank``; HOST is node 0's address as node 1 sees it:
+Two machines (nodes), 2 ranks each. Run the same command on both; HOST is the
+address of the machine hosting the rendezvous, as the other sees it:
 
-    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 2 \\
-             --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m course_lib.demo dp
-    torchrun --nnodes 2 --node_rank 1 --nproc_per_node 2 \\
-             --rdzv_backend c10d --rdzv_endpoint HOST:29500 -m course_lib.demo dp
+    torchrun --nnodes 2 --nproc_per_node 2 --rdzv_backend c10d \\
+             --rdzv_endpoint HOST:29500 --rdzv_id myjob -m course_lib.demo dp
 
-(The static launcher takes ``--master_addr HOST --master_port 29500`` instead,
-which become MASTER_ADDR / MASTER_PORT in every rank.) When it hangs or fails:
+With c10d the rendezvous numbers the nodes (GROUP_RANK); a ``--node_rank`` is
+ignored. The static rendezvous (torchrun's default) takes ``--master_addr HOST
+--master_port 29500 --node_rank i`` instead, node_rank 0 on HOST. Chapter 10
+runs two such nodes on one machine. When it hangs or fails:
 
-* the port must be open in node 0's firewall, and HOST must resolve on every
-  node: "hosts not found" / a hang at start means a missing /etc/hosts entry
-  or DNS name; use an IP address to rule it out;
-* with several network cards, pin the one to use: GLOO_SOCKET_IFNAME=eth0 for
-  gloo, NCCL_SOCKET_IFNAME=eth0 for NCCL (``ip addr`` lists them);
-* NCCL_DEBUG=INFO shows what NCCL chose; on some consumer cards peer-to-peer
-  copies hang or corrupt data: NCCL_P2P_DISABLE=1 routes through host memory;
+* the ports must be reachable between the nodes (the rendezvous port and those
+  opened after it), and HOST must resolve on every node; use an IP address to
+  rule names out;
+* with several network cards, name the one to use: GLOO_SOCKET_IFNAME=eth0 for
+  gloo, NCCL_SOCKET_IFNAME=eth0 for NCCL (a prefix; ``ip addr`` lists them);
+* NCCL_DEBUG=INFO shows what NCCL chose; where the platform blocks GPU-to-GPU
+  copies over PCIe (ACS, an IOMMU, some VMs), NCCL_P2P_DISABLE=1 is the stop-gap
+  that routes them through host memory;
 * every node needs the same code, Python and torch versions.
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ from course_lib import comm, dp, launch, moe, pp, tp, zero
 from course_lib.mesh import RankGrid, build_3d_stage, tp_block
 from course_lib.models import make_block, make_mlp, make_stack, shard
 
-TOLERANCE = 1e-5  # fp32: the course's "equal to single-process" (COURSE_GUIDE §8)
+TOLERANCE = 1e-5  # fp32: the course's "equal to single-process" (rtol = atol = 1e-5, as in every chapter)
 PERTURBATION = 1e-3
 STEPS = 3
 D, H = 8, 16  # model width and MLP hidden size: tp needs N | H

@@ -222,7 +222,7 @@ check.placement(placement)
 # Write `accumulation_steps(global_batch, micro_batch, world_size, tp, pp)` returning M as an int.
 # Raise `ValueError` when world_size is not a multiple of tp·pp, and when the global batch is not
 # a whole, positive number of micro-batches per data-parallel rank — never round: a silently
-# different batch size changes training (and its learning rate).
+# different batch size changes training (the learning rate was tuned for the batch you asked for).
 
 # %% answer="accumulation_steps" tags=["answer"]
 def accumulation_steps(global_batch, micro_batch, world_size, tp, pp):

@@ -9,12 +9,13 @@
 # ---
 
 # %% [markdown]
-# # 10 · Debugging — labs
+# # 10 · Debugging — labs, and the arithmetic of many nodes
 #
 # Four short distributed functions, each with a bug that really happens in practice. For each
 # lab you first **run the broken version** and read what the launcher (or the check) reports;
 # then you write the fixed function in the answer cell, and the check cell runs it on several
-# world sizes and compares every rank with one process.
+# world sizes and compares every rank with one process. Two exercises at the end (10.5, 10.6)
+# work out where each rank of a multi-node job runs and how a global batch is split.
 #
 # Reading the reports is covered in the lesson (`notebooks/10_debugging.ipynb`):
 # `RankError` names the rank that crashed and quotes its traceback; `DeadlockError` lists where
@@ -186,3 +187,84 @@ def accumulate_with_no_sync(ddp_model, micro_batches):
 
 # %%
 check.accumulate_with_no_sync(accumulate_with_no_sync)
+
+
+# %% [markdown]
+# ## Exercise 10.5 — where does each rank run?
+#
+# torchrun starts `nproc_per_node[g]` processes on node g and numbers them **node after node**:
+# node 0's processes get ranks 0, 1, …, node 1's continue where node 0's stopped, and so on
+# (the lesson's two-node run showed RANK = GROUP_RANK · LOCAL_WORLD_SIZE + LOCAL_RANK when all
+# nodes run the same number; nodes may also run different numbers). LOCAL_RANK counts from 0 on
+# every node. A GPU script then calls `torch.cuda.set_device(LOCAL_RANK)`, and `cuda:i` means the
+# i-th GPU the process can see: the i-th entry of `CUDA_VISIBLE_DEVICES` when that variable is
+# set (an empty string hides every GPU), GPU i otherwise.
+#
+# Write `placement(rank, nproc_per_node, cuda_visible_devices)`:
+# - `nproc_per_node`: a list, the number of processes on each node, e.g. `[2, 2]` or `[4, 2, 2]`;
+# - `cuda_visible_devices`: `None` (no node sets it), or a list with each node's value, a string
+#   such as `"2,3"` or `None` for a node that does not set it;
+# - return `(node, local_rank, gpu)`: three ints, `gpu` being the physical GPU number that
+#   `set_device(local_rank)` selects;
+# - raise `ValueError` for a rank that does not exist, and for a local rank with no GPU to use.
+#
+# For example `placement(2, [2, 2], ["0,1", "2,3"]) == (1, 0, 2)`.
+
+# %%
+def placement(rank, nproc_per_node, cuda_visible_devices):
+    """(node, local_rank, gpu) of global rank `rank` under torchrun."""
+    ### BEGIN SOLUTION
+    if not 0 <= rank < sum(nproc_per_node):
+        raise ValueError(f"rank {rank} does not exist: there are {sum(nproc_per_node)} processes")
+    node, first = 0, 0
+    while rank >= first + nproc_per_node[node]:
+        first += nproc_per_node[node]
+        node += 1
+    local_rank = rank - first
+    visible = None if cuda_visible_devices is None else cuda_visible_devices[node]
+    if visible is None:
+        return node, local_rank, local_rank
+    gpus = [int(g) for g in visible.split(",") if g.strip()]
+    if local_rank >= len(gpus):
+        raise ValueError(f"node {node} lists {len(gpus)} GPU(s), local rank {local_rank} has none")
+    return node, local_rank, gpus[local_rank]
+    ### END SOLUTION
+
+
+# %%
+check.placement(placement)
+
+# %% [markdown]
+# ## Exercise 10.6 — how many accumulation steps?
+#
+# One optimizer step consumes the **global batch**: each data-parallel replica runs M
+# micro-batches of b samples before the gradients are averaged, so
+#
+# global batch = b × M × (data-parallel ranks),
+#
+# the identity DeepSpeed checks in its configuration: `train_batch_size` =
+# `train_micro_batch_size_per_gpu` × `gradient_accumulation_steps` × its world size, which is the
+# data-parallel world size once model parallelism is in use. With tensor parallelism t and
+# pipeline parallelism p, the t·p ranks of one replica work on the *same* samples: only
+# world_size / (t·p) ranks are data-parallel.
+#
+# Write `accumulation_steps(global_batch, micro_batch, world_size, tp, pp)` returning M as an int.
+# Raise `ValueError` when world_size is not a multiple of tp·pp, and when the global batch is not
+# a whole, positive number of micro-batches per data-parallel rank — never round: a silently
+# different batch size changes training (the learning rate was tuned for the batch you asked for).
+
+# %%
+def accumulation_steps(global_batch, micro_batch, world_size, tp, pp):
+    """M with global_batch = micro_batch × M × world_size / (tp · pp)."""
+    ### BEGIN SOLUTION
+    if world_size % (tp * pp):
+        raise ValueError(f"world size {world_size} is not a multiple of tp·pp = {tp * pp}")
+    per_step = micro_batch * (world_size // (tp * pp))
+    if global_batch % per_step or global_batch < per_step:
+        raise ValueError(f"global batch {global_batch} is not a multiple of {per_step}")
+    return global_batch // per_step
+    ### END SOLUTION
+
+
+# %%
+check.accumulation_steps(accumulation_steps)

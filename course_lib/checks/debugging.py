@@ -1,12 +1,18 @@
-"""Checks for chapter 10: four broken distributed programs, fixed by the learner.
+"""Checks for chapter 10: four broken distributed programs, fixed by the learner, and the
+arithmetic of a multi-node launch.
 
-Each check runs the learner's fixed function on several world sizes, compares
-every rank's result with what one process computes, and says in one line what
+10.1–10.4 run the learner's fixed function on several world sizes, compare
+every rank's result with what one process computes, and say in one line what
 went wrong: a deadlock (which ranks waited where), a crash (which rank, which
 exception), or wrong numbers with the tell-tale pattern (a sum over the wrong
 group, gradients that were never averaged). :func:`show` runs a *broken*
 version through the same harness and prints what the launcher reports,
 without recording a result.
+
+10.5 and 10.6 are arithmetic (no processes): where a global rank runs, and how
+many accumulation steps a global batch needs. Their references are
+``course_lib.torchrun.placement`` and ``accumulation_steps``, which are switched
+off while the learner's function runs.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from course_lib import launch
-from course_lib.checks import Mismatch, compare, exercise, learner_in_rank
+from course_lib import torchrun as torchrun_lib
+from course_lib.checks import BuiltinUsed, Mismatch, builtins_switched_off, compare, exercise, learner_in_rank
 from course_lib.models import make_mlp, shard
 
 #: Seconds one launch may take: a deadlock is reported after about this long.
@@ -185,6 +192,112 @@ def accumulate_with_no_sync(learner_fn):
             if syncs > 1:
                 raise Mismatch(f"N={n}, rank {rank}: right gradients, but DDP all-reduced {syncs} times: "
                                f"wrap all but the last micro-batch in no_sync() — one sync per step")
+
+
+# ----------------------------------------------------------------------------
+# 10.5 and 10.6: the arithmetic of a multi-node launch (no processes)
+
+
+def _call_own(ex_id: str, learner_fn, *args):
+    """Call the learner's function with the library's answer switched off."""
+    try:
+        with builtins_switched_off(learner_fn, ("placement", "accumulation_steps"),
+                                   f"exercise {ex_id} asks you to work this out yourself",
+                                   namespaces=(torchrun_lib,), shown_as="course_lib.torchrun"):
+            return learner_fn(*args)
+    except BuiltinUsed as exc:
+        raise Mismatch(str(exc)) from None
+
+
+def _expect_value_error(ex_id: str, learner_fn, args, what: str, why: str) -> None:
+    try:
+        got = _call_own(ex_id, learner_fn, *args)
+    except ValueError:
+        return
+    except (NotImplementedError, Mismatch):
+        raise
+    except Exception as exc:  # noqa: BLE001 - say what was raised instead
+        raise Mismatch(f"{what}: expected ValueError ({why}), got {type(exc).__name__}: {exc}") from None
+    raise Mismatch(f"{what}: expected ValueError ({why}), got {got!r}")
+
+
+#: (nproc_per_node, cuda_visible_devices): even and uneven nodes, with and without CUDA_VISIBLE_DEVICES.
+PLACEMENTS = (([2, 2], None), ([2, 2], ["0,1", "2,3"]), ([4, 2, 2], None), ([8, 8], ["7,6,5,4,3,2,1,0", None]),
+              ([3, 1], ["1,2,5", "3"]))
+#: (rank, nproc_per_node, cuda_visible_devices, why it must raise)
+BAD_PLACEMENTS = ((4, [2, 2], None, "2 + 2 processes have ranks 0 ... 3"),
+                  (-1, [2, 2], None, "ranks start at 0"),
+                  (2, [3, 3], ["0,1", "0,1,2"], "node 0 runs 3 processes but lists 2 GPUs"),
+                  (0, [1], [""], "an empty CUDA_VISIBLE_DEVICES hides every GPU"))
+
+
+def _placement_hint(got, rank, counts, visible, expected) -> str:
+    node, local_rank, gpu = expected
+    if not (isinstance(got, (tuple, list)) and len(got) == 3):
+        return ""
+    g_node, g_local, g_gpu = got
+    if (g_node, g_local) != (node, local_rank) and len(set(counts)) > 1 and \
+            (g_node, g_local) == (rank // counts[0], rank % counts[0]):
+        return (" — nodes may run different numbers of processes: torchrun numbers the ranks node after "
+                "node, so a node's first rank is the sum of the processes of the nodes before it")
+    if (g_node, g_local) == (node, local_rank) and g_gpu == rank != gpu:
+        return " — that GPU is the global RANK: torch.cuda.set_device takes LOCAL_RANK, the index on its own node"
+    if (g_node, g_local) == (node, local_rank) and g_gpu == local_rank != gpu:
+        return (" — CUDA_VISIBLE_DEVICES renumbers the GPUs a process sees: cuda:i is the i-th GPU in "
+                "that node's list")
+    return ""
+
+
+@exercise("10.5", "where a rank runs: node, local rank, GPU")
+def placement(learner_fn):
+    """Check ``learner_fn(rank, nproc_per_node, cuda_visible_devices) -> (node, local_rank, gpu)``."""
+    for counts, visible in PLACEMENTS:
+        for rank in range(sum(counts)):
+            expected = torchrun_lib.placement(rank, counts, visible)
+            got = _call_own("10.5", learner_fn, rank, list(counts), None if visible is None else list(visible))
+            ok = isinstance(got, (tuple, list)) and len(got) == 3 and \
+                all(isinstance(v, int) and not isinstance(v, bool) for v in got)
+            if not ok or tuple(got) != expected:
+                where = f"rank {rank}, nproc_per_node={counts}, cuda_visible_devices={visible}"
+                shape = "" if ok else " (return three ints: node, local_rank, gpu)"
+                raise Mismatch(f"{where}: expected (node, local_rank, gpu) = {expected}, got {got!r}{shape}"
+                               f"{_placement_hint(got, rank, counts, visible, expected)}")
+    for rank, counts, visible, why in BAD_PLACEMENTS:
+        _expect_value_error("10.5", learner_fn, (rank, list(counts), visible),
+                            f"rank {rank}, nproc_per_node={counts}, cuda_visible_devices={visible}", why)
+
+
+#: (global_batch, micro_batch, world_size, tp, pp)
+BATCHES = ((32, 2, 4, 1, 1), (32, 4, 8, 1, 1), (16, 16, 1, 1, 1), (48, 3, 16, 2, 1), (1024, 4, 64, 2, 4),
+           (512, 1, 8, 1, 8))
+BAD_BATCHES = (((30, 4, 4, 1, 1), "30 is not a multiple of 4 × 4 = 16"),
+               ((8, 4, 4, 1, 1), "8 samples cannot fill one micro-batch of 4 on each of 4 ranks"),
+               ((100, 2, 16, 1, 4), "100 is not a multiple of 2 × 16/4 = 8"),
+               ((32, 2, 6, 4, 1), "6 ranks cannot be split into TP groups of 4"))
+
+
+@exercise("10.6", "accumulation steps for a global batch")
+def accumulation_steps(learner_fn):
+    """Check ``learner_fn(global_batch, micro_batch, world_size, tp, pp) -> M`` (ValueError when it does not fit)."""
+    for b_global, micro, world, tp, pp in BATCHES:
+        expected = torchrun_lib.accumulation_steps(b_global, micro, world, tp, pp)
+        got = _call_own("10.6", learner_fn, b_global, micro, world, tp, pp)
+        if isinstance(got, int) and not isinstance(got, bool) and got == expected:
+            continue
+        where = f"global {b_global}, micro {micro}, world {world}, tp {tp}, pp {pp}"
+        hint = ""
+        if isinstance(got, float):
+            hint = " — return an int (a number of micro-batches)"
+        if got == b_global / (micro * world) and (tp, pp) != (1, 1):
+            hint = (f" — you divided by all {world} ranks: only world/(tp·pp) = {world // (tp * pp)} are "
+                    f"data-parallel (the TP and PP ranks of one replica share its samples)")
+        elif got == b_global / micro:
+            hint = " — the data-parallel ranks each take their own micro-batches: divide by them too"
+        raise Mismatch(f"{where}: expected {expected} accumulation steps, got {got!r}{hint}")
+    for args, why in BAD_BATCHES:
+        b_global, micro, world, tp, pp = args
+        _expect_value_error("10.6", learner_fn, args,
+                            f"global {b_global}, micro {micro}, world {world}, tp {tp}, pp {pp}", why)
 
 
 # ----------------------------------------------------------------------------
