@@ -138,8 +138,9 @@ def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0,
 
     ``debug=True`` sets ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` in the ranks: every
     collective first checks that all ranks called the same operation with the
-    same shapes and dtypes, and names the difference. It costs ~10 ms per
-    collective on gloo, so it is off unless you are hunting a bug.
+    same shapes and dtypes, and names the difference. That check is itself
+    communication, milliseconds per collective on gloo (chapter 10 measures it),
+    so it is off unless you are hunting a bug.
     """
     if not callable(fn):
         raise TypeError(f"run() needs a function to run on every rank, got {type(fn).__name__}")
