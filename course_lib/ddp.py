@@ -8,6 +8,15 @@ Backward produces gradients from the last layer to the first. Instead of one
 all-reduce after backward, DDP groups parameters into buckets of about
 bucket_cap_mb, last parameter first, and all-reduces each bucket in the
 background as soon as its gradients exist, while backward computes the rest.
+
+What torch's DDP (2.13, default options) does differently, and
+``torch_ddp_buckets`` shows: its first backward pass uses *one* bucket for
+everything, while it records the order in which gradients become ready; at the
+next forward it rebuilds the buckets by walking that order with the same
+"close at >= cap" rule. Left at its default cap (25 MiB), the first rebuilt
+bucket closes at 1 MiB (``dist._DEFAULT_FIRST_BUCKET_BYTES``) so that the first
+all-reduce starts early. ``BucketedDDP`` fixes its buckets once, from the
+reverse registration order, with one cap for all.
 """
 from __future__ import annotations
 
@@ -21,6 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from course_lib import launch
 from course_lib.comm import global_rank
 
 
@@ -211,3 +221,78 @@ class BucketedDDP(nn.Module):
 def _same_dtype_runs(named):
     """(name, parameter) pairs in runs of one dtype: a bucket's flat buffer has a single dtype."""
     return [list(run) for _, run in itertools.groupby(named, key=lambda item: item[1].dtype)]
+
+
+# ----------------------------------------------------------------------------
+# watching it work (chapter 03): timelines, and torch's own buckets
+
+
+def _timelines_rank(caps, depth, d_model, d_hidden, steps):
+    from course_lib import models
+    import torch.nn.functional as F
+
+    rank, n = dist.get_rank(), dist.get_world_size()
+    x, y = models.regression_data(64 * n, d_model=d_model)
+    x, y = models.shard(x, rank, n), models.shard(y, rank, n)
+    result = {}
+    for cap in caps:
+        model = BucketedDDP(models.make_stack(depth=depth, d_model=d_model, d_hidden=d_hidden), bucket_cap_mb=cap)
+        for _ in range(steps):  # the first passes warm up; keep the last one's timeline
+            dist.barrier()
+            F.mse_loss(model(x), y).backward()
+            model.zero_grad(set_to_none=True)
+        result[cap] = model.timeline
+    return result
+
+
+def record_timelines(caps, world_size: int = 2, depth: int = 8, d_model: int = 256, d_hidden: int = 1024,
+                     steps: int = 4, **run_kwargs) -> list:
+    """Per rank, ``{cap: Timeline}``: one backward pass of a :class:`BucketedDDP` MLP stack per cap.
+
+    ``depth`` MLP layers of (d_model → d_hidden → d_model) on ``world_size`` ranks;
+    the timeline is the last of ``steps`` passes (the first ones warm up).
+    """
+    return launch.run(_timelines_rank, world_size, list(caps), depth, d_model, d_hidden, steps, **run_kwargs)
+
+
+def _torch_buckets_rank(bucket_cap_mb, depth, d_model, d_hidden, steps):
+    from torch.nn.parallel import DistributedDataParallel
+    from course_lib import models
+    import torch.nn.functional as F
+
+    model = models.make_stack(depth=depth, d_model=d_model, d_hidden=d_hidden)
+    names = {id(p): name for name, p in model.named_parameters()}
+    seen = []
+
+    def hook(state, bucket):  # called once per bucket, in the order DDP all-reduces them
+        seen[-1].append([names[id(p)] for p in bucket.parameters()])
+        work = dist.all_reduce(bucket.buffer(), async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0] / dist.get_world_size())
+
+    options = {} if bucket_cap_mb is None else {"bucket_cap_mb": bucket_cap_mb}
+    wrapped = DistributedDataParallel(model, **options)
+    wrapped.register_comm_hook(None, hook)
+    x, y = models.regression_data(8, d_model=d_model)
+    for _ in range(steps):
+        seen.append([])
+        F.mse_loss(wrapped(x), y).backward()
+    del wrapped  # a live DDP wrapper at process-group teardown can hang
+    named = list(model.named_parameters())
+    cap = (25.0 if bucket_cap_mb is None else bucket_cap_mb) * 2**20
+    ours = [[named[i][0] for i in bucket]
+            for bucket in assign_buckets([p.numel() * p.element_size() for _, p in named], cap)]
+    return seen, ours
+
+
+def torch_ddp_buckets(bucket_cap_mb=None, depth: int = 8, d_model: int = 256, d_hidden: int = 1024,
+                      steps: int = 2, world_size: int = 2, **run_kwargs):
+    """The buckets torch's ``DistributedDataParallel`` all-reduces, seen from a communication hook.
+
+    Returns ``(torch_steps, ours)``: ``torch_steps[i]`` lists, for backward pass
+    i, each bucket's parameter names in the order DDP reduced them; ``ours`` is
+    :func:`assign_buckets` on the same model and cap (25 MiB when
+    ``bucket_cap_mb`` is None, DDP's default). Runs an MLP stack like
+    :func:`record_timelines`'s on ``world_size`` ranks, over gloo.
+    """
+    return launch.run(_torch_buckets_rank, world_size, bucket_cap_mb, depth, d_model, d_hidden, steps,
+                      backend="gloo", **run_kwargs)[0]

@@ -101,3 +101,57 @@ def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
 
 def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class MaskDropout(nn.Module):
+    """Dropout that keeps a 1-byte mask for backward, as the fused GPU kernel does.
+
+    ``torch.native_dropout`` saves a boolean mask; ``nn.Dropout`` on the CPU saves
+    its scaled mask in the activation's own dtype instead (2 or 4 bytes per element).
+    """
+
+    def __init__(self, p: float = 0.1):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return torch.native_dropout(x, self.p, True)[0]
+
+
+class DropoutSelfAttention(SelfAttention):
+    """:class:`SelfAttention` with dropout on the attention probabilities (Megatron's place)."""
+
+    def __init__(self, d_model: int, n_heads: int, p: float = 0.1, bias: bool = True):
+        super().__init__(d_model, n_heads, bias)
+        self.dropout = MaskDropout(p)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.d_head).unbind(dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)
+        out = self.dropout(scores.softmax(dim=-1)) @ v
+        return self.proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class DropoutTransformerBlock(TransformerBlock):
+    """:class:`TransformerBlock` with dropout where Megatron-LM has it: on the attention
+    probabilities, and on the attention's and the MLP's outputs before each residual add.
+    (Chapter 05 measures its saved activations against Korthikanti et al.'s count.)"""
+
+    def __init__(self, d_model: int, n_heads: int, d_hidden: int | None = None, p: float = 0.1):
+        super().__init__(d_model, n_heads, d_hidden)
+        self.attn = DropoutSelfAttention(d_model, n_heads, p)
+        self.attn_out_dropout, self.mlp_out_dropout = MaskDropout(p), MaskDropout(p)
+
+    def forward(self, x):
+        x = x + self.attn_out_dropout(self.attn(self.ln1(x)))
+        return x + self.mlp_out_dropout(self.mlp(self.ln2(x)))
+
+
+def make_dropout_block(d_model: int = 16, n_heads: int = 4, d_hidden: int | None = None, p: float = 0.1,
+                       seed: int = 0) -> DropoutTransformerBlock:
+    torch.manual_seed(seed)
+    return DropoutTransformerBlock(d_model, n_heads, d_hidden, p)

@@ -19,6 +19,10 @@ all-gather and the reduce-scatter):
        scatter_to_sequence_region         forward: keep my shard   backward: all-gather
 
 Activations are (batch, seq, d_model); the sequence dimension is ``SEQ_DIM``.
+
+To look inside: ``who_holds_what`` says which rank keeps each weight element
+(chapter 04's picture), ``saved_activation_bytes`` what autograd saves for
+backward, by module (chapter 05's memory measurements).
 """
 from __future__ import annotations
 
@@ -361,3 +365,79 @@ class SequenceParallelBlock(TensorParallelBlock):
         flat = flatten(grads)
         dist.all_reduce(flat, group=self.group)
         unflatten_into(flat, grads)
+
+
+# ----------------------------------------------------------------------------
+# looking inside (chapters 04 and 05): who holds which weight, what autograd saves
+
+
+def _holdings_rank(d_model, d_hidden, n_heads):
+    from course_lib.models import make_block
+
+    block = make_block(d_model, n_heads, d_hidden)
+    with torch.no_grad():  # every weight element holds its own index
+        for p in block.parameters():
+            p.copy_(torch.arange(p.numel(), dtype=p.dtype).view_as(p))
+    mlp = TensorParallelMLP.from_dense(block.mlp)
+    attn = TensorParallelAttention.from_dense(block.attn)
+    return {**{f"mlp.{k}": p.detach() for k, p in mlp.named_parameters()},
+            **{f"attn.{k}": p.detach() for k, p in attn.named_parameters()}}
+
+
+def who_holds_what(world_size: int = 4, d_model: int = 8, d_hidden: int = 32, n_heads: int = 4,
+                   **run_kwargs) -> dict:
+    """Which rank holds each element of an MLP's and an attention's weights after ``from_dense``.
+
+    Fills every dense weight with its own element numbers, shards it with
+    :meth:`TensorParallelMLP.from_dense` and :meth:`TensorParallelAttention.from_dense`
+    on ``world_size`` ranks, and reads back the numbers each rank kept. Returns
+    name -> a tensor of the dense weight's shape (a bias as one column) holding
+    the rank that owns each element, or −1 where every rank holds it.
+    """
+    from course_lib.launch import run
+    from course_lib.models import make_block
+
+    held = run(_holdings_rank, world_size, d_model, d_hidden, n_heads, backend="gloo", **run_kwargs)
+    dense = dict(make_block(d_model, n_heads, d_hidden).named_parameters())
+    owners = {}
+    for name, kept in held[0].items():
+        shape = dense[name].shape
+        count, owner = torch.zeros(shape.numel()), torch.zeros(shape.numel())
+        for rank, h in enumerate(held):
+            count[h[name].long().view(-1)] += 1
+            owner[h[name].long().view(-1)] = rank
+        owner[count > 1] = -1
+        owners[name] = owner.view(shape if len(shape) == 2 else (shape[0], 1))
+    return owners
+
+
+def saved_activation_bytes(model: nn.Module, *inputs) -> dict:
+    """Bytes of activations autograd saves for backward while ``model(*inputs)`` runs, by module name.
+
+    ``torch.autograd.graph.saved_tensors_hooks`` sees every tensor as it is saved;
+    each distinct storage is counted once (a view of a saved tensor costs nothing
+    more), parameters are left out, and the bytes are charged to the innermost
+    module that was running ("(outside)" for the model's own code).
+    """
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    running, seen, saved = ["(outside)"], set(), {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in parameters and storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            saved[running[-1]] = saved.get(running[-1], 0) + storage.nbytes()
+        return t
+
+    hooks = []
+    for name, module in model.named_modules():
+        if name:
+            hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: running.append(name)))
+            hooks.append(module.register_forward_hook(lambda m, a, out: running.pop() and None))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return saved

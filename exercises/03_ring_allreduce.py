@@ -155,7 +155,14 @@ check.ring_all_reduce(ring_all_reduce)
 # as soon as the open bucket holds **at least** `cap_bytes`, close it and open a new one. A
 # bucket left open at the end is the last bucket. For example
 # `assign_buckets([4, 4, 4], 8) == [[2, 1], [0]]` and `assign_buckets([16, 4, 4, 4], 10) ==
-# [[3, 2, 1], [0]]`. (`course_lib.ddp.BucketedDDP` uses exactly this rule, as torch's DDP does.)
+# [[3, 2, 1], [0]]`.
+#
+# `course_lib.ddp.BucketedDDP` uses this rule. Torch's DDP closes its buckets the same way (at
+# the cap or above) but differs in three ways, which the lesson measures: its first backward pass
+# uses a single bucket for everything; from the next step on, it walks the order in which the
+# gradients actually became ready in that pass (for a plain stack of layers, the reverse of the
+# registration order, so the buckets come out as yours); and when `bucket_cap_mb` is left at its
+# default of 25 MiB, its first bucket closes at 1 MiB, so that the first all-reduce starts early.
 
 # %% answer="assign_buckets" tags=["answer"]
 def assign_buckets(sizes, cap_bytes):
@@ -168,6 +175,6 @@ def assign_buckets(sizes, cap_bytes):
 check.assign_buckets(assign_buckets)
 
 # %% [markdown]
-# **Done?** Your `ring_all_reduce` is the algorithm behind `dist.all_reduce` on gloo and NCCL's
+# **Done?** Your `ring_all_reduce` is the algorithm behind `dist.all_reduce` on gloo, and NCCL's
 # ring. The lesson's last part wraps it all up: `course_lib.ddp.BucketedDDP` fills buckets with
-# your rule and all-reduces each one as soon as it is full, while backward goes on.
+# your rule and all-reduces each one as soon as its last gradient is in, while backward goes on.

@@ -113,8 +113,11 @@ check.gather_from_sequence_region(GatherFromSequenceRegion)
 # only its own positions of the sum afterwards: a **reduce-scatter**. Backward is the mirror
 # image: every rank's shard of the gradient is needed everywhere, an all-gather.
 #
-# Together, 5.2 and 5.3 move exactly what one all-reduce moves: an all-reduce *is* a
-# reduce-scatter followed by an all-gather.
+# Together, 5.2 and 5.3 do the work of one all-reduce: an all-reduce *is* a reduce-scatter
+# followed by an all-gather, so with bandwidth-optimal collectives (NCCL's rings, or the ring you
+# built in chapter 03) they move the same bytes. (gloo's CPU `reduce_scatter` is the exception: it
+# moves an all-reduce's worth by itself — the lesson measures it — which is why `course_lib.tp`
+# builds its reduce-scatter from an all-to-all.)
 
 # %% answer="ReduceScatterToSequenceRegion" tags=["answer"]
 class ReduceScatterToSequenceRegion(torch.autograd.Function):

@@ -21,8 +21,9 @@
 # attention, checks that it computes exactly what the dense layer computes — forward output and
 # every gradient — and measures what it costs.
 #
-# Notation: **N** ranks in the tensor-parallel group (Megatron's papers call it t), rank **r**;
-# activations `(b, s, h)` = (batch, sequence, d_model); the MLP's hidden size **H** = 4h.
+# Notation: **N** ranks in the tensor-parallel group (Megatron's later papers, Narayanan et al.
+# 2021 and Korthikanti et al. 2022, call it t), rank **r**; activations `(b, s, h)` = (batch,
+# sequence, d_model); the MLP's hidden size **H** = 4h; **a** attention heads.
 # `nn.Linear` stores its weight as `(out, in)` and computes `x @ weight.T + bias`, so Megatron's
 # matrix **A** of the first layer is `fc1.weight.T` and **B** is `fc2.weight.T`. The ranks here
 # run on the CPU with gloo (`backend="gloo"`) even on a GPU machine: the models are tiny, and the
@@ -34,7 +35,6 @@ import inspect
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from matplotlib.patches import Patch, Rectangle
 
 from course_lib import launch, tp, viz
 from course_lib.comm import count_traffic
@@ -59,11 +59,12 @@ from course_lib.models import make_block, make_mlp
 torch.manual_seed(0)
 X, A = torch.randn(6, 8), torch.randn(8, 32)
 X1, X2, A1, A2 = X[:, :4], X[:, 4:], A[:4], A[4:]  # row split of A, column split of X
-print("row split:    |GeLU(X1A1 + X2A2) - (GeLU(X1A1) + GeLU(X2A2))| max =",
-      f"{(F.gelu(X1 @ A1 + X2 @ A2) - (F.gelu(X1 @ A1) + F.gelu(X2 @ A2))).abs().max():.3f}")
+row_error = (F.gelu(X1 @ A1 + X2 @ A2) - (F.gelu(X1 @ A1) + F.gelu(X2 @ A2))).abs().max()
 Ac1, Ac2 = A[:, :16], A[:, 16:]  # column split of A
-print("column split: |GeLU(XA) - [GeLU(XA1), GeLU(XA2)]|        max =",
-      f"{(F.gelu(X @ A) - torch.cat([F.gelu(X @ Ac1), F.gelu(X @ Ac2)], dim=1)).abs().max():.3g}")
+column_error = (F.gelu(X @ A) - torch.cat([F.gelu(X @ Ac1), F.gelu(X @ Ac2)], dim=1)).abs().max()
+print(f"row split:    |GeLU(X1A1 + X2A2) - (GeLU(X1A1) + GeLU(X2A2))| max = {row_error:.3f}")
+print(f"column split: |GeLU(XA) - [GeLU(XA1), GeLU(XA2)]|        max = {column_error:.3g}")
+assert row_error > 0.1 and column_error < 1e-5  # the row split is wrong, the column split exact
 
 # %% [markdown]
 # The column split is exact (up to float rounding, ~1e-7). Its output is already split by hidden
@@ -80,86 +81,17 @@ print("column split: |GeLU(XA) - [GeLU(XA1), GeLU(XA2)]|        max =",
 # rank r keeps its heads' rows in each of the three, so it can run whole heads alone; `proj` is
 # split by columns like `fc2`.
 #
-# The picture below is not drawn by hand: every weight of a dense MLP and attention is filled
-# with its own element number, `tp.TensorParallelMLP.from_dense` and
-# `tp.TensorParallelAttention.from_dense` run on 4 ranks, and each element is coloured by the
-# rank(s) that hold it afterwards.
+# The picture below is not drawn by hand: `tp.who_holds_what` fills every weight of a dense MLP
+# and attention with its own element numbers, runs `tp.TensorParallelMLP.from_dense` and
+# `tp.TensorParallelAttention.from_dense` on 4 ranks, and reads back which numbers each rank
+# kept; each element is coloured by the rank that holds it.
 
 # %%
-def holdings(d_model, d_hidden, n_heads):
-    """Each dense element's number, as held by this rank after from_dense."""
-    block = make_block(d_model, n_heads, d_hidden)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.arange(p.numel(), dtype=p.dtype).view_as(p))
-    mlp = tp.TensorParallelMLP.from_dense(block.mlp)
-    attn = tp.TensorParallelAttention.from_dense(block.attn)
-    return {**{f"mlp.{k}": p for k, p in mlp.named_parameters()},
-            **{f"attn.{k}": p for k, p in attn.named_parameters()}}
-
-
-def owners(shape, held):
-    """For each element of a dense tensor: the rank holding it, or -1 when every rank does."""
-    count, owner = torch.zeros(shape).view(-1), torch.zeros(shape).view(-1)
-    for rank, t in enumerate(held):
-        count[t.long().view(-1)] += 1
-        owner[t.long().view(-1)] = rank
-    owner[count > 1] = -1
-    return owner.view(shape if len(shape) == 2 else (shape[0], 1))
-
-
-def draw_matrix(ax, x0, owner, n, title, split_every=None):
-    """One cell per element, coloured by its owner; gray for replicated."""
-    rows, cols = owner.shape
-    image = [[viz.rank_color(int(o), n) if o >= 0 else (0.75, 0.75, 0.75, 1.0) for o in row] for row in owner]
-    ax.imshow(image, extent=(x0, x0 + cols, rows, 0), interpolation="nearest")
-    for y in range(1, rows):  # faint lines between elements
-        ax.plot([x0, x0 + cols], [y, y], color="white", linewidth=0.3)
-    for x in range(1, cols):
-        ax.plot([x0 + x, x0 + x], [0, rows], color="white", linewidth=0.3)
-    ax.add_patch(Rectangle((x0, 0), cols, rows, fill=False, edgecolor="black", linewidth=0.8))
-    for y in range(split_every or rows, rows, split_every or rows):
-        ax.plot([x0, x0 + cols], [y, y], color="black", linewidth=1.2)
-    ax.text(x0 + cols / 2, -1.0, title, ha="center", va="bottom", fontsize=9)
-
-
-def layout_figure(n=4, d_model=8, d_hidden=32, n_heads=4):
-    held = launch.run(holdings, n, d_model, d_hidden, n_heads, backend="gloo")
-    dense = make_block(d_model, n_heads, d_hidden)
-    shapes = {k: tuple(p.shape) for k, p in dense.named_parameters()}
-    fig = viz.CourseFigure(figsize=(11, 6.2), layout="constrained")
-    ax_mlp, ax_attn = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[58, 32]))
-    x0 = 0
-    panels = [(ax_mlp, "mlp.fc1.weight", "fc1.weight (H×h)\nrows split\n(= A's columns)", None),
-              (ax_mlp, "mlp.fc1.bias", "fc1.bias\n\n", None),
-              (ax_mlp, "mlp.fc2.weight", "fc2.weight (h×H)\ncolumns split\n(= B's rows)", None),
-              (ax_mlp, "mlp.fc2.bias", "fc2.bias\n(whole)\n", None),
-              (ax_attn, "attn.qkv.weight", "qkv.weight (3h×h)\nq, k, v stacked:\nheads split", d_model),
-              (ax_attn, "attn.qkv.bias", "qkv.bias\n\n", d_model),
-              (ax_attn, "attn.proj.weight", "proj.weight (h×h)\ncolumns split\n", None),
-              (ax_attn, "attn.proj.bias", "proj.bias\n(whole)\n", None)]
-    for ax, name, title, split in panels:
-        x0 = 0 if name in ("mlp.fc1.weight", "attn.qkv.weight") else x0
-        owner = owners(shapes[name], [h[name] for h in held])
-        draw_matrix(ax, x0, owner, n, title, split)
-        x0 += owner.shape[1] + 4
-    for ax, label in ((ax_mlp, "MLP"), (ax_attn, f"attention ({n_heads} heads)")):
-        ax.set_xlim(-1, ax.get_xlim()[1] + 1)
-        ax.set_ylim(max(d_hidden, 3 * d_model) + 0.5, -8)
-        ax.set_aspect("equal")
-        ax.axis("off")
-        ax.set_title(label, fontsize=11)
-    for i, part in enumerate("qkv"):
-        ax_attn.text(-0.6, d_model * (i + 0.5), part, ha="right", va="center", fontsize=10)
-    handles = [Patch(color=viz.rank_color(r, n), label=f"rank {r}") for r in range(n)]
-    handles.append(Patch(color=(0.75, 0.75, 0.75), label="every rank (replicated)"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=n + 1, fontsize=9, frameon=False)
-    fig.suptitle(f"Who holds which weight, N = {n}, h = {d_model}, H = {d_hidden}: "
-                 "one cell per element", fontsize=11)
-    return fig
-
-
-layout_figure()
+owners = tp.who_holds_what(world_size=4, d_model=8, d_hidden=32, n_heads=4)
+# every element of fc1 and fc2's weights has exactly one owner; the row-parallel biases are everywhere
+assert all((owners[f"mlp.{name}.weight"] >= 0).all() for name in ("fc1", "fc2"))
+assert (owners["mlp.fc2.bias"] == -1).all() and (owners["attn.proj.bias"] == -1).all()
+viz.plot_tp_layout(owners, n=4, d_model=8, d_hidden=32, n_heads=4)
 
 # %% [markdown]
 # ## f and g: two autograd functions carry all the communication
@@ -167,8 +99,10 @@ layout_figure()
 # Rank r's columns of `X A` depend on the whole input X, so X must be the same on every rank —
 # and its gradient is a **sum over ranks**, because the loss depends on X through every rank's
 # columns. After the second layer it is the reverse: the ranks hold partial sums that must be
-# added, while the gradient of the sum is simply passed to every part. Megatron names the two
-# operations:
+# added, while the gradient of the sum is simply passed to every part. The Megatron-LM paper
+# (Shoeybi et al., 2019) names the two operations **f** and **g**; its code calls them
+# `copy_to_tensor_model_parallel_region` and `reduce_from_tensor_model_parallel_region`, and
+# `course_lib.tp` shortens that to:
 #
 # | | forward | backward | where |
 # |---|---|---|---|
@@ -242,33 +176,41 @@ def differences(kind):
 
 
 def show_differences(kind):
+    """Largest |ours − dense| over every rank and tensor, per N (printed per tensor)."""
+    largest = {}
     for n in (1, 2, 4):
         per_rank = launch.run(differences, n, kind, backend="gloo")
         worst = {k: max(d[k] for d in per_rank) for k in per_rank[0]}
         print(f"{kind}, N = {n}: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
         assert max(worst.values()) < 1e-5, worst
+        largest[n] = max(worst.values())
+    return largest
 
 
-show_differences("mlp")
+mlp_differences = show_differences("mlp")
 
 # %% [markdown]
 # ## Attention with the heads split
 #
-# Heads are independent until the output projection mixes them: rank r runs its H/N heads on the
-# whole sequence (its rows of `qkv` are column-parallel, preceded by f) and multiplies their
-# outputs by its block of columns of `proj` (row-parallel, followed by g). Same pattern, same
-# two communications — and again equal to the dense attention on every rank:
+# Heads are independent until the output projection mixes them: rank r runs its a/N heads (each
+# of h/a features) on the whole sequence — its rows of `qkv` are column-parallel, preceded by f —
+# and multiplies their outputs by its block of columns of `proj` (row-parallel, followed by g).
+# So N must divide the number of heads a, as it must divide H in the MLP. Same pattern, same two
+# communications — and again equal to the dense attention on every rank:
 
 # %%
-show_differences("attention")
+attention_differences = show_differences("attention")
 
 # %% [markdown]
 # ## Measured: one all-reduce each way, 1/N of the parameters
 #
-# Now a wider MLP (h = 128, H = 512) on an activation of b·s·h = 2·32·128 = 8192 floats (32 KiB):
-# the traffic counter (`course_lib.comm.count_traffic`) records every `torch.distributed` call on
-# each rank, and the bytes that really crossed its TCP connections. A ring all-reduce of K floats
-# sends 2(N−1)/N·4K bytes per rank (chapter 01); gloo adds small message headers.
+# Now a wider MLP (h = 128, H = 512) and attention (a = 8 heads) on an activation of
+# b·s·h = 2·32·128 = 8192 floats (32 KiB): the traffic counter (`course_lib.comm.count_traffic`)
+# records every `torch.distributed` call on each rank, and the bytes that really crossed its TCP
+# connections. A ring all-reduce of K floats sends and receives 2(N−1)/N·4K bytes per rank
+# (chapter 03); gloo's ring does too, plus small message headers. The table shows bytes
+# *received*, the steadier of the kernel's two counters (a retransmitted segment counts twice as
+# sent, once as received).
 
 # %%
 def measure(kind, b=2, s=32, h=128):
@@ -285,34 +227,39 @@ def measure(kind, b=2, s=32, h=128):
     with count_traffic() as backward:
         out.sum().backward()
     return dict(fwd=forward.count("all_reduce"), bwd=backward.count("all_reduce"),
-                fwd_calls=len(forward.calls), bwd_calls=len(backward.calls), sent=forward.sent,
+                other=len(forward.calls) + len(backward.calls) - forward.count("all_reduce")
+                - backward.count("all_reduce"), wire_fwd=forward.received, wire_bwd=backward.received,
                 ring=2 * (n - 1) / n * 4 * b * s * h,
                 dense_bytes=sum(p.numel() * p.element_size() for p in dense.parameters()),
                 rank_bytes=sum(p.numel() * p.element_size() for p in ours.parameters()),
                 replicated=ours.fc2.bias.nbytes if kind == "mlp" else ours.proj.bias.nbytes)
 
 
-print(f"{'':10} {'N':>2} {'all-reduces fwd/bwd':>20} {'other calls':>11} {'sent fwd (B)':>13} "
-      f"{'ring 2(N-1)/N·4K':>17} {'params/rank (B)':>16} {'(dense-bias)/N+bias':>20}")
-for kind in ("mlp", "attention"):
-    for n in (2, 4):
-        m = launch.run(measure, n, kind, backend="gloo")[0]
-        formula = (m["dense_bytes"] - m["replicated"]) / n + m["replicated"]
-        print(f"{kind:10} {n:>2} {m['fwd']:>9} / {m['bwd']:<8} "
-              f"{m['fwd_calls'] + m['bwd_calls'] - m['fwd'] - m['bwd']:>11} {m['sent']:>13,} "
-              f"{m['ring']:>17,.0f} {m['rank_bytes']:>16,} {formula:>20,.0f}")
-        assert (m["fwd"], m["bwd"]) == (1, 1) and m["rank_bytes"] == formula
+tp_measured = {(kind, n): launch.run(measure, n, kind, backend="gloo")[0]
+               for kind in ("mlp", "attention") for n in (2, 4)}
+print(f"{'':10} {'N':>2} {'all-reduces fwd/bwd':>19} {'other calls':>11} {'recv fwd':>9} {'recv bwd':>9} "
+      f"{'2(N−1)/N·4bsh':>14} {'params/rank':>12} {'(dense−bias)/N+bias':>20}")
+for (kind, n), m in tp_measured.items():
+    params_formula = (m["dense_bytes"] - m["replicated"]) / n + m["replicated"]
+    wire = (f"{m['wire_fwd']:>9,} {m['wire_bwd']:>9,}" if m["wire_fwd"] is not None
+            else f"{'n/a':>9} {'n/a':>9}")
+    print(f"{kind:10} {n:>2} {m['fwd']:>9} / {m['bwd']:<7} {m['other']:>11} {wire} {m['ring']:>14,.0f} "
+          f"{m['rank_bytes']:>12,} {params_formula:>20,.0f}")
+    assert (m["fwd"], m["bwd"], m["other"]) == (1, 1, 0) and m["rank_bytes"] == params_formula
+    if m["wire_fwd"] is not None:  # wire bytes: the ring's, plus gloo's headers
+        assert m["ring"] <= m["wire_fwd"] <= 1.05 * m["ring"] and m["ring"] <= m["wire_bwd"] <= 1.05 * m["ring"]
 
 # %% [markdown]
 # Exactly one all-reduce in the forward pass (g) and one in the backward pass (f), and no other
 # communication, per MLP and per attention block; the bytes on the wire are the ring's
-# 2(N−1)/N·4K plus gloo's headers (under 4 %). The communication does **not** shrink as N grows:
-# every rank sends about 2·b·s·h·4 bytes per all-reduce whatever N is — the price of keeping the
-# activations whole on every rank.
+# 2(N−1)/N·4K plus gloo's headers (under 5 %, asserted). The communication does **not** shrink as
+# N grows: every rank sends 2(N−1)/N·b·s·h·4 bytes per all-reduce, which even *grows* toward
+# 2·b·s·h·4 as N grows — the price of keeping the activations whole on every rank.
 #
 # Per-rank parameter bytes are 1/N of the dense layer's **plus** the bias of the row-parallel
 # layer (`fc2.bias`, `proj.bias`: h numbers), which every rank keeps whole because it is added
-# once, after the all-reduce. For real sizes that bias is negligible (h out of ~8h² numbers).
+# once, after the all-reduce. For real sizes that bias is negligible (h out of the MLP's ~8h²
+# numbers).
 #
 # ## Against torch's own tensor parallelism
 #
@@ -347,47 +294,53 @@ def ours_vs_torch():
 
 
 per_rank = launch.run(ours_vs_torch, 2, backend="gloo")  # try 4: slower to start, same result
-worst = {k: max(d[k] for d in per_rank) for k in per_rank[0]}
-print("ours vs parallelize_module, N = 2: " + ", ".join(f"{k} {v:.1e}" for k, v in worst.items()))
-assert max(worst.values()) < 1e-5, worst
+vs_torch = {k: max(d[k] for d in per_rank) for k in per_rank[0]}
+print("ours vs parallelize_module, N = 2: " + ", ".join(f"{k} {v:.1e}" for k, v in vs_torch.items()))
+assert max(vs_torch.values()) < 1e-5, vs_torch
 
 # %% [markdown]
 # Torch's `ColwiseParallel` cuts `fc1.weight` by rows and `RowwiseParallel` cuts `fc2.weight` by
 # columns into the same contiguous blocks, and keeps `fc2.bias` replicated: the layouts agree
 # shard for shard.
 #
-# ## Beyond 1D: 2D, 2.5D and 3D tensor parallelism
+# ## Beyond 1D: 2D, 2.5D and 3D tensor parallelism (described, not built)
 #
-# Megatron's split is called **1D** because each weight is cut along one dimension, and the
-# activations between layers stay whole on every rank. Two consequences you measured above: the
-# all-reduce moves about 2·b·s·h per layer whatever N is, and activation memory at the layer
-# boundaries does not shrink with N. Colossal-AI's 2D, 2.5D and 3D methods (built on SUMMA, the
-# scalable matrix-multiplication algorithm) also cut the activations, by arranging the P devices
-# in a grid and splitting *both* the input and the weight into blocks:
+# Colossal-AI calls Megatron's split **1D**: each weight is cut along one dimension, and the
+# activations between layers stay whole on every rank. Two consequences you measured above: each
+# all-reduce sends 2(N−1)/N·b·s·h numbers per rank, which does not fall as N grows, and the
+# activations at the layer boundaries do not shrink with N. This course builds and measures 1D
+# only. Three methods that also cut the activations — by arranging the P devices in a grid and
+# splitting *both* the input and the weight into blocks — are described here, each resting on a
+# parallel matrix-multiplication algorithm:
 #
-# * **2D** (P = q×q): X and A are q×q block matrices; the product takes q steps, in each of which
-#   a column of X blocks is broadcast along the grid rows and a row of A blocks along the grid
-#   columns. Each device holds 1/P of the weights *and* of the activations.
-# * **2.5D** (P = q×q×d): d stacked 2D grids, the batch split across the d layers of the stack
-#   and the weight blocks repeated in each. More devices for the same q, hence less traffic per
-#   device than 2D, paid for with d copies of the weights.
-# * **3D** (P = q×q×q): inputs and weights are spread over a cube; each device all-gathers the
-#   blocks it needs along two axes of the cube, multiplies, and reduce-scatters along the third.
-#   The traffic per device shrinks fastest with P.
+# * **2D** (Optimus, Xu et al. 2021), P = q×q, on **SUMMA** (van de Geijn and Watts, 1997): X and
+#   A are q×q block matrices; the product takes q steps, in each of which a column of X's blocks
+#   is broadcast along the grid rows and a row of A's blocks along the grid columns. Each device
+#   holds 1/P of the weights *and* of the activations.
+# * **2.5D** (Tesseract, Wang et al. 2021), P = q×q×d, on **Solomonik and Demmel's 2.5D matrix
+#   multiplication** (2011): d stacked q×q grids; the activations' rows (batch and sequence) are
+#   split across the d layers of the stack, and every layer holds a copy of the weight blocks.
+#   Solomonik and Demmel showed that c copies of the data cut the words each processor must move
+#   by √c; here the copies are d copies of the weights.
+# * **3D** (Bian et al. 2021), P = q×q×q, on **Agarwal et al.'s 3D matrix multiplication**
+#   (1995): inputs and weights are spread over a cube; each device all-gathers the blocks it needs
+#   along two axes of the cube, multiplies, and reduce-scatters along the third. The words moved
+#   per device fall as P^(2/3), the fastest of the four.
 #
-# | | devices | weights per device | activations per device | traffic per device per layer (large P) | steps |
+# | | devices | weights per device | activations per device | words moved per device per layer (large P) | steps |
 # |---|---|---|---|---|---|
-# | 1D (Megatron) | P | 1/P | whole (replicated between layers) | ≈ 2× the activation, flat in P | 2(P−1) per all-reduce |
-# | 2D | P = q² | 1/P | 1/P | ∝ (activation + weight)/√P | O(q) |
-# | 2.5D | P = q²·d | d/P | 1/P | below 2D for the same P | O(q) |
-# | 3D | P = q³ | 1/P | 1/P | ∝ (activation + weight)/P^(2/3) | O(q) |
+# | 1D (Megatron) | P | 1/P | whole (replicated between layers) | ≈ 2× the activation, flat in P | 2(P−1) per ring all-reduce |
+# | 2D (SUMMA) | P = q² | 1/P | 1/P | ∝ (activation + weight)/√P | O(q) |
+# | 2.5D (Solomonik–Demmel) | P = q²·d | d/P | 1/P | 2D's divided by about √d | O(q) |
+# | 3D (Agarwal et al.) | P = q³ | 1/P | 1/P | ∝ (activation + weight)/P^(2/3) | O(q) |
 #
-# (Orders of magnitude from the 2D/2.5D/3D papers — Optimus, Tesseract and Bian et al., 2021 —
-# not measured here.) In practice 1D wins inside one machine: N stays small (≤ 8) and fast links
-# make the flat all-reduce cheap; the grid methods pay off only when P is large, at the cost of
-# many more, smaller messages and a more rigid device count. The activation problem of 1D is
-# attacked differently in chapter 05: **sequence parallelism** splits the activations that 1D
-# leaves whole, without adding traffic.
+# (Orders of growth from those papers, not measured here.) In practice large models use 1D
+# inside one server: Narayanan et al. (2021) recommend tensor parallelism up to the number of GPUs
+# in a server (typically 8, joined by NVLink) and other kinds of parallelism across servers. The
+# grid methods pay off only for large P, and pay for it with many more, smaller messages and a
+# device count that must be a square or a cube. Chapter 05 attacks 1D's activation problem
+# differently: **sequence parallelism** splits the activations that 1D leaves whole, without
+# adding traffic.
 #
 # ## Summary
 #
@@ -399,7 +352,33 @@ assert max(worst.values()) < 1e-5, worst
 # * Per rank: 1/N of the parameters (plus the small replicated bias), but the whole activation
 #   at the layer boundaries, and an all-reduce of it per layer that does not shrink with N —
 #   which is why tensor parallelism stays inside a machine.
+
+# %% [markdown]
+# ## What you measured
 #
+# Each formula of this chapter beside the number your run produced (h = 128, b·s·h = 8192 floats
+# for the traffic; d_model 16, H = 64 for the equality checks).
+
+# %%
+rows = [("GeLU after a column split", "exact", f"{column_error:.1e}"),
+        ("GeLU after a row split", "wrong: GeLU is not linear", f"{row_error:.2f}"),
+        ("TP MLP vs dense, N = 1, 2, 4", "equal (1e-5)", f"{max(mlp_differences.values()):.1e}"),
+        ("TP attention vs dense, N = 1, 2, 4", "equal (1e-5)", f"{max(attention_differences.values()):.1e}"),
+        ("TP MLP vs parallelize_module, N = 2", "equal (1e-5)", f"{max(vs_torch.values()):.1e}")]
+for (kind, n), m in tp_measured.items():
+    rows.append((f"{kind}, N={n}: all-reduces fwd / bwd", "1 (g) / 1 (f), 0 other",
+                 f"{m['fwd']} / {m['bwd']}, {m['other']} other"))
+    if m["wire_fwd"] is not None:
+        rows.append((f"{kind}, N={n}: bytes received per all-reduce", f"2(N−1)/N·4bsh = {m['ring']:,.0f}",
+                     f"{m['wire_fwd']:,}"))
+    rows.append((f"{kind}, N={n}: parameter bytes per rank",
+                 f"(dense−bias)/N + bias = {(m['dense_bytes'] - m['replicated']) / n + m['replicated']:,.0f}",
+                 f"{m['rank_bytes']:,}"))
+print(f"{'quantity':<45}  {'formula':<35}  {'measured':>14}")
+for quantity, formula_text, value in rows:
+    print(f"{quantity:<45}  {formula_text:<35}  {value:>14}")
+
+# %% [markdown]
 # Glossary: 张量并行 tensor parallelism · 列并行 column parallel · 行并行 row parallel ·
 # 模型并行 model parallelism · 全归约 all-reduce · 激活 activation.
 #

@@ -34,15 +34,13 @@
 
 # %%
 import inspect
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-from matplotlib.patches import FancyArrowPatch, Patch, Rectangle
 
 from course_lib import launch, tp, viz
 from course_lib.comm import count_traffic
-from course_lib.models import make_block
+from course_lib.models import make_block, make_dropout_block
 
 # %% [markdown]
 # ## Who holds what, stage by stage
@@ -54,52 +52,7 @@ from course_lib.models import make_block
 # stages hold 1/N each.
 
 # %%
-def holding_figure(n=4, s=8, h=6, hidden=12):
-    stages = {
-        "tensor parallel": [("LayerNorm, residual:\nwhole on every rank", "whole", h),
-                            ("f (identity):\nstill whole", "whole", h),
-                            ("fc1, GELU:\nmy columns", "columns", hidden),
-                            ("fc2: my partial sum\nof everything", "partial", h),
-                            ("g (all-reduce):\nwhole on every rank", "whole", h)],
-        "tensor + sequence parallel": [("LayerNorm, residual:\nmy positions", "rows", h),
-                                       ("all-gather:\nwhole sequence", "whole", h),
-                                       ("fc1, GELU:\nmy columns", "columns", hidden),
-                                       ("fc2: my partial sum\nof everything", "partial", h),
-                                       ("reduce-scatter:\nmy positions of the sum", "rows", h)]}
-    gray = (0.75, 0.75, 0.75)
-    fig = viz.CourseFigure(figsize=(12, 6.2), layout="constrained")
-    axes = fig.subplots(2, 1)
-    for ax, (label, row) in zip(axes, stages.items()):
-        x0 = 0
-        for i, (title, kind, width) in enumerate(row):
-            for y in range(s):
-                for x in range(width):
-                    owners = {"rows": [y * n // s], "columns": [x * n // width],
-                              "partial": list(range(n))}.get(kind)
-                    if owners is None:
-                        ax.add_patch(Rectangle((x0 + x, y), 1, 1, color=gray, linewidth=0))
-                    for k, r in enumerate(owners or []):
-                        ax.add_patch(Rectangle((x0 + x + k / len(owners), y), 1 / len(owners), 1,
-                                               color=viz.rank_color(r, n), linewidth=0))
-                    ax.add_patch(Rectangle((x0 + x, y), 1, 1, fill=False, edgecolor="white", linewidth=0.6))
-            ax.text(x0 + width / 2, -0.6, title, ha="center", va="bottom", fontsize=9)
-            if i:
-                ax.add_patch(FancyArrowPatch((x0 - 3.2, s / 2), (x0 - 0.5, s / 2), arrowstyle="-|>",
-                                             mutation_scale=14, color="0.3"))
-            x0 += width + 4
-        ax.set_xlim(-0.5, x0 - 3.5)
-        ax.set_ylim(s + 0.5, -4.2)
-        ax.set_aspect("equal")
-        ax.axis("off")
-        ax.set_title(label, fontsize=11, loc="left")
-    handles = [Patch(color=viz.rank_color(r, n), label=f"rank {r}") for r in range(n)]
-    handles.append(Patch(color=gray, label="every rank (a copy)"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=n + 1, fontsize=9, frameon=False)
-    fig.suptitle(f"One MLP sublayer on N = {n} ranks: positions down, features across", fontsize=11)
-    return fig
-
-
-holding_figure()
+viz.plot_sequence_parallel_holdings(n=4, s=8, h=6, hidden=12)
 
 # %% [markdown]
 # ## The code: two more conjugate pairs
@@ -109,8 +62,12 @@ holding_figure()
 # | `gather_from_sequence_region` | all-gather along the sequence | reduce-scatter | before a column-parallel layer (replaces f) |
 # | `reduce_scatter_to_sequence_region` | reduce-scatter along the sequence | all-gather | after a row-parallel layer (replaces g) |
 #
-# They are each other's transpose, like f and g. `ColumnParallelLinear` and `RowParallelLinear`
-# take a `sequence_parallel` flag that picks them instead of f and g, and
+# They are each other's transpose, like f and g; Megatron-LM's code has functions of the same
+# names with `_parallel_` inserted (`gather_from_sequence_parallel_region`, …). Megatron keeps
+# activations as (s, b, h), so its sequence is the first, outermost dimension and each shard is
+# one contiguous block of memory; ours are (b, s, h), so `course_lib.tp` moves the sequence to the
+# front before each collective (a copy) and back after. `ColumnParallelLinear` and
+# `RowParallelLinear` take a `sequence_parallel` flag that picks these instead of f and g, and
 # `SequenceParallelBlock` runs its LayerNorms and residual adds on the shard:
 
 # %%
@@ -120,14 +77,49 @@ print(inspect.getsource(tp.TensorParallelBlock.forward))
 print(inspect.getsource(tp.SequenceParallelBlock))
 
 # %% [markdown]
-# One detail of the reduce-scatter: on the CPU, gloo's own `reduce_scatter` is implemented as a
-# full all-reduce (measured: it sends 2(N−1)/N of the tensor, twice what a reduce-scatter needs),
-# which would hide this chapter's point. `course_lib.tp` therefore builds it from an
-# **all-to-all** plus a local sum: rank j receives block j from every rank and adds them up,
-# sending (N−1)/N of the tensor, like a ring reduce-scatter:
+# One detail of the reduce-scatter: on the CPU, gloo's own `reduce_scatter` moves at least as many
+# bytes as a full all-reduce — 2(N−1)/N of the tensor per rank or more, twice what a
+# reduce-scatter needs — which would hide this chapter's point. `course_lib.tp` therefore builds it from an **all-to-all**
+# plus a local sum: rank j receives block j from every rank and adds them up, sending (N−1)/N of
+# the tensor, like a ring reduce-scatter. Both measured:
 
 # %%
 print(inspect.getsource(tp._reduce_scatter))
+
+
+def reduce_scatter_bytes():
+    """Wire bytes this rank sends for one reduce-scatter of a (2, 32, 128) activation, both ways."""
+    n = dist.get_world_size()
+    x = torch.ones(2, 32, 128)
+    blocks = [b.contiguous() for b in x.chunk(n, dim=1)]
+    out = torch.empty_like(blocks[0])
+    ways = {"gloo's dist.reduce_scatter": lambda: dist.reduce_scatter(out, blocks),
+            "tp._reduce_scatter": lambda: tp._reduce_scatter(x, 1, None)}
+    sent = {}
+    for name, call in ways.items():
+        call()  # connections first
+        dist.barrier()
+        with count_traffic() as traffic:
+            call()
+        dist.barrier()
+        sent[name] = traffic.sent
+    return sent
+
+
+rs_sent = launch.run(reduce_scatter_bytes, 4, backend="gloo")[0]
+S_RS = 4 * 2 * 32 * 128
+for name, sent in rs_sent.items():
+    share = "n/a (no TCP counters here)" if sent is None else f"{sent / S_RS:.3f} of the tensor"
+    print(f"N = 4, {name:<27} sends {share} per rank")
+print("a reduce-scatter needs (N−1)/N = 0.750; an all-reduce sends 2(N−1)/N = 1.500")
+ABBREVIATIONS = {"all_reduce": "AR", "all_gather_single": "AG", "all_to_all_single": "A2A"}
+
+
+def short(calls):
+    """{'all_gather_single': 2, 'all_to_all_single': 2} -> '2 AG + 2 A2A'."""
+    return " + ".join(f"{count} {ABBREVIATIONS.get(op, op)}" for op, count in calls.items())
+if rs_sent["tp._reduce_scatter"] is not None:
+    assert rs_sent["gloo's dist.reduce_scatter"] > 1.4 * S_RS and rs_sent["tp._reduce_scatter"] < 0.8 * S_RS
 
 # %% [markdown]
 # ## Equal to the dense block: output and every gradient, N = 1, 2, 4
@@ -184,12 +176,14 @@ def sp_differences():
     return {k: float(v.detach()) for k, v in diff.items()}
 
 
+sp_largest = {}
 for n in (1, 2, 4):
     per_rank = launch.run(sp_differences, n, backend="gloo")
     worst = {k: max(d[k] for d in per_rank) for k in per_rank[0]}
+    sp_largest[n] = max(worst.values())
     print(f"N = {n}: largest |ours - dense| over {len(worst)} tensors (output, x.grad, every parameter's "
-          f"grad) = {max(worst.values()):.1e}")
-    assert max(worst.values()) < 1e-5, worst
+          f"grad) = {sp_largest[n]:.1e}")
+    assert sp_largest[n] < 1e-5, worst
 
 # %% [markdown]
 # ## Measured: the same bytes as tensor parallelism
@@ -220,23 +214,39 @@ def traffic(kind, b=2, s=32, h=128, heads=8):
         if kind != "tensor parallel":
             block.sync_replicated_grads()
     names = lambda t: dict(sorted({op: t.count(op) for op in {c.op for c in t.calls}}.items()))  # noqa: E731
-    return dict(fwd_calls=names(forward), bwd_calls=names(backward), fwd=forward.sent, bwd=backward.sent,
-                sync=sync.sent, ideal=4 * (n - 1) / n * 4 * b * s * h)
+    # bytes received: the kernel's steadier counter (a retransmitted segment counts twice as sent)
+    return dict(fwd_calls=names(forward), bwd_calls=names(backward), fwd=forward.received, bwd=backward.received,
+                sync=sync.received, ideal=4 * (n - 1) / n * 4 * b * s * h)
 
 
-print(f"{'':34} {'N':>2} {'sent fwd (B)':>13} {'sent bwd (B)':>13} {'ring ideal':>11}   calls fwd | bwd")
+KINDS = ("tensor parallel", "sequence parallel", "sequence parallel, re-gather")
+sp_traffic = {(kind, n): launch.run(traffic, n, kind, backend="gloo")[0] for n in (2, 4) for kind in KINDS}
+print("calls: AR = all-reduce, AG = all-gather, A2A = all-to-all (our reduce-scatter)")
+print(f"{'':30} {'N':>2} {'recv fwd':>9} {'recv bwd':>9} {'ring ideal':>10}   {'calls fwd':<12} {'calls bwd':<12}")
+for (kind, n), m in sp_traffic.items():
+    wire = f"{m['fwd']:>9,} {m['bwd']:>9,}" if m["fwd"] is not None else f"{'n/a':>9} {'n/a':>9}"
+    print(f"{kind:30} {n:>2} {wire} {m['ideal']:>10,.0f}   {short(m['fwd_calls']):<12} {short(m['bwd_calls']):<12}")
+    if kind == "sequence parallel, re-gather" and m["sync"] is not None:
+        print(f"{'  + sync_replicated_grads (SP)':30} {n:>2} {m['sync']:>9,} (once per step)")
 for n in (2, 4):
-    for kind in ("tensor parallel", "sequence parallel", "sequence parallel, re-gather"):
-        m = launch.run(traffic, n, kind, backend="gloo")[0]
-        print(f"{kind:34} {n:>2} {m['fwd']:>13,} {m['bwd']:>13,} {m['ideal']:>11,.0f}   "
-              f"{m['fwd_calls']} | {m['bwd_calls']}")
-    print(f"{'  + sync_replicated_grads (SP)':34} {n:>2} {m['sync']:>13,} {'(once per step)':>13}")
+    tp_calls, sp_calls = sp_traffic["tensor parallel", n], sp_traffic["sequence parallel", n]
+    regather = sp_traffic["sequence parallel, re-gather", n]
+    assert tp_calls["fwd_calls"] == tp_calls["bwd_calls"] == {"all_reduce": 2}
+    assert sp_calls["fwd_calls"] == sp_calls["bwd_calls"] == {"all_gather_single": 2, "all_to_all_single": 2}
+    assert regather["bwd_calls"] == {"all_gather_single": 4, "all_to_all_single": 2}  # + 1 gather per sublayer
+    for kind in KINDS[:2]:
+        m = sp_traffic[kind, n]
+        if m["fwd"] is not None:  # the same bytes, up to gloo's headers
+            assert m["ideal"] <= m["fwd"] <= 1.06 * m["ideal"] and m["ideal"] <= m["bwd"] <= 1.06 * m["ideal"]
+    if regather["bwd"] is not None:  # two more all-gathers: half an all-reduce's worth each, per sublayer
+        assert 1.5 * regather["ideal"] <= regather["bwd"] <= 1.06 * 1.5 * regather["ideal"]
 
 # %% [markdown]
 # Tensor and sequence parallelism send the same bytes per pass, and both match the ring's
-# 2·2(N−1)/N·4K ideal (two sublayers, each an all-reduce's worth) within a few percent: gloo's
-# message headers, and the occasional small message that the TCP counters catch as well. The
-# "re-gather" variant (below) pays one more all-gather per sublayer in the backward pass.
+# 2·2(N−1)/N·4K ideal (two sublayers, each an all-reduce's worth) within a few percent (asserted:
+# within 6 %): gloo's message headers, and the occasional small message that the TCP counters
+# catch as well. The "re-gather" variant (below) pays one more all-gather per sublayer in the
+# backward pass (asserted: 4 all-gathers instead of 2, and 1.5 times the bytes).
 # `sync_replicated_grads` adds one small all-reduce per training step, of the 6h numbers of the
 # LayerNorms and row-parallel biases — like data parallelism's gradient all-reduce, over the
 # tensor-parallel group.
@@ -245,35 +255,13 @@ for n in (2, 4):
 #
 # What a layer costs in memory during training is mostly what autograd **saves for backward**:
 # the inputs of the matrix multiplications, GELU's input, softmax's output, LayerNorm's input.
-# `torch.autograd.graph.saved_tensors_hooks` sees every tensor as it is saved; the helper below
-# adds up the bytes of each distinct storage (parameters excluded), charged to the innermost
-# module that was running.
+# `tp.saved_activation_bytes(model, x)` runs the forward pass with
+# `torch.autograd.graph.saved_tensors_hooks`, which sees every tensor as it is saved, and adds up
+# the bytes of each distinct storage (parameters excluded), charged to the innermost module that
+# was running:
 
 # %%
-def saved_bytes_by_module(model, *inputs):
-    """Bytes of activations autograd saves while model(*inputs) runs, by module name."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    running, seen, saved = ["(outside)"], set(), defaultdict(int)
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in parameters and storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())  # a view of a saved tensor costs nothing more
-            saved[running[-1]] += storage.nbytes()
-        return t
-
-    hooks = []
-    for name, module in model.named_modules():
-        if name:
-            hooks.append(module.register_forward_pre_hook(lambda m, a, name=name: running.append(name)))
-            hooks.append(module.register_forward_hook(lambda m, a, out: running.pop() and None))
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(*inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return dict(saved)
+print(inspect.getsource(tp.saved_activation_bytes))
 
 
 REGIONS = {"LayerNorms (ln1, ln2)": ("ln1", "ln2"),
@@ -293,7 +281,7 @@ def activation_bytes(kind):
     else:
         model = tp.SequenceParallelBlock.from_dense(dense, recompute_gather=kind == "TP+SP, re-gather")
         x = x[:, dense_block_of(S, rank, n)].detach().clone().requires_grad_()  # its own storage
-    by_module = saved_bytes_by_module(model, x)
+    by_module = tp.saved_activation_bytes(model, x)
     return {region: sum(by_module.get(m, 0) for m in modules) for region, modules in REGIONS.items()}
 
 
@@ -323,23 +311,52 @@ assert all(norms[n] * n == dense_norms for n in (2, 4))
 #
 # ### Set beside the formulas
 #
-# Korthikanti et al. count the bytes one transformer layer saves, with 16-bit activations and
-# dropout: **s·b·h·(34 + 5·a·s/h)** for one device; **s·b·h·(10 + 24/t + 5·a·s/(h·t))** with
-# tensor parallelism over t devices; **s·b·h·(34 + 5·a·s/h)/t** with tensor and sequence
-# parallelism. Where the 34 comes from, and what our block has of it:
+# Korthikanti et al. (2022) count what one transformer layer saves the way large models are
+# trained: activations in a **16-bit** format (fp16 or bf16, 2 bytes per number — chapter 07
+# covers this mixed-precision training) and with **dropout**, whose masks take 1 byte per
+# element. In bytes, their count is **s·b·h·(34 + 5·a·s/h)** for one device,
+# **s·b·h·(10 + 24/t + 5·a·s/(h·t))** with tensor parallelism over t devices, and
+# **s·b·h·(34 + 5·a·s/h)/t** with tensor and sequence parallelism. The 34 and the 5 are bytes per
+# s·b·h: 2 for every activation of width h, 8 for one of width 4h, 1 for a mask of width h, and
+# 2·a·s/h for a 2-byte a×s×s attention matrix per sequence. Where they come from, and what our
+# block has of them:
 #
-# | saved for backward | Megatron (bytes / sbh) | our block (numbers / sbh) | split by TP | split by SP |
+# | saved for backward | Korthikanti et al. (bytes / sbh) | our block (numbers / sbh) | split by TP | split by SP |
 # |---|---|---|---|---|
-# | LayerNorm inputs (2 norms) | 4 | 2 | no | yes |
-# | qkv and fc1 inputs | 4 | 2 | no | only with re-gather |
-# | q, k, v; attention output (proj input) | 8 | 4 | yes | — |
+# | LayerNorm inputs (2 norms) | 2 + 2 = 4 | 2 | no | yes |
+# | qkv and fc1 inputs | 2 + 2 = 4 | 2 | no | only with re-gather |
+# | q, k, v; attention output (proj input) | 2·3 + 2 = 8 | 4 | yes | — |
 # | softmax output | 2·a·s/h | a·s/h | yes | — |
-# | GELU input, fc2 input (4h each) | 16 | 8 | yes | — |
-# | dropout masks (1 byte) and the attention dropout's output | 2 + 3·a·s/h | — (no dropout) | | |
+# | GELU input, fc2 input (4h each) | 8 + 8 = 16 | 8 | yes | — |
+# | dropout masks after attention and after the MLP (1 byte) | 1 + 1 = 2 | — (no dropout) | no | yes |
+# | attention dropout: its mask (1 byte) and its output (2 bytes) | 3·a·s/h | — (no dropout) | yes | — |
 #
-# Our block has no dropout and keeps 4-byte floats, so its formula is 4·s·b·h·(16 + a·s/h) bytes,
-# plus LayerNorm's per-token mean and 1/std (2 numbers per token per norm, 16·s·b bytes, which
-# Megatron leaves out). The same bookkeeping gives its TP and TP+SP versions:
+# Sum the first column: 4 + 4 + 8 + 16 + 2 = 34, and 2 + 3 = 5 times a·s/h. Without TP, only the
+# LayerNorm inputs, qkv and fc1 inputs and the two output masks (10) are not split: that is the 10
+# in the TP formula. This course measures in fp32, 4 bytes per number, and its blocks have no
+# dropout, so the same rows cost our block 4·(16 + a·s/h) bytes per sbh instead of 34 + 5·a·s/h.
+#
+# The count itself can be checked to the byte: `models.make_dropout_block` is the dense block in
+# bf16 with dropout where Megatron-LM has it (on the attention probabilities, and on the
+# attention's and the MLP's outputs). Its dropout keeps a 1-byte mask, as the fused GPU kernel
+# does; `nn.Dropout` on the CPU would keep its mask in the activation's own dtype.
+
+# %%
+megatron_block = make_dropout_block(H, HEADS, p=0.1).to(torch.bfloat16)
+x16 = torch.randn(B, S, H, dtype=torch.bfloat16, requires_grad=True)
+saved16 = tp.saved_activation_bytes(megatron_block, x16)
+korthikanti = sbh * (34 + 5 * HEADS * S / H)
+layer_norm_stats = sum(saved16.values()) - korthikanti
+print(f"dense block, bf16, with dropout: {sum(saved16.values()):,} bytes saved; "
+      f"s·b·h·(34 + 5·a·s/h) = {korthikanti:,.0f}; the rest, {layer_norm_stats:,.0f} bytes, is LayerNorm's mean "
+      f"and 1/std (2 numbers per token per norm = {layer_norm_stats / (4 * sb):.0f} bytes each)")
+assert layer_norm_stats in (2 * 2 * sb * 2, 2 * 2 * sb * 4)  # 4·s·b numbers, in bf16 or fp32
+
+# %% [markdown]
+# Korthikanti et al.'s 34 + 5·a·s/h, to the byte (they leave out LayerNorm's per-token mean and
+# 1/std, which are tiny: 4·s·b numbers against 34·s·b·h bytes). The tensor-parallel versions below
+# use our fp32, dropout-free blocks: 4·s·b·h·(16 + a·s/h) bytes dense, plus 16·s·b for LayerNorm's
+# statistics, and the same row-by-row bookkeeping for TP and TP+SP:
 
 # %%
 def ours(kind, t):
@@ -376,7 +393,7 @@ for (kind, n), regions in measured.items():
 # Measured and our formula agree to the byte, for every configuration. The ratios to the dense
 # layer (the "vs dense" columns) tell the story the same way in both bookkeepings:
 #
-# * **TP alone** shrinks only the parts inside the attention and MLP; the 10 (ours: 4) per sbh of
+# * **TP alone** shrinks only the parts inside the attention and MLP; the 10 bytes (ours: 4 numbers) per sbh of
 #   LayerNorm inputs, qkv/fc1 inputs and dropout masks stay whole on every rank, so memory stalls
 #   at that floor however large t is.
 # * **TP+SP, re-gather** divides *everything* by t: Megatron's s·b·h·(34 + 5·a·s/h)/t, here to the
@@ -389,33 +406,15 @@ for (kind, n), regions in measured.items():
 # The picture: bytes per rank, by region, with our formula as a black tick.
 
 # %%
-def memory_figure():
-    fig = viz.CourseFigure(figsize=(10, 4.2), layout="constrained")
-    ax = fig.subplots()
-    labels = [f"{kind}\nt = {n}" if kind != "dense" else "dense\n(one rank)" for kind, n in measured]
-    bottoms = [0.0] * len(measured)
-    colors = ["tab:purple", "tab:olive", "tab:cyan"]
-    for color, region in zip(colors, REGIONS):
-        values = [regions[region] / 1024 for regions in measured.values()]
-        ax.bar(labels, values, bottom=bottoms, color=color, label=region, width=0.6)
-        bottoms = [b + v for b, v in zip(bottoms, values)]
-    ax.scatter(labels, [ours(kind, n) / 1024 for kind, n in measured], marker="_", s=900, color="black",
-               linewidths=2, label="our formula", zorder=3)
-    ax.set_ylabel("saved activations per rank (KiB)")
-    ax.tick_params(axis="x", labelsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8, markerscale=0.4)
-    ax.set_title(f"One transformer block, s = {S}, b = {B}, h = {H}, a = {HEADS}, fp32: measured with "
-                 "saved_tensors_hooks", fontsize=10)
-    return fig
-
-
-memory_figure()
+viz.plot_saved_activations(measured, {key: ours(*key) for key in measured},
+                           f"One transformer block, s = {S}, b = {B}, h = {H}, a = {HEADS}, fp32: measured with "
+                           "saved_tensors_hooks; tick = our formula")
 
 # %% [markdown]
 # ## And dropout?
 #
-# Our models have no dropout, to keep "equal to the dense model" an exact statement. In a real
+# The blocks this chapter checks for equality have no dropout, to keep "equal to the dense model"
+# an exact statement (the dropout block above only measured memory). In a real
 # block the dropouts after attention and after the MLP sit in the sequence-parallel region, next to
 # the residual adds, and shard the same way: each rank draws the mask of its own s/N positions, so
 # the masks (Megatron's 2 bytes per sbh) shrink by 1/t too. Reproducing a dense run bit for bit
@@ -432,10 +431,49 @@ memory_figure()
 #   replace f and g. They move the same bytes as TP's all-reduces (measured), because an
 #   all-reduce is a reduce-scatter plus an all-gather.
 # * With Megatron's re-gather of the column-parallel inputs, the whole layer's activations divide
-#   by t: s·b·h·(34 + 5·a·s/h)/t — our fp32, dropout-free version measured to the byte.
+#   by t: s·b·h·(34 + 5·a·s/h)/t in Korthikanti et al.'s 16-bit count with dropout (its dense
+#   34 + 5·a·s/h measured to the byte in bf16), and our fp32, dropout-free version measured to
+#   the byte for every t.
 # * The replicated parameters (LayerNorms, row-parallel biases) see only their rank's tokens:
 #   one small all-reduce of their gradients per step.
+
+# %% [markdown]
+# ## What you measured
 #
+# Each formula of this chapter beside the number your run produced (traffic: b·s·h = 2·32·128,
+# K = b·s·h floats; memory: s = 32, b = 2, h = 64, a = 4).
+
+# %%
+rows = [("SP block vs dense, N = 1, 2, 4", "equal (1e-5)", f"{max(sp_largest.values()):.1e}")]
+ours_rs, gloo_rs = rs_sent["tp._reduce_scatter"], rs_sent["gloo's dist.reduce_scatter"]
+if ours_rs is not None:
+    rows += [("reduce-scatter, N=4: sent / tensor", "(N−1)/N = 0.750", f"{ours_rs / S_RS:.3f}"),
+             ("gloo's reduce_scatter, N=4: sent / tensor", "≥ all-reduce's 2(N−1)/N = 1.500", f"{gloo_rs / S_RS:.3f}")]
+for kind, label, calls in zip(KINDS, ("TP", "SP", "SP, re-gather"),
+                              ("2 AR, one per sublayer", "2 AG + 2 RS (A2A)", "4 AG + 2 RS (A2A)")):
+    m = sp_traffic[kind, 4]
+    rows.append((f"{label}, N=4: backward calls", calls, short(m["bwd_calls"])))
+    if m["fwd"] is not None:
+        rows.append((f"{label}, N=4: received, forward", f"2·2(N−1)/N·4K = {m['ideal']:,.0f}", f"{m['fwd']:,}"))
+m = sp_traffic["sequence parallel, re-gather", 4]
+if m["bwd"] is not None:
+    rows.append(("SP, re-gather, N=4: received, backward", f"+ 2 AG = 3·2(N−1)/N·4K = {1.5 * m['ideal']:,.0f}",
+                 f"{m['bwd']:,}"))
+for n in (2, 4):
+    rows.append((f"LayerNorm activations, TP+SP, t={n}", f"1/t of dense = {1 / n:.3f}", f"{norms[n] / dense_norms:.3f}"))
+rows.append(("dense, bf16 + dropout: bytes saved", f"sbh(34 + 5as/h) = {korthikanti:,.0f}",
+             f"{sum(saved16.values()) - layer_norm_stats:,.0f}"))
+for (kind, n), regions in measured.items():
+    formula_text = {"dense": "4sbh(16 + as/h) + 16sb", "TP": "4sbh(4 + 12/t + as/(ht)) + 16sb",
+                    "TP+SP": "4sbh(2 + 14/t + as/(ht)) + 16sb/t",
+                    "TP+SP, re-gather": "4sbh(16 + as/h)/t + 16sb/t"}[kind]
+    rows.append((f"{kind}, t={n}: saved per rank", f"{formula_text} = {ours(kind, n):,.0f}",
+                 f"{sum(regions.values()):,}"))
+print(f"{'quantity':<42}  {'formula':<44}  {'measured':>12}")
+for quantity, formula_text, value in rows:
+    print(f"{quantity:<42}  {formula_text:<44}  {value:>12}")
+
+# %% [markdown]
 # Glossary: 序列并行 sequence parallelism · 张量并行 tensor parallelism · 激活显存 activation
 # memory · 全收集 all-gather · 归约散射 reduce-scatter · 层归一化 LayerNorm · 重计算 recomputation.
 #

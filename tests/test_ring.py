@@ -36,7 +36,7 @@ def compare_everything(cases):
         def same(a, b):  # integers exactly; floats up to the order of the additions
             return torch.equal(a, b) if not dtype.is_floating_point else torch.allclose(a, b, rtol=1e-5, atol=1e-4)
 
-        for name in ("ring", "unchunked ring", "naive"):
+        for name in ("ring", "unchunked ring", "naive", "tree"):
             if not same(comm.ALL_REDUCES[name](x.clone()), expected):
                 failures.append(f"{name} {shape} {dtype} rank {rank}")
         own = comm.ring_reduce_scatter(x.clone())
@@ -93,7 +93,7 @@ def test_subgroups():
 
 def payload_of_each_op(k):
     result = {}
-    for name in ("ring", "unchunked ring", "naive", "reduce-scatter", "all-gather"):
+    for name in ("ring", "unchunked ring", "naive", "tree", "reduce-scatter", "all-gather"):
         fn = {"reduce-scatter": comm.ring_reduce_scatter, "all-gather": comm.ring_all_gather}.get(
             name, comm.ALL_REDUCES.get(name))
         x = torch.ones(k, dtype=torch.int64)
@@ -117,6 +117,8 @@ def test_bytes_per_rank_equal_the_formulas(n, k):
         assert got["ring"] == ((2 * k - mine - right) * b + h, (2 * k - left - mine) * b + h)
         assert got["unchunked ring"] == ((n - 1) * k * b + h,) * 2
         assert got["naive"] == (((n - 1) * k * b + h,) * 2 if rank == 0 else (k * b + h,) * 2)
+        if rank == 0:  # the tree's root receives and sends the whole array once per level
+            assert got["tree"] == ((math.ceil(math.log2(n)) * k * b + h,) * 2)
         if k % n == 0:  # the textbook figure
             assert got["ring"][0] - h == 2 * (n - 1) / n * k * b
 
@@ -396,3 +398,93 @@ def test_deadlock_is_reported_quickly(monkeypatch):
     assert result.status == FAILED
     assert result.message.startswith("N=2: deadlock"), result.message
     assert "waiting in dist.recv" in result.message
+
+
+# ----------------------------------------------------------------------------
+# chapter 03's instruments: rounds, recorded steps, timings with their spread, torch's buckets
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
+def test_rounds_are_counted_exactly(n):
+    got = comm.count_rounds(n, names=("ring", "tree", "unchunked ring", "naive"))
+    header = 1 if n > 1 else 0
+    assert got["ring"] == 2 * (n - 1) + header
+    assert got["tree"] == (2 * math.ceil(math.log2(n)) if n > 1 else 0) + header
+    assert got["unchunked ring"] == (n - 1) + header
+    assert got["naive"] == 2 * (n - 1) + header  # the root receives, then sends, one at a time
+
+
+def stamped_messages_still_arrive():
+    x = torch.arange(6) + 10 * dist.get_rank()
+    with comm.count_message_rounds() as rounds:
+        comm.ring_all_reduce(x)
+    return x, rounds.deepest
+
+
+def test_stamps_do_not_change_the_result():
+    results = launch.run(stamped_messages_still_arrive, 3)
+    total = sum(torch.arange(6) + 10 * r for r in range(3))
+    assert all(torch.equal(x, total) for x, _ in results) and max(d for _, d in results) == 5
+
+
+def test_recorded_ring_steps_follow_the_algorithm():
+    n = 4
+    steps = comm.record_ring_steps(n)
+    assert steps.world_size == n and all(len(v) == 2 * (n - 1) + 1 for v in steps.values)
+    total = sum(10.0 * r + torch.arange(n) for r in range(n))
+    for r in range(n):
+        assert torch.equal(steps.values[r][0], 10.0 * r + torch.arange(n))
+        assert torch.equal(steps.values[r][-1], total)
+        assert steps.masks[r][-1].tolist() == [2**n - 1] * n  # every rank's number in every chunk
+        # reduce-scatter sends chunk r−s−1, all-gather chunk r−s (its own first)
+        assert steps.sent[r] == [(r - s - 1) % n for s in range(n - 1)] + [(r - s) % n for s in range(n - 1)]
+        assert steps.masks[r][n - 1][r] == 2**n - 1  # after the reduce-scatter: chunk r is complete
+
+
+def test_timings_keep_their_spread():
+    times = comm.time_all_reduce(2, [4096, 65536], names=("ring", "tree"), min_seconds=0.01, batches=3)
+    for t in times.values():
+        assert isinstance(t, comm.SpreadTiming) and len(t.seconds) == len(t.fastest) == len(t.slowest) == 2
+        assert all(lo <= mid <= hi for lo, mid, hi in zip(t.fastest, t.seconds, t.slowest))
+        assert len(t.busbw) == 2
+
+
+def test_torch_ddp_buckets_one_pass_then_rebuilt_in_gradient_order():
+    # fc1.weight and fc2.weight are 1 MiB each (256 × 1024 floats)
+    per_step, ours = ddp.torch_ddp_buckets(2.0, depth=2, d_model=256, d_hidden=1024, steps=2)
+    assert len(per_step[0]) == 1 and len(per_step[0][0]) == 8  # first pass: one bucket
+    assert per_step[1] == ours == [["1.fc2.bias", "1.fc2.weight", "1.fc1.bias", "1.fc1.weight"],
+                                   ["0.fc2.bias", "0.fc2.weight", "0.fc1.bias", "0.fc1.weight"]]
+    per_step, _ = ddp.torch_ddp_buckets(None, depth=2, d_model=256, d_hidden=1024, steps=2)
+    assert per_step[1][0] == ["1.fc2.bias", "1.fc2.weight"]  # the default cap's 1 MiB first bucket
+
+
+def test_backward_timelines_overlap_with_small_buckets_only():
+    timelines = ddp.record_timelines((0.5, 100.0), depth=3, d_model=128, d_hidden=512, steps=2)
+    for per_cap in timelines:
+        small, whole = per_cap[0.5], per_cap[100.0]
+        assert len(small.buckets) == 3 and len(whole.buckets) == 1
+        # the first small bucket starts while gradients are still being computed; one big one cannot
+        assert small.buckets[0].launched < small.grads[-1][1]
+        assert whole.buckets[0].launched >= whole.grads[-1][1]
+
+
+def test_chapter_03_pictures_draw():
+    from course_lib import viz
+    from course_lib.collectives import Timing
+
+    steps = comm.record_ring_steps(3)
+    for fig in (viz.plot_ring_steps(steps), viz.plot_ring_step(steps, 2), viz.plot_ring_step(steps, 99)):
+        assert fig._repr_png_()[:4] == b"\x89PNG"
+    sizes = [4096, 65536]
+    timing = comm.SpreadTiming("all-reduce", 2, "gloo", sizes, [1e-3, 2e-3], [5e-4, 1e-3], [2e-3, 4e-3])
+    plain = Timing("all-reduce", 2, "gloo", sizes, [1e-3, 2e-3])
+    fig = viz.plot_all_reduce_times({2: {"ring": timing, "dist.all_reduce": plain}, 8: {"ring": timing}},
+                                    lambda name, n, s: 1e-3 if name == "ring" else None)
+    assert fig._repr_png_()[:4] == b"\x89PNG"
+    series = {("ring", "every rank"): dict(formula=[1.0, 1.5], payload=[1.0, 1.5], wire=None)}
+    assert viz.plot_bytes_per_rank([2, 4], 1.0, series)._repr_png_()[:4] == b"\x89PNG"
+    explorer = viz.ring_explorer(world_size=2, max_ranks=3)
+    n_slider, _, step_slider = explorer.children[0].children
+    n_slider.value = 3
+    assert step_slider.max == 4

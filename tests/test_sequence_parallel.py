@@ -231,3 +231,47 @@ def test_group_argument_keeps_each_tensor_parallel_group_to_itself():
         torch.testing.assert_close(out_mlp, dense.mlp(x).detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out_block, out.detach()[:, mine(2, r)], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad, x_dense.grad[:, mine(2, r)], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# saved activations against Korthikanti et al.'s count, and the chapter's pictures
+
+
+def test_dense_block_in_bf16_with_dropout_saves_34_plus_5as_over_h_bytes_per_sbh():
+    from course_lib import models
+
+    b, s, h, a = 2, 16, 32, 4
+    block = models.make_dropout_block(h, a, p=0.1).to(torch.bfloat16)
+    x = torch.randn(b, s, h, dtype=torch.bfloat16, requires_grad=True)
+    saved = tp.saved_activation_bytes(block, x)
+    layer_norm_stats = 2 * 2 * s * b * 2  # mean and 1/std per token, two norms, bf16
+    assert sum(saved.values()) == s * b * h * (34 + 5 * a * s / h) + layer_norm_stats
+    assert saved["attn.dropout"] == a * s * s * b  # a 1-byte mask of the attention probabilities
+    assert saved["mlp_out_dropout"] == s * b * h
+
+
+def test_mask_dropout_keeps_a_byte_mask_and_is_the_identity_in_eval():
+    from course_lib import models
+
+    drop = models.MaskDropout(0.5)
+    x = torch.randn(64, requires_grad=True)
+    out = drop(x)
+    assert out.grad_fn._saved_result1.dtype == torch.bool
+    assert ((out == 0) | torch.isclose(out, 2 * x)).all()
+    drop.eval()
+    assert drop(x) is x
+
+
+def test_fp32_block_saves_what_the_lesson_formula_says():
+    b, s, h, a = 2, 16, 32, 4
+    saved = tp.saved_activation_bytes(make_block(h, a), torch.randn(b, s, h, requires_grad=True))
+    assert sum(saved.values()) == 4 * s * b * h * (16 + a * s / h) + 16 * s * b
+
+
+def test_chapter_05_pictures_draw():
+    from course_lib import viz
+
+    assert viz.plot_sequence_parallel_holdings()._repr_png_()[:4] == b"\x89PNG"
+    measured = {("dense", 1): {"a": 10, "b": 20}, ("TP", 2): {"a": 10, "b": 10}}
+    fig = viz.plot_saved_activations(measured, {("dense", 1): 30, ("TP", 2): 20}, "title")
+    assert fig._repr_png_()[:4] == b"\x89PNG"

@@ -230,3 +230,24 @@ def test_not_implemented_reads_not_attempted_and_course_code_is_refused():
 def test_a_crash_in_the_learner_code_is_an_error_naming_the_rank():
     result = check.column_parallel(lambda x, weight, bias: x @ weight)  # wrong shapes
     assert result.status == ERROR and result.message.startswith("rank 0 raised RuntimeError")
+
+
+# ----------------------------------------------------------------------------
+# who holds which weight (the lesson's picture)
+
+
+def test_who_holds_what_follows_the_megatron_layout():
+    n, d_model, d_hidden, n_heads = 4, 8, 32, 4
+    owners = tp.who_holds_what(n, d_model, d_hidden, n_heads)
+    block = d_hidden // n
+    for r in range(n):
+        assert (owners["mlp.fc1.weight"][r * block:(r + 1) * block] == r).all()  # rows of fc1.weight
+        assert (owners["mlp.fc2.weight"][:, r * block:(r + 1) * block] == r).all()  # columns of fc2.weight
+        heads = d_model // n  # each of q, k and v: rank r's heads' rows
+        for part in range(3):
+            rows_r = slice(part * d_model + r * heads, part * d_model + (r + 1) * heads)
+            assert (owners["attn.qkv.weight"][rows_r] == r).all()
+    assert (owners["mlp.fc2.bias"] == -1).all() and (owners["attn.proj.bias"] == -1).all()
+    assert owners["mlp.fc1.bias"].shape == (d_hidden, 1)
+    from course_lib import viz
+    assert viz.plot_tp_layout(owners, n, d_model, d_hidden, n_heads)._repr_png_()[:4] == b"\x89PNG"
