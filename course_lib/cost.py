@@ -4,22 +4,35 @@
     plan = Strategy(dp=8, tp=4, pp=2, zero=1, sp=True, microbatches=8)
     est = estimate(model, plan)            # est.memory, est.traffic (bytes), est.bubble, est.problems
 
-Every formula is one an earlier chapter derived and measured (COURSE_GUIDE §7):
+Every formula is one an earlier chapter derived and measured; the sources are the papers named:
 
-* model states (ch. 07): 16Ψ bytes with mixed-precision Adam (2 + 2 + 12), or fp32 4 + 4 + 8;
-  TP and PP each cut the parameters a rank holds, Ψ/(tp·pp); ZeRO then shards what is left
-  over the dp ranks: stage 1 the optimizer states, 2 also the gradients, 3 also the parameters.
-* activations per transformer layer (ch. 05, Korthikanti et al.): s·b·h·(34 + 5·a·s/h) bytes;
-  TP t: s·b·h·(10 + 24/t + 5·a·s/(h·t)); TP + SP: s·b·h·(34 + 5·a·s/h)/t.
-  With full recomputation (ch. 06) a layer keeps only its input: 2·s·b·h (÷ t with SP).
-* pipeline (ch. 06): bubble (p−1)/(m+p−1); GPipe keeps m micro-batches alive on a stage,
-  1F1B at most min(p, m) (the first stage is the fullest).
-* DP / ZeRO traffic (ch. 02, 07): 2Ψ (DP, ZeRO-1, ZeRO-2) or 3Ψ (ZeRO-3) elements × (N−1)/N.
-* TP (ch. 04): per transformer layer 2 all-reduces forward + 2 backward of s·b·h elements,
-  each 2(t−1)/t of it sent per rank; SP swaps each for reduce-scatter + all-gather, same volume.
+* model states (ch. 07; Rajbhandari et al. 2020, "ZeRO"): 16Ψ bytes with mixed-precision Adam
+  (2 + 2 + 12), or fp32 4 + 4 + 8; TP and PP each cut the parameters a rank holds, Ψ/(tp·pp);
+  ZeRO then shards what is left over the dp ranks: stage 1 the optimizer states, 2 also the
+  gradients, 3 also the parameters.
+* activations per transformer layer (ch. 05; Korthikanti et al. 2022, "Reducing Activation
+  Recomputation in Large Transformer Models"): s·b·h·(34 + 5·a·s/h) bytes, 16-bit activations;
+  TP t: s·b·h·(10 + 24/t + 5·a·s/(h·t)); TP + SP: s·b·h·(34 + 5·a·s/h)/t. The 5·a·s/h term is
+  the a attention-score matrices of s × s per sequence (softmax, dropout mask, dropout output):
+  stored only when attention is *materialised*. FlashAttention never stores them, and selective
+  recomputation recomputes them in the backward: ``Strategy(attention="flash")`` (or
+  ``"selective"``) drops the term. With full recomputation (ch. 06) a layer keeps only its
+  input: 2·s·b·h (÷ t with SP).
+* pipeline (ch. 06; GPipe, Huang et al. 2019; 1F1B, Narayanan et al. 2021): bubble
+  (p−1)/(m+p−1); GPipe keeps m micro-batches alive on a stage, 1F1B at most min(p, m) (the
+  first stage is the fullest).
+* DP / ZeRO traffic (ch. 02, 07): 2Ψ (DP, ZeRO-1, ZeRO-2) or 3Ψ (ZeRO-3) elements × (N−1)/N
+  per step. With m micro-batches accumulated per step, DP and ZeRO-1 keep the full gradient
+  and reduce it once; ZeRO-2 reduce-scatters every micro-batch ((m+1)Ψ) and ZeRO-3 also
+  gathers the parameters twice per micro-batch (3mΨ) — ``zero.formula_traffic``.
+* TP (ch. 04; Shoeybi et al. 2019, "Megatron-LM"): per transformer layer 2 all-reduces forward
+  + 2 backward of s·b·h elements, each 2(t−1)/t of it sent per rank; SP swaps each for
+  reduce-scatter + all-gather, same volume. Full recomputation runs the forward twice, so its
+  2 all-reduces twice: 6 per layer (Korthikanti et al.).
 * PP (ch. 06): a stage sends each micro-batch's activation forward and its gradient back.
 
-Sizes are in bytes; "traffic" is what one rank sends per training step.
+Sizes are in bytes; "traffic" is what one rank sends per training step. Times come from the
+α–β model (``course_lib.alpha_beta``): see ``course_lib.mesh.StepMessages``.
 """
 from __future__ import annotations
 
@@ -42,6 +55,9 @@ class Model:
     seq_len: int = 2048
 
 
+#: How attention's s × s scores are kept for the backward (see the module's docstring).
+ATTENTION = ("materialised", "flash", "selective")
+
 #: Roughly GPT-3 1.3B, Llama-2 7B and 70B shapes (70B's grouped KV heads ignored).
 PRESETS = {
     "1.3B": Model(1.3e9, 24, 2048, 16, 2048),
@@ -62,6 +78,7 @@ class Strategy:
     schedule: str = "1f1b"  # or "gpipe"
     recompute: bool = False  # full activation checkpointing: keep only each layer's input
     precision: str = "mixed"  # or "fp32"
+    attention: str = "materialised"  # or "flash" / "selective": the s × s scores are not stored
 
     @property
     def gpus(self) -> int:
@@ -92,9 +109,17 @@ def model_state_bytes(psi: float, zero: int = 0, dp: int = 1, tp: int = 1, pp: i
 
 
 def activation_bytes_per_layer(seq_len: int, batch: int, hidden: int, heads: int,
-                               tp: int = 1, sp: bool = False) -> float:
-    """Activations one transformer layer keeps for backward (fp16, no recomputation)."""
-    sbh, attention = seq_len * batch * hidden, 5 * heads * seq_len / hidden
+                               tp: int = 1, sp: bool = False, attention: str = "materialised") -> float:
+    """Activations one transformer layer keeps for backward (16-bit, no full recomputation).
+
+    ``attention="materialised"``: the a score matrices of s × s are stored (the 5·a·s/h term);
+    ``"flash"`` (FlashAttention) or ``"selective"`` (Korthikanti et al.'s selective
+    recomputation of the attention core): they are not, and the term is 0.
+    """
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    sbh = seq_len * batch * hidden
+    attention = 5 * heads * seq_len / hidden if attention == "materialised" else 0.0
     if tp == 1:
         return sbh * (34 + attention)
     if sp:  # LayerNorm and dropout activations are cut by t too
@@ -113,9 +138,15 @@ def microbatches_alive(p: int, m: int, schedule: str = "1f1b") -> int:
 
 
 def dp_traffic_bytes(psi: float, zero: int, dp: int, tp: int = 1, pp: int = 1,
-                     element_bytes: int = 2) -> float:
-    """Gradient (and parameter) sync per step over the dp group: 2Ψ or 3Ψ·(N−1)/N."""
-    return formula_traffic(zero, psi / (tp * pp), dp, element_bytes)
+                     element_bytes: int = 2, microbatches: int = 1) -> float:
+    """Gradient (and parameter) sync per step over the dp group: 2Ψ or 3Ψ·(N−1)/N.
+
+    With ``microbatches`` m > 1 backwards per step: DP and ZeRO-1 accumulate the full
+    gradient locally and reduce it once (2Ψ); ZeRO-2 reduce-scatters every micro-batch,
+    (m+1)Ψ; ZeRO-3 gathers and reduce-scatters every micro-batch, 3mΨ (chapter 07).
+    """
+    return formula_traffic(zero, psi / (tp * pp), dp, element_bytes, micro_batches=microbatches,
+                           accumulate_unsharded=zero <= 1)
 
 
 def tp_traffic_bytes(tokens: int, hidden: int, layers: int, tp: int, allreduces_per_layer: int = 4,
@@ -152,6 +183,8 @@ def problems(model: Model, plan: Strategy, gpus: int | None = None) -> list[str]
         found.append(f"tp={plan.tp} does not divide the sequence length {model.seq_len} (needed for SP)")
     if plan.zero not in (0, 1, 2, 3):
         found.append(f"ZeRO stage must be 0..3, got {plan.zero}")
+    if plan.attention not in ATTENTION:
+        found.append(f"attention must be one of {ATTENTION}, got {plan.attention!r}")
     return found
 
 
@@ -161,20 +194,23 @@ def estimate(model: Model, plan: Strategy, gpus: int | None = None) -> Estimate:
     memory = model_state_bytes(model.params, plan.zero, plan.dp, plan.tp, plan.pp, plan.precision)
     b, s, m = plan.micro_batch_size, model.seq_len, plan.microbatches
     layers_here = -(-model.layers // plan.pp)  # the fullest stage
-    per_layer = activation_bytes_per_layer(s, b, model.hidden, model.heads, plan.tp, plan.sp)
+    attention = plan.attention if plan.attention in ATTENTION else "materialised"
+    per_layer = activation_bytes_per_layer(s, b, model.hidden, model.heads, plan.tp, plan.sp, attention)
     if plan.recompute:  # the layer's input, 2·s·b·h fp16 bytes (split by t with SP)
         per_layer = 2 * s * b * model.hidden / (plan.tp if plan.sp else 1)
     memory["activations"] = (per_layer * element / 2  # the formula counts fp16 bytes
                              * layers_here * microbatches_alive(plan.pp, m, plan.schedule))
-    traffic = {"dp": dp_traffic_bytes(model.params, plan.zero, plan.dp, plan.tp, plan.pp, element),
-               "tp": m * tp_traffic_bytes(s * b, model.hidden, layers_here, plan.tp, element_bytes=element),
+    traffic = {"dp": dp_traffic_bytes(model.params, plan.zero, plan.dp, plan.tp, plan.pp, element, m),
+               # 2 all-reduces forward + 2 backward per layer; full recomputation repeats the forward's 2
+               "tp": m * tp_traffic_bytes(s * b, model.hidden, layers_here, plan.tp,
+                                          allreduces_per_layer=6 if plan.recompute else 4, element_bytes=element),
                "pp": pp_traffic_bytes(s * b, model.hidden, m, plan.pp, element)}
     result = Estimate(memory, traffic, bubble_fraction(plan.pp, m), problems(model, plan, gpus))
     if plan.pp > 1 and m < plan.pp:
         result.notes.append(f"m={m} < p={plan.pp}: the pipeline never fills; use m ≥ 4·p or so")
-    if plan.pp > 1 and plan.zero >= 2:
-        result.notes.append("ZeRO-2/3 with pp > 1: each micro-batch would reduce-scatter the gradients "
-                            "again (DeepSpeed allows only ZeRO-1 with its pipeline)")
+    if m > 1 and plan.zero >= 2:
+        result.notes.append(f"ZeRO-{plan.zero} with m={m} micro-batches reduce-scatters the gradients every "
+                            "micro-batch (counted in the dp traffic); DeepSpeed allows only ZeRO-1 with its pipeline")
     if plan.tp > 8:
         result.notes.append(f"tp={plan.tp} > 8: TP's all-reduces leave the 8-GPU NVLink node")
     return result
@@ -191,31 +227,12 @@ def format_bytes(n: float) -> str:
 # a picture: memory per GPU of a few plans, side by side
 
 PARTS = ("params", "grads", "optimizer", "activations")
-PART_COLORS = {"params": "tab:blue", "grads": "tab:orange", "optimizer": "tab:green", "activations": "tab:red"}
 
 
 def draw_plans(model: Model, plans: dict, gpu_bytes: float = 80e9):
     """Stacked bars of memory per GPU, one per ``{label: Strategy}``, against the GPU's memory."""
-    from course_lib.viz import CourseFigure
+    from course_lib.viz import plot_plan_memory
 
-    fig = CourseFigure(figsize=(7.5, 3.6), layout="constrained")
-    ax = fig.subplots()
-    labels = list(plans)
-    for i, label in enumerate(labels):
-        est = estimate(model, plans[label])
-        bottom = 0.0
-        for part in PARTS:
-            value = est.memory[part] / 1e9
-            ax.bar(i, value, bottom=bottom, color=PART_COLORS[part], width=0.6,
-                   label=part if i == 0 else None)
-            bottom += value
-        ax.text(i, bottom, f"{bottom:.3g} GB", ha="center", va="bottom", fontsize=8)
-    ax.axhline(gpu_bytes / 1e9, color="black", linestyle="--", linewidth=1)
-    ax.text(-0.45, gpu_bytes / 1e9, f"one GPU: {gpu_bytes / 1e9:.0f} GB", va="bottom", ha="left", fontsize=8,
-            bbox=dict(facecolor="white", alpha=0.8, linewidth=0, pad=1))
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set_ylabel("memory per GPU (GB)")
-    ax.set_ylim(0, max(ax.get_ylim()[1], gpu_bytes / 1e9) * 1.15)  # room for the labels
-    ax.legend(fontsize=8, loc="upper right", ncols=4)
-    ax.set_title(f"{model.params / 1e9:.3g}B parameters, sequence {model.seq_len}: memory per GPU", fontsize=10)
-    return fig
+    memories = {label: estimate(model, plan).memory for label, plan in plans.items()}
+    return plot_plan_memory(memories, gpu_bytes, f"{model.params / 1e9:.3g}B parameters, sequence "
+                                                 f"{model.seq_len}: memory per GPU")

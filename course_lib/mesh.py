@@ -79,7 +79,8 @@ class GridLayout:
 
     def draw(self, highlight: int | None = None):
         """Three panels, one per axis: every rank as a box, colored by its group on that axis."""
-        return _draw_grid(self, highlight)
+        from course_lib.viz import draw_rank_grid
+        return draw_rank_grid(self, highlight)
 
 
 class RankGrid(GridLayout):
@@ -112,53 +113,6 @@ class RankGrid(GridLayout):
     @property
     def pp_rank(self) -> int:
         return self.coord.pp
-
-
-def _draw_grid(layout: GridLayout, highlight: int | None):
-    from matplotlib.patches import Rectangle
-
-    from course_lib.viz import CourseFigure, rank_color
-
-    dp, tp, pp = layout.dp, layout.tp, layout.pp
-    gap = 0.6  # between pipeline stages
-    width = pp * tp + (pp - 1) * gap
-    panel_width = max(2.2, 0.9 * width + 0.6)
-    stacked = panel_width > 6  # wide grids: one panel per row, so boxes stay legible
-    rows, cols = (3, 1) if stacked else (1, 3)
-    fig = CourseFigure(figsize=(panel_width * cols, (0.75 * dp + 1.4) * rows + 0.3), layout="constrained")
-    titles = {"tp": "tensor-parallel groups (all-reduce every layer)",
-              "dp": "data-parallel groups (gradients, once a step)",
-              "pp": "pipeline groups (activations to the next stage)"}
-    for ax, axis in zip(fig.subplots(rows, cols).ravel(), ("tp", "dp", "pp")):
-        groups = layout.groups(axis)
-        group_of = {r: i for i, g in enumerate(groups) for r in g}
-        for rank in range(layout.world_size):
-            c = layout.coordinates(rank)
-            x, y = c.pp * (tp + gap) + c.tp, dp - 1 - c.dp
-            color = rank_color(group_of[rank], len(groups)) if len(groups[0]) > 1 else "0.85"
-            ax.add_patch(Rectangle((x + 0.05, y + 0.05), 0.9, 0.9, facecolor=color, alpha=0.85,
-                                   edgecolor="black" if rank == highlight else "white",
-                                   linewidth=2.5 if rank == highlight else 1))
-            ax.text(x + 0.5, y + 0.5, str(rank), ha="center", va="center", fontsize=11, weight="bold")
-        for s in range(pp):
-            ax.text(s * (tp + gap) + tp / 2, dp + 0.1, f"stage {s}", ha="center", va="bottom", fontsize=9)
-        ax.set_xlim(-0.1, width + 0.1)
-        ax.set_ylim(-0.45, dp + 0.55)
-        ax.set_aspect("equal")
-        for s in range(pp):
-            for t in range(tp):
-                ax.text(s * (tp + gap) + t + 0.5, -0.08, f"tp{t}", ha="center", va="top", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([dp - 1 - d + 0.5 for d in range(dp)], [f"dp{d}" for d in range(dp)], fontsize=8)
-        ax.tick_params(length=0)
-        for side in ax.spines.values():
-            side.set_visible(False)
-        ax.set_title(f"{titles[axis]}\n{len(groups)} group(s) of {len(groups[0])}"
-                     + (" (size 1: no communication)" if len(groups[0]) == 1 else ""), fontsize=9)
-    fig.suptitle(f"{layout.world_size} ranks on a dp={dp} × tp={tp} × pp={pp} grid "
-                 "(rank = pp_index·dp·tp + dp_index·tp + tp_index; same color = same group)"
-                 + ("" if highlight is None else f"; rank {highlight} outlined"), fontsize=10)
-    return fig
 
 
 # ----------------------------------------------------------------------------
@@ -249,3 +203,108 @@ def compare_with_dense(results: list, dense_params: dict, tp_size: int, rtol=1e-
                                        msg=lambda m, n=name, r=rank: f"rank {r}, {n}: {m}")
             compared += 1
     return compared
+
+
+# ----------------------------------------------------------------------------
+# the messages of one step, and their time: predicted by the α–β model, measured by replaying them
+
+
+@dataclass
+class StepMessages:
+    """What one rank sends in one 3D training step of a stack of MLPs, per axis.
+
+    ``dp``: bytes of each gradient all-reduce over the dp group (one per parameter tensor,
+    as chapter 02's ``average_gradients_allreduce``); ``tp``: bytes of each activation
+    all-reduce over the tp group (f and g, chapter 04); ``pp``: bytes of each message this
+    stage sends to or receives from the next stage, one after another (chapter 06).
+    """
+
+    dp: list
+    tp: list
+    pp: list
+
+    def seconds(self, model, dp: int, tp: int) -> dict:
+        """Predicted seconds per axis from an :class:`~course_lib.alpha_beta.AlphaBeta` ``model``:
+        a ring all-reduce 2(N−1)α + 2(N−1)/N·S/β for each dp and tp message, α + S/β for each
+        pipeline message."""
+        return {"dp": sum(model.ring_all_reduce(dp, s) for s in self.dp),
+                "tp": sum(model.ring_all_reduce(tp, s) for s in self.tp),
+                "pp": sum(model.message(s) for s in self.pp)}
+
+
+def step_messages(grid: GridLayout, coord: Coord, stage: nn.Module, tokens: int, hidden: int,
+                  microbatches: int, element_bytes: int = 4) -> StepMessages:
+    """The messages of one step on the rank at ``coord``, ``stage`` its (tensor-parallel) layers,
+    ``tokens`` rows of width ``hidden`` per micro-batch. An MLP layer all-reduces its output
+    in the forward (g) and its input's gradient in the backward (f), except the first stage's
+    first layer: its input needs no gradient."""
+    activation = tokens * hidden * element_bytes
+    m = microbatches
+    dp = [p.numel() * element_bytes for p in stage.parameters()] if grid.dp > 1 else []
+    tp_count = 2 * len(stage) * m - (m if coord.pp == 0 else 0)
+    tp = [activation] * tp_count if grid.tp > 1 else []
+    neighbours = (coord.pp > 0) + (coord.pp < grid.pp - 1)  # a middle stage talks both ways
+    pp = [activation] * (2 * m * neighbours) if grid.pp > 1 else []
+    return StepMessages(dp, tp, pp)
+
+
+def _fastest(fn, repeats: int) -> float:
+    """The least disturbed of ``repeats`` runs of ``fn`` on every rank (each starts together)."""
+    import time
+
+    best = float("inf")
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def time_step_messages(dp: int, tp: int, pp: int, model_fn, tokens_per_rank: int, microbatches: int,
+                       repeats: int = 5) -> dict:
+    """Inside each rank: one real 3D step, then its messages replayed on their own, per axis.
+
+    Replayed without the compute between them, so what is timed is communication only: the dp
+    gradient all-reduces (on the real gradients), the tp all-reduces of one micro-batch's
+    activation, and the pipeline's sends and receives between neighbouring stages (forward
+    then back). Returns ``{"coord", "messages" (StepMessages), "seconds" (per axis, the
+    fastest of ``repeats``)}``.
+    """
+    from course_lib import dp as data_parallel
+    from course_lib import pp as pipeline
+    from course_lib.comm import global_rank
+
+    grid = RankGrid(dp, tp, pp)
+    stage = build_3d_stage(grid, model_fn())
+    hidden = stage[0].fc1.weight.shape[1]
+    x = torch.randn(tokens_per_rank, hidden)
+    pipeline.train_step(stage, x, x, F.mse_loss, microbatches, group=grid.pp_group)  # real gradients
+    rows = tokens_per_rank // microbatches
+    messages = step_messages(grid, grid.coord, stage, rows, hidden, microbatches)
+    activation = torch.zeros(rows, hidden)
+    s = grid.pp_rank
+    before = global_rank(grid.pp_group, s - 1) if s > 0 else None
+    after = global_rank(grid.pp_group, s + 1) if s < pp - 1 else None
+
+    def tp_replay():
+        for _ in messages.tp:
+            dist.all_reduce(activation, group=grid.tp_group)
+
+    def pp_replay():
+        for _ in range(microbatches):  # forward: activations to the next stage
+            if before is not None:
+                dist.recv(activation, before, group=grid.pp_group)
+            if after is not None:
+                dist.send(activation, after, group=grid.pp_group)
+        for _ in range(microbatches):  # backward: gradients to the previous stage
+            if after is not None:
+                dist.recv(activation, after, group=grid.pp_group)
+            if before is not None:
+                dist.send(activation, before, group=grid.pp_group)
+
+    seconds = {"dp": _fastest(lambda: data_parallel.average_gradients_allreduce(stage, grid.dp_group),
+                              repeats) if dp > 1 else 0.0,
+               "tp": _fastest(tp_replay, repeats) if tp > 1 else 0.0,
+               "pp": _fastest(pp_replay, repeats) if pp > 1 else 0.0}
+    return {"coord": grid.coord, "messages": messages, "seconds": seconds}

@@ -24,6 +24,7 @@ can gather one layer at a time. Notation: N ranks, Ψ parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -50,9 +51,27 @@ def formula_bytes(stage: int, psi: float, world_size: int, precision: str = "fp3
             "optimizer": o * psi / (n if stage >= 1 else 1)}
 
 
-def formula_traffic(stage: int, psi: float, world_size: int, bytes_per_element: int = 4) -> float:
-    """Bytes each rank receives per step: 2Ψ (DP, stages 1, 2) or 3Ψ (stage 3), times (N−1)/N."""
-    return (3 if stage == 3 else 2) * psi * bytes_per_element * (world_size - 1) / world_size
+def formula_traffic(stage: int, psi: float, world_size: int, bytes_per_element: int = 4,
+                    micro_batches: int = 1, accumulate_unsharded: bool = False) -> float:
+    """Bytes each rank receives per step: 2Ψ (DP, stages 1, 2) or 3Ψ (stage 3), times (N−1)/N.
+
+    With M = ``micro_batches`` backwards before each step (gradient accumulation), counted in
+    halves of an all-reduce, Ψ·(N−1)/N each: stage 0 (ZeroAdam all-reduces in ``step()``) 2;
+    stages 1 and 2 reduce-scatter every micro-batch and all-gather once, M + 1; stage 3 also
+    gathers the parameters twice per micro-batch, 3M. With ``accumulate_unsharded`` (the first
+    M − 1 backwards under :meth:`ZeroAdam.no_sync`: full gradients kept locally and reduced once)
+    stages 1 and 2 come back to 2 and stage 3 to 2M + 1.
+    """
+    m = micro_batches
+    if m < 1:
+        raise ValueError(f"micro_batches must be at least 1, got {m}")
+    if stage == 0:
+        halves = 2
+    elif stage in (1, 2):
+        halves = 2 if accumulate_unsharded else m + 1
+    else:
+        halves = 2 * m + 1 if accumulate_unsharded else 3 * m
+    return halves * psi * bytes_per_element * (world_size - 1) / world_size
 
 
 def adamw_(param, grad, exp_avg, exp_avg_sq, step: int, lr, betas, eps, weight_decay) -> None:
@@ -92,6 +111,7 @@ class _Unit:
         self.exp_avg = torch.zeros(self.shard_size, dtype=params[0].dtype, device=params[0].device)
         self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self.step = 0
+        self.unsynced = False  # p.grad holds gradients of a backward under no_sync(), not yet reduced
         self.waiting = len(params)  # gradients still to arrive in this backward (stages 1–3)
         # The full parameters live in `full`; every parameter is a view into it.
         # Stage 3 keeps `full`'s storage at size 0 except while a layer runs.
@@ -148,6 +168,7 @@ class ZeroAdam:
         self.units = [_Unit(m, [self.names[p] for p in ps], ps, self.parts, rank)
                       for m, ps in self._owned_parameters(model)]
         self.in_flight = {}  # stage 1: unit -> its reduce-scatter started during the backward
+        self.sync = True  # False inside no_sync(): backwards keep their gradients, unsharded
         if stage >= 1:
             for unit in self.units:
                 for p in unit.params:
@@ -173,6 +194,21 @@ class ZeroAdam:
                 units.append((module, own))
         return units
 
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backwards inside accumulate full gradients locally and send nothing (DDP's ``no_sync``).
+
+        For gradient accumulation over M micro-batches: run the first M − 1 backwards inside,
+        the last outside; that one reduces the sum once (``step()`` does, if every backward was
+        inside). Stages 0 and 1 keep full gradients anyway, so this is free; stages 2 and 3 then
+        hold full, unsharded gradients between micro-batches — the memory sharding them saves.
+        """
+        previous, self.sync = self.sync, False
+        try:
+            yield
+        finally:
+            self.sync = previous
+
     # -- communication -------------------------------------------------------
 
     @torch.no_grad()
@@ -197,6 +233,14 @@ class ZeroAdam:
         if unit.waiting > 0:
             return
         unit.waiting = len(unit.params)
+        if not self.sync:  # no_sync(): p.grad keeps adding up; reduced once, later
+            if unit in self.in_flight:  # an earlier backward's send: it no longer holds the sum
+                self.in_flight.pop(unit)[0].wait()
+            unit.unsynced = True
+            if self.stage == 3:
+                self._free(unit)
+            return
+        unit.unsynced = False
         if self.stage == 1:
             # Start sending now and finish in step(): the transfer overlaps the rest of the
             # backward. (Stage 2 cannot wait: the receive buffer is as large as the gradient.)
@@ -246,6 +290,12 @@ class ZeroAdam:
         for unit in self.units:  # a layer some of whose parameters got no gradient
             while 0 < unit.waiting < len(unit.params):
                 self._grad_ready(unit)
+        previous, self.sync = self.sync, True
+        for unit in self.units:  # the last backward ran under no_sync(): reduce its sum now
+            if unit.unsynced:
+                unit.waiting = 1
+                self._grad_ready(unit)
+        self.sync = previous
         for unit, (request, received, _) in self.in_flight.items():  # reduce_scatter, in two halves
             request.wait()
             unit.grad_shard = received.sum(dim=0).div_(self.world_size)
@@ -271,6 +321,7 @@ class ZeroAdam:
         self.in_flight = {}
         for unit in self.units:
             unit.grad_shard = None
+            unit.unsynced = False
             for p in unit.params:
                 p.grad = None
 

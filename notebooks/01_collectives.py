@@ -433,5 +433,5 @@ for quantity, formula_text, value in rows:
     print(f"{quantity:<40}  {formula_text:<34}  {value:>22}")
 
 # %% [markdown]
-# **Next**: the exercises (`exercises/01_collectives.ipynb`) build broadcast, a ring all-gather, a
+# **Next**: the exercises (`my_exercises/01_collectives.ipynb`) build broadcast, a ring all-gather, a
 # tree reduce and an all-reduce from nothing but send and recv.

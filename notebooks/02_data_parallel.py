@@ -473,6 +473,6 @@ for quantity, formula_text, value in summary:
     print(f"{quantity:<46}  {formula_text:<30}  {value:>24}")
 
 # %% [markdown]
-# **Next**: the exercises (`exercises/02_data_parallel.ipynb`) build the shard, the gradient
+# **Next**: the exercises (`my_exercises/02_data_parallel.ipynb`) build the shard, the gradient
 # average, a parameter-server step and gradient accumulation. Chapter 03 builds the ring
 # all-reduce itself and DDP's gradient buckets.

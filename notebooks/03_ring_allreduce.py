@@ -462,5 +462,5 @@ for quantity, formula_text, value in rows:
 # tree (binomial) · 延迟–带宽模型 (α–β 模型) α–β model · 梯度桶 bucket · 计算通信重叠
 # communication/computation overlap.
 #
-# **Next**: the exercises (`exercises/03_ring_allreduce.ipynb`) have you write the reduce-scatter,
+# **Next**: the exercises (`my_exercises/03_ring_allreduce.ipynb`) have you write the reduce-scatter,
 # the all-gather, the ring all-reduce and DDP's bucket assignment yourself.

@@ -382,5 +382,5 @@ for quantity, formula_text, value in rows:
 # Glossary: 张量并行 tensor parallelism · 列并行 column parallel · 行并行 row parallel ·
 # 模型并行 model parallelism · 全归约 all-reduce · 激活 activation.
 #
-# Next: the exercises (`exercises/04_tensor_parallel.ipynb`) have you build the column-parallel
+# Next: the exercises (`my_exercises/04_tensor_parallel.ipynb`) have you build the column-parallel
 # layer, f, g, the row-parallel layer and the whole MLP yourself.

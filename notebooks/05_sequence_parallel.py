@@ -477,5 +477,5 @@ for quantity, formula_text, value in rows:
 # Glossary: 序列并行 sequence parallelism · 张量并行 tensor parallelism · 激活显存 activation
 # memory · 全收集 all-gather · 归约散射 reduce-scatter · 层归一化 LayerNorm · 重计算 recomputation.
 #
-# Next: the exercises (`exercises/05_sequence_parallel.ipynb`) have you build the sequence shard,
+# Next: the exercises (`my_exercises/05_sequence_parallel.ipynb`) have you build the sequence shard,
 # both conjugate pairs and a sequence-parallel LayerNorm + MLP sublayer.

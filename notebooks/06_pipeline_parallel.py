@@ -537,5 +537,5 @@ for quantity, formula_text, value in rows:
     print(f"{quantity:<38}  {formula_text:<48}  {value:>9}")
 
 # %% [markdown]
-# **Next**: the exercises (`exercises/06_pipeline_parallel.ipynb`) build the GPipe and 1F1B
+# **Next**: the exercises (`my_exercises/06_pipeline_parallel.ipynb`) build the GPipe and 1F1B
 # orders, one stage's send/recv loop, and the recomputing backward.

@@ -25,34 +25,41 @@
 # | ZeRO-2 | + gradients | P_os+g |
 # | ZeRO-3 | + parameters | P_os+g+p (PyTorch calls it FSDP) |
 #
-# Notation: **N** ranks, **Ψ** parameters. Everything below runs on real processes (gloo on the CPU):
-# `course_lib.zero.ZeroAdam` is the implementation, about 250 lines you can read top to bottom.
+# Notation: **N** ranks, **Ψ** parameters, **M** micro-batches accumulated per step. Everything
+# below runs on real processes (gloo on the CPU): `course_lib.zero.ZeroAdam` is the
+# implementation, one file you can read top to bottom. The primary source is the ZeRO paper:
+# Rajbhandari, Rasley, Ruwase and He, "ZeRO: Memory Optimizations Toward Training Trillion
+# Parameter Models" (SC 2020).
 
 # %%
+import contextlib
 import inspect
 
-import ipywidgets as widgets
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from IPython.display import display
-from matplotlib.patches import Patch, Rectangle
 
-from course_lib import launch, zero
+from course_lib import launch, viz, zero
 from course_lib.comm import count_traffic
 from course_lib.models import make_stack, num_params, regression_data, shard
-from course_lib.viz import CourseFigure
 
 # %% [markdown]
 # ## Where the memory goes
 #
 # Training with Adam, each parameter brings along its gradient and Adam's two running averages
-# (momentum m and variance v). These **model states** are what ZeRO shards. (Activations, temporary
-# buffers and fragmentation — the *residual states* — are not touched by ZeRO; activation
-# checkpointing and tensor/sequence parallelism deal with those.)
+# (momentum m and variance v). These **model states** (模型状态) are what the three stages of
+# ZeRO-DP shard. The rest of a GPU's memory the paper calls **residual states** (剩余状态):
+# activations, temporary buffers, and memory lost to fragmentation. ZeRO-DP's stages 1–3 leave
+# those alone; the paper's second half, **ZeRO-R**, goes after them: it partitions the activation
+# checkpoints that tensor-parallel ranks would otherwise each hold in full (optionally moving them
+# to CPU memory), caps the temporary buffers (such as the fused buffer a gradient all-reduce
+# packs into) at a constant size, and defragments memory by copying long-lived tensors
+# (activation checkpoints, gradients) into pre-allocated contiguous space. This chapter builds
+# ZeRO-DP; for activations see activation checkpointing (chapter 06) and tensor and sequence
+# parallelism (chapters 04, 05).
 #
-# **Mixed-precision training** (how large models are trained on GPUs; the table of the ZeRO paper),
-# bytes per parameter:
+# **Mixed-precision training** (how large models are trained on GPUs; how the ZeRO paper counts,
+# its Section 3.1), bytes per parameter:
 #
 # | parameters (fp16) | gradients (fp16) | Adam: fp32 master copy + m + v | total |
 # |---|---|---|---|
@@ -112,46 +119,12 @@ del model, adamw
 # gather, plus the gradient's reduce-scatter: three halves instead of two).
 #
 # The picture: which part of each tensor each of N = 4 ranks holds (coloured) or not (grey), bytes
-# in proportion to the fp32 table.
+# in proportion to the fp32 table (`viz.plot_zero_holdings`, drawn from `zero.formula_bytes`).
 
 # %%
-STAGE_NAMES = {0: "plain DP", 1: "ZeRO-1", 2: "ZeRO-2", 3: "ZeRO-3"}
-KIND_COLORS = {"params": "tab:blue", "grads": "tab:orange", "optimizer": "tab:green"}
-KIND_LABELS = {"params": "parameters", "grads": "gradients", "optimizer": "Adam states"}
-
-
-def who_holds_what(n=4, precision="fp32"):
-    sizes = dict(zip(KIND_COLORS, zero.PRECISIONS[precision]))
-    fig = CourseFigure(figsize=(11, 3.6), layout="constrained")
-    for stage, ax in zip(zero.STAGES, fig.subplots(1, 4, sharey=True)):
-        sharded = {"params": stage >= 3, "grads": stage >= 2, "optimizer": stage >= 1}
-        for rank in range(n):
-            x, y = 0, n - 1 - rank
-            for kind, width in sizes.items():
-                for part in range(n):
-                    held = not sharded[kind] or part == rank
-                    ax.add_patch(Rectangle((x + part * width / n, y + 0.1), width / n, 0.8,
-                                           facecolor=KIND_COLORS[kind] if held else "0.88",
-                                           edgecolor="white", linewidth=1))
-                x += width + 0.6
-        per_rank = sum(zero.formula_bytes(stage, 1, n, precision).values())
-        ax.set_title(f"{STAGE_NAMES[stage]}: {per_rank:g}Ψ bytes per rank", fontsize=10)
-        ax.set_xlim(0, sum(sizes.values()) + 1.2)
-        ax.set_ylim(0, n)
-        ax.set_xticks([])
-        ax.set_yticks([n - 1 - r + 0.5 for r in range(n)], [f"rank {r}" for r in range(n)])
-        ax.tick_params(left=False)
-        for side in ax.spines.values():
-            side.set_visible(False)
-    fig.legend(handles=[Patch(color=c, label=f"{KIND_LABELS[k]} ({sizes[k]} B per parameter)")
-                        for k, c in KIND_COLORS.items()] + [Patch(color="0.88", label="not held")],
-               loc="outside lower center", ncols=4, frameon=False, fontsize=9)
-    fig.suptitle(f"What each of N = {n} ranks holds ({precision}; shard r of each tensor belongs to rank r)",
-                 fontsize=11)
-    return fig
-
-
-who_holds_what()
+STAGE_NAMES = viz.ZERO_STAGE_NAMES
+KINDS = ("params", "grads", "optimizer")
+viz.plot_zero_holdings(n=4, precision="fp32")
 
 # %% [markdown]
 # ### Shards need padding
@@ -182,7 +155,8 @@ for layer, numel in layer_sizes.items():
 # finished each layer's during the backward already. Then AdamW on this rank's shard (`adamw_`: the
 # element-wise update, the same arithmetic as `torch.optim.AdamW`), and stages 1 and 2 all-gather
 # each layer's updated parameters, sent while the next layer is being updated. Stage 3 does not:
-# the next forward gathers each layer when it needs it.
+# the next forward gathers each layer when it needs it. (The lines about `no_sync` and `unsynced`
+# serve gradient accumulation, the last measurement of this chapter.)
 
 # %%
 print(inspect.getsource(zero.ZeroAdam.step))
@@ -230,10 +204,12 @@ def reduce_scatter_two_ways(k):
     return builtin.received / (4 * k), ours.received / (4 * k)
 
 
-builtin, ours = launch.run(reduce_scatter_two_ways, 4, 2**18)[0]
-print(f"gloo's reduce_scatter:  {builtin:.3f}·K   (an all-reduce's 2(N−1)/N = 1.5)")
-print(f"zero.reduce_scatter:    {ours:.3f}·K   (a reduce-scatter's (N−1)/N = 0.75)")
+rs_builtin, rs_ours = launch.run(reduce_scatter_two_ways, 4, 2**18)[0]
+print(f"gloo's reduce_scatter:  {rs_builtin:.3f}·K   (an all-reduce's 2(N−1)/N = 1.5)")
+print(f"zero.reduce_scatter:    {rs_ours:.3f}·K   (a reduce-scatter's (N−1)/N = 0.75)")
+assert abs(rs_builtin - 1.5) < 0.05 and abs(rs_ours - 0.75) < 0.03, "the counter disagrees with the claim"
 
+# %% [markdown]
 # (NCCL's reduce-scatter on GPUs is a real one.)
 #
 # ## Same numbers as one process
@@ -280,7 +256,7 @@ for x, y in batches():
     adamw.zero_grad()
 expected = {name: p.detach() for name, p in reference.named_parameters()}
 
-ours = {}
+ours, worst_vs_adamw = {}, 0.0
 print(f"Ψ = {num_params(reference)}; largest |difference| from one process with torch.optim.AdamW:")
 print("N   " + "".join(f"{STAGE_NAMES[s]:>12}" for s in zero.STAGES))
 for n in (1, 2, 3, 4):
@@ -293,9 +269,10 @@ for n in (1, 2, 3, 4):
                 torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-5)
         worst[stage] = max((p - expected[k]).abs().max().item() for r in per_rank for k, p in r[stage].items())
     print(f"{n:<4}" + "".join(f"{worst[s]:>12.1e}" for s in zero.STAGES))
+    worst_vs_adamw = max(worst_vs_adamw, *worst.values())
 
 # %% [markdown]
-# Differences of ~10⁻⁸ are float rounding: the ranks add the gradients in a different order than
+# Differences of at most ~10⁻⁷ are float rounding: the ranks add the gradients in a different order than
 # one process does.
 #
 # ## Same numbers as PyTorch's own ZeRO
@@ -342,11 +319,13 @@ def train_with_builtins():
 
 N_BUILTIN = 2
 zro, fsdp = launch.run(train_with_builtins, N_BUILTIN)[0]
+worst_vs_builtin = {}
 for what, theirs, stage in (("ZeroRedundancyOptimizer", zro, 1), ("FSDP2 fully_shard", fsdp, 3)):
     mine = ours[N_BUILTIN][0][stage]
     for name in expected:
         torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-5)
     diff = max((mine[k] - theirs[k]).abs().max().item() for k in expected)
+    worst_vs_builtin[what] = diff
     print(f"ZeroAdam stage {stage} vs {what} on N={N_BUILTIN}: largest |difference| {diff:.1e}")
 
 # %% [markdown]
@@ -391,50 +370,33 @@ PSI = num_params(make_stack(**BIG))
 WORLD_SIZES = (1, 2, 4, 8)
 measured = {n: launch.run(measure_every_stage, n)[0] for n in WORLD_SIZES}  # rank 0's numbers
 
+
+def held_per_psi(n, stage):
+    return sum(measured[n][stage][k] for k in KINDS) / PSI
+
+
+def formula_per_psi(n, stage):
+    return sum(zero.formula_bytes(stage, PSI, n).values()) / PSI
+
+
 print(f"Ψ = {PSI:,}; bytes per rank in units of Ψ (measured / formula, fp32):")
 print("N   " + "".join(f"{STAGE_NAMES[s]:>18}" for s in zero.STAGES))
 for n in WORLD_SIZES:
-    cells = []
-    for stage in zero.STAGES:
-        got = sum(measured[n][stage][k] for k in KIND_COLORS)
-        want = sum(zero.formula_bytes(stage, PSI, n).values())
-        cells.append(f"{got / PSI:7.3f} / {want / PSI:<7.3f}")
-    print(f"{n:<4}" + "".join(f"{c:>18}" for c in cells))
-
+    print(f"{n:<4}" + "".join(f"{held_per_psi(n, s):7.3f} / {formula_per_psi(n, s):<7.3f}" .rjust(18)
+                              for s in zero.STAGES))
+    for stage in zero.STAGES:  # padding is the only difference, under 1 %
+        assert abs(held_per_psi(n, stage) / formula_per_psi(n, stage) - 1) < 0.01, (n, stage)
+assert round(held_per_psi(8, 3), 2) == 2.0  # ZeRO-3 on 8 ranks: 2 bytes per parameter, not 16
 
 # %%
-def plot_memory():
-    fig = CourseFigure(figsize=(11, 3.9), layout="constrained")
-    axes = fig.subplots(1, 4, sharey=True)
-    formulas = {0: "16Ψ", 1: "8Ψ + 8Ψ/N", 2: "4Ψ + 12Ψ/N", 3: "16Ψ/N"}
-    xs = range(len(WORLD_SIZES))
-    for stage, ax in zip(zero.STAGES, axes):
-        bottom = [0.0] * len(WORLD_SIZES)
-        for kind, color in KIND_COLORS.items():
-            heights = [measured[n][stage][kind] / PSI for n in WORLD_SIZES]
-            ax.bar(xs, heights, 0.6, bottom=bottom, color=color, label=f"{KIND_LABELS[kind]} (measured)")
-            bottom = [b + h for b, h in zip(bottom, heights)]
-        ax.plot(xs, [sum(zero.formula_bytes(stage, PSI, n).values()) / PSI for n in WORLD_SIZES],
-                "k_", markersize=28, markeredgewidth=2.5, label="formula")
-        ax.set_xticks(list(xs), [str(n) for n in WORLD_SIZES])
-        ax.set_xlabel("N ranks")
-        ax.set_title(f"{STAGE_NAMES[stage]}: {formulas[stage]}", fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].set_ylabel("bytes per parameter on each rank\n(model states ÷ Ψ, fp32)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncols=4, frameon=False, fontsize=9)
-    fig.suptitle(f"Memory per rank after step(): bars measured from storages, black bars the formula "
-                 f"(Ψ = {PSI:,})", fontsize=11)
-    return fig
-
-
-plot_memory()
+viz.plot_zero_memory(measured, PSI)
 
 # %% [markdown]
-# Measured and formula agree to a fraction of a percent (the rest is padding). With N = 8, ZeRO-3
-# holds 2 bytes per parameter instead of 16. Notice the limits as N grows: ZeRO-1 never gets below
-# the 8Ψ of parameters and gradients, ZeRO-2 never below the 4Ψ of parameters (fp32; 4Ψ and 2Ψ in
-# mixed precision); only ZeRO-3 keeps shrinking.
+# Measured and formula agree to within 1 % (the cell asserts it; the rest would be padding, and
+# for this model's layer sizes there is none). With N = 8, ZeRO-3 holds 2 bytes per parameter
+# instead of 16. Notice the limits as N grows: ZeRO-1 never gets below the 8Ψ of parameters and
+# gradients, ZeRO-2 never below the 4Ψ of parameters (fp32; 4Ψ and 2Ψ in mixed precision); only
+# ZeRO-3 keeps shrinking.
 #
 # ## Traffic, measured: 2Ψ, 2Ψ, 3Ψ
 #
@@ -443,38 +405,25 @@ plot_memory()
 # all-reduce (one of each) twice that. So plain DP's all-reduce is 2Ψ·(N−1)/N; ZeRO-1 and ZeRO-2's
 # reduce-scatter + all-gather the same 2Ψ·(N−1)/N; ZeRO-3's two all-gathers (forward, backward)
 # plus a reduce-scatter 3Ψ·(N−1)/N. These are measured wire bytes (the kernel's TCP counters), gloo's
-# message headers included.
+# message headers included. (Where the kernel does not report them, e.g. on macOS, the counter
+# returns None and the cell says so.)
 
 # %%
-print("N   " + "".join(f"{STAGE_NAMES[s]:>18}" for s in zero.STAGES) + "    (measured / formula, × Ψ·4 B)")
-for n in WORLD_SIZES[1:]:
-    cells = [f"{measured[n][s]['received'] / (4 * PSI):7.3f} / {zero.formula_traffic(s, PSI, n) / (4 * PSI):<7.3f}"
-             for s in zero.STAGES]
-    print(f"{n:<4}" + "".join(f"{c:>18}" for c in cells))
-
-
-# %%
-def plot_traffic():
-    fig = CourseFigure(figsize=(8, 3.8), layout="constrained")
-    ax = fig.subplots()
-    ns = WORLD_SIZES[1:]
-    width = 0.8 / len(ns)
-    for i, n in enumerate(ns):
-        xs = [s + (i - (len(ns) - 1) / 2) * width for s in zero.STAGES]
-        got = [measured[n][s]["received"] / (4 * PSI) for s in zero.STAGES]
+wire = measured[2][0]["received"] is not None
+received = {n: {s: measured[n][s]["received"] for s in zero.STAGES} for n in WORLD_SIZES[1:]}
+if wire:
+    print("N   " + "".join(f"{STAGE_NAMES[s]:>18}" for s in zero.STAGES) + "    (measured / formula, × Ψ·4 B)")
+    for n in WORLD_SIZES[1:]:
+        got = [received[n][s] / (4 * PSI) for s in zero.STAGES]
         want = [zero.formula_traffic(s, PSI, n) / (4 * PSI) for s in zero.STAGES]
-        ax.bar(xs, got, width * 0.9, color=f"C{i}", label=f"N = {n}, measured")
-        ax.plot(xs, want, "k_", markersize=18, markeredgewidth=2.5, label="formula" if i == 0 else None)
-    ax.set_xticks(list(zero.STAGES), ["plain DP\n2Ψ·(N−1)/N", "ZeRO-1\n2Ψ·(N−1)/N", "ZeRO-2\n2Ψ·(N−1)/N",
-                                      "ZeRO-3\n3Ψ·(N−1)/N"])
-    ax.set_ylabel("received per step (× Ψ·4 bytes)")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=9, loc="upper left")
-    ax.set_title(f"Traffic per rank and training step (Ψ = {PSI:,}, fp32, gloo)", fontsize=11)
-    return fig
+        print(f"{n:<4}" + "".join(f"{g:7.3f} / {w:<7.3f}".rjust(18) for g, w in zip(got, want)))
+        for g, w in zip(got, want):  # headers add a little, never less than the formula
+            assert 0.99 < g / w < 1.05, (n, g, w)
+else:
+    print("this system does not report TCP byte counts: no wire measurement")
 
-
-plot_traffic()
+# %%
+viz.plot_zero_traffic(received, PSI) if wire else None
 
 # %% [markdown]
 # ZeRO-1 and ZeRO-2 cut memory **for free** in communication volume. ZeRO-3 pays 1.5× plain DP's
@@ -482,10 +431,97 @@ plot_traffic()
 # is overlapped with the previous layer's compute (prefetching), which this small implementation
 # does not do.
 #
-# A common miscount (it appears in the notes this course grew from): "ZeRO-1 all-reduces the
-# gradient, then all-gathers the parameters: 3Ψ". Correct as a description of a naive
-# implementation — but no rank needs the *whole* summed gradient, only its shard, so the all-reduce
-# can stop halfway, at the reduce-scatter. The measurement above says 2Ψ.
+# A common miscount: "ZeRO-1 all-reduces the gradient, then all-gathers the parameters: 3Ψ". That
+# describes a naive implementation — DeepSpeed's own first ZeRO-1 worked that way, and its release
+# of 17 March 2020 ("ZeRO stage 1 with reduced communication") replaced the all-reduce by a
+# reduce-scatter, cutting the volume from 1.5× to 1× of data parallelism. PyTorch's
+# `ZeroRedundancyOptimizer` used above is also of that kind: you all-reduce the gradients, it
+# broadcasts each owner's new parameters. No rank needs the *whole* summed gradient, only its
+# shard, so the all-reduce can stop halfway, at the reduce-scatter: the ZeRO paper's Section 7
+# counts 2Ψ for stages 1 and 2, and the measurement above says 2Ψ.
+#
+# ## Gradient accumulation: M micro-batches per step
+#
+# A large batch is often built from M micro-batches: M forwards and backwards whose gradients add
+# up, then one `step()`. Plain data parallelism reduces the sum **once**, after the last backward
+# (chapter 02's accumulation; DDP's `no_sync()` skips the others). ZeRO-2's promise is different:
+# no rank ever holds the full gradient — so every backward must reduce-scatter its gradient at once
+# and add it into the shard, **M reduce-scatters per step**. ZeRO-3 also gathers every layer's
+# parameters before its forward and its backward, in every micro-batch. Counted in halves of an
+# all-reduce (Ψ·(N−1)/N elements each):
+#
+# | | M = 1 | M micro-batches, reduced every backward | first M − 1 under `no_sync()` |
+# |---|---|---|---|
+# | plain DP (`ZeroAdam` stage 0 all-reduces in `step()`) | 2 | 2 | 2 |
+# | ZeRO-1 | 2 | M + 1 | 2 |
+# | ZeRO-2 | 2 | M + 1 | 2, but the full gradient is held between micro-batches |
+# | ZeRO-3 | 3 | 3M | 2M + 1, the same |
+#
+# ZeRO-1 keeps the full gradient anyway, so accumulating it locally and reduce-scattering once is
+# free: DeepSpeed's ZeRO-1 communicates only at the accumulation boundary. `ZeroAdam`, like DDP,
+# sends on every backward unless you wrap the first M − 1 in `opt.no_sync()`. For ZeRO-2 and
+# ZeRO-3, `no_sync()` trades memory for traffic: the full gradient (4Ψ bytes in fp32) stays on
+# every rank between micro-batches — the memory ZeRO-2 exists to save. DeepSpeed's ZeRO-2 takes
+# the traffic (it reduce-scatters at every micro-batch), which is also why DeepSpeed refuses
+# ZeRO-2 and ZeRO-3 with its pipeline, where many micro-batches per step are the rule (chapter 09).
+#
+# Measured: one step of M = 4 micro-batches on N = 4 ranks, every stage, with and without
+# `no_sync()`; the gradient bytes a rank holds between micro-batches too, and the final parameters
+# both ways checked equal.
+
+# %%
+M, N_ACC = 4, 4
+
+
+def accumulate(m=M):
+    rank, n = dist.get_rank(), dist.get_world_size()
+    x, y = regression_data(4 * n * m, BIG["d_model"])
+    x, y = shard(x, rank, n), shard(y, rank, n)
+    result = {}
+    for stage in zero.STAGES:
+        params = []
+        for unsharded in (False, True):
+            model = make_stack(**BIG, seed=0)
+            opt = zero.ZeroAdam(model, stage)
+            with count_traffic() as traffic:
+                for i in range(m):
+                    skip = opt.no_sync() if unsharded and i < m - 1 else contextlib.nullcontext()
+                    with skip:
+                        (F.mse_loss(model(shard(x, i, m)), shard(y, i, m)) / m).backward()
+                    if i == m - 2:
+                        grads_between = opt.memory_report()["grads"]
+                opt.step()
+            result[stage, unsharded] = dict(received=traffic.received, grads=grads_between)
+            params.append(opt.full_parameters())
+        for name in params[0]:  # with or without no_sync: the same step
+            torch.testing.assert_close(params[0][name], params[1][name], rtol=1e-5, atol=1e-6)
+    return result
+
+
+accumulated = launch.run(accumulate, N_ACC)[0]
+print(f"M = {M} micro-batches, N = {N_ACC}; received per step in halves of an all-reduce (Ψ·(N−1)/N·4 B),")
+print("and gradient bytes held between micro-batches (× 4Ψ):")
+print(f"{'':9}{'every backward':>26}{'no_sync for M − 1':>26}")
+half = PSI * 4 * (N_ACC - 1) / N_ACC
+for stage in zero.STAGES:
+    cells = []
+    for unsharded in (False, True):
+        r = accumulated[stage, unsharded]
+        want = zero.formula_traffic(stage, PSI, N_ACC, micro_batches=M, accumulate_unsharded=unsharded) / half
+        got = r["received"] / half if wire else float("nan")
+        cells.append(f"{got:5.2f} / {want:<4g} grads {r['grads'] / (4 * PSI):.2f}")
+        if wire:
+            assert 0.99 < got / want < 1.05, (stage, unsharded, got, want)
+        # between micro-batches: the shard (ZeRO-2/3, every backward) or the full gradient
+        assert abs(r["grads"] / (4 * PSI) - (1 / N_ACC if stage >= 2 and not unsharded else 1)) < 0.01
+    print(f"{STAGE_NAMES[stage]:9}" + "".join(c.rjust(26) for c in cells))
+
+# %% [markdown]
+# ZeRO-2 reduce-scatters M = 4 times and pays (M + 1)/2 = 2.5× plain DP's volume while holding only
+# a quarter of the gradient; with `no_sync()` it pays DP's volume and holds the whole gradient.
+# ZeRO-3 pays 3M halves: 6× DP. Either way the final parameters are the same (the cell asserts it).
+# Which costs less depends on which is scarcer — memory or bandwidth — and on how well the
+# reduce-scatters hide behind the backward.
 #
 # ## ZeRO is data parallelism, not model parallelism
 #
@@ -499,13 +535,13 @@ plot_traffic()
 #   partners.
 # * **What moves.** ZeRO moves parameters and gradients; model parallelism moves activations
 #   (a pipeline stage's output, a tensor-parallel layer's partial sums).
-# * **Consequences.** ZeRO needs a batch large enough for N ranks, and it does not shrink
-#   activation memory or the time a layer takes: a layer too wide for one device's compute still
-#   needs tensor parallelism. ZeRO splits *storage*; model parallelism splits *computation*.
-#   Because they split different things, they combine (chapter 09).
+# * **Consequences.** ZeRO needs a batch large enough for N ranks, and ZeRO-DP does not shrink the
+#   activations of a sample or the time a layer takes: a layer too wide for one device's compute
+#   still needs tensor parallelism. ZeRO-DP splits *storage*; model parallelism splits
+#   *computation*. Because they split different things, they combine (chapter 09).
 #
-# Seen from inside: in ZeRO-3 on 2 ranks, a hook after ZeroAdam's gather prints what the first layer
-# computes with on each rank — the full weight, and this rank's own samples:
+# Seen from inside: in ZeRO-3 on 2 ranks, a hook after ZeroAdam's gather records what the first
+# layer computes with on each rank — the full weight, and this rank's own samples:
 
 # %%
 def what_each_rank_computes():
@@ -513,79 +549,41 @@ def what_each_rank_computes():
     model = small_model()
     opt = zero.ZeroAdam(model, stage=3)
     layer = model[0].fc1
+    seen = {}
 
-    def report(module, args):
-        print(f"fc1 of layer 0 computes with weight {tuple(module.weight.shape)} (the full matrix) "
-              f"on input {tuple(args[0].shape)}: samples {rank * 24 // n}…{(rank + 1) * 24 // n - 1} of 24")
+    def record(module, args):  # runs after ZeroAdam's own pre-hook has gathered
+        seen.update(weight=tuple(module.weight.shape), rows=args[0].shape[0])
 
-    layer.register_forward_pre_hook(report)  # runs after ZeroAdam's own pre-hook has gathered
+    layer.register_forward_pre_hook(record)
     x, y = batches()[0]
     F.mse_loss(model(shard(x, rank, n)), shard(y, rank, n)).backward()
     opt.step()
-    shard_sizes = [u.param_shard.numel() for u in opt.units]
-    print(f"between steps it stores {sum(shard_sizes)} of the {num_params(model)} parameter values")
+    stored = sum(u.param_shard.numel() for u in opt.units)
+    print(f"fc1 of layer 0 computes with weight {seen['weight']} on {seen['rows']} samples "
+          f"({rank * BATCH // n}…{(rank + 1) * BATCH // n - 1} of {BATCH}); between steps it stores "
+          f"{stored} of the {num_params(model)} parameter values")
+    return dict(seen, stored=stored, psi=num_params(model))
 
 
-launch.run(what_each_rank_computes, 2);
+inside = launch.run(what_each_rank_computes, 2)
+for r in inside:
+    assert r["weight"] == (10, D_MODEL) and r["rows"] == BATCH // 2  # the full matrix, half the batch
+    assert r["stored"] <= r["psi"] // 2 + 2  # half the values (plus padding)
 
 # %% [markdown]
 # ## A calculator for real models
 #
 # How much memory do model states take per GPU for a real model? Pick Ψ (in billions), the number
-# of data-parallel ranks N, the ZeRO stage and the precision. The bars are the formulas above
-# (model states only: activations and buffers come on top); the dashed line is a device's memory.
-# Try a 7B model on 8 GPUs of 80 GB: plain data parallelism needs 112 GB per GPU in mixed
-# precision and does not fit; ZeRO-2 needs about 26 GB.
+# of data-parallel ranks N, the ZeRO stage and the precision (`viz.zero_memory_calculator`, drawn
+# from `zero.formula_bytes`). The bars are the formulas above (model states only: activations and
+# buffers come on top); the dashed line is a device's memory. Try a 7B model on 8 GPUs of 80 GB:
+# plain data parallelism needs 112 GB per GPU in mixed precision and does not fit (a 141 GB GPU
+# would hold the model states, with little left for activations); ZeRO-2 needs about 26 GB.
 
 # %%
-def memory_calculator(psi_billions=7.0, n=8, stage=2, precision="mixed", device_gb=80.0):
-    psi_b = psi_billions * 1e9
-    per_rank = {k: v / 1e9 for k, v in zero.formula_bytes(stage, psi_b, n, precision).items()}
-    total = sum(per_rank.values())
-    totals = [sum(zero.formula_bytes(s, psi_b, n, precision).values()) / 1e9 for s in zero.STAGES]
-    fig = CourseFigure(figsize=(11, 4.1), layout="constrained")
-    ax_ranks, ax_stages = fig.subplots(1, 2, width_ratios=[3, 2])
-    shown = min(n, 16)
-    bottom = [0.0] * shown
-    optimizer = "Adam: fp32 master + m + v" if precision == "mixed" else "Adam: m + v"
-    names = {"params": "parameters", "grads": "gradients", "optimizer": optimizer}
-    for kind, color in KIND_COLORS.items():
-        ax_ranks.bar(range(shown), [per_rank[kind]] * shown, 0.7, bottom=bottom, color=color,
-                     label=f"{names[kind]}: {per_rank[kind]:.1f} GB")
-        bottom = [b + per_rank[kind] for b in bottom]
-    ax_ranks.set_xticks(range(shown), [str(r) for r in range(shown)])
-    ax_ranks.set_xlabel("rank" + (f" (ranks 16…{n - 1} hold the same)" if n > shown else ""))
-    ax_ranks.set_ylabel("GB of model states per rank")
-    verdict = "" if device_gb <= 0 else (" — fits" if total <= device_gb else " — does NOT fit")
-    ax_ranks.set_title(f"{STAGE_NAMES[stage]}, {precision}, Ψ = {psi_billions:g}B, N = {n}: "
-                       f"{total:.1f} GB per rank{verdict}", fontsize=10)
-    ax_ranks.set_ylim(0, max(total, device_gb) * 1.15)
-    bars = ax_stages.bar(range(4), totals, 0.6, color=["0.35" if s == stage else "0.75" for s in zero.STAGES])
-    ax_stages.bar_label(bars, [f"{t:.1f}" for t in totals], fontsize=9, padding=2)
-    ax_stages.set_xticks(range(4), [STAGE_NAMES[s] for s in zero.STAGES])
-    ax_stages.set_title("every stage, same Ψ and N (GB per rank)", fontsize=10)
-    ax_stages.set_ylim(0, max(totals + [device_gb]) * 1.15)
-    for ax in (ax_ranks, ax_stages):
-        if device_gb > 0:
-            ax.axhline(device_gb, color="crimson", linestyle="--", linewidth=1.5,
-                       label=f"device memory: {device_gb:g} GB")
-        ax.grid(axis="y", alpha=0.3)
-    fig.legend(*ax_ranks.get_legend_handles_labels(), loc="outside lower center", ncols=4, fontsize=9,
-               frameon=False)
-    return fig
-
-
-controls = dict(
-    psi_billions=widgets.BoundedFloatText(value=7.0, min=0.001, max=10_000, step=0.5, description="Ψ (billions)"),
-    n=widgets.Dropdown(options=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024], value=8, description="N ranks"),
-    device_gb=widgets.BoundedFloatText(value=80, min=0, max=10_000, description="device GB"),
-    stage=widgets.ToggleButtons(options=[(STAGE_NAMES[s], s) for s in zero.STAGES], value=2, description="stage"),
-    precision=widgets.ToggleButtons(options=[("mixed: 2+2+12", "mixed"), ("fp32: 4+4+8", "fp32")],
-                                    value="mixed", description="precision"),
-)
-calculator = widgets.interactive_output(lambda **kw: display(memory_calculator(**kw)), controls)
-display(widgets.VBox([widgets.HBox([controls["psi_billions"], controls["n"], controls["device_gb"]]),
-                      controls["stage"], controls["precision"], calculator]))
+seven_b = {s: sum(zero.formula_bytes(s, 7e9, 8, "mixed").values()) / 1e9 for s in zero.STAGES}
+assert seven_b[0] == 112 and round(seven_b[2]) == 26, seven_b
+viz.zero_memory_calculator(psi_billions=7.0, n=8, stage=2, precision="mixed", device_gb=80.0)
 
 # %% [markdown]
 # ## Summary
@@ -594,16 +592,52 @@ display(widgets.VBox([widgets.HBox([controls["psi_billions"], controls["n"], con
 # |---|---|---|---|---|
 # | plain DP | 16Ψ | 16Ψ | 2Ψ | the model states fit on one device |
 # | ZeRO-1 | 4Ψ + 12Ψ/N | 8Ψ + 8Ψ/N | 2Ψ | optimizer states are most of the memory: shard them for free |
-# | ZeRO-2 | 2Ψ + 14Ψ/N | 4Ψ + 12Ψ/N | 2Ψ | also free in traffic volume; a common default |
-# | ZeRO-3 | 16Ψ/N | 16Ψ/N | 3Ψ | even the parameters do not fit; pays 1.5× the traffic |
+# | ZeRO-2 | 2Ψ + 14Ψ/N | 4Ψ + 12Ψ/N | 2Ψ; (M+1)Ψ with M micro-batches | also free in traffic volume at M = 1; a common default |
+# | ZeRO-3 | 16Ψ/N | 16Ψ/N | 3Ψ; 3MΨ with M micro-batches | even the parameters do not fit; pays 1.5× the traffic |
 #
-# (Traffic times (N−1)/N, in elements.) Beyond this chapter: ZeRO-Offload moves the optimizer
-# states to CPU memory, ZeRO++ compresses the gathers; FSDP2 is PyTorch's ZeRO-3.
+# (Traffic times (N−1)/N, in elements.) Beyond this chapter: **ZeRO-Offload** (Ren et al., USENIX
+# ATC 2021) keeps the fp16 parameters and the forward and backward on the GPU and moves everything
+# else to the CPU — the gradients, the fp32 master weights and Adam's moments (14 of the 16 bytes
+# per parameter) — and runs the Adam update itself on the CPU, then copies the new fp16 parameters
+# back. **ZeRO-R** (above) handles the residual states. **ZeRO++** (Wang et al. 2023) quantises the
+# parameter gathers and the gradient reduce-scatter, and keeps a second copy of the parameters
+# sharded only within each node, so the backward's gathers stay inside the node. **FSDP2** is PyTorch's ZeRO-3 (its `set_requires_gradient_sync(False)` is the
+# `no_sync()` above).
 #
 # Glossary (术语): data parallel 数据并行 · model parallel 模型并行 · tensor parallel 张量并行 · pipeline
 # parallel 流水线并行 · optimizer states 优化器状态 · gradients 梯度 · parameters 参数 · shard 分片 ·
 # mixed precision 混合精度 · model states 模型状态 · residual states 剩余状态 · Zero Redundancy
-# Optimizer 零冗余优化器 · reduce-scatter 规约分发 · all-gather 全收集.
+# Optimizer 零冗余优化器 · reduce-scatter 归约散射 · all-gather 全收集 · gradient accumulation 梯度累积 ·
+# offload 卸载.
 #
-# **Next**: the exercises (`exercises/07_zero.ipynb`) build the padded shard, AdamW on a shard, the
+# ## What you measured
+#
+# Each formula of this chapter beside the number your run produced (rank 0's; traffic in halves
+# of an all-reduce, Ψ·(N−1)/N elements, where the system reports wire bytes).
+
+# %%
+rows = [("gloo reduce_scatter, per K elements", "2(N−1)/N = 1.5", f"{rs_builtin:.3f}"),
+        ("zero.reduce_scatter, per K elements", "(N−1)/N = 0.75", f"{rs_ours:.3f}"),
+        ("|ZeroAdam − torch AdamW|, N = 1…4", "float rounding", f"{worst_vs_adamw:.1e}"),
+        *[(f"|ZeroAdam − {what}|, N = {N_BUILTIN}", "float rounding", f"{d:.1e}")
+          for what, d in worst_vs_builtin.items()]]
+for stage, name in STAGE_NAMES.items():
+    formula = {0: "16Ψ", 1: "8Ψ + 8Ψ/N", 2: "4Ψ + 12Ψ/N", 3: "16Ψ/N"}[stage]
+    rows.append((f"{name} memory per rank, N = 8 (× Ψ B)", f"{formula} = {formula_per_psi(8, stage):.3f}",
+                 f"{held_per_psi(8, stage):.3f}"))
+for stage, name in STAGE_NAMES.items():
+    want = zero.formula_traffic(stage, PSI, 4) / (PSI * 4 * 3 / 4)
+    got = f"{received[4][stage] / (PSI * 4 * 3 / 4):.3f}" if wire else "n/a"
+    rows.append((f"{name} traffic, one step, N = 4 (halves)", f"{'3' if stage == 3 else '2'}Ψ → {want:g}", got))
+for stage, name in STAGE_NAMES.items():
+    for unsharded, how in ((False, "every backward"), (True, "no_sync")):
+        want = zero.formula_traffic(stage, PSI, N_ACC, micro_batches=M, accumulate_unsharded=unsharded) / half
+        got = f"{accumulated[stage, unsharded]['received'] / half:.3f}" if wire else "n/a"
+        rows.append((f"{name}, M = {M}, {how} (halves)", f"{want:g}", got))
+print(f"{'quantity':44} {'formula':22} {'measured':>10}")
+for what, formula, got in rows:
+    print(f"{what:44} {formula:22} {got:>10}")
+
+# %% [markdown]
+# **Next**: the exercises (`my_exercises/07_zero.ipynb`) build the padded shard, AdamW on a shard, the
 # ZeRO-1 step and the ZeRO-2 gradient hook.

@@ -22,7 +22,7 @@
 # **Expert parallelism** (专家并行) puts the experts on different ranks: with N ranks, rank r holds
 # experts r·E/N … (r+1)·E/N − 1. Every rank has its own T tokens; after the gate, each token must
 # travel to the rank of its expert and its result must travel back. Both trips are one
-# **all-to-all** (全交换) each. The price of all this is paid twice:
+# **all-to-all** (全对全) each. The price of all this is paid twice:
 #
 # * **communication**: two all-to-alls per layer forward (and two in backward), moving k·T·D
 #   numbers per rank each time — most of them to other ranks;
@@ -525,7 +525,7 @@ viz.routing_explorer()
 # | imbalance | the fullest expert sets the pace (or the drops); cf trades drops for buffer size |
 #
 # **Terms** — 混合专家模型 mixture of experts · 专家 expert · 共享专家 shared expert · 门控网络 /
-# 路由器 gate / router · 专家并行 expert parallelism · 全交换 all-to-all · 容量 capacity · 容量因子
+# 路由器 gate / router · 专家并行 expert parallelism · 全对全 all-to-all · 容量 capacity · 容量因子
 # capacity factor · 词元丢弃 token dropping · 负载不均衡 load imbalance · 负载均衡辅助损失
 # load-balancing (auxiliary) loss.
 #
@@ -558,5 +558,5 @@ for quantity, formula_text, value in rows:
     print(f"{quantity:<40}  {formula_text:<46}  {value:>10}")
 
 # %% [markdown]
-# **Next**: the exercises (`exercises/08_moe.ipynb`) build the top-k gate, the slot assignment, the
+# **Next**: the exercises (`my_exercises/08_moe.ipynb`) build the top-k gate, the slot assignment, the
 # all-to-all from send/recv, and the expert-parallel forward.

@@ -14,7 +14,7 @@
 # Distributed bugs have three faces: a rank **crashes**, ranks **wait for each other forever**,
 # or everything runs and the **numbers are wrong**. The first part of this chapter reads the
 # reports the course's launcher gives for each, and tells four short stories of bugs that
-# produce them (you fix them in `exercises/10_debugging.ipynb`). The second part runs the
+# produce them (you fix them in `my_exercises/10_debugging.ipynb`). The second part runs the
 # strategies of chapters 02–09 as ordinary scripts under `torchrun`, the launcher you use on real
 # clusters: on one machine, then as two "nodes" started on this machine, the way two machines
 # would meet. Each rank shows what torchrun told it (RANK, LOCAL_RANK, GROUP_RANK), which GPU it
@@ -142,7 +142,7 @@ print(f"all-reduce of 1000 floats on 2 ranks: {plain * 1e3:.2f} ms plain, {check
 # %% [markdown]
 # ## 2. Four bugs and what they look like
 #
-# The labs in `exercises/10_debugging.ipynb` each start from one of these. Their check module,
+# The labs in `my_exercises/10_debugging.ipynb` each start from one of these. Their check module,
 # `course_lib.checks.debugging`, has `show(check, broken_fn)`, which runs a broken version and
 # prints the report — the lab cells use it, and so does this one.
 #
@@ -538,5 +538,5 @@ for what, formula, got in rows:
     print(f"{what:47} {formula:32} {got:>20}")
 
 # %% [markdown]
-# **Next:** the exercises, `exercises/10_debugging.ipynb`: fix the four broken functions, then
+# **Next:** the exercises, `my_exercises/10_debugging.ipynb`: fix the four broken functions, then
 # place every rank of a multi-node job (10.5) and split a global batch (10.6).

@@ -145,9 +145,11 @@ check.adamw_step_(adamw_step_)
 #    `dist.all_gather_single(flat_params, my_shard.clone())` (the clone: input and output must not overlap).
 #
 # The gradient traffic is a reduce-scatter plus an all-gather — together the size of one all-reduce,
-# so ZeRO-1 costs no more communication than plain data parallelism. (`dist.all_reduce` is switched
-# off in this check: with it every rank would receive the whole gradient.) If 7.2 is not done yet,
-# this check reads "not attempted" too.
+# so ZeRO-1 costs no more communication than plain data parallelism. (That is the algorithm's
+# volume: on gloo, `dist.reduce_scatter_single` itself runs an all-reduce underneath, as the lesson
+# measured, which is why `course_lib.zero` writes its own. `dist.all_reduce` is switched off in
+# this check: with it every rank would receive the whole gradient.) If 7.2 is not done yet, this
+# check reads "not attempted" too.
 #
 # The check passes `eps=0.01`, not the usual 1e-8: Adam divides m by √v, which does not change when
 # the gradient is N times too large, so with a tiny eps a forgotten division by N would go unnoticed.
@@ -183,7 +185,9 @@ check.zero1_step(zero1_step)
 # 1. flattens `param.grad`, pads it with zeros to a multiple of N, and reduce-scatters it
 #    (`dist.reduce_scatter_single`); divide by N for the mean;
 # 2. keeps the result as `param.grad_shard` — **adding** to the one already there, if any: with
-#    two backwards before a step (gradient accumulation), the shards must add up like `.grad` does;
+#    two backwards before a step (gradient accumulation), the shards must add up like `.grad` does
+#    (so ZeRO-2 reduce-scatters once per backward: M times for M micro-batches, as the lesson
+#    measures);
 # 3. sets `param.grad = None`, so the full gradient is freed: this is ZeRO-2's memory saving.
 #
 # The check registers your hook on every parameter of the MLP, runs two backwards on every rank, and

@@ -87,3 +87,65 @@ def test_predictions_near_measured_traffic():
         pytest.skip("wire bytes cannot be read on this system")
     assert dp_wire == pytest.approx(cost.dp_traffic_bytes(psi, 0, 2, element_bytes=4), rel=0.15)
     assert math.isclose(pipe_wire, pipe_payload, rel_tol=0.15)  # no tp: the pipe's traffic is the sends
+
+
+def test_attention_switch_drops_the_score_term():
+    s, b, h, a = 2048, 1, 4096, 32
+    sbh = s * b * h
+    for tp, sp, without in [(1, False, 34), (8, False, 10 + 24 / 8), (8, True, 34 / 8)]:
+        materialised = cost.activation_bytes_per_layer(s, b, h, a, tp, sp)
+        for attention in ("flash", "selective"):
+            assert cost.activation_bytes_per_layer(s, b, h, a, tp, sp, attention=attention) == pytest.approx(
+                sbh * without)
+        assert materialised == pytest.approx(sbh * (without + 5 * a * s / (h * tp)))
+    with pytest.raises(ValueError, match="attention"):
+        cost.activation_bytes_per_layer(s, b, h, a, attention="sparse")
+    model = cost.PRESETS["7B"]
+    flash = cost.estimate(model, cost.Strategy(dp=8, attention="flash"))
+    assert flash.memory["activations"] == pytest.approx(34 * model.seq_len * model.hidden * model.layers)
+    assert flash.memory["activations"] < cost.estimate(model, cost.Strategy(dp=8)).memory["activations"]
+    assert any("attention" in p for p in cost.problems(model, cost.Strategy(attention="sparse")))
+    # full recomputation keeps only the inputs, whatever the attention
+    assert cost.estimate(model, cost.Strategy(dp=8, recompute=True, attention="flash")).memory == \
+        cost.estimate(model, cost.Strategy(dp=8, recompute=True)).memory
+
+
+def test_full_recomputation_repeats_the_forward_all_reduces():
+    model = cost.PRESETS["7B"]
+    plain = cost.estimate(model, cost.Strategy(dp=8, tp=8))
+    again = cost.estimate(model, cost.Strategy(dp=8, tp=8, recompute=True))
+    assert again.traffic["tp"] == pytest.approx(1.5 * plain.traffic["tp"])  # 6 all-reduces per layer, not 4
+
+
+def test_dp_traffic_with_micro_batches():
+    one = {z: cost.dp_traffic_bytes(1e9, z, 8) for z in range(4)}
+    four = {z: cost.dp_traffic_bytes(1e9, z, 8, microbatches=4) for z in range(4)}
+    assert four[0] == one[0] and four[1] == one[1]  # the full gradient is accumulated locally
+    assert four[2] == pytest.approx(one[2] * 5 / 2)  # a reduce-scatter per micro-batch + one gather
+    assert four[3] == pytest.approx(one[3] * 4)  # everything per micro-batch
+    est = cost.estimate(cost.PRESETS["7B"], cost.Strategy(dp=8, zero=2, microbatches=4))
+    assert est.traffic["dp"] == pytest.approx(cost.dp_traffic_bytes(6.7e9, 2, 8, microbatches=4))
+    assert any("every micro-batch" in n for n in est.notes)
+
+
+def test_plan_calculator_redraws_and_explains(capsys):
+    from course_lib import viz
+
+    widget = viz.plan_calculator()
+    assert "memory per GPU" in capsys.readouterr().out
+    dp_control = widget.children[1].children[0]
+    assert dp_control.description == "dp"
+    dp_control.value = 16  # 16 · 4 · 2 ≠ 64 GPUs
+    assert "cannot run" in capsys.readouterr().out
+    labels = [c.description for box in widget.children[:2] for c in box.children]
+    assert all(len(label) <= 12 for label in labels)
+    slider = widget.children[2]
+    assert slider.description == "micro-batches m" and slider.style.description_width == "initial"
+
+
+def test_draw_plans_is_readable():
+    from test_mesh import readable
+
+    fig = cost.draw_plans(cost.PRESETS["70B"], {"a": cost.Strategy(dp=8, attention="flash"), "b": cost.Strategy(tp=8)},
+                          141e9)
+    readable(fig)

@@ -38,9 +38,46 @@ def test_invalid_sizes():
         mesh.GridLayout(2, 2, 1).rank_at(tp=2)
 
 
-def test_draw_returns_a_figure():
-    fig = mesh.GridLayout(2, 2, 2).draw(highlight=5)
+def readable(fig, max_width=9.5, min_points=9):
+    """Shown at full size in JupyterLab (at most 950 px wide), no text below ``min_points``."""
+    from matplotlib.text import Text
+
+    assert fig.get_size_inches()[0] <= max_width
+    small = [(t.get_text(), t.get_fontsize()) for t in fig.findobj(Text)
+             if t.get_visible() and t.get_text().strip() and t.get_fontsize() < min_points]
+    assert not small, small
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (1, 1, 1), (4, 2, 4), (2, 8, 2), (1, 1, 8)])
+def test_draw_returns_a_readable_figure(shape):
+    fig = mesh.GridLayout(*shape).draw(highlight=5 if shape == (2, 2, 2) else None)
     assert len(fig.axes) == 3 and fig._repr_png_()[:4] == b"\x89PNG"
+    readable(fig)
+
+
+def test_step_messages_count_what_the_cost_model_counts():
+    """Rank 0 of a 2 × 2 × 2 grid, 4 layers, m = 2: stage 0 holds 2 layers."""
+    layout = mesh.GridLayout(2, 2, 2)
+    sent = mesh.step_messages(layout, layout.coordinates(0), make_stack(2, 8, 16, 0), tokens=4, hidden=8,
+                              microbatches=2)
+    assert sent.tp == [4 * 8 * 4] * (2 * 2 * 2 - 2)  # 2 per layer and micro-batch, less the first backward
+    assert sent.pp == [4 * 8 * 4] * 4  # 2 sends forward, 2 receives back
+    assert len(sent.dp) == 8  # one all-reduce per parameter tensor
+
+    from course_lib.alpha_beta import AlphaBeta
+    model = AlphaBeta(alpha=1e-4, beta=1e9)
+    seconds = sent.seconds(model, dp=2, tp=2)
+    assert seconds["pp"] == pytest.approx(4 * (1e-4 + 128 / 1e9))
+    assert seconds["tp"] == pytest.approx(6 * 2 * (1e-4 + 64 / 1e9))  # ring on 2: 2 rounds of S/2
+    assert seconds["dp"] == pytest.approx(sum(model.ring_all_reduce(2, b) for b in sent.dp))
+
+
+def test_time_step_messages_replays_on_four_ranks():
+    fn = functools.partial(make_stack, 2, 16, 32, 0)
+    for r in launch.run(mesh.time_step_messages, 4, 1, 2, 2, fn, 8, 2, 2, backend="gloo"):
+        assert set(r["seconds"]) == {"dp", "tp", "pp"} and r["seconds"]["dp"] == 0.0
+        assert r["seconds"]["tp"] > 0 and r["seconds"]["pp"] > 0  # timings vary: only their presence
+        assert len(r["messages"].tp) == 2 * 1 * 2 - (2 if r["coord"].pp == 0 else 0)
 
 
 def _groups_in_rank(d, t, p):

@@ -1,4 +1,6 @@
 """Chapter 07: ZeroAdam against one process, torch's built-ins and its own formulas; the checks."""
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,7 +24,8 @@ def batches():
     return list(zip(x.split(BATCH), y.split(BATCH)))
 
 
-def train_every_stage(stages, micro_batches=1):
+def train_every_stage(stages, micro_batches=1, unsynced=()):
+    """``unsynced``: indices of the micro-batches whose backward runs under ``opt.no_sync()``."""
     rank, n = dist.get_rank(), dist.get_world_size()
     result = {}
     for stage in stages:
@@ -32,7 +35,8 @@ def train_every_stage(stages, micro_batches=1):
             x, y = shard(x, rank, n), shard(y, rank, n)
             for i in range(micro_batches):  # gradients add up over backwards until step()
                 loss = F.mse_loss(model(shard(x, i, micro_batches)), shard(y, i, micro_batches))
-                (loss / micro_batches).backward()
+                with opt.no_sync() if i in unsynced else contextlib.nullcontext():
+                    (loss / micro_batches).backward()
             opt.step()
             opt.zero_grad()
         result[stage] = opt.full_parameters()
@@ -66,6 +70,59 @@ def test_gradient_accumulation_over_two_backwards(single_process):
         for stage in zero.STAGES:
             for name, p in result[stage].items():
                 torch.testing.assert_close(p, single_process[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("unsynced", [(0,), (1,), (0, 1)], ids=["first", "last", "both"])
+def test_no_sync_accumulation_equals_single_process(unsynced, single_process):
+    """Any backward may skip its communication: step() reduces what is left, on every stage."""
+    for result in launch.run(train_every_stage, 2, zero.STAGES, 2, unsynced):
+        for stage in zero.STAGES:
+            for name, p in result[stage].items():
+                torch.testing.assert_close(p, single_process[name], rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"stage {stage}, no_sync on {unsynced}: {m}")
+
+
+def accumulation_traffic(m):
+    rank, n = dist.get_rank(), dist.get_world_size()
+    x, y = regression_data(4 * n * m, MEDIUM["d_model"])
+    x, y = shard(x, rank, n), shard(y, rank, n)
+    result = {}
+    for stage in zero.STAGES:
+        for unsharded in (False, True):
+            model = make_stack(**MEDIUM)
+            opt = zero.ZeroAdam(model, stage)
+            with count_traffic() as traffic:
+                for i in range(m):
+                    with opt.no_sync() if unsharded and i < m - 1 else contextlib.nullcontext():
+                        F.mse_loss(model(shard(x, i, m)), shard(y, i, m)).backward()
+                    if i == m - 2:
+                        grads = opt.memory_report()["grads"]
+                opt.step()
+            result[stage, unsharded] = traffic.received, grads
+    return result
+
+
+def test_accumulation_traffic_and_memory_match_the_formulas():
+    """M = 3 micro-batches on 2 ranks: ZeRO-2/3 reduce-scatter each one unless no_sync() keeps the
+    full gradient; stage 0 and stage 1 under no_sync() send one step's worth."""
+    m, n = 3, 2
+    psi = num_params(make_stack(**MEDIUM))
+    for (stage, unsharded), (received, grads) in launch.run(accumulation_traffic, n, m)[0].items():
+        expected = zero.formula_traffic(stage, psi, n, micro_batches=m, accumulate_unsharded=unsharded)
+        if received is not None:
+            assert expected <= received <= 1.03 * expected, (stage, unsharded, received / expected)
+        sharded = stage >= 2 and not unsharded
+        assert grads == pytest.approx(4 * psi / (n if sharded else 1), rel=0.01), (stage, unsharded)
+
+
+def test_formula_traffic_with_micro_batches():
+    halves = lambda stage, m, unsharded=False: zero.formula_traffic(  # noqa: E731
+        stage, 1, 2, 1, micro_batches=m, accumulate_unsharded=unsharded) * 2
+    assert [halves(s, 1) for s in zero.STAGES] == [2, 2, 2, 3]
+    assert [halves(s, 4) for s in zero.STAGES] == [2, 5, 5, 12]
+    assert [halves(s, 4, True) for s in zero.STAGES] == [2, 2, 2, 9]
+    with pytest.raises(ValueError):
+        zero.formula_traffic(2, 1, 2, micro_batches=0)
 
 
 def train_with_builtins():
@@ -291,3 +348,20 @@ def test_not_implemented_reads_not_attempted():
 
     for check_fn in (check.shard_of, check.adamw_step_, check.zero1_step, check.shard_grad_hook):
         assert check_fn(stub).status == NOT_ATTEMPTED
+
+
+def test_pictures_are_readable_and_the_calculator_redraws(capsys):
+    from course_lib import viz
+    from test_mesh import readable
+
+    readable(viz.plot_zero_holdings(4, "fp32"))
+    readable(viz.plot_zero_calculator(70, 1024, 3, "mixed", 141))
+    psi = 100
+    fake = {n: {s: zero.formula_bytes(s, psi, n) for s in zero.STAGES} for n in (1, 2, 4, 8)}
+    readable(viz.plot_zero_memory(fake, psi))
+    readable(viz.plot_zero_traffic({n: {s: zero.formula_traffic(s, psi, n) for s in zero.STAGES}
+                                    for n in (2, 4)}, psi))
+    widget = viz.zero_memory_calculator()
+    capsys.readouterr()
+    widget.children[1].value = 3  # the stage buttons
+    assert "Figure" in capsys.readouterr().out  # redrawn, without an error

@@ -139,7 +139,10 @@ def test_lesson_runs_top_to_bottom_and_its_widget_answers(browser, lesson):
     page.evaluate("""async (path) => {
         const app = window.jupyterapp;
         await app.restored;
-        await app.commands.execute('application:close-all');
+        for (const widget of [...app.shell.widgets('main')]) {  // no "save changes?" dialog
+            if (widget.context) widget.context.model.dirty = false;
+            widget.dispose();
+        }
         const panel = await app.commands.execute('docmanager:open', {path, factory: 'Notebook'});
         await panel.context.ready;
         await panel.sessionContext.ready;
