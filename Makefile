@@ -47,8 +47,12 @@ lab: setup
 # exercises are executed by the grader in tests/test_course.py, which asserts every solution
 # passes every exercise with no cell raising, and every untouched exercise reads "not
 # attempted" (stronger than running them a second time under nbval).
+LINTED := course_lib tests benchmarks notebooks/*.py
+
 test: test-setup
 	$(PY) -m course_lib.build --check
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
 	$(PY) -m pytest $(NBVAL) tests notebooks --ignore=tests/ui --durations=15
 
 # A real browser (Debian's chromium, driven by Playwright) runs a chapter in JupyterLab.

@@ -2,6 +2,7 @@
 
 Goal from the course's launcher issue: a warm launch of 4 ranks well under a second.
 """
+
 import statistics
 import time
 

@@ -4,6 +4,7 @@ Same model (an 8-layer MLP stack split over 2 ranks), same batch, same number of
 micro-batches; steps alternate between the two so that both see the same machine
 load. Goal from the pipeline issue: ours at most 1.2x torch's time per step.
 """
+
 import statistics
 import time
 
@@ -21,12 +22,14 @@ GOAL = 1.2
 
 def compare_steps():
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
+
     rank, p = dist.get_rank(), dist.get_world_size()
     x, y = regression_data(BATCH, D_MODEL)
     ours = pp.partition(make_stack(DEPTH, D_MODEL, D_HIDDEN, seed=0), rank, p)
     theirs = pp.partition(make_stack(DEPTH, D_MODEL, D_HIDDEN, seed=0), rank, p)
-    schedule = ScheduleGPipe(PipelineStage(theirs, rank, p, torch.device("cpu")), MICRO_BATCHES,
-                             loss_fn=F.mse_loss)
+    schedule = ScheduleGPipe(
+        PipelineStage(theirs, rank, p, torch.device("cpu")), MICRO_BATCHES, loss_fn=F.mse_loss
+    )
 
     def our_step():
         pp.train_step(ours, x, y, F.mse_loss, MICRO_BATCHES, "gpipe")
@@ -49,8 +52,10 @@ def compare_steps():
             dist.barrier()  # a step ends when the slowest rank is done
             if i >= WARMUP:
                 times[name].append(time.perf_counter() - start)
-    same = all(torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
-               for a, b in zip(ours.parameters(), theirs.parameters()))
+    same = all(
+        torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+        for a, b in zip(ours.parameters(), theirs.parameters())
+    )
     return {name: statistics.median(t) for name, t in times.items()}, same
 
 
@@ -59,14 +64,18 @@ def main():
     results = launch.run(compare_steps, RANKS, backend="gloo", timeout=300)  # a CPU comparison
     ours = max(r[0]["ours"] for r in results)
     theirs = max(r[0]["torch"] for r in results)
-    print(f"GPipe, {RANKS} ranks, {DEPTH}-layer MLP stack (d_model {D_MODEL}, d_hidden {D_HIDDEN}), "
-          f"batch {BATCH}, m = {MICRO_BATCHES}; median of {STEPS} steps")
+    print(
+        f"GPipe, {RANKS} ranks, {DEPTH}-layer MLP stack (d_model {D_MODEL}, d_hidden {D_HIDDEN}), "
+        f"batch {BATCH}, m = {MICRO_BATCHES}; median of {STEPS} steps"
+    )
     print(f"  course_lib.pp.train_step                      {ours * 1e3:8.1f} ms per step")
     print(f"  torch.distributed.pipelining.ScheduleGPipe    {theirs * 1e3:8.1f} ms per step")
     ratio = ours / theirs
     verdict = "meets" if ratio <= GOAL else "MISSES"
-    print(f"  ratio ours / torch: {ratio:.2f}x ({verdict} the goal of <= {GOAL}x); "
-          f"gradients equal: {all(r[1] for r in results)}; {time.perf_counter() - start:.0f} s in all")
+    print(
+        f"  ratio ours / torch: {ratio:.2f}x ({verdict} the goal of <= {GOAL}x); "
+        f"gradients equal: {all(r[1] for r in results)}; {time.perf_counter() - start:.0f} s in all"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ shared machine hits both alike; a step's time is the slowest rank's. The verdict
 uses the median over the timed steps; the fastest step of each is printed too: on a
 machine busy with other work it shows what each does when it gets the cores.
 """
+
 import os
 import statistics
 import time
@@ -36,9 +37,13 @@ def step_times() -> dict:
     x, y = shard(x, rank, n), shard(y, rank, n)
     ours = make_stack(**MODEL)
     theirs = DistributedDataParallel(make_stack(**MODEL))
-    runs = {"ours": (ours, zero.ZeroAdam(ours, stage=1)),
-            "torch": (theirs, ZeroRedundancyOptimizer(theirs.parameters(), optimizer_class=torch.optim.AdamW,
-                                                      lr=1e-3))}
+    runs = {
+        "ours": (ours, zero.ZeroAdam(ours, stage=1)),
+        "torch": (
+            theirs,
+            ZeroRedundancyOptimizer(theirs.parameters(), optimizer_class=torch.optim.AdamW, lr=1e-3),
+        ),
+    }
     times = {kind: [] for kind in runs}
     for _ in range(WARMUP + STEPS):
         for kind, (model, opt) in runs.items():
@@ -54,8 +59,10 @@ def step_times() -> dict:
 
 def main():
     psi = num_params(make_stack(**MODEL))
-    print(f"model: {psi:,} parameters ({4 * psi / 2**20:.0f} MiB fp32), batch {BATCH}, "
-          f"{STEPS} timed steps of each after {WARMUP} warm-up, alternating")
+    print(
+        f"model: {psi:,} parameters ({4 * psi / 2**20:.0f} MiB fp32), batch {BATCH}, "
+        f"{STEPS} timed steps of each after {WARMUP} warm-up, alternating"
+    )
     print(f"machine load (1-minute average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     for n in (2, 4):
         per_rank = launch.run(step_times, n, timeout=300)
@@ -64,10 +71,13 @@ def main():
         best = {kind: min(t) for kind, t in steps.items()}
         ratio = median["ours"] / median["torch"]
         verdict = "meets" if ratio <= GOAL else "MISSES"
-        print(f"N={n}: ZeroAdam(stage=1) {median['ours'] * 1e3:6.1f} ms/step, DDP + ZeroRedundancyOptimizer "
-              f"{median['torch'] * 1e3:6.1f} ms/step: ratio {ratio:.2f} ({verdict} the goal of <= {GOAL}); "
-              f"fastest steps {best['ours'] * 1e3:.1f} vs {best['torch'] * 1e3:.1f} ms "
-              f"(ratio {best['ours'] / best['torch']:.2f})")
+        print(
+            f"N={n}: ZeroAdam(stage=1) {median['ours'] * 1e3:6.1f} ms/step, DDP + ZeroRedundancyOptimizer "
+            f"{median['torch'] * 1e3:6.1f} ms/step: ratio {ratio:.2f} ({verdict} the goal of <= {GOAL}); "
+            f"fastest steps {best['ours'] * 1e3:.1f} vs {best['torch'] * 1e3:.1f} ms "
+            f"(ratio {best['ours'] / best['torch']:.2f})"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,7 @@ One message of S bytes takes t(S) = α + S/β: α is the fixed cost of any messa
 operating system, the wire's latency), β the bandwidth of the link. An algorithm that sends
 ``rounds`` messages one after another, each of S bytes, takes rounds·α + rounds·S/β.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,9 @@ def fit(nbytes, seconds, small_bytes: int = 4096) -> AlphaBeta:
         large = [(s, t - alpha) for s, t in points[-1:]]
     excess = sum(s * d for s, d in large)
     if excess <= 0:
-        raise ValueError("the largest messages were no slower than the smallest: "
-                         "measure larger sizes to see the bandwidth")
+        raise ValueError(
+            "the largest messages were no slower than the smallest: measure larger sizes to see the bandwidth"
+        )
     beta = sum(s * s for s, _ in large) / excess
     return AlphaBeta(alpha, beta)
 
@@ -150,12 +152,12 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def measure_point_to_point(sizes, world_size: int = 2, min_seconds: float = 0.1, batches: int = 7,
-                           max_iters: int = 200, **run_kwargs) -> PointToPoint:
+def measure_point_to_point(
+    sizes, world_size: int = 2, min_seconds: float = 0.1, batches: int = 7, max_iters: int = 200, **run_kwargs
+) -> PointToPoint:
     """Time one send/recv of each size (bytes, float32) between ranks 0 and 1 of a launch."""
     if world_size < 2:
         raise ValueError("a point-to-point message needs at least 2 ranks")
-    rows = launch.run(_ping_pong, world_size, list(sizes), min_seconds, batches, max_iters,
-                      **run_kwargs)[0]
+    rows = launch.run(_ping_pong, world_size, list(sizes), min_seconds, batches, max_iters, **run_kwargs)[0]
     nbytes, seconds, fastest, slowest = (list(x) for x in zip(*rows))
     return PointToPoint(nbytes, seconds, fastest, slowest)

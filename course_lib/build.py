@@ -17,6 +17,7 @@ The percent-format ``.py`` files are the source of truth. This writes
 Exercise files without a solution are deleted by a build and reported by
 ``--check``. ``--root DIR`` runs against another tree (the tests use this).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,7 @@ PY_FORMAT = {
     "extension": ".py",
     "format_name": "percent",
     "notebook_metadata_filter": "kernelspec,jupytext,-jupytext.text_representation,"
-                                "-jupytext.notebook_metadata_filter,-jupytext.cell_metadata_filter",
+    "-jupytext.notebook_metadata_filter,-jupytext.cell_metadata_filter",
     "cell_metadata_filter": "tags,answer,-all",
 }
 
@@ -87,27 +88,35 @@ def check_markers(text: str, path: str = "<solution>") -> None:
     for number, line in enumerate(text.splitlines(), 1):
         if line.startswith("# %%"):
             if opened:
-                raise BuildError(f"{path}:{opened[1]}: '### BEGIN {opened[0]}' is not closed before "
-                                 f"the next cell starts at line {number}")
+                raise BuildError(
+                    f"{path}:{opened[1]}: '### BEGIN {opened[0]}' is not closed before "
+                    f"the next cell starts at line {number}"
+                )
             continue
         match = RAW_MARKER.match(line)
         if match is None:
             if NEAR_MISS.search(line):
-                raise BuildError(f"{path}:{number}: malformed marker {line.strip()!r}; write exactly "
-                                 "'### BEGIN SOLUTION', '### END SOLUTION', '### BEGIN HIDDEN CHECKS' "
-                                 "or '### END HIDDEN CHECKS' on a line of its own")
+                raise BuildError(
+                    f"{path}:{number}: malformed marker {line.strip()!r}; write exactly "
+                    "'### BEGIN SOLUTION', '### END SOLUTION', '### BEGIN HIDDEN CHECKS' "
+                    "or '### END HIDDEN CHECKS' on a line of its own"
+                )
             continue
         kind, what = match["kind"], match["what"]
         if kind == "BEGIN":
             if opened:
-                raise BuildError(f"{path}:{number}: '### BEGIN {what}' inside the '### BEGIN {opened[0]}' "
-                                 f"block opened at line {opened[1]}; blocks cannot nest")
+                raise BuildError(
+                    f"{path}:{number}: '### BEGIN {what}' inside the '### BEGIN {opened[0]}' "
+                    f"block opened at line {opened[1]}; blocks cannot nest"
+                )
             opened = (what, number)
         elif opened is None:
             raise BuildError(f"{path}:{number}: '### END {what}' without a '### BEGIN {what}' before it")
         elif opened[0] != what:
-            raise BuildError(f"{path}:{number}: '### END {what}' closes the '### BEGIN {opened[0]}' "
-                             f"block opened at line {opened[1]}")
+            raise BuildError(
+                f"{path}:{number}: '### END {what}' closes the '### BEGIN {opened[0]}' "
+                f"block opened at line {opened[1]}"
+            )
         else:
             opened = None
     if opened:
@@ -146,8 +155,10 @@ def has_solution(source: str) -> bool:
 
 
 def _top_level_solution(source: str) -> bool:
-    return any((m := MARKER.match(line)) and m["what"] == "SOLUTION" and not m["indent"]
-               for line in source.split("\n"))
+    return any(
+        (m := MARKER.match(line)) and m["what"] == "SOLUTION" and not m["indent"]
+        for line in source.split("\n")
+    )
 
 
 def defined_names(source: str) -> list[str]:
@@ -167,13 +178,15 @@ def answer_cells(nb) -> dict[str, int]:
 
 def intro_cell_text(name: str) -> str:
     """The first cell of an exercise notebook: words for the learner only."""
-    return (f"> **Where to work.** Do these exercises in your own copy, `my_exercises/{name}.ipynb` "
-            "(`make lab` makes it; delete it and run `make lab` again for a fresh one). "
-            "Answers typed into `exercises/` would be overwritten when the course is updated.\n"
-            ">\n"
-            "> Replace every `# YOUR CODE HERE` with your code and run the check cell below it: "
-            "it prints ✔, or what is wrong. To grade all your notebooks from a terminal, run "
-            "`make grade`.")
+    return (
+        f"> **Where to work.** Do these exercises in your own copy, `my_exercises/{name}.ipynb` "
+        "(`make lab` makes it; delete it and run `make lab` again for a fresh one). "
+        "Answers typed into `exercises/` would be overwritten when the course is updated.\n"
+        ">\n"
+        "> Replace every `# YOUR CODE HERE` with your code and run the check cell below it: "
+        "it prints ✔, or what is wrong. To grade all your notebooks from a terminal, run "
+        "`make grade`."
+    )
 
 
 def exercise_notebook(text: str, path: str = "solutions/exercise.py"):
@@ -195,11 +208,16 @@ def exercise_notebook(text: str, path: str = "solutions/exercise.py"):
         found = defined_names(cell.source)
         name = found[0] if found else f"answer-{len(names) + 1}"
         if name in names:
-            lines = [n for n, line in enumerate(text.splitlines(), 1)
-                     if DEFINITION.match(line) and DEFINITION.match(line)[1] == name]
+            lines = [
+                n
+                for n, line in enumerate(text.splitlines(), 1)
+                if DEFINITION.match(line) and DEFINITION.match(line)[1] == name
+            ]
             where = f"{path}:{lines[1]}" if len(lines) > 1 else path
-            raise BuildError(f"{where}: a second answer cell starts with {name!r}; the first "
-                             "def/class of each answer cell names it and must be unique")
+            raise BuildError(
+                f"{where}: a second answer cell starts with {name!r}; the first "
+                "def/class of each answer cell names it and must be unique"
+            )
         names[name] = index
         cell.metadata["answer"] = name
         tags = list(cell.metadata.get("tags", []))
@@ -237,8 +255,10 @@ def read_py(text: str, path: str = "<notebook>"):
     kernelspec = nb.metadata.get("kernelspec", {})
     formats = nb.metadata.get("jupytext", {}).get("formats")
     if kernelspec.get("name") != "python3" or formats != "ipynb,py:percent":
-        raise BuildError(f"{path}: the jupytext header is missing or incomplete (it needs formats "
-                         f"and the python3 kernelspec); start the file with:\n{HEADER}")
+        raise BuildError(
+            f"{path}: the jupytext header is missing or incomplete (it needs formats "
+            f"and the python3 kernelspec); start the file with:\n{HEADER}"
+        )
     return nb
 
 
@@ -310,8 +330,11 @@ def stale_exercises(root: Path = ROOT) -> list[Path]:
     root = Path(root)
     found = []
     for path in sorted((root / EXERCISE_DIR).glob("*")):
-        if path.suffix in (".py", ".ipynb") and GENERATED_NAME.match(path.stem) \
-                and not (root / "solutions" / f"{path.stem}.py").exists():
+        if (
+            path.suffix in (".py", ".ipynb")
+            and GENERATED_NAME.match(path.stem)
+            and not (root / "solutions" / f"{path.stem}.py").exists()
+        ):
             found.append(path)
     return found
 
@@ -319,8 +342,12 @@ def stale_exercises(root: Path = ROOT) -> list[Path]:
 def orphan_notebooks(root: Path = ROOT) -> list[Path]:
     """.ipynb files in notebooks/ or solutions/ with no .py source (never deleted: may be real work)."""
     root = Path(root)
-    return [p for folder in SOURCE_DIRS for p in sorted((root / folder).glob("*.ipynb"))
-            if not p.with_suffix(".py").exists()]
+    return [
+        p
+        for folder in SOURCE_DIRS
+        for p in sorted((root / folder).glob("*.ipynb"))
+        if not p.with_suffix(".py").exists()
+    ]
 
 
 def build(root: Path = ROOT) -> tuple[list[Path], list[Path]]:
@@ -373,13 +400,20 @@ def _rel(path: Path, root: Path) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.build", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if a generated file is missing, out of date or stale")
-    parser.add_argument("--strip-outputs", action="store_true",
-                        help="read a notebook on stdin, write it without outputs to stdout "
-                             "(the git filter that `make setup` installs)")
-    parser.add_argument("--root", type=Path, default=ROOT, metavar="DIR",
-                        help="the course tree (default: %(default)s)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if a generated file is missing, out of date or stale",
+    )
+    parser.add_argument(
+        "--strip-outputs",
+        action="store_true",
+        help="read a notebook on stdin, write it without outputs to stdout "
+        "(the git filter that `make setup` installs)",
+    )
+    parser.add_argument(
+        "--root", type=Path, default=ROOT, metavar="DIR", help="the course tree (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     root = args.root.resolve()
     if args.strip_outputs:

@@ -14,6 +14,7 @@ S = K·(bytes per element). All-gather starts from K/N elements per rank and end
 with K; reduce-scatter starts from K and ends with K/N; all-to-all sends and
 receives K per rank; the rest keep K elements per rank.
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,8 +31,7 @@ import torch.distributed as dist
 from course_lib import launch
 
 #: Every collective this chapter runs, in the order the lesson meets them.
-COLLECTIVES = ("send/recv", "broadcast", "reduce", "all-reduce",
-               "all-gather", "reduce-scatter", "all-to-all")
+COLLECTIVES = ("send/recv", "broadcast", "reduce", "all-reduce", "all-gather", "reduce-scatter", "all-to-all")
 #: Collectives that have a root rank (the source or destination).
 ROOTED = ("broadcast", "reduce")
 
@@ -146,6 +146,7 @@ class CollectiveDemo:
     (bit j set: rank j contributed), found by running the same collective on
     the value 2**rank.
     """
+
     name: str
     world_size: int
     root: int
@@ -167,15 +168,16 @@ def _demo_rank(name: str, k: int, root: int):
     before = inp.clone()
     collective(name, inp, out, root)
     # The same collective on 2**rank: sums of distinct powers of two are bit masks.
-    m_in, m_out = buffers(name, k, torch.int64, fill=lambda m: torch.full((m,), 2 ** rank))
+    m_in, m_out = buffers(name, k, torch.int64, fill=lambda m: torch.full((m,), 2**rank))
     m_before = m_in.clone()
     collective(name, m_in, m_out, root)
     undefined = name == "reduce" and rank != root
     return before, None if undefined else out, m_before, None if undefined else m_out
 
 
-def run_collective(name: str, world_size: int, k: int | None = None, root: int = 0,
-                   **run_kwargs) -> CollectiveDemo:
+def run_collective(
+    name: str, world_size: int, k: int | None = None, root: int = 0, **run_kwargs
+) -> CollectiveDemo:
     """Run collective ``name`` on ``world_size`` ranks; return every rank's data before/after.
 
     ``k`` is the full array's element count (default: 2 elements per rank for
@@ -200,6 +202,7 @@ def run_collective(name: str, world_size: int, k: int | None = None, root: int =
 @dataclass
 class Timing:
     """Seconds per call of one collective at several sizes, on ``world_size`` ranks."""
+
     name: str
     world_size: int
     backend: str
@@ -219,10 +222,12 @@ class Timing:
     def table(self) -> str:
         """A small text table in the style of nccl-tests' output."""
         spread = self.fastest is not None and self.slowest is not None
-        lines = [f"{self.name} on N={self.world_size} ranks ({self.backend}), "
-                 f"busbw = algbw × {bus_factor(self.name, self.world_size):.3g}",
-                 f"{'size':>10} {'time (ms)':>10} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}"
-                 + (f" {'best–worst batch (ms)':>22}" if spread else "")]
+        lines = [
+            f"{self.name} on N={self.world_size} ranks ({self.backend}), "
+            f"busbw = algbw × {bus_factor(self.name, self.world_size):.3g}",
+            f"{'size':>10} {'time (ms)':>10} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13}"
+            + (f" {'best–worst batch (ms)':>22}" if spread else ""),
+        ]
         for i, (s, t, a, b) in enumerate(zip(self.nbytes, self.seconds, self.algbw, self.busbw)):
             row = f"{format_bytes(s):>10} {t * 1e3:>10.3f} {a / 1e9:>13.3f} {b / 1e9:>13.3f}"
             if spread:
@@ -256,8 +261,15 @@ def slowest_rank(seconds):
     return float(t[0]) if single else t.tolist()
 
 
-def time_calls(calls: dict, make_args, sizes: list, min_seconds: float, batches: int,
-               max_iters: int = 100, spread: dict | None = None):
+def time_calls(
+    calls: dict,
+    make_args,
+    sizes: list,
+    min_seconds: float,
+    batches: int,
+    max_iters: int = 100,
+    spread: dict | None = None,
+):
     """Inside a rank: seconds per call of each ``calls[name](*make_args(k))``, per size.
 
     Per size S: one warm-up call (first calls set up connections), an estimate that sets the
@@ -305,14 +317,27 @@ def time_calls(calls: dict, make_args, sizes: list, min_seconds: float, batches:
 
 def _time_rank(name: str, sizes: list, min_seconds: float, max_iters: int, batches: int):
     spread = {}
-    nbytes, seconds, backend = time_calls({name: functools.partial(collective, name)},
-                                          functools.partial(buffers, name), sizes, min_seconds,
-                                          batches, max_iters, spread)
+    nbytes, seconds, backend = time_calls(
+        {name: functools.partial(collective, name)},
+        functools.partial(buffers, name),
+        sizes,
+        min_seconds,
+        batches,
+        max_iters,
+        spread,
+    )
     return nbytes, seconds[name], backend, spread[name]
 
 
-def time_collective(name: str, world_size: int, sizes, min_seconds: float = 0.1,
-                    max_iters: int = 100, batches: int = 7, **run_kwargs) -> Timing:
+def time_collective(
+    name: str,
+    world_size: int,
+    sizes,
+    min_seconds: float = 0.1,
+    max_iters: int = 100,
+    batches: int = 7,
+    **run_kwargs,
+) -> Timing:
     """Time collective ``name`` on ``world_size`` ranks for each size S in bytes (float32).
 
     Each size runs for about ``min_seconds`` after one warm-up call, in ``batches`` batches of
@@ -320,24 +345,37 @@ def time_collective(name: str, world_size: int, sizes, min_seconds: float = 0.1,
     median batch's time per call, ``fastest`` and ``slowest`` the best and worst batch.
     """
     _check_name(name)
-    results = launch.run(_time_rank, world_size, name, list(sizes), min_seconds, max_iters, batches,
-                         **run_kwargs)
+    results = launch.run(
+        _time_rank, world_size, name, list(sizes), min_seconds, max_iters, batches, **run_kwargs
+    )
     nbytes, seconds, backend, spread = results[0]
-    return Timing(name, world_size, backend, nbytes, seconds,
-                  [lo for lo, _ in spread], [hi for _, hi in spread])
+    return Timing(
+        name, world_size, backend, nbytes, seconds, [lo for lo, _ in spread], [hi for _, hi in spread]
+    )
 
 
-def time_collectives(names, world_size: int, sizes, min_seconds: float = 0.05, batches: int = 7,
-                     **run_kwargs) -> dict:
+def time_collectives(
+    names, world_size: int, sizes, min_seconds: float = 0.05, batches: int = 7, **run_kwargs
+) -> dict:
     """Time several collectives in one launch, taking turns batch by batch: name -> :class:`Timing`."""
     for name in names:
         _check_name(name)
-    results = launch.run(_time_many_rank, world_size, list(names), list(sizes), min_seconds, batches,
-                         **run_kwargs)
+    results = launch.run(
+        _time_many_rank, world_size, list(names), list(sizes), min_seconds, batches, **run_kwargs
+    )
     nbytes, seconds, backend, spread = results[0]
-    return {name: Timing(name, world_size, backend, nbytes[name], seconds[name],
-                         [lo for lo, _ in spread[name]], [hi for _, hi in spread[name]])
-            for name in names}
+    return {
+        name: Timing(
+            name,
+            world_size,
+            backend,
+            nbytes[name],
+            seconds[name],
+            [lo for lo, _ in spread[name]],
+            [hi for _, hi in spread[name]],
+        )
+        for name in names
+    }
 
 
 def _time_many_rank(names: list, sizes: list, min_seconds: float, batches: int):
@@ -345,9 +383,14 @@ def _time_many_rank(names: list, sizes: list, min_seconds: float, batches: int):
     nbytes, seconds, spread = {}, {}, {}
     for name in names:
         one_spread = {}
-        nb, sec, backend = time_calls({name: functools.partial(collective, name)},
-                                      functools.partial(buffers, name), sizes, min_seconds, batches,
-                                      spread=one_spread)
+        nb, sec, backend = time_calls(
+            {name: functools.partial(collective, name)},
+            functools.partial(buffers, name),
+            sizes,
+            min_seconds,
+            batches,
+            spread=one_spread,
+        )
         nbytes[name], seconds[name], spread[name] = nb, sec[name], one_spread[name]
     return nbytes, seconds, backend, spread
 
@@ -377,6 +420,7 @@ def predict(model, timing) -> list | None:
 @dataclass
 class WireBytes:
     """Bytes each rank's TCP sockets moved during one call of collective ``name`` (gloo only)."""
+
     name: str
     world_size: int
     nbytes: int  # S, the full array
@@ -417,8 +461,10 @@ def wire_bytes(names, world_size: int, nbytes: int, root: int = 0, **run_kwargs)
     results = launch.run(_wire_rank, world_size, list(names), k, root, **run_kwargs)
     if any(r is None or any(sent is None for sent, _ in r.values()) for r in results):
         return None
-    return {name: WireBytes(name, world_size, k * 4, [r[name][0] for r in results],
-                            [r[name][1] for r in results]) for name in names}
+    return {
+        name: WireBytes(name, world_size, k * 4, [r[name][0] for r in results], [r[name][1] for r in results])
+        for name in names
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -453,8 +499,11 @@ def tree_broadcast(tensor: torch.Tensor, src: int = 0) -> None:
 
 
 #: Broadcasts by name, all called as ``fn(tensor, src)``.
-BROADCASTS = {"tree": tree_broadcast, "flat": flat_broadcast,
-              "dist.broadcast": lambda tensor, src=0: dist.broadcast(tensor, src)}
+BROADCASTS = {
+    "tree": tree_broadcast,
+    "flat": flat_broadcast,
+    "dist.broadcast": lambda tensor, src=0: dist.broadcast(tensor, src),
+}
 
 
 @contextlib.contextmanager
@@ -474,10 +523,12 @@ def trace_point_to_point():
                 return original(*args, **kwargs)
             finally:
                 depth[0] -= 1
+
         return traced
 
-    undo = launch.replace_dist_functions({op: wrap(op, getattr(dist, op))
-                                          for op in ("send", "recv", "isend", "irecv")})
+    undo = launch.replace_dist_functions(
+        {op: wrap(op, getattr(dist, op)) for op in ("send", "recv", "isend", "irecv")}
+    )
     try:
         yield events
     finally:
@@ -556,17 +607,38 @@ def trace_broadcast(algorithm, world_size: int, k: int = 4, src: int = 0, **run_
 
 def _time_broadcasts_rank(names: list, sizes: list, min_seconds: float, batches: int):
     spread = {}
-    nbytes, seconds, backend = time_calls({name: functools.partial(BROADCASTS[name], src=0) for name in names},
-                                          lambda k: (torch.zeros(k, device=launch.device()),),
-                                          sizes, min_seconds, batches, spread=spread)
+    nbytes, seconds, backend = time_calls(
+        {name: functools.partial(BROADCASTS[name], src=0) for name in names},
+        lambda k: (torch.zeros(k, device=launch.device()),),
+        sizes,
+        min_seconds,
+        batches,
+        spread=spread,
+    )
     return nbytes, seconds, backend, spread
 
 
-def time_broadcasts(world_size: int, sizes, names=("tree", "flat", "dist.broadcast"),
-                    min_seconds: float = 0.05, batches: int = 7, **run_kwargs) -> dict:
+def time_broadcasts(
+    world_size: int,
+    sizes,
+    names=("tree", "flat", "dist.broadcast"),
+    min_seconds: float = 0.05,
+    batches: int = 7,
+    **run_kwargs,
+) -> dict:
     """Time broadcasts (keys of :data:`BROADCASTS`) from rank 0, taking turns: name -> :class:`Timing`."""
-    nbytes, seconds, backend, spread = launch.run(_time_broadcasts_rank, world_size, list(names),
-                                                  list(sizes), min_seconds, batches, **run_kwargs)[0]
-    return {name: Timing("broadcast", world_size, backend, nbytes, seconds[name],
-                         [lo for lo, _ in spread[name]], [hi for _, hi in spread[name]])
-            for name in names}
+    nbytes, seconds, backend, spread = launch.run(
+        _time_broadcasts_rank, world_size, list(names), list(sizes), min_seconds, batches, **run_kwargs
+    )[0]
+    return {
+        name: Timing(
+            "broadcast",
+            world_size,
+            backend,
+            nbytes,
+            seconds[name],
+            [lo for lo, _ in spread[name]],
+            [hi for _, hi in spread[name]],
+        )
+        for name in names
+    }

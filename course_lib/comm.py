@@ -22,6 +22,7 @@ contrast ``unchunked_ring_all_reduce``, ``naive_all_reduce`` and ``tree_all_redu
 ``count_rounds`` counts the rounds of messages each needs (the α term), and
 ``time_all_reduce`` times them against ``dist.all_reduce``, with the spread.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,9 +42,22 @@ from course_lib import launch
 from course_lib.collectives import Timing, time_calls
 
 _P2P = {"send": "sent", "isend": "sent", "recv": "received", "irecv": "received"}
-_COLLECTIVES = ("broadcast", "all_reduce", "reduce", "all_gather", "all_gather_into_tensor",
-                "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
-                "gather", "scatter", "barrier", "all_gather_single", "reduce_scatter_single")
+_COLLECTIVES = (
+    "broadcast",
+    "all_reduce",
+    "reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+    "barrier",
+    "all_gather_single",
+    "reduce_scatter_single",
+)
 # struct tcp_info (linux/tcp.h): u64 tcpi_bytes_received at byte 128, u64 tcpi_bytes_sent at 200.
 _BYTES_RECEIVED_AT, _BYTES_SENT_AT, _TCP_INFO_SIZE = 128, 200, 232
 
@@ -71,8 +85,10 @@ class Traffic:
 
     def __str__(self):
         wire = "n/a" if self.sent is None else f"{self.sent:,} B sent, {self.received:,} B received"
-        return (f"{len(self.calls)} calls; payload {self.payload_sent:,} B sent, "
-                f"{self.payload_received:,} B received; wire {wire}")
+        return (
+            f"{len(self.calls)} calls; payload {self.payload_sent:,} B sent, "
+            f"{self.payload_received:,} B received; wire {wire}"
+        )
 
 
 def tcp_bytes() -> tuple[int, int] | None:
@@ -131,8 +147,11 @@ def count_traffic():
             call = Call(name)
             if direction:
                 call.payload_bytes = _tensor_bytes(args[0] if args else kwargs.get("tensor"))
-                setattr(traffic, f"payload_{direction}",
-                        getattr(traffic, f"payload_{direction}") + call.payload_bytes)
+                setattr(
+                    traffic,
+                    f"payload_{direction}",
+                    getattr(traffic, f"payload_{direction}") + call.payload_bytes,
+                )
             before = tcp_bytes() if wire else None
             depth[0] += 1
             try:
@@ -165,9 +184,13 @@ def count_traffic():
 
         return counted
 
-    counted = {name: wrap_batch(getattr(dist, name)) if name == "batch_isend_irecv"
-               else wrap(name, getattr(dist, name))
-               for name in (*_P2P, *_COLLECTIVES, "batch_isend_irecv") if hasattr(dist, name)}
+    counted = {
+        name: wrap_batch(getattr(dist, name))
+        if name == "batch_isend_irecv"
+        else wrap(name, getattr(dist, name))
+        for name in (*_P2P, *_COLLECTIVES, "batch_isend_irecv")
+        if hasattr(dist, name)
+    }
     start = tcp_bytes() if wire else None
     undo = launch.replace_dist_functions(counted)
     try:
@@ -202,8 +225,19 @@ def _settled_tcp_bytes(quiet_s: float = 0.005, limit_s: float = 0.2):
 #: ranks holding different shapes or dtypes fail with a clear error.
 HEADER_BYTES = 80
 _HEADER_DIMS = 8
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-           torch.int16, torch.int8, torch.uint8, torch.complex64, torch.complex128)
+_DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.complex64,
+    torch.complex128,
+)
 
 
 def global_rank(group, group_rank: int) -> int:
@@ -252,9 +286,11 @@ def send_header(tensor: torch.Tensor, dst: int, group=None):
     Returns (request, header): the header must live until the request completes.
     """
     if tensor.dtype not in _DTYPES or tensor.dim() > _HEADER_DIMS:
-        raise ValueError(f"a header describes up to {_HEADER_DIMS} dimensions of "
-                         f"{', '.join(str(d).replace('torch.', '') for d in _DTYPES)}; "
-                         f"got shape {tuple(tensor.shape)} {tensor.dtype}")
+        raise ValueError(
+            f"a header describes up to {_HEADER_DIMS} dimensions of "
+            f"{', '.join(str(d).replace('torch.', '') for d in _DTYPES)}; "
+            f"got shape {tuple(tensor.shape)} {tensor.dtype}"
+        )
     header = _header(tensor)
     return dist.isend(header, dst, group=group), header
 
@@ -278,8 +314,10 @@ def _checked_ring(tensor, group, name: str) -> Ring:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} needs a tensor, got {type(tensor).__name__}")
     if not tensor.is_contiguous():
-        raise ValueError(f"{name} works in place on a contiguous tensor; this one is a strided view "
-                         "(call it on tensor.contiguous() and copy the result back)")
+        raise ValueError(
+            f"{name} works in place on a contiguous tensor; this one is a strided view "
+            "(call it on tensor.contiguous() and copy the result back)"
+        )
     ring = ring_of(group)
     if ring.size == 1:
         return ring
@@ -290,9 +328,11 @@ def _checked_ring(tensor, group, name: str) -> Ring:
     theirs = torch.empty_like(mine)
     _exchange(mine, theirs, ring)
     if not torch.equal(mine, theirs):
-        raise ValueError(f"{name}: rank {ring.rank} holds a tensor of {_describe(mine)} but its left "
-                         f"neighbour (rank {(ring.rank - 1) % ring.size}) holds {_describe(theirs)}; "
-                         "every rank must pass the same shape and dtype")
+        raise ValueError(
+            f"{name}: rank {ring.rank} holds a tensor of {_describe(mine)} but its left "
+            f"neighbour (rank {(ring.rank - 1) % ring.size}) holds {_describe(theirs)}; "
+            "every rank must pass the same shape and dtype"
+        )
     return ring
 
 
@@ -329,7 +369,7 @@ def _reduce_scatter(flat: torch.Tensor, ring: Ring) -> torch.Tensor:
     # left neighbour's next chunk can arrive while this rank is still adding.
     width = parts[0].numel()
     slots = _scratch(width * (n - 1), flat)
-    incoming = [slots[s * width:s * width + parts[(r - s - 2) % n].numel()] for s in range(n - 1)]
+    incoming = [slots[s * width : s * width + parts[(r - s - 2) % n].numel()] for s in range(n - 1)]
     receives = [dist.irecv(slot, ring.left, group=ring.group) for slot in incoming]
     sends = [dist.isend(parts[(r - 1) % n], ring.right, group=ring.group)]
     for step in range(n - 1):
@@ -426,8 +466,9 @@ def naive_all_reduce(tensor: torch.Tensor, group=None, root: int = 0) -> torch.T
             if r != root:
                 dist.recv(incoming, ring.global_rank(r), group=group)
                 tensor += incoming
-        requests = [dist.isend(tensor, ring.global_rank(r), group=group)
-                    for r in range(ring.size) if r != root]
+        requests = [
+            dist.isend(tensor, ring.global_rank(r), group=group) for r in range(ring.size) if r != root
+        ]
         for request in requests:
             request.wait()
     else:
@@ -683,13 +724,20 @@ def _time_all_reduce_rank(names, sizes, min_seconds, batches):
         return (torch.zeros(k, device=launch.device()),)
 
     spread = {}
-    nbytes, seconds, backend = time_calls({name: ALL_REDUCES[name] for name in names}, one_tensor, sizes,
-                                          min_seconds, batches, spread=spread)
+    nbytes, seconds, backend = time_calls(
+        {name: ALL_REDUCES[name] for name in names}, one_tensor, sizes, min_seconds, batches, spread=spread
+    )
     return nbytes, seconds, backend, spread
 
 
-def time_all_reduce(world_size: int, sizes, names=("ring", "dist.all_reduce"), min_seconds: float = 0.1,
-                    batches: int = 5, **run_kwargs) -> dict:
+def time_all_reduce(
+    world_size: int,
+    sizes,
+    names=("ring", "dist.all_reduce"),
+    min_seconds: float = 0.1,
+    batches: int = 5,
+    **run_kwargs,
+) -> dict:
     """Time all-reduce implementations (keys of :data:`ALL_REDUCES`) on ``world_size`` ranks.
 
     ``sizes`` are array sizes S in bytes (float32). Returns name -> :class:`SpreadTiming`
@@ -700,8 +748,18 @@ def time_all_reduce(world_size: int, sizes, names=("ring", "dist.all_reduce"), m
     unknown = [name for name in names if name not in ALL_REDUCES]
     if unknown:
         raise ValueError(f"unknown all-reduce {unknown[0]!r}; choose from {', '.join(ALL_REDUCES)}")
-    nbytes, seconds, backend, spread = launch.run(_time_all_reduce_rank, world_size, list(names), list(sizes),
-                                                  min_seconds, batches, **run_kwargs)[0]
-    return {name: SpreadTiming("all-reduce", world_size, backend, nbytes, seconds[name],
-                               [lo for lo, _ in spread[name]], [hi for _, hi in spread[name]])
-            for name in names}
+    nbytes, seconds, backend, spread = launch.run(
+        _time_all_reduce_rank, world_size, list(names), list(sizes), min_seconds, batches, **run_kwargs
+    )[0]
+    return {
+        name: SpreadTiming(
+            "all-reduce",
+            world_size,
+            backend,
+            nbytes,
+            seconds[name],
+            [lo for lo, _ in spread[name]],
+            [hi for _, hi in spread[name]],
+        )
+        for name in names
+    }

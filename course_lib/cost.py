@@ -34,6 +34,7 @@ Every formula is one an earlier chapter derived and measured; the sources are th
 Sizes are in bytes; "traffic" is what one rank sends per training step. Times come from the
 α–β model (``course_lib.alpha_beta``): see ``course_lib.mesh.StepMessages``.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ ELEMENT_BYTES = {"mixed": 2, "fp32": 4}
 @dataclass(frozen=True)
 class Model:
     """A GPT-like transformer: Ψ parameters, L layers, hidden h, a heads, sequence s."""
+
     params: float
     layers: int
     hidden: int
@@ -102,14 +104,22 @@ class Estimate:
 # the formulas, one function each
 
 
-def model_state_bytes(psi: float, zero: int = 0, dp: int = 1, tp: int = 1, pp: int = 1,
-                      precision: str = "mixed") -> dict:
+def model_state_bytes(
+    psi: float, zero: int = 0, dp: int = 1, tp: int = 1, pp: int = 1, precision: str = "mixed"
+) -> dict:
     """Params, grads and optimizer states per GPU: Ψ/(tp·pp) per rank, then ZeRO over dp."""
     return formula_bytes(zero, psi / (tp * pp), dp, precision)
 
 
-def activation_bytes_per_layer(seq_len: int, batch: int, hidden: int, heads: int,
-                               tp: int = 1, sp: bool = False, attention: str = "materialised") -> float:
+def activation_bytes_per_layer(
+    seq_len: int,
+    batch: int,
+    hidden: int,
+    heads: int,
+    tp: int = 1,
+    sp: bool = False,
+    attention: str = "materialised",
+) -> float:
     """Activations one transformer layer keeps for backward (16-bit, no full recomputation).
 
     ``attention="materialised"``: the a score matrices of s × s are stored (the 5·a·s/h term);
@@ -137,26 +147,30 @@ def microbatches_alive(p: int, m: int, schedule: str = "1f1b") -> int:
     return m if schedule == "gpipe" else min(p, m)
 
 
-def dp_traffic_bytes(psi: float, zero: int, dp: int, tp: int = 1, pp: int = 1,
-                     element_bytes: int = 2, microbatches: int = 1) -> float:
+def dp_traffic_bytes(
+    psi: float, zero: int, dp: int, tp: int = 1, pp: int = 1, element_bytes: int = 2, microbatches: int = 1
+) -> float:
     """Gradient (and parameter) sync per step over the dp group: 2Ψ or 3Ψ·(N−1)/N.
 
     With ``microbatches`` m > 1 backwards per step: DP and ZeRO-1 accumulate the full
     gradient locally and reduce it once (2Ψ); ZeRO-2 reduce-scatters every micro-batch,
     (m+1)Ψ; ZeRO-3 gathers and reduce-scatters every micro-batch, 3mΨ (chapter 07).
     """
-    return formula_traffic(zero, psi / (tp * pp), dp, element_bytes, micro_batches=microbatches,
-                           accumulate_unsharded=zero <= 1)
+    return formula_traffic(
+        zero, psi / (tp * pp), dp, element_bytes, micro_batches=microbatches, accumulate_unsharded=zero <= 1
+    )
 
 
-def tp_traffic_bytes(tokens: int, hidden: int, layers: int, tp: int, allreduces_per_layer: int = 4,
-                     element_bytes: int = 2) -> float:
+def tp_traffic_bytes(
+    tokens: int, hidden: int, layers: int, tp: int, allreduces_per_layer: int = 4, element_bytes: int = 2
+) -> float:
     """All-reduces of the (tokens × hidden) activation: 2(t−1)/t of it sent per rank each."""
     return allreduces_per_layer * layers * tokens * hidden * element_bytes * 2 * (tp - 1) / tp
 
 
-def pp_traffic_bytes(tokens_per_microbatch: int, hidden: int, m: int, p: int,
-                     element_bytes: int = 2, neighbours: int = 2) -> float:
+def pp_traffic_bytes(
+    tokens_per_microbatch: int, hidden: int, m: int, p: int, element_bytes: int = 2, neighbours: int = 2
+) -> float:
     """A middle stage sends each micro-batch's activation forward and its gradient back
     (``neighbours=2``); the first stage only the activations, the last only the gradients (1)."""
     return 0.0 if p == 1 else neighbours * m * tokens_per_microbatch * hidden * element_bytes
@@ -198,19 +212,35 @@ def estimate(model: Model, plan: Strategy, gpus: int | None = None) -> Estimate:
     per_layer = activation_bytes_per_layer(s, b, model.hidden, model.heads, plan.tp, plan.sp, attention)
     if plan.recompute:  # the layer's input, 2·s·b·h fp16 bytes (split by t with SP)
         per_layer = 2 * s * b * model.hidden / (plan.tp if plan.sp else 1)
-    memory["activations"] = (per_layer * element / 2  # the formula counts fp16 bytes
-                             * layers_here * microbatches_alive(plan.pp, m, plan.schedule))
-    traffic = {"dp": dp_traffic_bytes(model.params, plan.zero, plan.dp, plan.tp, plan.pp, element, m),
-               # 2 all-reduces forward + 2 backward per layer; full recomputation repeats the forward's 2
-               "tp": m * tp_traffic_bytes(s * b, model.hidden, layers_here, plan.tp,
-                                          allreduces_per_layer=6 if plan.recompute else 4, element_bytes=element),
-               "pp": pp_traffic_bytes(s * b, model.hidden, m, plan.pp, element)}
+    memory["activations"] = (
+        per_layer
+        * element
+        / 2  # the formula counts fp16 bytes
+        * layers_here
+        * microbatches_alive(plan.pp, m, plan.schedule)
+    )
+    traffic = {
+        "dp": dp_traffic_bytes(model.params, plan.zero, plan.dp, plan.tp, plan.pp, element, m),
+        # 2 all-reduces forward + 2 backward per layer; full recomputation repeats the forward's 2
+        "tp": m
+        * tp_traffic_bytes(
+            s * b,
+            model.hidden,
+            layers_here,
+            plan.tp,
+            allreduces_per_layer=6 if plan.recompute else 4,
+            element_bytes=element,
+        ),
+        "pp": pp_traffic_bytes(s * b, model.hidden, m, plan.pp, element),
+    }
     result = Estimate(memory, traffic, bubble_fraction(plan.pp, m), problems(model, plan, gpus))
     if plan.pp > 1 and m < plan.pp:
         result.notes.append(f"m={m} < p={plan.pp}: the pipeline never fills; use m ≥ 4·p or so")
     if m > 1 and plan.zero >= 2:
-        result.notes.append(f"ZeRO-{plan.zero} with m={m} micro-batches reduce-scatters the gradients every "
-                            "micro-batch (counted in the dp traffic); DeepSpeed allows only ZeRO-1 with its pipeline")
+        result.notes.append(
+            f"ZeRO-{plan.zero} with m={m} micro-batches reduce-scatters the gradients every "
+            "micro-batch (counted in the dp traffic); DeepSpeed allows only ZeRO-1 with its pipeline"
+        )
     if plan.tp > 8:
         result.notes.append(f"tp={plan.tp} > 8: TP's all-reduces leave the 8-GPU NVLink node")
     return result
@@ -234,5 +264,6 @@ def draw_plans(model: Model, plans: dict, gpu_bytes: float = 80e9):
     from course_lib.viz import plot_plan_memory
 
     memories = {label: estimate(model, plan).memory for label, plan in plans.items()}
-    return plot_plan_memory(memories, gpu_bytes, f"{model.params / 1e9:.3g}B parameters, sequence "
-                                                 f"{model.seq_len}: memory per GPU")
+    return plot_plan_memory(
+        memories, gpu_bytes, f"{model.params / 1e9:.3g}B parameters, sequence {model.seq_len}: memory per GPU"
+    )

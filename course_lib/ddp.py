@@ -18,6 +18,7 @@ bucket closes at 1 MiB (``dist._DEFAULT_FIRST_BUCKET_BYTES``) so that the first
 all-reduce starts early. ``BucketedDDP`` fixes its buckets once, from the
 reverse registration order, with one cap for all.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -90,11 +91,12 @@ class _Bucket:
     def start_pass(self):
         self.filled = [False] * len(self.params)
         self.pending, self.work, self.done = len(self.params), None, None
-        self.timing = BucketTiming(self.index, self.buffer.numel() * self.buffer.element_size(),
-                                   list(self.names))
+        self.timing = BucketTiming(
+            self.index, self.buffer.numel() * self.buffer.element_size(), list(self.names)
+        )
 
     def view(self, i):
-        return self.buffer[self.offsets[i]:self.offsets[i + 1]].view_as(self.params[i])
+        return self.buffer[self.offsets[i] : self.offsets[i + 1]].view_as(self.params[i])
 
 
 class BucketedDDP(nn.Module):
@@ -112,8 +114,11 @@ class BucketedDDP(nn.Module):
 
     def __init__(self, module: nn.Module, bucket_cap_mb: float = 25.0, group=None):
         super().__init__()
-        if isinstance(bucket_cap_mb, bool) or not isinstance(bucket_cap_mb, (int, float)) \
-                or not bucket_cap_mb > 0:
+        if (
+            isinstance(bucket_cap_mb, bool)
+            or not isinstance(bucket_cap_mb, (int, float))
+            or not bucket_cap_mb > 0
+        ):
             raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {bucket_cap_mb!r}")
         self.module, self.group = module, group
         self.world_size = dist.get_world_size(group)
@@ -123,8 +128,9 @@ class BucketedDDP(nn.Module):
         for run in _same_dtype_runs(named):  # a bucket is one flat buffer: one dtype
             sizes = [p.numel() * p.element_size() for _, p in run]
             for indices in assign_buckets(sizes, bucket_cap_mb * 2**20):
-                self.buckets.append(_Bucket(len(self.buckets), [run[i][1] for i in indices],
-                                            [run[i][0] for i in indices]))
+                self.buckets.append(
+                    _Bucket(len(self.buckets), [run[i][1] for i in indices], [run[i][0] for i in indices])
+                )
         self._slot = {p: (bucket, i) for bucket in self.buckets for i, p in enumerate(bucket.params)}
         self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready) for p in self._slot]
         self.timeline = Timeline()
@@ -190,8 +196,10 @@ class BucketedDDP(nn.Module):
             bucket.work = dist.all_reduce(bucket.buffer, group=self.group, async_op=True)
             # Called by the communication thread the moment this all-reduce completes.
             bucket.done = bucket.work.get_future().then(
-                lambda _, timing=bucket.timing, start=self._start:
-                setattr(timing, "finished", time.perf_counter() - start))
+                lambda _, timing=bucket.timing, start=self._start: setattr(
+                    timing, "finished", time.perf_counter() - start
+                )
+            )
             self._next_launch += 1
 
     @torch.no_grad()
@@ -228,15 +236,18 @@ def _same_dtype_runs(named):
 
 
 def _timelines_rank(caps, depth, d_model, d_hidden, steps):
-    from course_lib import models
     import torch.nn.functional as F
+
+    from course_lib import models
 
     rank, n = dist.get_rank(), dist.get_world_size()
     x, y = models.regression_data(64 * n, d_model=d_model)
     x, y = models.shard(x, rank, n), models.shard(y, rank, n)
     result = {}
     for cap in caps:
-        model = BucketedDDP(models.make_stack(depth=depth, d_model=d_model, d_hidden=d_hidden), bucket_cap_mb=cap)
+        model = BucketedDDP(
+            models.make_stack(depth=depth, d_model=d_model, d_hidden=d_hidden), bucket_cap_mb=cap
+        )
         for _ in range(steps):  # the first passes warm up; keep the last one's timeline
             dist.barrier()
             F.mse_loss(model(x), y).backward()
@@ -245,8 +256,15 @@ def _timelines_rank(caps, depth, d_model, d_hidden, steps):
     return result
 
 
-def record_timelines(caps, world_size: int = 2, depth: int = 8, d_model: int = 256, d_hidden: int = 1024,
-                     steps: int = 4, **run_kwargs) -> list:
+def record_timelines(
+    caps,
+    world_size: int = 2,
+    depth: int = 8,
+    d_model: int = 256,
+    d_hidden: int = 1024,
+    steps: int = 4,
+    **run_kwargs,
+) -> list:
     """Per rank, ``{cap: Timeline}``: one backward pass of a :class:`BucketedDDP` MLP stack per cap.
 
     ``depth`` MLP layers of (d_model → d_hidden → d_model) on ``world_size`` ranks;
@@ -256,9 +274,10 @@ def record_timelines(caps, world_size: int = 2, depth: int = 8, d_model: int = 2
 
 
 def _torch_buckets_rank(bucket_cap_mb, depth, d_model, d_hidden, steps):
-    from torch.nn.parallel import DistributedDataParallel
-    from course_lib import models
     import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    from course_lib import models
 
     model = models.make_stack(depth=depth, d_model=d_model, d_hidden=d_hidden)
     names = {id(p): name for name, p in model.named_parameters()}
@@ -279,13 +298,22 @@ def _torch_buckets_rank(bucket_cap_mb, depth, d_model, d_hidden, steps):
     del wrapped  # a live DDP wrapper at process-group teardown can hang
     named = list(model.named_parameters())
     cap = (25.0 if bucket_cap_mb is None else bucket_cap_mb) * 2**20
-    ours = [[named[i][0] for i in bucket]
-            for bucket in assign_buckets([p.numel() * p.element_size() for _, p in named], cap)]
+    ours = [
+        [named[i][0] for i in bucket]
+        for bucket in assign_buckets([p.numel() * p.element_size() for _, p in named], cap)
+    ]
     return seen, ours
 
 
-def torch_ddp_buckets(bucket_cap_mb=None, depth: int = 8, d_model: int = 256, d_hidden: int = 1024,
-                      steps: int = 2, world_size: int = 2, **run_kwargs):
+def torch_ddp_buckets(
+    bucket_cap_mb=None,
+    depth: int = 8,
+    d_model: int = 256,
+    d_hidden: int = 1024,
+    steps: int = 2,
+    world_size: int = 2,
+    **run_kwargs,
+):
     """The buckets torch's ``DistributedDataParallel`` all-reduces, seen from a communication hook.
 
     Returns ``(torch_steps, ours)``: ``torch_steps[i]`` lists, for backward pass
@@ -294,5 +322,14 @@ def torch_ddp_buckets(bucket_cap_mb=None, depth: int = 8, d_model: int = 256, d_
     ``bucket_cap_mb`` is None, DDP's default). Runs an MLP stack like
     :func:`record_timelines`'s on ``world_size`` ranks, over gloo.
     """
-    return launch.run(_torch_buckets_rank, world_size, bucket_cap_mb, depth, d_model, d_hidden, steps,
-                      backend="gloo", **run_kwargs)[0]
+    return launch.run(
+        _torch_buckets_rank,
+        world_size,
+        bucket_cap_mb,
+        depth,
+        d_model,
+        d_hidden,
+        steps,
+        backend="gloo",
+        **run_kwargs,
+    )[0]

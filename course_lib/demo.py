@@ -40,6 +40,7 @@ runs two such nodes on one machine. When it hangs or fails:
   that routes them through host memory;
 * every node needs the same code, Python and torch versions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,12 +73,16 @@ def strategy(name, what, needs=lambda n, o: None):
     def register(fn):
         STRATEGIES[name] = (fn, needs, what)
         return fn
+
     return register
 
 
 def divides(size, what):
-    return lambda n, o: None if size % n == 0 else \
-        f"needs N dividing {what}={size} (N = 1, {', '.join(str(k) for k in range(2, size + 1) if size % k == 0)}), got N={n}"
+    return lambda n, o: (
+        None
+        if size % n == 0
+        else f"needs N dividing {what}={size} (N = 1, {_divisors_from_2(size)}), got N={n}"
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -111,6 +116,7 @@ def demo_dp(rank, n, dev, opts):
 def demo_ring(rank, n, dev, opts):
     def values(r):  # integers: the sum must be exact
         return torch.randint(-50, 50, (1001,), generator=torch.Generator().manual_seed(r)).float()
+
     got = comm.ring_all_reduce(values(rank).to(dev))
     return [("sum", got, sum(values(r) for r in range(n)))]
 
@@ -127,9 +133,13 @@ def demo_tp(rank, n, dev, opts):
         F.mse_loss(dense(x), y).backward()
         _sgd_step(dense.parameters())
     out = mlp(x.to(dev))
-    return [("output", out, dense(x)), ("fc1.weight", mlp.fc1.weight, dense.fc1.weight[mine]),
-            ("fc1.bias", mlp.fc1.bias, dense.fc1.bias[mine]),
-            ("fc2.weight", mlp.fc2.weight, dense.fc2.weight[:, mine]), ("fc2.bias", mlp.fc2.bias, dense.fc2.bias)]
+    return [
+        ("output", out, dense(x)),
+        ("fc1.weight", mlp.fc1.weight, dense.fc1.weight[mine]),
+        ("fc1.bias", mlp.fc1.bias, dense.fc1.bias[mine]),
+        ("fc2.weight", mlp.fc2.weight, dense.fc2.weight[:, mine]),
+        ("fc2.bias", mlp.fc2.bias, dense.fc2.bias),
+    ]
 
 
 def _sp_needs(n, o):
@@ -144,19 +154,31 @@ def demo_sp(rank, n, dev, opts):
     mine = tp.block_of(8, n, rank, "seq")
     x_mine = x[:, mine].clone().to(dev).requires_grad_()
     out = block(x_mine)
-    (out ** 2).sum().backward()  # a sum: the full loss is the sum of the ranks' parts
+    (out**2).sum().backward()  # a sum: the full loss is the sum of the ranks' parts
     block.sync_replicated_grads()
     x_ref = x.clone().requires_grad_()
     ref = dense(x_ref)
-    (ref ** 2).sum().backward()
-    return [("output", out, ref[:, mine]), ("input grad", x_mine.grad, x_ref.grad[:, mine]),
-            ("ln1.weight.grad", block.ln1.weight.grad, dense.ln1.weight.grad),
-            ("mlp.fc2.bias.grad", block.mlp.fc2.bias.grad, dense.mlp.fc2.bias.grad),
-            ("mlp.fc1.weight.grad", block.mlp.fc1.weight.grad, dense.mlp.fc1.weight.grad[tp.block_of(32, n, rank)])]
+    (ref**2).sum().backward()
+    return [
+        ("output", out, ref[:, mine]),
+        ("input grad", x_mine.grad, x_ref.grad[:, mine]),
+        ("ln1.weight.grad", block.ln1.weight.grad, dense.ln1.weight.grad),
+        ("mlp.fc2.bias.grad", block.mlp.fc2.bias.grad, dense.mlp.fc2.bias.grad),
+        (
+            "mlp.fc1.weight.grad",
+            block.mlp.fc1.weight.grad,
+            dense.mlp.fc1.weight.grad[tp.block_of(32, n, rank)],
+        ),
+    ]
 
 
-@strategy("pp", "pipeline parallel, 1F1B schedule, 4 micro-batches", lambda n, o: None if n <= 4 else
-          f"needs N <= 4: the model has 4 layers and every stage needs one, got N={n}")
+@strategy(
+    "pp",
+    "pipeline parallel, 1F1B schedule, 4 micro-batches",
+    lambda n, o: (
+        None if n <= 4 else f"needs N <= 4: the model has 4 layers and every stage needs one, got N={n}"
+    ),
+)
 def demo_pp(rank, n, dev, opts):
     full = make_stack(4, D, H, seed=0)
     stage = pp.partition(copy.deepcopy(full), rank, n).to(dev)
@@ -200,29 +222,39 @@ def demo_moe(rank, n, dev, opts):
     layer = moe.MoELayer.from_dense(copy.deepcopy(gate), copy.deepcopy(experts), 2, 1.25).to(dev)
     xs = [_data(6, seed=10 + r)[0] for r in range(n)]  # every rank's own tokens
     out = layer(xs[rank].to(dev))
-    (out ** 2).sum().backward()
+    (out**2).sum().backward()
     dense = [moe.dense_moe(x, gate, experts, 2, 1.25) for x in xs]
-    sum((d ** 2).sum() for d in dense).backward()  # experts collect gradients from every rank's tokens
+    sum((d**2).sum() for d in dense).backward()  # experts collect gradients from every rank's tokens
     per = 4 // n
     checks = [("output", out, dense[rank])]
     for i, e in enumerate(layer.experts):
-        checks.append((f"expert {rank * per + i} fc1.weight.grad", e.fc1.weight.grad,
-                       experts[rank * per + i].fc1.weight.grad))
+        checks.append(
+            (
+                f"expert {rank * per + i} fc1.weight.grad",
+                e.fc1.weight.grad,
+                experts[rank * per + i].fc1.weight.grad,
+            )
+        )
     return checks
 
 
 def _grid(n, opts):
     sizes = tuple(int(s) for s in opts.grid.split(",")) if opts.grid else (2, 2, 2)
     if len(sizes) != 3 or math.prod(sizes) != n or min(sizes) < 1:
-        raise Unusable(f"needs DP·TP·PP ranks: 8 for the default DP=2 × TP=2 × PP=2 "
-                       f"(or --grid DP,TP,PP with a product of N={n}); got N={n}, grid {sizes}")
+        raise Unusable(
+            f"needs DP·TP·PP ranks: 8 for the default DP=2 × TP=2 × PP=2 "
+            f"(or --grid DP,TP,PP with a product of N={n}); got N={n}, grid {sizes}"
+        )
     if H % sizes[1] or sizes[2] > 4:
         raise Unusable(f"TP must divide H={H} and PP be at most 4 layers; got grid {sizes}")
     return sizes
 
 
-@strategy("3d", "DP × TP × PP: a pipeline of tensor-parallel MLPs, replicated over DP",
-          lambda n, o: _grid(n, o) and None)
+@strategy(
+    "3d",
+    "DP × TP × PP: a pipeline of tensor-parallel MLPs, replicated over DP",
+    lambda n, o: _grid(n, o) and None,
+)
 def demo_3d(rank, n, dev, opts):
     n_dp, n_tp, n_pp = _grid(n, opts)
     # Chapter 09's grid: rank = (pp · DP + dp) · TP + tp, one process group per axis.
@@ -239,8 +271,10 @@ def demo_3d(rank, n, dev, opts):
         F.mse_loss(full(x), y).backward()
         _sgd_step(full.parameters())
     dense = dict(full.named_parameters())
-    return [(f"layer {name}", p, tp_block(name, dense[name], grid.tp_rank, n_tp))
-            for name, p in stage.named_parameters()]
+    return [
+        (f"layer {name}", p, tp_block(name, dense[name], grid.tp_rank, n_tp))
+        for name, p in stage.named_parameters()
+    ]
 
 
 # ----------------------------------------------------------------------------
@@ -278,25 +312,32 @@ def run_strategy(name, opts, backend, dev):
     worst_all = reports[bad_rank][0]
     ok = worst_all <= TOLERANCE
     if rank == 0:
-        line = (f"demo {name}: {'OK' if ok else 'MISMATCH'}  world_size={n} backend={backend} "
-                f"max|diff|={worst_all:.2e} (tolerance {TOLERANCE:g}) time={elapsed:.3f} s")
+        line = (
+            f"demo {name}: {'OK' if ok else 'MISMATCH'}  world_size={n} backend={backend} "
+            f"max|diff|={worst_all:.2e} (tolerance {TOLERANCE:g}) time={elapsed:.3f} s"
+        )
         print(line, flush=True)
         if not ok:
-            print(f"demo {name}: MISMATCH on rank {bad_rank}: {reports[bad_rank][1]} differs from "
-                  f"the single-process reference by {worst_all:.3g} (tolerance {TOLERANCE:g})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"demo {name}: MISMATCH on rank {bad_rank}: {reports[bad_rank][1]} differs from "
+                f"the single-process reference by {worst_all:.3g} (tolerance {TOLERANCE:g})",
+                file=sys.stderr,
+                flush=True,
+            )
     return ok
 
 
 def parse(argv=None):
-    parser = argparse.ArgumentParser(prog="torchrun --nproc_per_node N -m course_lib.demo",
-                                     description="Run a strategy of the course and compare it "
-                                                 "with single-process training.")
+    parser = argparse.ArgumentParser(
+        prog="torchrun --nproc_per_node N -m course_lib.demo",
+        description="Run a strategy of the course and compare it with single-process training.",
+    )
     parser.add_argument("strategies", nargs="+", metavar="STRATEGY", help=", ".join(STRATEGIES))
     parser.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"))
     parser.add_argument("--grid", help="3d only: DP,TP,PP sizes, e.g. 1,2,2 for 4 ranks")
-    parser.add_argument("--perturb", action="store_true",
-                        help="corrupt the last rank's result, to see a mismatch reported")
+    parser.add_argument(
+        "--perturb", action="store_true", help="corrupt the last rank's result, to see a mismatch reported"
+    )
     return parser.parse_intermixed_args(argv)  # options may come between strategies
 
 
@@ -336,3 +377,7 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _divisors_from_2(size: int) -> str:
+    return ", ".join(str(k) for k in range(2, size + 1) if size % k == 0)

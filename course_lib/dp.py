@@ -13,6 +13,7 @@ to one process training on the whole batch.
 
 Notation: N ranks, Ψ parameters (4Ψ bytes in fp32).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,7 +80,7 @@ def flatten(tensors) -> torch.Tensor:
 def unflatten_into(flat: torch.Tensor, tensors) -> None:
     offset = 0
     for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
 
 
@@ -87,8 +88,9 @@ def unflatten_into(flat: torch.Tensor, tensors) -> None:
 # the single-process reference
 
 
-def train_single_process(model, batches, lr: float = LR, momentum: float = MOMENTUM,
-                         optimizer=None) -> list[float]:
+def train_single_process(
+    model, batches, lr: float = LR, momentum: float = MOMENTUM, optimizer=None
+) -> list[float]:
     """Full-batch training, one step per batch; returns the loss of every step.
 
     The optimizer defaults to this module's momentum SGD; pass another to compare
@@ -227,8 +229,16 @@ def sharded_parameter_server_step(model, shard_optimizer, servers: int) -> None:
 # a data-parallel step, with gradient accumulation
 
 
-def data_parallel_step(model, optimizer, x, y, sync: str = "all-reduce", accumulation_steps: int = 1,
-                       sync_every_micro_batch: bool = False, servers: int | None = None) -> float:
+def data_parallel_step(
+    model,
+    optimizer,
+    x,
+    y,
+    sync: str = "all-reduce",
+    accumulation_steps: int = 1,
+    sync_every_micro_batch: bool = False,
+    servers: int | None = None,
+) -> float:
     """One optimizer step on this rank's shard of the global batch ``(x, y)``.
 
     The shard is split into ``accumulation_steps`` micro-batches; their gradients
@@ -241,8 +251,10 @@ def data_parallel_step(model, optimizer, x, y, sync: str = "all-reduce", accumul
     Returns this rank's loss (the mean over its shard).
     """
     if sync.endswith("parameter-server") and sync_every_micro_batch:
-        raise ValueError("a parameter server updates once per step: sync_every_micro_batch needs "
-                         "sync='all-reduce' or 'ddp'")
+        raise ValueError(
+            "a parameter server updates once per step: sync_every_micro_batch needs "
+            "sync='all-reduce' or 'ddp'"
+        )
     rank, n, m = dist.get_rank(), dist.get_world_size(), accumulation_steps
     x, y = shard(x, rank, n), shard(y, rank, n)
     total = 0.0
@@ -265,9 +277,16 @@ def data_parallel_step(model, optimizer, x, y, sync: str = "all-reduce", accumul
     return total
 
 
-def train_data_parallel(model, batches, sync: str = "all-reduce", accumulation_steps: int = 1,
-                        sync_every_micro_batch: bool = False, lr: float = LR,
-                        momentum: float = MOMENTUM, servers: int | None = None) -> list[float]:
+def train_data_parallel(
+    model,
+    batches,
+    sync: str = "all-reduce",
+    accumulation_steps: int = 1,
+    sync_every_micro_batch: bool = False,
+    lr: float = LR,
+    momentum: float = MOMENTUM,
+    servers: int | None = None,
+) -> list[float]:
     """Run inside every rank: one step per global batch; returns this rank's losses.
 
     ``model`` is trained in place. With equal shards, the mean of the ranks'
@@ -278,8 +297,12 @@ def train_data_parallel(model, batches, sync: str = "all-reduce", accumulation_s
     broadcast_parameters(model)
     wrapped = DistributedDataParallel(model) if sync == "ddp" else model
     optimizer = _optimizer(model, sync, servers, lr, momentum)
-    losses = [data_parallel_step(wrapped, optimizer, x, y, sync, accumulation_steps, sync_every_micro_batch,
-                                 servers) for x, y in batches]
+    losses = [
+        data_parallel_step(
+            wrapped, optimizer, x, y, sync, accumulation_steps, sync_every_micro_batch, servers
+        )
+        for x, y in batches
+    ]
     del wrapped  # a live DDP wrapper at process-group teardown can hang
     return losses
 
@@ -302,24 +325,32 @@ def _optimizer(model, sync: str, servers: int | None, lr: float = LR, momentum: 
     return SGD(model.parameters(), lr, momentum)
 
 
-def measure_sync_traffic(sync: str, d_model: int = 64, d_hidden: int = 256, accumulation_steps: int = 1,
-                         sync_every_micro_batch: bool = False, servers: int | None = None):
+def measure_sync_traffic(
+    sync: str,
+    d_model: int = 64,
+    d_hidden: int = 256,
+    accumulation_steps: int = 1,
+    sync_every_micro_batch: bool = False,
+    servers: int | None = None,
+):
     """Inside a rank: count one training step's communication. Returns (Traffic, Ψ bytes)."""
     model = make_mlp(d_model, d_hidden)
     wrapped = DistributedDataParallel(model) if sync == "ddp" else model
     optimizer = _optimizer(model, sync, servers)
-    (x, y), = make_batches(1, 4 * dist.get_world_size() * accumulation_steps, d_model)
+    ((x, y),) = make_batches(1, 4 * dist.get_world_size() * accumulation_steps, d_model)
     dist.barrier()  # nobody's earlier bytes may still be in flight
     with count_traffic() as traffic:
-        data_parallel_step(wrapped, optimizer, x, y, sync, accumulation_steps, sync_every_micro_batch,
-                           servers)
+        data_parallel_step(
+            wrapped, optimizer, x, y, sync, accumulation_steps, sync_every_micro_batch, servers
+        )
     del wrapped
     psi_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return traffic, psi_bytes
 
 
-def expected_traffic(sync: str, n: int, rank: int, psi_bytes: int, syncs: int = 1,
-                     servers: int | None = None) -> tuple[float, float]:
+def expected_traffic(
+    sync: str, n: int, rank: int, psi_bytes: int, syncs: int = 1, servers: int | None = None
+) -> tuple[float, float]:
     """(bytes sent, bytes received) by ``rank`` for ``syncs`` gradient syncs of a Ψ-byte model.
 
     ``servers`` (for ``sync="sharded-parameter-server"``, default N): a server rank handles

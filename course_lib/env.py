@@ -1,9 +1,9 @@
 """The environment check a learner runs first (chapter 00)."""
+
 from __future__ import annotations
 
 import os
 import platform
-import sys
 
 import torch
 
@@ -28,8 +28,8 @@ def report(world_sizes=(1, 2, 4, 8)) -> dict:
     for key, value in info.items():
         print(f"{key:>{width}} : {value}")
     if info["cpu cores"] and info["cpu cores"] < max(world_sizes):
-        print(f"\nNote: {max(world_sizes)} ranks on {info['cpu cores']} cores take turns on the CPU; "
-              "results stay exact, timings grow.")
-    if sys.version_info < (3, 10):
-        print("\nWarning: the course is tested on Python 3.10+.")
+        print(
+            f"\nNote: {max(world_sizes)} ranks on {info['cpu cores']} cores take turns on the CPU; "
+            "results stay exact, timings grow."
+        )
     return info

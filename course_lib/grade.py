@@ -28,19 +28,22 @@ Prints a table per notebook and a score line; writes a JSON report. Exit
 status: 0 when every exercise of every notebook passed, 1 otherwise, 2 for a
 usage error (no such file, no canonical exercise notebook, ...).
 """
+
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import importlib
 import json
 import math
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
-import textwrap
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,10 +157,17 @@ def run_notebook(nb, cwd: Path, time_limit: float, results_path: Path) -> list[C
     floor = min(MIN_CELL_TIME, time_limit)
     replies = {}
     client = NotebookClient(
-        nb, kernel_name="python3", allow_errors=True, interrupt_on_timeout=True,
+        nb,
+        kernel_name="python3",
+        allow_errors=True,
+        interrupt_on_timeout=True,
         error_on_timeout={"ename": _TIMEOUT_ENAME, "evalue": "time limit", "traceback": []},
-        resources={"metadata": {"path": str(cwd)}}, shell_timeout_interval=1,
-        on_cell_executed=lambda cell_index, execute_reply, **_: replies.__setitem__(cell_index, execute_reply))
+        resources={"metadata": {"path": str(cwd)}},
+        shell_timeout_interval=1,
+        on_cell_executed=lambda cell_index, execute_reply, **_: replies.__setitem__(
+            cell_index, execute_reply
+        ),
+    )
     env = dict(os.environ, COURSE_RESULTS=str(results_path))
     # The kernel process's own stdout/stderr (not the cells' output) go to a log:
     # startup chatter stays off the table, a crash message is kept for the report.
@@ -165,8 +175,7 @@ def run_notebook(nb, cwd: Path, time_limit: float, results_path: Path) -> list[C
     stop = None  # (reason, out_of_time) once the run has ended early
     pending = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
     try:
-        with open(log_path, "wb") as log, \
-                client.setup_kernel(env=env, stdout=log, stderr=subprocess.STDOUT):
+        with open(log_path, "wb") as log, client.setup_kernel(env=env, stdout=log, stderr=subprocess.STDOUT):
             deadline = time.monotonic() + time_limit
             for index in pending:
                 run = runs[index]
@@ -187,12 +196,16 @@ def run_notebook(nb, cwd: Path, time_limit: float, results_path: Path) -> list[C
                     if left > 0:
                         run.reason = f"time limit of {time_limit:g} s reached"
                     else:
-                        run.reason = (f"time limit reached: this cell ran {floor:g} s after the "
-                                      f"notebook's {time_limit:g} s were used up")
+                        run.reason = (
+                            f"time limit reached: this cell ran {floor:g} s after the "
+                            f"notebook's {time_limit:g} s were used up"
+                        )
                         stop = (f"time limit of {time_limit:g} s reached before this cell ran", True)
                     if not stop and not _responsive(client):
-                        stop = ("the kernel did not recover from the time-limit interrupt "
-                                f"in cell {index + 1}", False)
+                        stop = (
+                            f"the kernel did not recover from the time-limit interrupt in cell {index + 1}",
+                            False,
+                        )
                     if stop:  # a busy kernel would only stall a polite shutdown
                         client.shutdown_kernel = "immediate"
                 elif content.get("status") == "error":
@@ -275,10 +288,12 @@ def _explain_missing(ex_id: str, nb, runs: list[CellRun], spots: dict[str, int])
         return checks.ERROR, "no check function is registered for this exercise"
     name = entry[1].__name__
     answer_indices = set(spots.values())
-    code = [(i, c.source) for i, c in enumerate(nb.cells)
-            if c.cell_type == "code" and i not in answer_indices]
-    check_cells = [i for i, src in code if re.search(rf"\.{re.escape(name)}\s*\(", src)] or \
-                  [i for i, src in code if re.search(rf"\b{re.escape(name)}\s*\(", src)]
+    code = [
+        (i, c.source) for i, c in enumerate(nb.cells) if c.cell_type == "code" and i not in answer_indices
+    ]
+    check_cells = [i for i, src in code if re.search(rf"\.{re.escape(name)}\s*\(", src)] or [
+        i for i, src in code if re.search(rf"\b{re.escape(name)}\s*\(", src)
+    ]
     if not check_cells:
         return checks.ERROR, f"no cell of the exercise notebook calls the check {name}()"
     answers = set()
@@ -324,19 +339,28 @@ def locate(path: Path, exercises_dir: Path) -> Path:
     chapter_of(path.stem)
     canonical = exercises_dir / f"{path.stem}.ipynb"
     if not canonical.is_file():
-        raise UsageError(f"{path}: there is no exercise notebook {canonical} to grade it against "
-                         "(the file name must match an exercise; run python -m course_lib.build?)")
+        raise UsageError(
+            f"{path}: there is no exercise notebook {canonical} to grade it against "
+            "(the file name must match an exercise; run python -m course_lib.build?)"
+        )
     return canonical
 
 
-def grade_notebook(path: Path, canonical_path: Path, time_limit: float = TIME_LIMIT,
-                   save_dir: Path | None = None) -> dict:
+def grade_notebook(
+    path: Path, canonical_path: Path, time_limit: float = TIME_LIMIT, save_dir: Path | None = None
+) -> dict:
     """Grade one learner notebook; return its entry of the JSON report."""
     started = time.monotonic()
     chapter = chapter_of(path.stem)
     expected = checks.exercises_for_chapter(chapter)
-    entry = {"name": path.stem, "path": str(path), "exercise_notebook": str(canonical_path),
-             "chapter": chapter, "error": None, "cell_errors": []}
+    entry = {
+        "name": path.stem,
+        "path": str(path),
+        "exercise_notebook": str(canonical_path),
+        "chapter": chapter,
+        "error": None,
+        "cell_errors": [],
+    }
     try:
         learner = read_learner_notebook(path)
     except Exception as exc:  # unreadable JSON, not a notebook, ...
@@ -355,16 +379,21 @@ def grade_notebook(path: Path, canonical_path: Path, time_limit: float = TIME_LI
         entry["exercises"] = judge(nb, runs, expected, spots)
         # Lesson cells that failed: informative for a learner's notebook (a demo may use an
         # unfinished answer); a solution notebook must have none.
-        entry["cell_errors"] = [f"cell {r.index + 1}: {r.error or r.reason}" for r in runs
-                                if r.state in ("error", "timeout", "died") and r.index not in spots.values()]
+        entry["cell_errors"] = [
+            f"cell {r.index + 1}: {r.error or r.reason}"
+            for r in runs
+            if r.state in ("error", "timeout", "died") and r.index not in spots.values()
+        ]
         if not expected:
             entry["error"] = f"no exercises are registered for chapter {chapter:02d}"
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, save_dir / f"{path.stem}.ipynb")
     else:
-        entry["exercises"] = [{"id": i, "title": t, "status": checks.ERROR, "message": entry["error"]}
-                              for i, t in expected.items()]
+        entry["exercises"] = [
+            {"id": i, "title": t, "status": checks.ERROR, "message": entry["error"]}
+            for i, t in expected.items()
+        ]
     entry["passed"] = sum(e["status"] == checks.PASSED for e in entry["exercises"])
     entry["total"] = len(entry["exercises"])
     entry["seconds"] = round(time.monotonic() - started, 1)
@@ -378,15 +407,25 @@ def print_table(entry: dict, out=None) -> None:
     rows = [(e["id"], e["title"], e["status"], " ".join(e["message"].split())) for e in entry["exercises"]]
     head = ("id", "title", "status")
     widths = [max(len(r[k]) for r in rows + [head]) for k in range(3)]
-    print(f"\n{entry['path']}  (graded against {entry['exercise_notebook']}, {entry['seconds']:g} s)", file=out)
+    print(
+        f"\n{entry['path']}  (graded against {entry['exercise_notebook']}, {entry['seconds']:g} s)", file=out
+    )
     if entry["error"]:
         print(checks.wrap(f"  {entry['error']}"), file=out)
     for row in [head] + rows:
         print("  " + "  ".join(row[k].ljust(widths[k]) for k in range(3)).rstrip(), file=out)
         if len(row) > 3 and row[3]:
-            print(textwrap.fill(row[3], checks.LINE_WIDTH, initial_indent="      ",
-                                subsequent_indent="      ", break_long_words=False,
-                                break_on_hyphens=False), file=out)
+            print(
+                textwrap.fill(
+                    row[3],
+                    checks.LINE_WIDTH,
+                    initial_indent="      ",
+                    subsequent_indent="      ",
+                    break_long_words=False,
+                    break_on_hyphens=False,
+                ),
+                file=out,
+            )
     print(f"{entry['name']}: {entry['passed']}/{entry['total']} exercises passed", file=out)
 
 
@@ -398,30 +437,76 @@ def make_report(entries: list[dict], time_limit: float) -> dict:
     return {"time_limit_s": time_limit, "all_passed": all_passed, "totals": totals, "notebooks": entries}
 
 
+def _import_all(modules) -> None:
+    for name in modules:
+        importlib.import_module(name)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m course_lib.grade",
-                                     description="Grade exercise notebooks headless (see the module doc).")
-    parser.add_argument("paths", nargs="*", type=Path, metavar="PATH",
-                        help="a learner's exercise notebook (.ipynb or jupytext .py); "
-                             "default: every notebook in my_exercises/")
-    parser.add_argument("--report", type=Path, default=Path("grade-report.json"), metavar="FILE",
-                        help="where to write the JSON report (default: %(default)s)")
-    parser.add_argument("--time-limit", type=float, default=TIME_LIMIT, metavar="SECONDS",
-                        help="seconds each notebook may run (default: %(default)g)")
-    parser.add_argument("--exercises", type=Path, default=build.ROOT / build.EXERCISE_DIR, metavar="DIR",
-                        help="folder of the canonical exercise notebooks (default: %(default)s)")
-    parser.add_argument("--save-executed", type=Path, metavar="DIR",
-                        help="also write each executed notebook, with its outputs, to DIR")
-    parser.add_argument("--checks-module", action="append", default=[], metavar="MODULE",
-                        help="import this extra module of @exercise checks first (tests, add-on chapters)")
+    parser = argparse.ArgumentParser(
+        prog="python -m course_lib.grade",
+        description="Grade exercise notebooks headless (see the module doc).",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        metavar="PATH",
+        help="a learner's exercise notebook (.ipynb or jupytext .py); "
+        "default: every notebook in my_exercises/",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=Path("grade-report.json"),
+        metavar="FILE",
+        help="where to write the JSON report (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=TIME_LIMIT,
+        metavar="SECONDS",
+        help="seconds each notebook may run (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--exercises",
+        type=Path,
+        default=build.ROOT / build.EXERCISE_DIR,
+        metavar="DIR",
+        help="folder of the canonical exercise notebooks (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--save-executed",
+        type=Path,
+        metavar="DIR",
+        help="also write each executed notebook, with its outputs, to DIR",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="grade N notebooks at once, each with its own kernel (default: 1)",
+    )
+    parser.add_argument(
+        "--checks-module",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import this extra module of @exercise checks first (tests, add-on chapters)",
+    )
     args = parser.parse_args(argv)
     if not args.paths:
         from course_lib import workspace
 
         args.paths = workspace.learner_copies()
         if not args.paths:
-            print(f"grade: no notebooks in {workspace.WORK_DIR}/ (`make lab` makes them); "
-                  "name the notebooks to grade", file=sys.stderr)
+            print(
+                f"grade: no notebooks in {workspace.WORK_DIR}/ (`make lab` makes them); "
+                "name the notebooks to grade",
+                file=sys.stderr,
+            )
             return 2
     try:
         if not (args.time_limit > 0 and math.isfinite(args.time_limit)):
@@ -435,12 +520,32 @@ def main(argv=None) -> int:
     except UsageError as exc:
         print(f"grade: {exc}", file=sys.stderr)
         return 2
+    if args.jobs < 1:
+        print(f"grade: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
+        return 2
     entries = []
-    for path, canonical in zip(args.paths, canonicals):
-        print(f"grading {path} ...", flush=True)
-        entry = grade_notebook(path, canonical, args.time_limit, args.save_executed)
-        print_table(entry)
-        entries.append(entry)
+    if args.jobs == 1:
+        for path, canonical in zip(args.paths, canonicals):
+            print(f"grading {path} ...", flush=True)
+            entry = grade_notebook(path, canonical, args.time_limit, args.save_executed)
+            print_table(entry)
+            entries.append(entry)
+    else:
+        # Kernels wait on ranks and timers much of the time: a few at once use the cores better.
+        # Each worker imports the same --checks-module list as this process.
+        print(f"grading {len(args.paths)} notebooks, {args.jobs} at a time ...", flush=True)
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(
+            args.jobs, mp_context=context, initializer=_import_all, initargs=(args.checks_module,)
+        ) as pool:
+            futures = [
+                pool.submit(grade_notebook, path, canonical, args.time_limit, args.save_executed)
+                for path, canonical in zip(args.paths, canonicals)
+            ]
+            for future in futures:  # tables in the order the notebooks were named
+                entry = future.result()
+                print_table(entry)
+                entries.append(entry)
     report = make_report(entries, args.time_limit)
     if len(entries) > 1:
         t = report["totals"]

@@ -10,6 +10,7 @@ defined in a notebook cell works. Every rank's output comes back prefixed with
 ``[rank r]``; a rank that raises, crashes or waits forever in a collective is
 turned into a clear error within seconds, and no child outlives the call.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,16 +48,37 @@ MAX_WORLD_SIZE = 64
 # Functions of torch.distributed whose entry and exit each rank records, so a
 # deadlock report can say where every rank is waiting.
 TRACED_CALLS = (
-    "send", "recv", "isend", "irecv", "batch_isend_irecv", "broadcast",
-    "all_reduce", "reduce", "all_gather", "all_gather_into_tensor",
-    "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
-    "gather", "scatter", "barrier", "all_gather_object", "broadcast_object_list",
-    "all_gather_single", "reduce_scatter_single",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "batch_isend_irecv",
+    "broadcast",
+    "all_reduce",
+    "reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+    "barrier",
+    "all_gather_object",
+    "broadcast_object_list",
+    "all_gather_single",
+    "reduce_scatter_single",
 )
 _NON_BLOCKING = {TRACED_CALLS.index(name) for name in ("isend", "irecv", "batch_isend_irecv")}
 _RUNNING, _RETURNED = -1, -2
-SECONDARY_ERRORS = ("Connection closed by peer", "Connection reset by peer",
-                     "Broken pipe", "ECONNRESET", "EPIPE")
+SECONDARY_ERRORS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "ECONNRESET",
+    "EPIPE",
+)
 
 
 class RankError(RuntimeError):
@@ -98,14 +120,16 @@ def choose_backend(backend: str, world_size: int) -> str:
     if backend == "auto" and os.environ.get("COURSE_BACKEND"):
         backend = os.environ["COURSE_BACKEND"]  # an instructor's choice for the whole session
         if not _BACKEND_STRING.fullmatch(backend):
-            raise ValueError(f"COURSE_BACKEND must be 'gloo', 'nccl' or like {GPU_BACKEND!r}, "
-                             f"got {backend!r}")
+            raise ValueError(
+                f"COURSE_BACKEND must be 'gloo', 'nccl' or like {GPU_BACKEND!r}, got {backend!r}"
+            )
     if backend == "auto":
         return GPU_BACKEND if 0 < world_size <= gpus else "gloo"
     if uses_nccl(backend) and world_size > gpus:
         raise ValueError(
             f"backend {backend!r} needs one GPU per rank: world_size={world_size} but "
-            f"{gpus} CUDA device(s) are visible. Use backend='auto' or 'gloo'.")
+            f"{gpus} CUDA device(s) are visible. Use backend='auto' or 'gloo'."
+        )
     return backend
 
 
@@ -124,8 +148,7 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0,
-        debug: bool = False, **kwargs):
+def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0, debug: bool = False, **kwargs):
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return their results.
 
     Each rank is its own process with the default process group initialised
@@ -169,8 +192,9 @@ def _check_world_size(world_size) -> int:
     if n < 1:
         raise ValueError(f"world_size must be at least 1, got {n}")
     if n > MAX_WORLD_SIZE:
-        raise ValueError(f"world_size={n} is more processes than this course launches "
-                         f"(at most {MAX_WORLD_SIZE})")
+        raise ValueError(
+            f"world_size={n} is more processes than this course launches (at most {MAX_WORLD_SIZE})"
+        )
     return n
 
 
@@ -182,8 +206,11 @@ def dumps_by_value(obj) -> bytes:
     by reference and fail in the rank, so the modules of the functions found in
     ``obj`` (and in its top-level tuples, lists and dicts) go by value too.
     """
-    modules = {m for m in map(_module_of, _top_level_items(obj))
-               if m is not None and m.__name__ != "__main__" and not _importable_everywhere(m)}
+    modules = {
+        m
+        for m in map(_module_of, _top_level_items(obj))
+        if m is not None and m.__name__ != "__main__" and not _importable_everywhere(m)
+    }
     for module in modules:
         cloudpickle.register_pickle_by_value(module)
     try:
@@ -217,8 +244,9 @@ def _source_lines(fn) -> dict:
 
 def _importable_everywhere(module) -> bool:
     name = module.__name__.split(".")[0]
-    return name in ("course_lib", "torch", "builtins", "functools", "operator") or \
-        "site-packages" in (getattr(module, "__file__", "") or "")
+    return name in ("course_lib", "torch", "builtins", "functools", "operator") or "site-packages" in (
+        getattr(module, "__file__", "") or ""
+    )
 
 
 _CONTEXT = None
@@ -232,8 +260,16 @@ def _context():
         # Preloaded once, shared by every rank forked later. DTensor and dynamo are
         # heavy (~1 s each) and get imported by optimizers, DDP, FSDP and even by
         # cloudpickle's submodule detection once the notebook has imported them.
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.tensor",
-                                    "torch._dynamo", "cloudpickle", "course_lib.launch"])
+        ctx.set_forkserver_preload(
+            [
+                "torch",
+                "torch.distributed",
+                "torch.distributed.tensor",
+                "torch._dynamo",
+                "cloudpickle",
+                "course_lib.launch",
+            ]
+        )
         _CONTEXT = ctx
     return _CONTEXT
 
@@ -293,9 +329,23 @@ class _Launch:
                     # last words of a rank that aborts in C++ reach the notebook.
                     output_r, output_w = ctx.Pipe(duplex=False)
                     proc = ctx.Process(
-                        target=_rank_main, name=f"rank-{rank}", daemon=True,
-                        args=(rank, self.n, store_path, self.backend, self.pg_timeout,
-                              self.payload, child_end, output_w, self.where, self.calls, env))
+                        target=_rank_main,
+                        name=f"rank-{rank}",
+                        daemon=True,
+                        args=(
+                            rank,
+                            self.n,
+                            store_path,
+                            self.backend,
+                            self.pg_timeout,
+                            self.payload,
+                            child_end,
+                            output_w,
+                            self.where,
+                            self.calls,
+                            env,
+                        ),
+                    )
                     proc.start()
                     child_end.close()
                     output_w.close()
@@ -320,8 +370,9 @@ class _Launch:
             if remaining <= 0:
                 raise self._deadlock_error(None, f"after the launch timeout of {self.timeout:g} s")
             sentinels = {self.procs[r].sentinel: r for r in range(self.n) if not self.returned[r]}
-            ready = wait(list(self.open_outputs) + list(self.open_conns) + list(sentinels),
-                         timeout=min(remaining, 1.0))
+            ready = wait(
+                list(self.open_outputs) + list(self.open_conns) + list(sentinels), timeout=min(remaining, 1.0)
+            )
             self._read_ready(ready)
             for obj in ready:
                 if obj in sentinels and not self.returned[sentinels[obj]]:
@@ -360,8 +411,11 @@ class _Launch:
     def _drain(self, rank, wait_s=0.5):
         """Read a dead rank's output and messages up to their end."""
         end = time.monotonic() + wait_s
-        pending = [c for c in (self.outputs[rank], self.conns[rank])
-                   if c in self.open_outputs or c in self.open_conns]
+        pending = [
+            c
+            for c in (self.outputs[rank], self.conns[rank])
+            if c in self.open_outputs or c in self.open_conns
+        ]
         while pending and time.monotonic() < end:
             self._read_ready(wait(pending, timeout=max(0.0, end - time.monotonic())))
             pending = [c for c in pending if c in self.open_outputs or c in self.open_conns]
@@ -379,8 +433,9 @@ class _Launch:
             try:
                 self.results[rank] = pickle.loads(msg[1])
             except Exception as exc:  # e.g. a class the kernel cannot import
-                raise RankError(rank, f"rank {rank} returned a value the notebook cannot "
-                                      f"unpickle: {exc!r}") from None
+                raise RankError(
+                    rank, f"rank {rank} returned a value the notebook cannot unpickle: {exc!r}"
+                ) from None
             self.returned[rank] = True
             self.where[rank] = _RETURNED
         elif kind == "error":
@@ -404,17 +459,22 @@ class _Launch:
                 self._drain(r)
                 if r not in errors:
                     self._died(r)
-        secondary = {r for r, (tb, t, _) in errors.items()
-                     if not t and any(s in tb for s in SECONDARY_ERRORS)}
+        secondary = {
+            r for r, (tb, t, _) in errors.items() if not t and any(s in tb for s in SECONDARY_ERRORS)
+        }
         timed_out = {r for r, (_, t, _) in errors.items() if t}
         # A rank whose collective timed out leaves, and its peers then see their
         # connection close: still a deadlock, reported as one.
         if timed_out and set(errors) == timed_out | secondary:
             first = min(timed_out)
-            raise self._deadlock_error(first, f"when rank {first}'s collective timed out "
-                                              f"(PG_TIMEOUT={self.pg_timeout:g} s)", errors[first][0])
-        primary = [r for r, (tb, t, _) in errors.items()
-                   if not t and not any(s in tb for s in SECONDARY_ERRORS)]
+            raise self._deadlock_error(
+                first,
+                f"when rank {first}'s collective timed out (PG_TIMEOUT={self.pg_timeout:g} s)",
+                errors[first][0],
+            )
+        primary = [
+            r for r, (tb, t, _) in errors.items() if not t and not any(s in tb for s in SECONDARY_ERRORS)
+        ]
         first = min(primary or [r for r, (_, t, _) in errors.items() if not t])
         tb, _, exc_type = errors[first]
         tb = tb.rstrip()
@@ -424,16 +484,21 @@ class _Launch:
 
     def _died(self, rank):
         code = self.procs[rank].exitcode
-        how = f"was killed by signal {signal.Signals(-code).name}" if code and code < 0 \
+        how = (
+            f"was killed by signal {signal.Signals(-code).name}"
+            if code and code < 0
             else f"exited with code {code}"
+        )
         hint = ""
         tail = self.last_lines[rank] + ([self.partial[rank]] if self.partial[rank] else [])
         if tail:
             hint += "\nIts last output:\n" + "\n".join("    " + line for line in tail)
         if code == -signal.SIGABRT:
-            hint += ("\nAn abort inside a collective usually means the ranks passed tensors "
-                    "of different dtypes or sizes to the same call; run(..., debug=True) names "
-                    "the difference.")
+            hint += (
+                "\nAn abort inside a collective usually means the ranks passed tensors "
+                "of different dtypes or sizes to the same call; run(..., debug=True) names "
+                "the difference."
+            )
         raise RankError(rank, f"rank {rank} of {self.n} {how} before returning{hint}")
 
     def _deadlock_error(self, blamed, when, traceback_text=None):
@@ -454,11 +519,15 @@ class _Launch:
         if done:
             summary += f", while ranks {done} had already returned"
         if in_comm:
-            hint = ("The likely cause is a mismatched collective: every rank of a group must make "
-                    "the same communication calls in the same order, and a send needs a matching recv.")
+            hint = (
+                "The likely cause is a mismatched collective: every rank of a group must make "
+                "the same communication calls in the same order, and a send needs a matching recv."
+            )
         else:
-            hint = ("None of them was inside a communication call: an endless loop, or more work "
-                    "than the timeout allows (run(..., timeout=seconds) gives more).")
+            hint = (
+                "None of them was inside a communication call: an endless loop, or more work "
+                "than the timeout allows (run(..., timeout=seconds) gives more)."
+            )
         msg = f"{summary}.\n" + "\n".join(lines) + "\n" + hint
         if traceback_text:
             msg += f"\n\nWhere rank {blamed} was waiting:\n{traceback_text.rstrip()}"
@@ -516,8 +585,9 @@ def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn,
             torch.cuda.set_device(rank)
         if backend == "nccl":  # bind the GPU now; beside gloo, NCCL starts at the first GPU call,
             options["device_id"] = torch.device("cuda", rank)  # so CPU-only chapters never pay for it
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                timeout=timeout, **options)
+        dist.init_process_group(
+            backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **options
+        )
         fn, args, kwargs, sources = cloudpickle.loads(payload)
         for filename, lines in sources.items():  # so tracebacks can quote notebook cells
             linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
@@ -626,8 +696,11 @@ def replace_dist_functions(replacements: dict):
     isend/irecv are replaced in c10d too: ``dist.P2POp`` accepts only the functions
     that c10d itself calls isend/irecv.
     """
-    saved = [(module, name, getattr(module, name)) for name in replacements
-             for module in ((dist, c10d) if name in ("isend", "irecv") else (dist,))]
+    saved = [
+        (module, name, getattr(module, name))
+        for name in replacements
+        for module in ((dist, c10d) if name in ("isend", "irecv") else (dist,))
+    ]
     for module, name, _ in saved:
         setattr(module, name, replacements[name])
 
@@ -646,6 +719,7 @@ def _die_with_parent():
     that pipe: close ours, or a killed kernel would leave its ranks running.
     """
     from multiprocessing import forkserver
+
     alive_fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
     if alive_fd is not None:
         try:
@@ -663,15 +737,20 @@ def _die_with_parent():
 def _user_traceback(exc: BaseException) -> str:
     """The traceback without this module's or torch's frames: the learner's code."""
     hidden = (os.path.abspath(__file__), os.path.dirname(torch.__file__) + os.sep)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not os.path.abspath(f.filename).startswith(hidden)]
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not os.path.abspath(f.filename).startswith(hidden)
+    ]
     lines = ["Traceback (most recent call last):\n"] if frames else []
     lines += traceback.format_list(frames) + traceback.format_exception_only(type(exc), exc)
     return explain_mismatch("".join(lines))
 
 
-_FINGERPRINT = re.compile(r"Rank (\d+) is running collective: CollectiveFingerPrint\(SequenceNumber=(\d+), "
-                          r"OpType=(\w+), TensorShape=\[([^\]]*)\], TensorDtypes=(\w+)")
+_FINGERPRINT = re.compile(
+    r"Rank (\d+) is running collective: CollectiveFingerPrint\(SequenceNumber=(\d+), "
+    r"OpType=(\w+), TensorShape=\[([^\]]*)\], TensorDtypes=(\w+)"
+)
 
 
 def explain_mismatch(text: str) -> str:
@@ -686,12 +765,16 @@ def explain_mismatch(text: str) -> str:
     calls = _FINGERPRINT.findall(report)
     if len(calls) < 2:
         return text
-    lines = ["The ranks made different communication calls at the same point "
-             "(TORCH_DISTRIBUTED_DEBUG=DETAIL compares them):"]
+    lines = [
+        "The ranks made different communication calls at the same point "
+        "(TORCH_DISTRIBUTED_DEBUG=DETAIL compares them):"
+    ]
     for rank, seq, op, shape, dtype in calls:
         shape = f"[{shape}]" if shape else "[] (no tensor)"
-        lines.append(f"  rank {rank}: {op.lower()} of a {dtype.lower()} tensor of shape {shape}, "
-                     f"its collective number {int(seq) + 1}")
+        lines.append(
+            f"  rank {rank}: {op.lower()} of a {dtype.lower()} tensor of shape {shape}, "
+            f"its collective number {int(seq) + 1}"
+        )
     diff = report.split("differ in the following aspects:", 1)[-1].strip()
     if diff and diff != report:
         diff = re.sub(r"\bTensor Tensor\b", "tensor", diff)
@@ -702,8 +785,12 @@ def explain_mismatch(text: str) -> str:
 
 def _is_timeout(exc: BaseException) -> bool:
     text = str(exc)
-    return isinstance(exc, (TimeoutError, dist.DistStoreError)) or "Timed out" in text \
-        or "timed out" in text or "Timeout" in text
+    return (
+        isinstance(exc, (TimeoutError, dist.DistStoreError))
+        or "Timed out" in text
+        or "timed out" in text
+        or "Timeout" in text
+    )
 
 
 def _to_cpu(obj):

@@ -15,6 +15,7 @@ backward), so its ranks are neighbours — on a real cluster, GPUs of one node b
 NVLink. Data parallelism talks once per step; pipeline stages only pass activations to
 the next stage, the least traffic, so they may sit furthest apart (across nodes).
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -80,6 +81,7 @@ class GridLayout:
     def draw(self, highlight: int | None = None):
         """Three panels, one per axis: every rank as a box, colored by its group on that axis."""
         from course_lib.viz import draw_rank_grid
+
         return draw_rank_grid(self, highlight)
 
 
@@ -94,8 +96,10 @@ class RankGrid(GridLayout):
         super().__init__(dp, tp, pp)
         world = dist.get_world_size()
         if self.world_size != world:
-            raise ValueError(f"dp·tp·pp = {dp}·{tp}·{pp} = {self.world_size} must equal the world size "
-                             f"{world}: every rank needs exactly one place on the grid")
+            raise ValueError(
+                f"dp·tp·pp = {dp}·{tp}·{pp} = {self.world_size} must equal the world size "
+                f"{world}: every rank needs exactly one place on the grid"
+            )
         self.rank = dist.get_rank()
         self.coord = self.coordinates(self.rank)
         for axis in AXES:
@@ -125,24 +129,37 @@ def build_3d_stage(grid: RankGrid, model: nn.Sequential) -> nn.Sequential:
     The layer names keep their global index (``"3.fc1.weight"``), so they match the model's.
     """
     from course_lib import pp, tp
+
     stage = pp.partition(model, grid.pp_rank, grid.pp)
-    return nn.Sequential(OrderedDict(
-        (name, tp.TensorParallelMLP.from_dense(layer, group=grid.tp_group))
-        for name, layer in stage.named_children()))
+    return nn.Sequential(
+        OrderedDict(
+            (name, tp.TensorParallelMLP.from_dense(layer, group=grid.tp_group))
+            for name, layer in stage.named_children()
+        )
+    )
 
 
 def tp_block(name: str, dense: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     """The block of a dense MLP parameter that tensor-parallel rank ``tp_rank`` holds."""
     step_rows, step_cols = dense.shape[0] // tp_size, dense.shape[-1] // tp_size
     if name.endswith(("fc1.weight", "fc1.bias")):  # column-parallel: a block of output features
-        return dense[tp_rank * step_rows:(tp_rank + 1) * step_rows]
+        return dense[tp_rank * step_rows : (tp_rank + 1) * step_rows]
     if name.endswith("fc2.weight"):  # row-parallel: a block of input features
-        return dense[:, tp_rank * step_cols:(tp_rank + 1) * step_cols]
+        return dense[:, tp_rank * step_cols : (tp_rank + 1) * step_cols]
     return dense  # fc2's bias is replicated
 
 
-def train_3d(dp: int, tp: int, pp: int, batches, model_fn, microbatches: int = 2,
-             zero_stage: int | None = None, lr: float = 0.1, average_gradients=None) -> dict:
+def train_3d(
+    dp: int,
+    tp: int,
+    pp: int,
+    batches,
+    model_fn,
+    microbatches: int = 2,
+    zero_stage: int | None = None,
+    lr: float = 0.1,
+    average_gradients=None,
+) -> dict:
     """Train ``model_fn()`` (an ``nn.Sequential`` of MLPs, the same on every rank) on a grid.
 
     Per step: rank takes its dp shard of the batch; its pipeline stage (``pp.train_step``,
@@ -187,6 +204,7 @@ def train_3d(dp: int, tp: int, pp: int, batches, model_fn, microbatches: int = 2
 def train_dense(model, batches, zero_stage: int | None = None, lr: float = 0.1) -> list[float]:
     """The single-process reference for :func:`train_3d`: same optimizer, whole batches."""
     from course_lib import dp as data_parallel
+
     if zero_stage is None:
         return data_parallel.train_single_process(model, batches, lr)
     adamw = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)  # ZeroAdam's defaults
@@ -199,8 +217,9 @@ def compare_with_dense(results: list, dense_params: dict, tp_size: int, rtol=1e-
     for rank, result in enumerate(results):
         for name, got in result["params"].items():
             expected = tp_block(name, dense_params[name], result["coord"].tp, tp_size)
-            torch.testing.assert_close(got, expected, rtol=rtol, atol=atol,
-                                       msg=lambda m, n=name, r=rank: f"rank {r}, {n}: {m}")
+            torch.testing.assert_close(
+                got, expected, rtol=rtol, atol=atol, msg=lambda m, n=name, r=rank: f"rank {r}, {n}: {m}"
+            )
             compared += 1
     return compared
 
@@ -227,13 +246,22 @@ class StepMessages:
         """Predicted seconds per axis from an :class:`~course_lib.alpha_beta.AlphaBeta` ``model``:
         a ring all-reduce 2(N−1)α + 2(N−1)/N·S/β for each dp and tp message, α + S/β for each
         pipeline message."""
-        return {"dp": sum(model.ring_all_reduce(dp, s) for s in self.dp),
-                "tp": sum(model.ring_all_reduce(tp, s) for s in self.tp),
-                "pp": sum(model.message(s) for s in self.pp)}
+        return {
+            "dp": sum(model.ring_all_reduce(dp, s) for s in self.dp),
+            "tp": sum(model.ring_all_reduce(tp, s) for s in self.tp),
+            "pp": sum(model.message(s) for s in self.pp),
+        }
 
 
-def step_messages(grid: GridLayout, coord: Coord, stage: nn.Module, tokens: int, hidden: int,
-                  microbatches: int, element_bytes: int = 4) -> StepMessages:
+def step_messages(
+    grid: GridLayout,
+    coord: Coord,
+    stage: nn.Module,
+    tokens: int,
+    hidden: int,
+    microbatches: int,
+    element_bytes: int = 4,
+) -> StepMessages:
     """The messages of one step on the rank at ``coord``, ``stage`` its (tensor-parallel) layers,
     ``tokens`` rows of width ``hidden`` per micro-batch. An MLP layer all-reduces its output
     in the forward (g) and its input's gradient in the backward (f), except the first stage's
@@ -261,8 +289,9 @@ def _fastest(fn, repeats: int) -> float:
     return best
 
 
-def time_step_messages(dp: int, tp: int, pp: int, model_fn, tokens_per_rank: int, microbatches: int,
-                       repeats: int = 5) -> dict:
+def time_step_messages(
+    dp: int, tp: int, pp: int, model_fn, tokens_per_rank: int, microbatches: int, repeats: int = 5
+) -> dict:
     """Inside each rank: one real 3D step, then its messages replayed on their own, per axis.
 
     Replayed without the compute between them, so what is timed is communication only: the dp
@@ -303,8 +332,11 @@ def time_step_messages(dp: int, tp: int, pp: int, model_fn, tokens_per_rank: int
             if before is not None:
                 dist.send(activation, before, group=grid.pp_group)
 
-    seconds = {"dp": _fastest(lambda: data_parallel.average_gradients_allreduce(stage, grid.dp_group),
-                              repeats) if dp > 1 else 0.0,
-               "tp": _fastest(tp_replay, repeats) if tp > 1 else 0.0,
-               "pp": _fastest(pp_replay, repeats) if pp > 1 else 0.0}
+    seconds = {
+        "dp": _fastest(lambda: data_parallel.average_gradients_allreduce(stage, grid.dp_group), repeats)
+        if dp > 1
+        else 0.0,
+        "tp": _fastest(tp_replay, repeats) if tp > 1 else 0.0,
+        "pp": _fastest(pp_replay, repeats) if pp > 1 else 0.0,
+    }
     return {"coord": grid.coord, "messages": messages, "seconds": seconds}

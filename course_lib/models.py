@@ -4,6 +4,7 @@ Everything is deterministic given a seed, so N ranks that build "the same model"
 really hold the same numbers, and a single-process reference can be rebuilt
 bit for bit to check a parallel run against.
 """
+
 from __future__ import annotations
 
 import math
@@ -93,10 +94,12 @@ def regression_data(num_samples: int, d_model: int = 16, seed: int = 1):
 def shard(batch: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank ``rank``'s contiguous slice of ``batch`` along dim 0 (equal sizes only)."""
     if batch.shape[0] % world_size:
-        raise ValueError(f"a batch of {batch.shape[0]} does not split evenly over "
-                         f"{world_size} ranks; use a multiple of {world_size}")
+        raise ValueError(
+            f"a batch of {batch.shape[0]} does not split evenly over "
+            f"{world_size} ranks; use a multiple of {world_size}"
+        )
     size = batch.shape[0] // world_size
-    return batch[rank * size:(rank + 1) * size]
+    return batch[rank * size : (rank + 1) * size]
 
 
 def num_params(model: nn.Module) -> int:
@@ -151,7 +154,8 @@ class DropoutTransformerBlock(TransformerBlock):
         return x + self.mlp_out_dropout(self.mlp(self.ln2(x)))
 
 
-def make_dropout_block(d_model: int = 16, n_heads: int = 4, d_hidden: int | None = None, p: float = 0.1,
-                       seed: int = 0) -> DropoutTransformerBlock:
+def make_dropout_block(
+    d_model: int = 16, n_heads: int = 4, d_hidden: int | None = None, p: float = 0.1, seed: int = 0
+) -> DropoutTransformerBlock:
     torch.manual_seed(seed)
     return DropoutTransformerBlock(d_model, n_heads, d_hidden, p)

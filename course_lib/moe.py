@@ -10,6 +10,7 @@ N ranks. Each expert has a buffer of C = ceil(k·cf·T/E) slots; an assignment
 contributes nothing. Rank r holds experts [r·E/N, (r+1)·E/N); tokens travel to
 their experts and back by an all-to-all built here from send/recv.
 """
+
 from __future__ import annotations
 
 import math
@@ -70,7 +71,7 @@ def assign_slots(expert_index: torch.Tensor, num_experts: int, capacity: int) ->
     filled = torch.zeros(num_experts, dtype=torch.long)  # slots taken so far, per expert
     for choice in range(expert_index.shape[1]):
         one_hot = F.one_hot(expert_index[:, choice], num_experts)  # T×E
-        position = (filled + one_hot.cumsum(dim=0) - 1).gather(1, expert_index[:, choice:choice + 1])[:, 0]
+        position = (filled + one_hot.cumsum(dim=0) - 1).gather(1, expert_index[:, choice : choice + 1])[:, 0]
         slot[:, choice] = torch.where(position < capacity, position, -1)
         filled += one_hot.sum(dim=0)
     return slot
@@ -146,10 +147,12 @@ def _exchange_counts(send_counts: list[int], group=None) -> list[int]:
     rank, n = _rank_and_size(group)
     mine = torch.tensor(send_counts, dtype=torch.int64)
     theirs = mine.clone()  # theirs[j]: rows rank j will send me (my own entry is already right)
-    requests = [dist.isend(mine[j:j + 1], global_rank(group, j), group=group) for j in range(n) if j != rank]
+    requests = [
+        dist.isend(mine[j : j + 1], global_rank(group, j), group=group) for j in range(n) if j != rank
+    ]
     for j in range(n):
         if j != rank:
-            dist.recv(theirs[j:j + 1], global_rank(group, j), group=group)
+            dist.recv(theirs[j : j + 1], global_rank(group, j), group=group)
     for request in requests:
         request.wait()
     return theirs.tolist()
@@ -167,8 +170,10 @@ def all_to_all(rows: torch.Tensor, send_counts, group=None, recv_counts=None):
     rank, n = _rank_and_size(group)
     send_counts = [int(c) for c in send_counts]
     if len(send_counts) != n or sum(send_counts) != rows.shape[0]:
-        raise ValueError(f"send_counts={send_counts} must have one entry per rank (N={n}) "
-                         f"summing to the {rows.shape[0]} rows to send")
+        raise ValueError(
+            f"send_counts={send_counts} must have one entry per rank (N={n}) "
+            f"summing to the {rows.shape[0]} rows to send"
+        )
     if recv_counts is None:
         recv_counts = _exchange_counts(send_counts, group) if n > 1 else send_counts
     recv_counts = [int(c) for c in recv_counts]
@@ -178,8 +183,11 @@ def all_to_all(rows: torch.Tensor, send_counts, group=None, recv_counts=None):
     received = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
     incoming = received.split(recv_counts)
     # All sends are posted first (non-blocking), so no pair of ranks waits on each other.
-    requests = [dist.isend(outgoing[j], global_rank(group, j), group=group)
-                for j in range(n) if j != rank and send_counts[j]]
+    requests = [
+        dist.isend(outgoing[j], global_rank(group, j), group=group)
+        for j in range(n)
+        if j != rank and send_counts[j]
+    ]
     incoming[rank].copy_(outgoing[rank])
     for j in range(n):
         if j != rank and recv_counts[j]:
@@ -197,8 +205,13 @@ def builtin_all_to_all(rows: torch.Tensor, send_counts, group=None):
     dist.all_to_all_single(counts, torch.tensor(send_counts, dtype=torch.int64), group=group)
     recv_counts = counts.tolist()
     received = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
-    dist.all_to_all_single(received, rows.contiguous(), output_split_sizes=recv_counts,
-                           input_split_sizes=send_counts, group=group)
+    dist.all_to_all_single(
+        received,
+        rows.contiguous(),
+        output_split_sizes=recv_counts,
+        input_split_sizes=send_counts,
+        group=group,
+    )
     return received, recv_counts
 
 
@@ -235,24 +248,33 @@ class MoELayer(nn.Module):
     every rank's tokens that reached it, through the reverse all-to-all.
     """
 
-    def __init__(self, gate: nn.Module, local_experts, num_experts: int, k: int,
-                 capacity_factor: float, group=None):
+    def __init__(
+        self, gate: nn.Module, local_experts, num_experts: int, k: int, capacity_factor: float, group=None
+    ):
         super().__init__()
         self.gate, self.experts = gate, nn.ModuleList(local_experts)
         self.num_experts, self.k, self.capacity_factor, self.group = num_experts, k, capacity_factor, group
         self.last_routing: Routing | None = None
 
     @classmethod
-    def from_dense(cls, gate, experts, k: int, capacity_factor: float, group=None) -> "MoELayer":
+    def from_dense(cls, gate, experts, k: int, capacity_factor: float, group=None) -> MoELayer:
         """Keep experts [r·E/N, (r+1)·E/N) of the full list ``experts`` on rank r (shared, not copied)."""
         rank, n = _rank_and_size(group)
         num_experts = len(experts)
         if num_experts % n:
-            raise ValueError(f"E={num_experts} experts do not split evenly over N={n} ranks; "
-                             f"use a number of experts divisible by {n}")
+            raise ValueError(
+                f"E={num_experts} experts do not split evenly over N={n} ranks; "
+                f"use a number of experts divisible by {n}"
+            )
         per_rank = num_experts // n
-        return cls(gate, list(experts)[rank * per_rank:(rank + 1) * per_rank], num_experts, k,
-                   capacity_factor, group)
+        return cls(
+            gate,
+            list(experts)[rank * per_rank : (rank + 1) * per_rank],
+            num_experts,
+            k,
+            capacity_factor,
+            group,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.last_routing = route(self.gate(x), self.k, self.capacity_factor)
@@ -294,12 +316,14 @@ def dense_moe(x: torch.Tensor, gate, experts, k: int, capacity_factor: float) ->
         row = x.new_zeros(x.shape[1])
         for j in range(k):
             if routing.slot[t, j] >= 0:  # a dropped assignment contributes nothing
-                row = row + routing.weight[t, j] * experts[int(routing.expert_index[t, j])](x[t:t + 1])[0]
+                row = row + routing.weight[t, j] * experts[int(routing.expert_index[t, j])](x[t : t + 1])[0]
         rows.append(row)
     return torch.stack(rows)
 
 
-def traffic_formula(num_tokens: int, k: int, d_model: int, world_size: int, bytes_per_element: int = 4) -> int:
+def traffic_formula(
+    num_tokens: int, k: int, d_model: int, world_size: int, bytes_per_element: int = 4
+) -> int:
     """Bytes one rank sends in one all-to-all when routing is balanced and nothing is dropped.
 
     k·T rows of D elements leave the gate; a share (N−1)/N of them belongs to

@@ -12,6 +12,7 @@ time of one micro-batch's forward and backward on one stage. The batch is cut
 into m equal micro-batches; each micro-batch's loss is divided by m, so the
 gradients equal one process training on the whole batch with a mean loss.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,7 +26,6 @@ from torch.utils.flop_counter import flop_registry
 
 from course_lib import launch
 from course_lib.comm import global_rank, recv_header, send_header
-
 
 # ----------------------------------------------------------------------------
 # schedules: the order in which each stage runs its forwards (F) and backwards (B)
@@ -79,18 +79,22 @@ def validate_schedule(schedule) -> int:
     m = None
     for s, actions in enumerate(schedule):
         for a in actions if isinstance(actions, (list, tuple)) else [actions]:
-            if not (isinstance(a, (list, tuple)) and len(a) == 2 and a[0] in ("F", "B")
-                    and type(a[1]) is int):
+            if not (
+                isinstance(a, (list, tuple)) and len(a) == 2 and a[0] in ("F", "B") and type(a[1]) is int
+            ):
                 raise ValueError(f"stage {s}: {a!r} is not an action like ('F', 0) or ('B', 0)")
         seen = [tuple(a) for a in actions]
         m = sum(kind == "F" for kind, _ in seen) if m is None else m  # stage 0 sets m
         expected = sorted((kind, i) for kind in "FB" for i in range(m))
         if sorted(seen) != expected:
-            wrong = sorted(set(expected) - set(seen)) or [a for a in seen if seen.count(a) > 1
-                                                           or a not in expected]
+            wrong = sorted(set(expected) - set(seen)) or [
+                a for a in seen if seen.count(a) > 1 or a not in expected
+            ]
             what = "misses" if set(expected) - set(seen) else "has an extra"
-            raise ValueError(f"stage {s} {what} {wrong[0]}: every stage must run F 0..{m - 1} and "
-                             f"B 0..{m - 1} exactly once each (m = {m}, from stage 0)")
+            raise ValueError(
+                f"stage {s} {what} {wrong[0]}: every stage must run F 0..{m - 1} and "
+                f"B 0..{m - 1} exactly once each (m = {m}, from stage 0)"
+            )
     if m == 0:
         raise ValueError("a schedule needs at least one micro-batch")
     return m
@@ -151,10 +155,16 @@ def simulate(schedule, t_f=1.0, t_b=2.0) -> Simulation:
                 position[s] += 1
                 progressed = True
         if not progressed:
-            waits = [f"stage {s} waits at {orders[s][position[s]]} for "
-                     + " and ".join(f"{k} {i} on stage {t}" for k, i, t in
-                                    _dependencies(*orders[s][position[s]], s, p) if (k, i, t) not in finished)
-                     for s in range(p) if position[s] < 2 * m]
+            waits = [
+                f"stage {s} waits at {orders[s][position[s]]} for "
+                + " and ".join(
+                    f"{k} {i} on stage {t}"
+                    for k, i, t in _dependencies(*orders[s][position[s]], s, p)
+                    if (k, i, t) not in finished
+                )
+                for s in range(p)
+                if position[s] < 2 * m
+            ]
             raise ValueError("the schedule deadlocks: " + "; ".join(waits))
     total = max(clock)
     busy = sum(m * (t_f[s] + t_b[s]) for s in range(p))
@@ -182,8 +192,10 @@ def partition_bounds(costs, world_size: int) -> list[tuple[int, int]]:
     """
     n = len(costs)
     if world_size < 1 or n < world_size:
-        raise ValueError(f"cannot split {n} layer(s) over {world_size} ranks: every rank needs "
-                         f"at least one layer (use fewer ranks or a deeper model)")
+        raise ValueError(
+            f"cannot split {n} layer(s) over {world_size} ranks: every rank needs "
+            f"at least one layer (use fewer ranks or a deeper model)"
+        )
     costs = list(costs) if sum(costs) > 0 else [1] * n
     prefix = [0]
     for c in costs:
@@ -305,15 +317,28 @@ def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------
 # the runtime: one rank runs its stage's actions, talking to its neighbours
 
+
 def _split(batch, m: int, what: str):
     if batch.shape[0] % m:
-        raise ValueError(f"{what} has a batch of {batch.shape[0]}, which does not split into "
-                         f"{m} equal micro-batches: use a batch size that is a multiple of {m}")
+        raise ValueError(
+            f"{what} has a batch of {batch.shape[0]}, which does not split into "
+            f"{m} equal micro-batches: use a batch size that is a multiple of {m}"
+        )
     return batch.split(batch.shape[0] // m)
 
 
-def train_step(stage, inputs, targets, loss_fn, num_microbatches, schedule="gpipe", group=None, *,
-               checkpoint=False, timeline=None):
+def train_step(
+    stage,
+    inputs,
+    targets,
+    loss_fn,
+    num_microbatches,
+    schedule="gpipe",
+    group=None,
+    *,
+    checkpoint=False,
+    timeline=None,
+):
     """One training step of a pipeline; call it on every rank of ``group`` with its own stage.
 
     ``inputs`` are used by the first stage, ``targets`` by the last (other ranks may pass

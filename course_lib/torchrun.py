@@ -33,6 +33,7 @@ gradients, times all-reduces across the nodes, and runs a course strategy.
 :func:`placement` and :func:`accumulation_steps` are the arithmetic behind it
 (and the references of exercises 10.5 and 10.6).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,12 +69,25 @@ def torchrun_command(args, nproc: int = 2, module: str | None = "course_lib.demo
     if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
         raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
     target = ["-m", module] if module else []
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", *target, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *target,
+        *args,
+    ]
 
 
-def run_torchrun(args, nproc: int = 2, timeout: float = 120.0, module: str | None = "course_lib.demo",
-                 echo: bool = True, env: dict | None = None) -> str:
+def run_torchrun(
+    args,
+    nproc: int = 2,
+    timeout: float = 120.0,
+    module: str | None = "course_lib.demo",
+    echo: bool = True,
+    env: dict | None = None,
+) -> str:
     """Run ``torchrun --standalone --nproc-per-node=nproc -m module *args``; return its output.
 
     ``args`` is a string (split on spaces) or a list. Output is printed as it
@@ -83,8 +97,15 @@ def run_torchrun(args, nproc: int = 2, timeout: float = 120.0, module: str | Non
     command = torchrun_command(args, nproc, module)
     child_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     # Its own session, so a timeout can end torchrun and every rank it started, and nothing else.
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace", env=child_env, start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=child_env,
+        start_new_session=True,
+    )
     lines = []
 
     def pump():  # a thread, so the timeout below holds even while no line arrives
@@ -101,13 +122,19 @@ def run_torchrun(args, nproc: int = 2, timeout: float = 120.0, module: str | Non
         _end(proc)
         reader.join(2)
         output = "".join(lines)
-        raise TorchrunError(f"torchrun did not finish within {timeout:g} s and was stopped; "
-                            f"last output:\n{_tail(output)}", None, output) from None
+        raise TorchrunError(
+            f"torchrun did not finish within {timeout:g} s and was stopped; last output:\n{_tail(output)}",
+            None,
+            output,
+        ) from None
     reader.join()
     output = "".join(lines)
     if returncode != 0:
-        raise TorchrunError(f"torchrun failed with exit code {returncode}: {' '.join(command[3:])}\n"
-                            f"{_summary(output)}", returncode, output)
+        raise TorchrunError(
+            f"torchrun failed with exit code {returncode}: {' '.join(command[3:])}\n{_summary(output)}",
+            returncode,
+            output,
+        )
     return output
 
 
@@ -141,8 +168,13 @@ def _end(proc) -> None:
 
 def _summary(output: str) -> str:
     """What the ranks said about the failure, without torchrun's long report after it."""
-    own = [ln for ln in output.splitlines() if ln.startswith(("course_lib.demo:", "demo "))
-           or "Error" in ln and not ln.startswith(("torch.distributed.elastic", "  "))]
+    own = [
+        ln
+        for ln in output.splitlines()
+        if ln.startswith(("course_lib.demo:", "demo "))
+        or "Error" in ln
+        and not ln.startswith(("torch.distributed.elastic", "  "))
+    ]
     return "\n".join(own[-TAIL_LINES:]) if own else _tail(output)
 
 
@@ -168,8 +200,10 @@ def placement(rank: int, nproc_per_node, cuda_visible_devices=None) -> tuple[int
     """
     counts = [int(c) for c in nproc_per_node]
     if not 0 <= rank < sum(counts):
-        raise ValueError(f"rank {rank} does not exist: {' + '.join(map(str, counts))} = {sum(counts)} "
-                         f"processes have ranks 0 ... {sum(counts) - 1}")
+        raise ValueError(
+            f"rank {rank} does not exist: {' + '.join(map(str, counts))} = {sum(counts)} "
+            f"processes have ranks 0 ... {sum(counts) - 1}"
+        )
     node, first = 0, 0
     while rank >= first + counts[node]:  # ranks are numbered node after node
         first += counts[node]
@@ -180,9 +214,11 @@ def placement(rank: int, nproc_per_node, cuda_visible_devices=None) -> tuple[int
         return node, local_rank, local_rank
     listed = [int(d) for d in visible.split(",") if d.strip()]
     if local_rank >= len(listed):
-        raise ValueError(f"rank {rank} is local rank {local_rank} on node {node}, but that node's "
-                         f"CUDA_VISIBLE_DEVICES={visible!r} shows {len(listed)} GPU(s): cuda:{local_rank} "
-                         f"does not exist there")
+        raise ValueError(
+            f"rank {rank} is local rank {local_rank} on node {node}, but that node's "
+            f"CUDA_VISIBLE_DEVICES={visible!r} shows {len(listed)} GPU(s): cuda:{local_rank} "
+            f"does not exist there"
+        )
     return node, local_rank, listed[local_rank]
 
 
@@ -200,8 +236,10 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int, tp:
     if global_batch % per_step or global_batch < per_step:
         lower, higher = global_batch // per_step * per_step, (global_batch // per_step + 1) * per_step
         nearest = f"{lower} or {higher}" if lower else f"{higher}"
-        raise ValueError(f"global batch {global_batch} is not a multiple of micro batch × data-parallel "
-                         f"ranks = {micro_batch} × {dp} = {per_step}; choose a global batch of {nearest}")
+        raise ValueError(
+            f"global batch {global_batch} is not a multiple of micro batch × data-parallel "
+            f"ranks = {micro_batch} × {dp} = {per_step}; choose a global batch of {nearest}"
+        )
     return global_batch // per_step
 
 
@@ -210,8 +248,18 @@ def accumulation_steps(global_batch: int, micro_batch: int, world_size: int, tp:
 
 
 #: What a rank of the two-node demo reads from torchrun (NODE_RANK is not among what torchrun sets).
-ENV_NAMES = ("RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE",
-             "GROUP_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CUDA_VISIBLE_DEVICES")
+ENV_NAMES = (
+    "RANK",
+    "LOCAL_RANK",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "LOCAL_WORLD_SIZE",
+    "WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CUDA_VISIBLE_DEVICES",
+)
 REPORT_PREFIX = "course_lib.torchrun report: "
 NODE_RANK_IGNORED = "node_rank is only used for static rdzv_backend"  # torchrun's own warning
 
@@ -226,7 +274,9 @@ class NodesRun:
     endpoint: str = ""  # the rendezvous, HOST:PORT
 
     def output(self) -> str:
-        return "".join(f"[node {i}] {line}\n" for i, out in enumerate(self.outputs) for line in out.splitlines())
+        return "".join(
+            f"[node {i}] {line}\n" for i, out in enumerate(self.outputs) for line in out.splitlines()
+        )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -236,24 +286,59 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def nodes_command(node_rank: int, nnodes: int = 2, nproc_per_node: int = 2, endpoint: str = "127.0.0.1:29500",
-                  args=(), module: str | None = "course_lib.torchrun", run_id: str = "course",
-                  join_timeout: float = 60) -> list[str]:
+def nodes_command(
+    node_rank: int,
+    nnodes: int = 2,
+    nproc_per_node: int = 2,
+    endpoint: str = "127.0.0.1:29500",
+    args=(),
+    module: str | None = "course_lib.torchrun",
+    run_id: str = "course",
+    join_timeout: float = 60,
+) -> list[str]:
     """The command line of node ``node_rank``: what you would type on that machine."""
     args = args.split() if isinstance(args, str) else [str(a) for a in args]
     for name, value in (("nnodes", nnodes), ("nproc_per_node", nproc_per_node)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     target = ["-m", module] if module else []
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node_rank", str(node_rank),
-            "--nproc_per_node", str(nproc_per_node), "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
-            "--rdzv_id", run_id, "--rdzv_conf", f"join_timeout={max(1, int(join_timeout))}",
-            "--max_restarts", "0", *target, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        str(nnodes),
+        "--node_rank",
+        str(node_rank),
+        "--nproc_per_node",
+        str(nproc_per_node),
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        endpoint,
+        "--rdzv_id",
+        run_id,
+        "--rdzv_conf",
+        f"join_timeout={max(1, int(join_timeout))}",
+        "--max_restarts",
+        "0",
+        *target,
+        *args,
+    ]
 
 
-def run_nodes(args=(), nnodes: int = 2, nproc_per_node: int = 2, timeout: float = 180.0,
-              module: str | None = "course_lib.torchrun", echo: bool = True, env: dict | None = None,
-              node_env: list | None = None, host: str = "127.0.0.1", port: int | None = None) -> NodesRun:
+def run_nodes(
+    args=(),
+    nnodes: int = 2,
+    nproc_per_node: int = 2,
+    timeout: float = 180.0,
+    module: str | None = "course_lib.torchrun",
+    echo: bool = True,
+    env: dict | None = None,
+    node_env: list | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+) -> NodesRun:
     """Start ``nnodes`` torchruns on this machine that meet at one c10d rendezvous on ``host``.
 
     Node i runs :func:`nodes_command` (i) with ``env`` and ``node_env[i]`` added to its
@@ -267,8 +352,10 @@ def run_nodes(args=(), nnodes: int = 2, nproc_per_node: int = 2, timeout: float 
     node_env = list(node_env or [{}] * nnodes)
     if len(node_env) != nnodes:
         raise ValueError(f"node_env needs one dict per node ({nnodes}), got {len(node_env)}")
-    commands = [nodes_command(i, nnodes, nproc_per_node, f"{host}:{port}", args, module, run_id, timeout)
-                for i in range(nnodes)]
+    commands = [
+        nodes_command(i, nnodes, nproc_per_node, f"{host}:{port}", args, module, run_id, timeout)
+        for i in range(nnodes)
+    ]
     base = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     procs, lines, readers = [], [[] for _ in range(nnodes)], []
     start = time.perf_counter()
@@ -290,8 +377,15 @@ def run_nodes(args=(), nnodes: int = 2, nproc_per_node: int = 2, timeout: float 
 
     try:
         for i, command in enumerate(commands):
-            proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    errors="replace", env=dict(base, **node_env[i]), start_new_session=True)
+            proc = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                env=dict(base, **node_env[i]),
+                start_new_session=True,
+            )
             procs.append(proc)
             readers.append(threading.Thread(target=pump, args=(i, proc), daemon=True))
             readers[-1].start()
@@ -306,16 +400,23 @@ def run_nodes(args=(), nnodes: int = 2, nproc_per_node: int = 2, timeout: float 
                 codes = [proc.poll() for proc in procs]
                 end_all()
                 out = outputs()
-                raise TorchrunError(_nodes_failure(codes, out, commands), next(c for c in codes if c),
-                                    NodesRun(out, 0, None).output())
+                raise TorchrunError(
+                    _nodes_failure(codes, out, commands),
+                    next(c for c in codes if c),
+                    NodesRun(out, 0, None).output(),
+                )
             if all(code == 0 for code in codes):
                 break
             if time.perf_counter() - start > timeout:
                 end_all()
                 output = NodesRun(outputs(), 0, None).output()
-                raise TorchrunError(f"the {nnodes} nodes did not finish within {timeout:g} s and were stopped "
-                                    f"(a node that never joined the rendezvous, or ranks waiting for each "
-                                    f"other); last output:\n{_tail(output)}", None, output)
+                raise TorchrunError(
+                    f"the {nnodes} nodes did not finish within {timeout:g} s and were stopped "
+                    f"(a node that never joined the rendezvous, or ranks waiting for each "
+                    f"other); last output:\n{_tail(output)}",
+                    None,
+                    output,
+                )
             time.sleep(0.05)
     except BaseException:
         end_all()  # a TorchrunError above, the notebook's Stop button, or a failed start
@@ -335,10 +436,16 @@ def _nodes_failure(codes, outputs, commands) -> str:
     """Which node failed, and which rank's error is the cause rather than a consequence."""
     from course_lib.launch import SECONDARY_ERRORS
 
-    states = ", ".join(f"node {i} " + ("still running (stopped)" if c is None else f"exit code {c}")
-                       for i, c in enumerate(codes))
-    errors = [(int(m[1]), node, m[2]) for node, out in enumerate(outputs) for line in out.splitlines()
-              if (m := _RANK_ERROR.match(line))]
+    states = ", ".join(
+        f"node {i} " + ("still running (stopped)" if c is None else f"exit code {c}")
+        for i, c in enumerate(codes)
+    )
+    errors = [
+        (int(m[1]), node, m[2])
+        for node, out in enumerate(outputs)
+        for line in out.splitlines()
+        if (m := _RANK_ERROR.match(line))
+    ]
     causes = [e for e in errors if not any(s in e[2] for s in SECONDARY_ERRORS)]
     if causes:
         rank, node, text = causes[0]
@@ -349,16 +456,22 @@ def _nodes_failure(codes, outputs, commands) -> str:
         node = next(i for i, c in enumerate(codes) if c)
         lines = outputs[node].splitlines()
         root = next((i for i, ln in enumerate(lines) if ln.startswith("Root Cause")), None)
-        facts = [ln.strip() for ln in lines[root:root + 8] if ln.strip().startswith(("rank", "exitcode"))] \
-            if root is not None else []
-        detail = ("torchrun's root cause: " + "; ".join(" ".join(f.split()) for f in facts)) if facts \
+        facts = (
+            [ln.strip() for ln in lines[root : root + 8] if ln.strip().startswith(("rank", "exitcode"))]
+            if root is not None
+            else []
+        )
+        detail = (
+            ("torchrun's root cause: " + "; ".join(" ".join(f.split()) for f in facts))
+            if facts
             else _summary(outputs[node])
+        )
         head = f"node {node} failed ({' '.join(commands[node][3:])})\n{detail}"
     return f"the {len(codes)}-node run failed: {states}.\n{head}"
 
 
 def _report(output: str) -> dict | None:
-    found = [ln[len(REPORT_PREFIX):] for ln in output.splitlines() if ln.startswith(REPORT_PREFIX)]
+    found = [ln[len(REPORT_PREFIX) :] for ln in output.splitlines() if ln.startswith(REPORT_PREFIX)]
     return json.loads(found[-1]) if found else None
 
 
@@ -379,8 +492,14 @@ def rank_view(environ=None) -> dict:
         gpu = placement(local_rank, [local_rank + 1], None if visible is None else [visible])[2]
     except ValueError:
         gpu = None  # this node lists fewer GPUs than it runs ranks
-    view.update(pid=os.getpid(), host=socket.gethostname(), gpus_here=gpus, physical_gpu=gpu,
-                device=f"cuda:{local_rank}", set_device=False)
+    view.update(
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        gpus_here=gpus,
+        physical_gpu=gpu,
+        device=f"cuda:{local_rank}",
+        set_device=False,
+    )
     if local_rank < gpus:  # a GPU machine: really select it
         torch.cuda.set_device(local_rank)
         view.update(set_device=True, device=f"cuda:{torch.cuda.current_device()}")
@@ -416,11 +535,19 @@ def check_global_batch(global_batch: int, micro_batch: int, d_model: int = 8, se
     dist.all_reduce(total)
     reference = make_mlp(d_model, 2 * d_model, seed)
     F.mse_loss(reference(x), y).backward()
-    diff = max((p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), reference.parameters()))
+    diff = max(
+        (p.grad - q.grad).abs().max().item() for p, q in zip(model.parameters(), reference.parameters())
+    )
     worst = torch.tensor([diff], dtype=torch.float64)
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return {"global_batch": global_batch, "micro_batch": micro_batch, "accumulation_steps": m,
-            "dp_ranks": n, "samples_seen": int(total), "max_grad_diff": float(worst)}
+    return {
+        "global_batch": global_batch,
+        "micro_batch": micro_batch,
+        "accumulation_steps": m,
+        "dp_ranks": n,
+        "samples_seen": int(total),
+        "max_grad_diff": float(worst),
+    }
 
 
 def time_pair_all_reduce(sizes, pair, min_seconds: float = 0.05, batches: int = 5) -> dict:
@@ -470,7 +597,9 @@ def _worker(argv=None) -> int:
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--sizes", default="4096,1048576,4194304", help="all-reduce sizes in bytes")
     parser.add_argument("--strategies", default="dp", help="course_lib.demo strategies to run, or ''")
-    parser.add_argument("--fail-rank", type=int, default=-1, help="this global rank raises (to see a failure)")
+    parser.add_argument(
+        "--fail-rank", type=int, default=-1, help="this global rank raises (to see a failure)"
+    )
     opts = parser.parse_args(argv)
 
     import torch
@@ -483,10 +612,13 @@ def _worker(argv=None) -> int:
     dist.init_process_group("gloo")  # env://: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from torchrun
     rank = dist.get_rank()
     try:
-        print(f"RANK={view['RANK']} LOCAL_RANK={view['LOCAL_RANK']} GROUP_RANK={view['GROUP_RANK']} "
-              f"NODE_RANK={view['NODE_RANK']} CUDA_VISIBLE_DEVICES={view['CUDA_VISIBLE_DEVICES']} -> "
-              f"set_device({view['LOCAL_RANK']}) = {view['device']} = physical GPU {view['physical_gpu']}"
-              f"{'' if view['set_device'] else ' (no such GPU here: not called)'}", flush=True)
+        print(
+            f"RANK={view['RANK']} LOCAL_RANK={view['LOCAL_RANK']} GROUP_RANK={view['GROUP_RANK']} "
+            f"NODE_RANK={view['NODE_RANK']} CUDA_VISIBLE_DEVICES={view['CUDA_VISIBLE_DEVICES']} -> "
+            f"set_device({view['LOCAL_RANK']}) = {view['device']} = physical GPU {view['physical_gpu']}"
+            f"{'' if view['set_device'] else ' (no such GPU here: not called)'}",
+            flush=True,
+        )
         if rank == opts.fail_rank:
             raise RuntimeError(f"rank {rank} fails on purpose (--fail-rank)")
         views = [None] * dist.get_world_size()

@@ -24,6 +24,7 @@ To look inside: ``who_holds_what`` says which rank keeps each weight element
 (chapter 04's picture), ``saved_activation_bytes`` what autograd saves for
 backward, by module (chapter 05's memory measurements).
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,8 +43,10 @@ SEQ_DIM = 1
 def block_of(size: int, world_size: int, rank: int, what: str = "size") -> slice:
     """Rank ``rank``'s contiguous block of ``range(size)``; ValueError if it does not split evenly."""
     if size % world_size:
-        raise ValueError(f"{what}={size} does not split evenly over N={world_size} ranks "
-                         f"({size} % {world_size} = {size % world_size})")
+        raise ValueError(
+            f"{what}={size} does not split evenly over N={world_size} ranks "
+            f"({size} % {world_size} = {size % world_size})"
+        )
     step = size // world_size
     return slice(rank * step, (rank + 1) * step)
 
@@ -282,11 +285,16 @@ class TensorParallelMLP(nn.Module):
     def from_dense(cls, mlp, group=None, sequence_parallel=False, recompute_gather=False):
         n, hidden = dist.get_world_size(group), mlp.fc1.out_features
         if hidden % n:
-            raise ValueError(f"the MLP's hidden size H={hidden} does not split over N={n} ranks "
-                             f"(H % N = {hidden % n}); choose N dividing H")
-        return cls(ColumnParallelLinear.from_dense(mlp.fc1, group, sequence_parallel=sequence_parallel,
-                                                   recompute_gather=recompute_gather),
-                   RowParallelLinear.from_dense(mlp.fc2, group, sequence_parallel))
+            raise ValueError(
+                f"the MLP's hidden size H={hidden} does not split over N={n} ranks "
+                f"(H % N = {hidden % n}); choose N dividing H"
+            )
+        return cls(
+            ColumnParallelLinear.from_dense(
+                mlp.fc1, group, sequence_parallel=sequence_parallel, recompute_gather=recompute_gather
+            ),
+            RowParallelLinear.from_dense(mlp.fc2, group, sequence_parallel),
+        )
 
     def forward(self, x):
         # GELU acts element by element on this rank's own columns: no sync needed.
@@ -305,10 +313,13 @@ class TensorParallelAttention(nn.Module):
     def from_dense(cls, attn, group=None, sequence_parallel=False, recompute_gather=False):
         n = dist.get_world_size(group)
         if attn.n_heads % n:
-            raise ValueError(f"n_heads={attn.n_heads} does not split over N={n} ranks "
-                             f"(n_heads % N = {attn.n_heads % n}); choose N dividing n_heads")
-        qkv = ColumnParallelLinear.from_dense(attn.qkv, group, parts=3, sequence_parallel=sequence_parallel,
-                                              recompute_gather=recompute_gather)
+            raise ValueError(
+                f"n_heads={attn.n_heads} does not split over N={n} ranks "
+                f"(n_heads % N = {attn.n_heads % n}); choose N dividing n_heads"
+            )
+        qkv = ColumnParallelLinear.from_dense(
+            attn.qkv, group, parts=3, sequence_parallel=sequence_parallel, recompute_gather=recompute_gather
+        )
         proj = RowParallelLinear.from_dense(attn.proj, group, sequence_parallel)
         return cls(qkv, proj, attn.n_heads // n, attn.d_head)
 
@@ -331,8 +342,13 @@ class TensorParallelBlock(nn.Module):
     @classmethod
     def from_dense(cls, block, group=None, **options):
         # LayerNorm acts on each token alone and is tiny: every rank keeps all of it.
-        return cls(copy.deepcopy(block.ln1), TensorParallelAttention.from_dense(block.attn, group, **options),
-                   copy.deepcopy(block.ln2), TensorParallelMLP.from_dense(block.mlp, group, **options), group)
+        return cls(
+            copy.deepcopy(block.ln1),
+            TensorParallelAttention.from_dense(block.attn, group, **options),
+            copy.deepcopy(block.ln2),
+            TensorParallelMLP.from_dense(block.mlp, group, **options),
+            group,
+        )
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x))
@@ -380,12 +396,15 @@ def _holdings_rank(d_model, d_hidden, n_heads):
             p.copy_(torch.arange(p.numel(), dtype=p.dtype).view_as(p))
     mlp = TensorParallelMLP.from_dense(block.mlp)
     attn = TensorParallelAttention.from_dense(block.attn)
-    return {**{f"mlp.{k}": p.detach() for k, p in mlp.named_parameters()},
-            **{f"attn.{k}": p.detach() for k, p in attn.named_parameters()}}
+    return {
+        **{f"mlp.{k}": p.detach() for k, p in mlp.named_parameters()},
+        **{f"attn.{k}": p.detach() for k, p in attn.named_parameters()},
+    }
 
 
-def who_holds_what(world_size: int = 4, d_model: int = 8, d_hidden: int = 32, n_heads: int = 4,
-                   **run_kwargs) -> dict:
+def who_holds_what(
+    world_size: int = 4, d_model: int = 8, d_hidden: int = 32, n_heads: int = 4, **run_kwargs
+) -> dict:
     """Which rank holds each element of an MLP's and an attention's weights after ``from_dense``.
 
     Fills every dense weight with its own element numbers, shards it with
@@ -400,7 +419,7 @@ def who_holds_what(world_size: int = 4, d_model: int = 8, d_hidden: int = 32, n_
     held = run(_holdings_rank, world_size, d_model, d_hidden, n_heads, backend="gloo", **run_kwargs)
     dense = dict(make_block(d_model, n_heads, d_hidden).named_parameters())
     owners = {}
-    for name, kept in held[0].items():
+    for name in held[0]:
         shape = dense[name].shape
         count, owner = torch.zeros(shape.numel()), torch.zeros(shape.numel())
         for rank, h in enumerate(held):

@@ -8,6 +8,7 @@ notebook in ``my_exercises/`` (ignored by git). A copy is never overwritten: a n
 the course later is copied the next time, and deleting a copy gives a fresh one.
 ``python -m course_lib.grade`` with no paths grades these copies.
 """
+
 from __future__ import annotations
 
 import shutil

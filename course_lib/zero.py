@@ -22,6 +22,7 @@ one *unit*, laid out in one flat buffer zero-padded to a multiple of N; rank r
 owns elements [r·S, (r+1)·S) of it, S = padded / N. Per layer, so that stage 3
 can gather one layer at a time. Notation: N ranks, Ψ parameters.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,10 @@ from torch.utils._pytree import tree_flatten
 
 STAGES = (0, 1, 2, 3)
 #: Bytes per parameter of (params, grads, optimizer states) on every rank of plain DP.
-PRECISIONS = {"fp32": (4, 4, 8),  # this course on CPU: fp32 params, grads, Adam's m and v
-              "mixed": (2, 2, 12)}  # fp16 params and grads; fp32 master copy, m and v
+PRECISIONS = {
+    "fp32": (4, 4, 8),  # this course on CPU: fp32 params, grads, Adam's m and v
+    "mixed": (2, 2, 12),
+}  # fp16 params and grads; fp32 master copy, m and v
 
 
 def padded_size(numel: int, world_size: int) -> int:
@@ -46,13 +49,21 @@ def formula_bytes(stage: int, psi: float, world_size: int, precision: str = "fp3
     """Bytes of model states per rank by the ZeRO paper's accounting (no padding)."""
     p, g, o = PRECISIONS[precision]
     n = world_size
-    return {"params": p * psi / (n if stage >= 3 else 1),
-            "grads": g * psi / (n if stage >= 2 else 1),
-            "optimizer": o * psi / (n if stage >= 1 else 1)}
+    return {
+        "params": p * psi / (n if stage >= 3 else 1),
+        "grads": g * psi / (n if stage >= 2 else 1),
+        "optimizer": o * psi / (n if stage >= 1 else 1),
+    }
 
 
-def formula_traffic(stage: int, psi: float, world_size: int, bytes_per_element: int = 4,
-                    micro_batches: int = 1, accumulate_unsharded: bool = False) -> float:
+def formula_traffic(
+    stage: int,
+    psi: float,
+    world_size: int,
+    bytes_per_element: int = 4,
+    micro_batches: int = 1,
+    accumulate_unsharded: bool = False,
+) -> float:
     """Bytes each rank receives per step: 2Ψ (DP, stages 1, 2) or 3Ψ (stage 3), times (N−1)/N.
 
     With M = ``micro_batches`` backwards before each step (gradient accumulation), counted in
@@ -80,8 +91,8 @@ def adamw_(param, grad, exp_avg, exp_avg_sq, step: int, lr, betas, eps, weight_d
     param.mul_(1 - lr * weight_decay)  # decoupled weight decay: AdamW, not Adam + L2
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
-    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
 
 
 def reduce_scatter(flat: torch.Tensor, group=None) -> torch.Tensor:
@@ -118,17 +129,17 @@ class _Unit:
         self.full = self.flat([p.detach() for p in params])
         for p, view in zip(params, self.views(self.full)):
             p.data = view
-        self.param_shard = self.full[self.start:self.start + self.shard_size]
+        self.param_shard = self.full[self.start : self.start + self.shard_size]
 
     def flat(self, tensors) -> torch.Tensor:
         """A new flat buffer holding ``tensors`` one after another, then zeros up to ``padded``."""
         out = torch.zeros(self.padded, dtype=self.exp_avg.dtype, device=self.exp_avg.device)
-        torch.cat([t.reshape(-1) for t in tensors], out=out[:self.numel])
+        torch.cat([t.reshape(-1) for t in tensors], out=out[: self.numel])
         return out
 
     def views(self, flat):
         """One view of ``flat`` per parameter, in its shape."""
-        pieces = flat[:self.numel].split([p.numel() for p in self.params])
+        pieces = flat[: self.numel].split([p.numel() for p in self.params])
         return [piece.view(p.shape) for piece, p in zip(pieces, self.params)]
 
     def flat_grad(self) -> torch.Tensor:
@@ -148,13 +159,23 @@ class ZeroAdam:
     not from the model.
     """
 
-    def __init__(self, model, stage: int, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, group=None):
+    def __init__(
+        self,
+        model,
+        stage: int,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        group=None,
+    ):
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage must be one of {STAGES} (0 = plain data parallel), got {stage!r}")
         if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and all(0 <= b < 1 for b in betas)):
-            raise ValueError(f"need lr, eps, weight_decay >= 0 and 0 <= betas < 1; got lr={lr}, "
-                             f"betas={betas}, eps={eps}, weight_decay={weight_decay}")
+            raise ValueError(
+                f"need lr, eps, weight_decay >= 0 and 0 <= betas < 1; got lr={lr}, "
+                f"betas={betas}, eps={eps}, weight_decay={weight_decay}"
+            )
         self.model, self.stage, self.group = model, stage, group
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
@@ -165,8 +186,10 @@ class ZeroAdam:
         self.names = {p: name for name, p in named}
         # Plain DP is "one shard holding everything": the same code, nothing sharded.
         self.parts, rank = (1, 0) if stage == 0 else (self.world_size, self.rank)
-        self.units = [_Unit(m, [self.names[p] for p in ps], ps, self.parts, rank)
-                      for m, ps in self._owned_parameters(model)]
+        self.units = [
+            _Unit(m, [self.names[p] for p in ps], ps, self.parts, rank)
+            for m, ps in self._owned_parameters(model)
+        ]
         self.in_flight = {}  # stage 1: unit -> its reduce-scatter started during the backward
         self.sync = True  # False inside no_sync(): backwards keep their gradients, unsharded
         if stage >= 1:
@@ -186,8 +209,10 @@ class ZeroAdam:
         for module in model.modules():
             own = list(module.parameters(recurse=False))
             if self.stage == 3 and any(p in seen for p in own):
-                raise ValueError("stage 3 gathers each module's own parameters around its forward; "
-                                 "a parameter shared by two modules is not supported")
+                raise ValueError(
+                    "stage 3 gathers each module's own parameters around its forward; "
+                    "a parameter shared by two modules is not supported"
+                )
             own = [p for p in own if p not in seen]
             seen.update(own)
             if own:
@@ -305,13 +330,24 @@ class ZeroAdam:
             if unit.grad_shard is None:
                 continue  # like torch: no gradient, no update
             unit.step += 1
-            adamw_(unit.param_shard, unit.grad_shard, unit.exp_avg, unit.exp_avg_sq, unit.step,
-                   self.lr, self.betas, self.eps, self.weight_decay)
+            adamw_(
+                unit.param_shard,
+                unit.grad_shard,
+                unit.exp_avg,
+                unit.exp_avg_sq,
+                unit.step,
+                self.lr,
+                self.betas,
+                self.eps,
+                self.weight_decay,
+            )
             if self.stage < 2:
                 unit.grad_shard = None  # stages 0, 1 keep the full local gradients instead
             if self.stage in (1, 2):  # send this layer's new shard while the next one is updated
                 mine = unit.param_shard.clone()  # input and output of a gather must not overlap
-                gathers.append((dist.all_gather_single(unit.full, mine, group=self.group, async_op=True), mine))
+                gathers.append(
+                    (dist.all_gather_single(unit.full, mine, group=self.group, async_op=True), mine)
+                )
         for request, _ in gathers:
             request.wait()
 
@@ -344,10 +380,13 @@ class ZeroAdam:
     def memory_report(self) -> dict:
         """Bytes of model states this rank holds now, from the tensors' storages (each counted once)."""
         seen, units = set(), self.units
-        return {"params": storage_bytes([u.full for u in units] + [u.param_shard for u in units], seen),
-                "grads": storage_bytes([p.grad for u in units for p in u.params]
-                                       + [u.grad_shard for u in units], seen),
-                "optimizer": storage_bytes([u.exp_avg for u in units] + [u.exp_avg_sq for u in units], seen)}
+        return {
+            "params": storage_bytes([u.full for u in units] + [u.param_shard for u in units], seen),
+            "grads": storage_bytes(
+                [p.grad for u in units for p in u.params] + [u.grad_shard for u in units], seen
+            ),
+            "optimizer": storage_bytes([u.exp_avg for u in units] + [u.exp_avg_sq for u in units], seen),
+        }
 
 
 def storage_bytes(tensors, seen: set | None = None) -> int:
@@ -370,8 +409,10 @@ def _check_same_on_all_ranks(named, group) -> None:
     everyone = torch.empty(n * 2, dtype=torch.int64)
     dist.all_gather_single(everyone, sizes, group=group)  # sizes first: gloo mixes unequal tensors silently
     if not (everyone.view(n, 2) == sizes).all():
-        raise ValueError(f"ZeroAdam: the ranks' models differ: (parameter tensors, elements) per rank are "
-                         f"{[tuple(row) for row in everyone.view(n, 2).tolist()]}; every rank needs the same model")
+        raise ValueError(
+            f"ZeroAdam: the ranks' models differ: (parameter tensors, elements) per rank are "
+            f"{[tuple(row) for row in everyone.view(n, 2).tolist()]}; every rank needs the same model"
+        )
     mine = torch.stack([_checksum(p.detach()) for _, p in named])
     everyone = torch.empty(n * len(named), 2, dtype=torch.float64)
     dist.all_gather_single(everyone, mine, group=group)
@@ -379,10 +420,12 @@ def _check_same_on_all_ranks(named, group) -> None:
     differs = (everyone != everyone[0]).any(dim=2)  # [rank, parameter]
     if differs.any():
         rank, i = (int(v) for v in differs.nonzero()[0])
-        raise ValueError(f"ZeroAdam: parameter {named[i][0]!r} differs across ranks (checksum on rank 0: "
-                         f"{everyone[0, i, 0].item():.6g}, on rank {rank}: {everyone[rank, i, 0].item():.6g}); "
-                         "every rank must start from the same weights: build the model with the same seed "
-                         "or broadcast rank 0's")
+        raise ValueError(
+            f"ZeroAdam: parameter {named[i][0]!r} differs across ranks (checksum on rank 0: "
+            f"{everyone[0, i, 0].item():.6g}, on rank {rank}: {everyone[rank, i, 0].item():.6g}); "
+            "every rank must start from the same weights: build the model with the same seed "
+            "or broadcast rank 0's"
+        )
 
 
 def _checksum(t: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,6 @@
 
 # %%
 import inspect
-
 import math
 
 import torch
@@ -43,6 +42,7 @@ from course_lib import alpha_beta, collectives, launch, viz
 # `dist.send(tensor, dst)` ships a tensor to rank `dst`; `dist.recv(tensor, src)` waits for one
 # from rank `src` and writes it **into** the tensor it is given (which must already have the right
 # shape and dtype). Here rank 0 sends three numbers to rank 1:
+
 
 # %%
 def send_to_rank_1():
@@ -147,6 +147,7 @@ print(inspect.getsource(collectives.collective))
 # A quick check of the identity above, on 4 ranks: an all-reduce of K = 8 elements gives the same
 # numbers as a reduce-scatter followed by an all-gather.
 
+
 # %%
 def all_reduce_two_ways():
     rank = dist.get_rank()
@@ -161,7 +162,9 @@ def all_reduce_two_ways():
 
 
 same = launch.run(all_reduce_two_ways, 4)
-assert all(same), f"all-reduce ≠ reduce-scatter + all-gather on ranks {[r for r, ok in enumerate(same) if not ok]}"
+assert all(same), (
+    f"all-reduce ≠ reduce-scatter + all-gather on ranks {[r for r, ok in enumerate(same) if not ok]}"
+)
 print("✔ on every rank, all-reduce = reduce-scatter followed by all-gather")
 
 # %% [markdown]
@@ -251,14 +254,18 @@ for t in timings:
 viz.plot_timing(timings, predict=lambda t: collectives.predict(model, t))
 
 # %%
-print(f"{'collective':<11} {'N':>2} {'S':>8} {'α–β prediction':>15} {'best batch':>11} {'median':>9}  "
-      f"{'median / prediction':>19}")
+print(
+    f"{'collective':<11} {'N':>2} {'S':>8} {'α–β prediction':>15} {'best batch':>11} {'median':>9}  "
+    f"{'median / prediction':>19}"
+)
 for t in timings:
     predicted = collectives.predict(model, t)
     for i in (0, len(sizes) - 1):
-        print(f"{t.name:<11} {t.world_size:>2} {collectives.format_bytes(t.nbytes[i]):>8} "
-              f"{predicted[i] * 1e3:>12.3f} ms {t.fastest[i] * 1e3:>8.3f} ms {t.seconds[i] * 1e3:>6.3f} ms  "
-              f"{t.seconds[i] / predicted[i]:>19.1f}")
+        print(
+            f"{t.name:<11} {t.world_size:>2} {collectives.format_bytes(t.nbytes[i]):>8} "
+            f"{predicted[i] * 1e3:>12.3f} ms {t.fastest[i] * 1e3:>8.3f} ms {t.seconds[i] * 1e3:>6.3f} ms  "
+            f"{t.seconds[i] / predicted[i]:>19.1f}"
+        )
 
 # %% [markdown]
 # What to read. Your numbers differ from run to run, so what follows is what the model says and
@@ -295,10 +302,14 @@ if wire is None:
     print("wire bytes cannot be read here (NCCL, or not Linux): skipped")
 else:
     print(f"N = {WIRE_N}, S = {collectives.format_bytes(WIRE_S)}; bytes per rank in units of S")
-    print(f"{'collective':<15} {'factor (bound)':>14} {'most received':>14} {'most sent':>10}   sent by rank 0…N−1")
+    print(
+        f"{'collective':<15} {'factor (bound)':>14} {'most received':>14} {'most sent':>10}   sent by rank 0…N−1"
+    )
     for name, w in wire.items():
-        print(f"{name:<15} {collectives.bus_factor(name, WIRE_N):>14.3f} {max(w.received) / w.nbytes:>14.3f} "
-              f"{max(w.sent) / w.nbytes:>10.3f}   " + " ".join(f"{x / w.nbytes:.2f}" for x in w.sent))
+        print(
+            f"{name:<15} {collectives.bus_factor(name, WIRE_N):>14.3f} {max(w.received) / w.nbytes:>14.3f} "
+            f"{max(w.sent) / w.nbytes:>10.3f}   " + " ".join(f"{x / w.nbytes:.2f}" for x in w.sent)
+        )
 
 # %% [markdown]
 # gloo (torch 2.13) reaches the bound for all-reduce, all-gather and all-to-all: those busbw
@@ -326,10 +337,14 @@ if wire is not None:
     for name in ("all-reduce", "all-gather", "all-to-all"):  # at the bound, give or take headers
         assert max(wire[name].received) / S <= 1.03 * collectives.bus_factor(name, WIRE_N), name
     assert log2n - 0.01 <= wire["broadcast"].sent[0] / S < log2n + 0.5  # the tree's root
-    assert 2 * (WIRE_N - 1) / WIRE_N * 0.99 <= wire["reduce"].received[0] / S <= 2 * (WIRE_N - 1) / WIRE_N * 1.03
+    assert (
+        2 * (WIRE_N - 1) / WIRE_N * 0.99 <= wire["reduce"].received[0] / S <= 2 * (WIRE_N - 1) / WIRE_N * 1.03
+    )
     assert min(wire["reduce-scatter"].received) / S >= 0.99 * 2 * (WIRE_N - 1) / WIRE_N
-    print("✔ every collective moves at least its factor × S through some link;",
-          "gloo's broadcast root sends ⌈log₂N⌉·S, its reduce-scatter moves an all-reduce's bytes")
+    print(
+        "✔ every collective moves at least its factor × S through some link;",
+        "gloo's broadcast root sends ⌈log₂N⌉·S, its reduce-scatter moves an all-reduce's bytes",
+    )
 
 # %% [markdown]
 # Time every collective too, N = 4, a small and a larger array (7 batches each). Read busbw
@@ -338,7 +353,7 @@ if wire is not None:
 
 # %%
 every = collectives.time_collectives(collectives.COLLECTIVES, 4, [64 * 1024, 1 << 20], min_seconds=0.03)
-for name, t in every.items():
+for t in every.values():
     print(t.table(), end="\n\n")
 
 # %% [markdown]
@@ -376,14 +391,18 @@ viz.plot_rounds({"flat broadcast, N = 8": traces["flat", 8], "tree broadcast, N 
 
 # %%
 bcast = {8: collectives.time_broadcasts(8, [4096, 1 << 20], min_seconds=0.03)}
-print(f"{'N':>2} {'S':>7} {'algorithm':<15} {'rounds':>6} {'α–β prediction':>15} {'best batch':>11} {'median':>9}")
+print(
+    f"{'N':>2} {'S':>7} {'algorithm':<15} {'rounds':>6} {'α–β prediction':>15} {'best batch':>11} {'median':>9}"
+)
 for n, by_name in bcast.items():
     for i, nbytes in enumerate(by_name["tree"].nbytes):
         for name, t in by_name.items():
             r = n - 1 if name == "flat" else math.ceil(math.log2(n))
-            print(f"{n:>2} {collectives.format_bytes(nbytes):>7} {name:<15} {r:>6} "
-                  f"{model.rounds(r, nbytes) * 1e3:>12.3f} ms {t.fastest[i] * 1e3:>8.3f} ms "
-                  f"{t.seconds[i] * 1e3:>6.3f} ms")
+            print(
+                f"{n:>2} {collectives.format_bytes(nbytes):>7} {name:<15} {r:>6} "
+                f"{model.rounds(r, nbytes) * 1e3:>12.3f} ms {t.fastest[i] * 1e3:>8.3f} ms "
+                f"{t.seconds[i] * 1e3:>6.3f} ms"
+            )
 
 # %% [markdown]
 # Read your own table: the rounds counted above are exact on any machine, the times are not.
@@ -406,27 +425,54 @@ ar4, ag4 = timings[1], timings[2]
 rows = [
     ("one message, 64 B … 16 MiB", "t = α + S/β", model.describe()),
     ("all-reduce = reduce-scatter + all-gather", "equal on every rank", f"{sum(same)}/{len(same)} ranks"),
-    ("all-reduce N=4, 4 MiB: time", f"2(N−1)(α+S/(Nβ)) = {collectives.predict(model, ar4)[-1] * 1e3:.2f} ms",
-     f"{ar4.seconds[-1] * 1e3:.2f} ms"),
-    ("all-gather N=4, 4 MiB: time", f"(N−1)(α+S/(Nβ)) = {collectives.predict(model, ag4)[-1] * 1e3:.2f} ms",
-     f"{ag4.seconds[-1] * 1e3:.2f} ms"),
+    (
+        "all-reduce N=4, 4 MiB: time",
+        f"2(N−1)(α+S/(Nβ)) = {collectives.predict(model, ar4)[-1] * 1e3:.2f} ms",
+        f"{ar4.seconds[-1] * 1e3:.2f} ms",
+    ),
+    (
+        "all-gather N=4, 4 MiB: time",
+        f"(N−1)(α+S/(Nβ)) = {collectives.predict(model, ag4)[-1] * 1e3:.2f} ms",
+        f"{ag4.seconds[-1] * 1e3:.2f} ms",
+    ),
 ]
 if wire is not None:
     for name in collectives.COLLECTIVES[1:]:
-        rows.append((f"{name} N=4: most received / S", f"factor ≥ {collectives.bus_factor(name, WIRE_N):.3f}",
-                     f"{max(wire[name].received) / WIRE_S:.3f}"))
-    rows.append(("broadcast N=4: root sent / S", f"tree: ⌈log₂N⌉ = {math.ceil(math.log2(WIRE_N))}",
-                 f"{wire['broadcast'].sent[0] / WIRE_S:.3f}"))
+        rows.append(
+            (
+                f"{name} N=4: most received / S",
+                f"factor ≥ {collectives.bus_factor(name, WIRE_N):.3f}",
+                f"{max(wire[name].received) / WIRE_S:.3f}",
+            )
+        )
+    rows.append(
+        (
+            "broadcast N=4: root sent / S",
+            f"tree: ⌈log₂N⌉ = {math.ceil(math.log2(WIRE_N))}",
+            f"{wire['broadcast'].sent[0] / WIRE_S:.3f}",
+        )
+    )
 for name, t in every.items():
-    rows.append((f"{name} N=4, 1 MiB: busbw", f"S/t × {collectives.bus_factor(name, 4):.3g}",
-                 f"{t.busbw[-1] / 1e9:.3f} GB/s"))
+    rows.append(
+        (
+            f"{name} N=4, 1 MiB: busbw",
+            f"S/t × {collectives.bus_factor(name, 4):.3g}",
+            f"{t.busbw[-1] / 1e9:.3f} GB/s",
+        )
+    )
 rows += [
     ("tree broadcast N=8: rounds", "⌈log₂N⌉ = 3", f"{rounds['tree', 8]}"),
     ("flat broadcast N=8: rounds", "N−1 = 7", f"{rounds['flat', 8]}"),
-    ("tree broadcast N=8, 4 KiB: time", f"⌈log₂N⌉(α+S/β) = {model.tree(8, 4096) * 1e3:.2f} ms",
-     f"{bcast[8]['tree'].seconds[0] * 1e3:.2f} ms"),
-    ("flat broadcast N=8, 4 KiB: time", f"(N−1)(α+S/β) = {model.chain(8, 4096) * 1e3:.2f} ms",
-     f"{bcast[8]['flat'].seconds[0] * 1e3:.2f} ms"),
+    (
+        "tree broadcast N=8, 4 KiB: time",
+        f"⌈log₂N⌉(α+S/β) = {model.tree(8, 4096) * 1e3:.2f} ms",
+        f"{bcast[8]['tree'].seconds[0] * 1e3:.2f} ms",
+    ),
+    (
+        "flat broadcast N=8, 4 KiB: time",
+        f"(N−1)(α+S/β) = {model.chain(8, 4096) * 1e3:.2f} ms",
+        f"{bcast[8]['flat'].seconds[0] * 1e3:.2f} ms",
+    ),
 ]
 print(f"{'quantity':<40}  {'formula':<34}  {'measured':>22}")
 for quantity, formula_text, value in rows:

@@ -39,7 +39,6 @@
 import inspect
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from course_lib import dp, launch, models
@@ -95,14 +94,17 @@ batches = dp.make_batches(STEPS, B)
 baseline = models.make_mlp()
 baseline_losses = dp.train_single_process(baseline, batches)
 baseline_params = dp.parameters(baseline)
-print(f"loss: step 1 {baseline_losses[0]:.4f} → step {STEPS} {baseline_losses[-1]:.4f}; "
-      f"Ψ = {models.num_params(baseline):,} parameters")
+print(
+    f"loss: step 1 {baseline_losses[0]:.4f} → step {STEPS} {baseline_losses[-1]:.4f}; "
+    f"Ψ = {models.num_params(baseline):,} parameters"
+)
 assert models.num_params(baseline) == 2128 and baseline_losses[-1] < baseline_losses[0]
 
 # %% [markdown]
 # Every data-parallel run below is compared with this one: every parameter of every rank, after
 # the last step, to `torch.testing.assert_close(rtol=1e-5, atol=1e-5)` (fp32 sums taken in a
 # different order differ in the last bits).
+
 
 # %%
 def train_on_ranks(batches, sync, accumulation_steps=1, sync_every_micro_batch=False):
@@ -117,13 +119,20 @@ def equals_baseline(label, results):
     worst = 0.0
     for rank, (_, params) in enumerate(results):
         for name, p in params.items():
-            torch.testing.assert_close(p, baseline_params[name], rtol=1e-5, atol=1e-5,
-                                       msg=lambda m: f"{label}, rank {rank}, {name}: {m}")
+            torch.testing.assert_close(
+                p,
+                baseline_params[name],
+                rtol=1e-5,
+                atol=1e-5,
+                msg=lambda m: f"{label}, rank {rank}, {name}: {m}",
+            )
             worst = max(worst, (p - baseline_params[name]).abs().max().item())
-    print(f"✔ {label}: all {len(results)} ranks equal single-process training "
-          f"(largest difference {worst:.1e})")
+    print(
+        f"✔ {label}: all {len(results)} ranks equal single-process training (largest difference {worst:.1e})"
+    )
     # Equal shards: the mean of the ranks' shard losses is the full-batch loss.
     return [sum(step) / len(results) for step in zip(*(losses for losses, _ in results))]
+
 
 # %% [markdown]
 # ## 3. (a) A parameter server
@@ -183,8 +192,16 @@ fig = CourseFigure(figsize=(7, 3.6), layout="constrained")
 ax = fig.subplots()
 steps = range(1, STEPS + 1)
 ax.plot(steps, baseline_losses, "-", color="0.75", linewidth=6, label="single process, full batch")
-ax.plot(steps, ps_losses, "o", color="tab:orange", markersize=12, markerfacecolor="none",
-        markeredgewidth=2, label="parameter server, N = 4")
+ax.plot(
+    steps,
+    ps_losses,
+    "o",
+    color="tab:orange",
+    markersize=12,
+    markerfacecolor="none",
+    markeredgewidth=2,
+    label="parameter server, N = 4",
+)
 ax.plot(steps, ar_losses, "x", color="tab:blue", markersize=9, markeredgewidth=2, label="all-reduce, N = 4")
 ax.plot(steps, ddp_losses, "+", color="black", markersize=12, label="torch DDP, N = 4")
 ax.set_xlabel("step")
@@ -223,12 +240,16 @@ for n in (2, 4):
         for rank, (traffic, psi_bytes) in enumerate(launch.run(dp.measure_sync_traffic, n, sync)):
             rows.append((sync, n, rank, traffic, dp.expected_traffic(sync, n, rank, psi_bytes)))
 
-print(f"{'design':<17} {'N':>2} {'rank':>4} {'sent':>9} {'received':>9} {'formula':>9} "
-      f"{'received/formula':>16} {'payload sent/received (send/recv)':>34}")
-for sync, n, rank, t, (exp_sent, exp_received) in rows:
+print(
+    f"{'design':<17} {'N':>2} {'rank':>4} {'sent':>9} {'received':>9} {'formula':>9} "
+    f"{'received/formula':>16} {'payload sent/received (send/recv)':>34}"
+)
+for sync, n, rank, t, (_exp_sent, exp_received) in rows:
     payload = f"{t.payload_sent:,} / {t.payload_received:,}" if sync == "parameter-server" else "—"
-    print(f"{sync:<17} {n:>2} {rank:>4} {t.sent:>9,} {t.received:>9,} {exp_received:>9,.0f} "
-          f"{t.received / exp_received:>16.3f} {payload:>34}")
+    print(
+        f"{sync:<17} {n:>2} {rank:>4} {t.sent:>9,} {t.received:>9,} {exp_received:>9,.0f} "
+        f"{t.received / exp_received:>16.3f} {payload:>34}"
+    )
 
 psi_bytes = rows[0][3].payload_received  # N = 2: the server receives exactly one 4Ψ
 wire = all(t.received is not None for *_, t, _ in rows)  # None where TCP bytes cannot be read
@@ -247,17 +268,31 @@ for ax, n in zip(axes, (2, 4)):
     for i, sync in enumerate(colors):
         mine = [r for r in rows if r[0] == sync and r[1] == n]
         xs = [rank + (i - 0.5) * 0.36 for _, _, rank, _, _ in mine]
-        ax.bar(xs, [t.received / 1024 for *_, t, _ in mine], width=0.34, color=colors[sync],
-               label=f"{sync}, measured")
-        ax.hlines([e[1] / 1024 for *_, e in mine], [x - 0.15 for x in xs], [x + 0.15 for x in xs],
-                  color="black", linewidth=2.5, label="formula" if i == 0 else None)
+        ax.bar(
+            xs,
+            [t.received / 1024 for *_, t, _ in mine],
+            width=0.34,
+            color=colors[sync],
+            label=f"{sync}, measured",
+        )
+        ax.hlines(
+            [e[1] / 1024 for *_, e in mine],
+            [x - 0.15 for x in xs],
+            [x + 0.15 for x in xs],
+            color="black",
+            linewidth=2.5,
+            label="formula" if i == 0 else None,
+        )
     ax.set_xticks(range(n), [f"rank {r}" + ("\n(server for PS)" if r == 0 else "") for r in range(n)])
     ax.set_title(f"N = {n}", fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
 axes[0].set_ylabel("KiB received, one sync")
 axes[1].legend(fontsize=9, loc="upper right")
-fig.suptitle("What each rank receives for one gradient sync of 4Ψ = 129 KiB: (N−1)·4Ψ at the server, "
-             "2(N−1)/N·4Ψ everywhere with all-reduce", fontsize=10)
+fig.suptitle(
+    "What each rank receives for one gradient sync of 4Ψ = 129 KiB: (N−1)·4Ψ at the server, "
+    "2(N−1)/N·4Ψ everywhere with all-reduce",
+    fontsize=10,
+)
 fig
 
 # %% [markdown]
@@ -346,14 +381,21 @@ _ = equals_baseline("torch DDP with no_sync, N = 4, M = 4", ddp_once)
 M = 4
 accumulation = {}  # sync after every micro-batch? -> (rank 0's Traffic, formula)
 for label, every_micro_batch in (("one sync per step", False), ("a sync per micro-batch", True)):
-    traffic, psi_b = launch.run(dp.measure_sync_traffic, 4, "all-reduce", accumulation_steps=M,
-                                sync_every_micro_batch=every_micro_batch)[0]
+    traffic, psi_b = launch.run(
+        dp.measure_sync_traffic,
+        4,
+        "all-reduce",
+        accumulation_steps=M,
+        sync_every_micro_batch=every_micro_batch,
+    )[0]
     syncs = M if every_micro_batch else 1
     _, expected = dp.expected_traffic("all-reduce", 4, 0, psi_b, syncs)
     accumulation[every_micro_batch] = (traffic, expected)
     received = "n/a" if traffic.received is None else f"{traffic.received:,}"
-    print(f"{label:<24} rank 0 received {received:>9} bytes   formula {syncs} × 2(N−1)/N·4Ψ = "
-          f"{expected:>9,.0f}   ({traffic.count('all_reduce')} all-reduce calls)")
+    print(
+        f"{label:<24} rank 0 received {received:>9} bytes   formula {syncs} × 2(N−1)/N·4Ψ = "
+        f"{expected:>9,.0f}   ({traffic.count('all_reduce')} all-reduce calls)"
+    )
     assert traffic.count("all_reduce") == 4 * syncs  # one call per parameter tensor per sync
     if traffic.received is not None:
         assert 1.0 <= traffic.received / expected < 1.06
@@ -395,11 +437,16 @@ adam_replica = models.make_mlp(64, 256)
 adam = torch.optim.Adam(adam_replica.parameters())
 F.mse_loss(adam_replica(torch.randn(8, 64)), torch.randn(8, 64)).backward()
 adam.step()
-adam_state = sum(t.numel() * t.element_size() for state in adam.state.values()
-                 for t in (state["exp_avg"], state["exp_avg_sq"]))
+adam_state = sum(
+    t.numel() * t.element_size()
+    for state in adam.state.values()
+    for t in (state["exp_avg"], state["exp_avg_sq"])
+)
 adam_total = held["parameters"] + held["gradients"] + adam_state
-print(f"{'Adam: exp_avg + exp_avg_sq':<28} {adam_state:>9,} bytes = {adam_state / psi:g} bytes × Ψ;  "
-      f"with parameters and gradients: {adam_total / psi:g}Ψ")
+print(
+    f"{'Adam: exp_avg + exp_avg_sq':<28} {adam_state:>9,} bytes = {adam_state / psi:g} bytes × Ψ;  "
+    f"with parameters and gradients: {adam_total / psi:g}Ψ"
+)
 assert total == 12 * psi and adam_state == 8 * psi and adam_total == 16 * psi
 
 # %% [markdown]
@@ -442,6 +489,7 @@ assert total == 12 * psi and adam_state == 8 * psi and adam_total == 16 * psi
 # Each formula of this chapter beside the number your run produced (Ψ = 33,088 for the traffic,
 # 4Ψ = 132,352 bytes; "received" is payload for send/recv, wire bytes for all-reduce).
 
+
 # %%
 def received(sync, n, rank):
     t = next(t for s, nn, r, t, _ in rows if (s, nn, r) == (sync, n, rank))
@@ -457,14 +505,23 @@ summary = [
     ("DP training (PS, all-reduce, DDP) vs 1 process", "equal, rtol = atol = 1e-5", "asserted above"),
     ("PS server receives, N = 4", f"(N−1)·4Ψ = {3 * psi_bytes:,}", show(received("parameter-server", 4, 0))),
     ("PS worker receives, N = 4", f"4Ψ = {psi_bytes:,}", show(received("parameter-server", 4, 1))),
-    ("all-reduce, rank 0 receives, N = 4", f"2(N−1)/N·4Ψ = {1.5 * psi_bytes:,.0f}",
-     show(received("all-reduce", 4, 0))),
+    (
+        "all-reduce, rank 0 receives, N = 4",
+        f"2(N−1)/N·4Ψ = {1.5 * psi_bytes:,.0f}",
+        show(received("all-reduce", 4, 0)),
+    ),
     ("sharded PS, busiest rank, S = 2 of N = 4", f"(N+S−2)·4Ψ/S = {2 * psi_bytes:,}", f"{busiest[2]:,}"),
     ("sharded PS, busiest rank, S = N = 4", f"2(N−1)/N·4Ψ = {1.5 * psi_bytes:,.0f}", f"{busiest[4]:,}"),
-    ("M = 4, one sync per step (rank 0)", f"2(N−1)/N·4Ψ = {accumulation[False][1]:,.0f}",
-     show(accumulation[False][0].received)),
-    ("M = 4, a sync per micro-batch (rank 0)", f"M·2(N−1)/N·4Ψ = {accumulation[True][1]:,.0f}",
-     show(accumulation[True][0].received)),
+    (
+        "M = 4, one sync per step (rank 0)",
+        f"2(N−1)/N·4Ψ = {accumulation[False][1]:,.0f}",
+        show(accumulation[False][0].received),
+    ),
+    (
+        "M = 4, a sync per micro-batch (rank 0)",
+        f"M·2(N−1)/N·4Ψ = {accumulation[True][1]:,.0f}",
+        show(accumulation[True][0].received),
+    ),
     ("memory per rank, momentum SGD (fp32)", "4 + 4 + 4 = 12Ψ", f"{total / psi:g}Ψ"),
     ("memory per rank, Adam (fp32)", "4 + 4 + 8 = 16Ψ", f"{adam_total / psi:g}Ψ"),
 ]

@@ -53,6 +53,7 @@ from course_lib.collectives import format_bytes
 # whole numbers the sums must be *exactly* equal to the built-in's; K = 10 on N = 4 ranks also
 # tests chunks of unequal size (3, 3, 2, 2 elements).
 
+
 # %%
 def compare_with_builtin(k):
     rank = dist.get_rank()
@@ -83,7 +84,9 @@ assert all(all(r.values()) for r in equal), equal
 
 # %%
 ring_steps = comm.record_ring_steps(3)
-assert all(torch.equal(ring_steps.values[r][-1], ring_steps.values[0][-1]) for r in range(3))  # one sum everywhere
+assert all(
+    torch.equal(ring_steps.values[r][-1], ring_steps.values[0][-1]) for r in range(3)
+)  # one sum everywhere
 viz.plot_ring_steps(ring_steps)
 
 # %% [markdown]
@@ -132,8 +135,12 @@ formula = {  # bytes sent by (algorithm, which ranks), without the header
     ("naive", "others"): lambda n: S,
     ("tree", "rank 0"): lambda n: math.ceil(math.log2(n)) * S,
 }
-RANKS = {"every rank": lambda n: range(n), "root": lambda n: [0], "rank 0": lambda n: [0],
-         "others": lambda n: range(1, n)}
+RANKS = {
+    "every rank": lambda n: range(n),
+    "root": lambda n: [0],
+    "rank 0": lambda n: [0],
+    "others": lambda n: range(1, n),
+}
 
 
 def measured_sent(name, who, n):
@@ -155,11 +162,16 @@ for n in world_sizes:
 print("every number above equals its formula")
 
 # %%
-series = {(name, who): dict(formula=[f(n) for n in world_sizes],
-                            payload=[measured_sent(name, who, n)[0] for n in world_sizes],
-                            wire=None if measured_sent(name, who, 2)[1] is None
-                            else [measured_sent(name, who, n)[1] for n in world_sizes])
-          for (name, who), f in formula.items()}
+series = {
+    (name, who): dict(
+        formula=[f(n) for n in world_sizes],
+        payload=[measured_sent(name, who, n)[0] for n in world_sizes],
+        wire=None
+        if measured_sent(name, who, 2)[1] is None
+        else [measured_sent(name, who, n)[1] for n in world_sizes],
+    )
+    for (name, who), f in formula.items()
+}
 viz.plot_bytes_per_rank(world_sizes, S, series)
 
 # %% [markdown]
@@ -223,8 +235,12 @@ def predict(name, n, nbytes):
 
 
 ALGORITHMS = ("ring", "tree", "dist.all_reduce")
-times = {n: comm.time_all_reduce(n, [4096, 64 * 1024, 1 << 20, 4 << 20], names=ALGORITHMS, min_seconds=0.1,
-                                 batches=7) for n in (2, 4)}
+times = {
+    n: comm.time_all_reduce(
+        n, [4096, 64 * 1024, 1 << 20, 4 << 20], names=ALGORITHMS, min_seconds=0.1, batches=7
+    )
+    for n in (2, 4)
+}
 times[8] = comm.time_all_reduce(8, [4096], names=ALGORITHMS, min_seconds=0.1, batches=7)
 
 print(f"{'N':>2} {'S':>7} {'algorithm':<16} {'α–β':>9} {'best':>9} {'median':>9}   (ms)")
@@ -232,8 +248,10 @@ for n, by_name in times.items():
     for i, nbytes in enumerate(by_name["ring"].nbytes):
         for name, t in by_name.items():
             p = predict(name, n, nbytes)
-            print(f"{n:>2} {format_bytes(nbytes):>7} {name:<16} {'—' if p is None else f'{p * 1e3:.3f}':>9} "
-                  f"{t.fastest[i] * 1e3:>9.3f} {t.seconds[i] * 1e3:>9.3f}")
+            print(
+                f"{n:>2} {format_bytes(nbytes):>7} {name:<16} {'—' if p is None else f'{p * 1e3:.3f}':>9} "
+                f"{t.fastest[i] * 1e3:>9.3f} {t.seconds[i] * 1e3:>9.3f}"
+            )
 
 # %%
 viz.plot_all_reduce_times(times, predict)
@@ -256,8 +274,11 @@ viz.plot_all_reduce_times(times, predict)
 #   widest at small S (latency) and narrower at large S; `make bench` compares them at 16–64 MiB.
 
 # %%
-busbw_ratio = {n: [r / b for r, b in zip(by_name["ring"].busbw, by_name["dist.all_reduce"].busbw)]
-               for n, by_name in times.items() if n in (2, 4)}
+busbw_ratio = {
+    n: [r / b for r, b in zip(by_name["ring"].busbw, by_name["dist.all_reduce"].busbw)]
+    for n, by_name in times.items()
+    if n in (2, 4)
+}
 for n, ratio in busbw_ratio.items():
     print(f"N={n}: our ring's bus bandwidth ÷ gloo's, per size: " + ", ".join(f"{x:.2f}" for x in ratio))
 
@@ -303,8 +324,10 @@ assert ddp.assign_buckets(sizes_bytes, 4000) == [[3, 2], [1, 0]]
 # %%
 for cap in (None, 2.0):
     per_step, assigned = ddp.torch_ddp_buckets(cap, depth=8, d_model=256, d_hidden=1024, steps=2)
-    print(f"bucket_cap_mb={cap}: torch's DDP, parameters per bucket: pass 1 {[len(b) for b in per_step[0]]}, "
-          f"pass 2 {[len(b) for b in per_step[1]]}; first bucket of pass 2: {per_step[1][0]}")
+    print(
+        f"bucket_cap_mb={cap}: torch's DDP, parameters per bucket: pass 1 {[len(b) for b in per_step[0]]}, "
+        f"pass 2 {[len(b) for b in per_step[1]]}; first bucket of pass 2: {per_step[1][0]}"
+    )
     assert len(per_step[0]) == 1  # the first pass: one bucket for everything
     if cap is None:  # default cap: the rebuilt first bucket closes at 1 MiB (fc2.weight is 1 MiB)
         assert per_step[1][0] == ["7.fc2.bias", "7.fc2.weight"]
@@ -325,6 +348,7 @@ print("assign_buckets with a 2 MiB cap:", [len(b) for b in assigned], "parameter
 # parameters first — and runs one backward on its shard of a batch. Its gradients are compared
 # with torch's `DistributedDataParallel` on the same data, and with one process on the whole
 # batch, for a tiny cap (one bucket per parameter), a middle one, and one bucket for all.
+
 
 # %%
 def gradients_three_ways(caps):
@@ -359,8 +383,10 @@ for cap in caps:
             vs_ddp = max(vs_ddp, (a - b).abs().max().item())
             vs_single = max(vs_single, (a - p.grad).abs().max().item())
     largest_difference = max(largest_difference, vs_ddp, vs_single)
-    print(f"bucket_cap_mb={cap:<6g} {buckets} bucket{'s' * (buckets > 1)}: every gradient on every rank equal; "
-          f"largest difference to torch DDP {vs_ddp:.1e}, to one process {vs_single:.1e}")
+    print(
+        f"bucket_cap_mb={cap:<6g} {buckets} bucket{'s' * (buckets > 1)}: every gradient on every rank equal; "
+        f"largest difference to torch DDP {vs_ddp:.1e}, to one process {vs_single:.1e}"
+    )
 
 # %% [markdown]
 # ### A timeline of one backward pass
@@ -419,15 +445,31 @@ for fn in (comm.ring_all_reduce, comm._reduce_scatter, comm._all_gather, comm.tr
 n4, t4 = 4, times[4]
 i_small, i_large = 0, len(t4["ring"].nbytes) - 1
 rows = [
-    ("four all-reduces vs dist.all_reduce", "equal, exactly", f"{sum(all(r.values()) for r in equal)}/4 ranks"),
-    ("ring bytes sent per rank, N=8", f"2(N−1)/N·S = {formula['ring', 'every rank'](8):,.0f} B",
-     f"{measured_sent('ring', 'every rank', 8)[0]:,} B"),
-    ("unchunked ring bytes per rank, N=8", f"(N−1)·S = {formula['unchunked ring', 'every rank'](8):,.0f} B",
-     f"{measured_sent('unchunked ring', 'every rank', 8)[0]:,} B"),
-    ("naive: root sends, N=8", f"(N−1)·S = {formula['naive', 'root'](8):,.0f} B",
-     f"{measured_sent('naive', 'root', 8)[0]:,} B"),
-    ("tree: rank 0 sends, N=8", f"⌈log₂N⌉·S = {formula['tree', 'rank 0'](8):,.0f} B",
-     f"{measured_sent('tree', 'rank 0', 8)[0]:,} B"),
+    (
+        "four all-reduces vs dist.all_reduce",
+        "equal, exactly",
+        f"{sum(all(r.values()) for r in equal)}/4 ranks",
+    ),
+    (
+        "ring bytes sent per rank, N=8",
+        f"2(N−1)/N·S = {formula['ring', 'every rank'](8):,.0f} B",
+        f"{measured_sent('ring', 'every rank', 8)[0]:,} B",
+    ),
+    (
+        "unchunked ring bytes per rank, N=8",
+        f"(N−1)·S = {formula['unchunked ring', 'every rank'](8):,.0f} B",
+        f"{measured_sent('unchunked ring', 'every rank', 8)[0]:,} B",
+    ),
+    (
+        "naive: root sends, N=8",
+        f"(N−1)·S = {formula['naive', 'root'](8):,.0f} B",
+        f"{measured_sent('naive', 'root', 8)[0]:,} B",
+    ),
+    (
+        "tree: rank 0 sends, N=8",
+        f"⌈log₂N⌉·S = {formula['tree', 'rank 0'](8):,.0f} B",
+        f"{measured_sent('tree', 'rank 0', 8)[0]:,} B",
+    ),
     ("ring rounds, N=8", "2(N−1) + 1 = 15", f"{rounds[8]['ring']}"),
     ("tree rounds, N=8", "2⌈log₂N⌉ + 1 = 7", f"{rounds[8]['tree']}"),
     ("α: one small message", "t = α + S/β, S/β ≈ 0", f"{model.alpha * 1e6:.0f} µs"),
@@ -435,23 +477,41 @@ rows = [
 ]
 for n in (4, 8):
     for name in ("ring", "tree"):
-        rows.append((f"{name}, N={n}, 4 KiB: time (best batch)",
-                     f"α–β: {predict(name, n, times[n][name].nbytes[0]) * 1e3:.2f} ms",
-                     f"{times[n][name].fastest[0] * 1e3:.2f} ms"))
+        rows.append(
+            (
+                f"{name}, N={n}, 4 KiB: time (best batch)",
+                f"α–β: {predict(name, n, times[n][name].nbytes[0]) * 1e3:.2f} ms",
+                f"{times[n][name].fastest[0] * 1e3:.2f} ms",
+            )
+        )
 rows += [
-    (f"ring, N=4, {format_bytes(t4['ring'].nbytes[i_large])}: time (best batch)",
-     f"2(N−1)(α+S/(Nβ))+α = {predict('ring', 4, t4['ring'].nbytes[i_large]) * 1e3:.2f} ms",
-     f"{t4['ring'].fastest[i_large] * 1e3:.2f} ms"),
+    (
+        f"ring, N=4, {format_bytes(t4['ring'].nbytes[i_large])}: time (best batch)",
+        f"2(N−1)(α+S/(Nβ))+α = {predict('ring', 4, t4['ring'].nbytes[i_large]) * 1e3:.2f} ms",
+        f"{t4['ring'].fastest[i_large] * 1e3:.2f} ms",
+    ),
     ("ring ÷ gloo busbw, N=4, 4 KiB", "same ring; ours in Python", f"{busbw_ratio[4][i_small]:.2f}"),
-    (f"ring ÷ gloo busbw, N=4, {format_bytes(t4['ring'].nbytes[i_large])}", "same ring; ours in Python",
-     f"{busbw_ratio[4][i_large]:.2f}"),
-    ("torch DDP buckets, pass 2, cap 2 MiB", "= assign_buckets (reverse order)",
-     f"{len(per_step[1])}, {'equal' if per_step[1] == assigned else 'differ'}"),
+    (
+        f"ring ÷ gloo busbw, N=4, {format_bytes(t4['ring'].nbytes[i_large])}",
+        "same ring; ours in Python",
+        f"{busbw_ratio[4][i_large]:.2f}",
+    ),
+    (
+        "torch DDP buckets, pass 2, cap 2 MiB",
+        "= assign_buckets (reverse order)",
+        f"{len(per_step[1])}, {'equal' if per_step[1] == assigned else 'differ'}",
+    ),
     ("BucketedDDP vs torch DDP, one process", "equal (1e-5)", f"{largest_difference:.1e}"),
-    ("not hidden after backward, 2 MiB buckets", "part: the rest overlaps backward",
-     f"{(small.synced - small.backward_done) * 1e3:.0f} ms"),
-    ("not hidden after backward, one bucket", "all of the all-reduce",
-     f"{(whole.synced - whole.backward_done) * 1e3:.0f} ms"),
+    (
+        "not hidden after backward, 2 MiB buckets",
+        "part: the rest overlaps backward",
+        f"{(small.synced - small.backward_done) * 1e3:.0f} ms",
+    ),
+    (
+        "not hidden after backward, one bucket",
+        "all of the all-reduce",
+        f"{(whole.synced - whole.backward_done) * 1e3:.0f} ms",
+    ),
 ]
 print(f"{'quantity':<42}  {'formula':<38}  {'measured':>12}")
 for quantity, formula_text, value in rows:

@@ -212,6 +212,7 @@ attention_differences = show_differences("attention")
 # *received*, the steadier of the kernel's two counters (a retransmitted segment counts twice as
 # sent, once as received).
 
+
 # %%
 def measure(kind, b=2, s=32, h=128):
     n = dist.get_world_size()
@@ -226,28 +227,45 @@ def measure(kind, b=2, s=32, h=128):
         out = ours(x)
     with count_traffic() as backward:
         out.sum().backward()
-    return dict(fwd=forward.count("all_reduce"), bwd=backward.count("all_reduce"),
-                other=len(forward.calls) + len(backward.calls) - forward.count("all_reduce")
-                - backward.count("all_reduce"), wire_fwd=forward.received, wire_bwd=backward.received,
-                ring=2 * (n - 1) / n * 4 * b * s * h,
-                dense_bytes=sum(p.numel() * p.element_size() for p in dense.parameters()),
-                rank_bytes=sum(p.numel() * p.element_size() for p in ours.parameters()),
-                replicated=ours.fc2.bias.nbytes if kind == "mlp" else ours.proj.bias.nbytes)
+    return dict(
+        fwd=forward.count("all_reduce"),
+        bwd=backward.count("all_reduce"),
+        other=len(forward.calls)
+        + len(backward.calls)
+        - forward.count("all_reduce")
+        - backward.count("all_reduce"),
+        wire_fwd=forward.received,
+        wire_bwd=backward.received,
+        ring=2 * (n - 1) / n * 4 * b * s * h,
+        dense_bytes=sum(p.numel() * p.element_size() for p in dense.parameters()),
+        rank_bytes=sum(p.numel() * p.element_size() for p in ours.parameters()),
+        replicated=ours.fc2.bias.nbytes if kind == "mlp" else ours.proj.bias.nbytes,
+    )
 
 
-tp_measured = {(kind, n): launch.run(measure, n, kind, backend="gloo")[0]
-               for kind in ("mlp", "attention") for n in (2, 4)}
-print(f"{'':10} {'N':>2} {'all-reduces fwd/bwd':>19} {'other calls':>11} {'recv fwd':>9} {'recv bwd':>9} "
-      f"{'2(N−1)/N·4bsh':>14} {'params/rank':>12} {'(dense−bias)/N+bias':>20}")
+tp_measured = {
+    (kind, n): launch.run(measure, n, kind, backend="gloo")[0]
+    for kind in ("mlp", "attention")
+    for n in (2, 4)
+}
+print(
+    f"{'':10} {'N':>2} {'all-reduces fwd/bwd':>19} {'other calls':>11} {'recv fwd':>9} {'recv bwd':>9} "
+    f"{'2(N−1)/N·4bsh':>14} {'params/rank':>12} {'(dense−bias)/N+bias':>20}"
+)
 for (kind, n), m in tp_measured.items():
     params_formula = (m["dense_bytes"] - m["replicated"]) / n + m["replicated"]
-    wire = (f"{m['wire_fwd']:>9,} {m['wire_bwd']:>9,}" if m["wire_fwd"] is not None
-            else f"{'n/a':>9} {'n/a':>9}")
-    print(f"{kind:10} {n:>2} {m['fwd']:>9} / {m['bwd']:<7} {m['other']:>11} {wire} {m['ring']:>14,.0f} "
-          f"{m['rank_bytes']:>12,} {params_formula:>20,.0f}")
+    wire = (
+        f"{m['wire_fwd']:>9,} {m['wire_bwd']:>9,}" if m["wire_fwd"] is not None else f"{'n/a':>9} {'n/a':>9}"
+    )
+    print(
+        f"{kind:10} {n:>2} {m['fwd']:>9} / {m['bwd']:<7} {m['other']:>11} {wire} {m['ring']:>14,.0f} "
+        f"{m['rank_bytes']:>12,} {params_formula:>20,.0f}"
+    )
     assert (m["fwd"], m["bwd"], m["other"]) == (1, 1, 0) and m["rank_bytes"] == params_formula
     if m["wire_fwd"] is not None:  # wire bytes: the ring's, plus gloo's headers
-        assert m["ring"] <= m["wire_fwd"] <= 1.05 * m["ring"] and m["ring"] <= m["wire_bwd"] <= 1.05 * m["ring"]
+        assert (
+            m["ring"] <= m["wire_fwd"] <= 1.05 * m["ring"] and m["ring"] <= m["wire_bwd"] <= 1.05 * m["ring"]
+        )
 
 # %% [markdown]
 # Exactly one all-reduce in the forward pass (g) and one in the backward pass (f), and no other
@@ -269,6 +287,7 @@ for (kind, n), m in tp_measured.items():
 # same input gradient, and the same gradient on every local shard. (Its first launch takes a
 # few seconds more: the ranks import torch's DTensor machinery.)
 
+
 # %%
 def ours_vs_torch():
     from torch.distributed.device_mesh import init_device_mesh
@@ -276,16 +295,19 @@ def ours_vs_torch():
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     ours = tp.TensorParallelMLP.from_dense(make_mlp(D_MODEL, D_HIDDEN, seed=0))
-    theirs = parallelize_module(make_mlp(D_MODEL, D_HIDDEN, seed=0), mesh,
-                                {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    theirs = parallelize_module(
+        make_mlp(D_MODEL, D_HIDDEN, seed=0), mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
+    )
     g = torch.Generator().manual_seed(2)
     x, upstream = torch.randn(2, 5, D_MODEL, generator=g), torch.randn(2, 5, D_MODEL, generator=g)
     x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
     out_ours, out_theirs = ours(x_ours), theirs(x_theirs)
     (out_ours * upstream).sum().backward()
     (out_theirs * upstream).sum().backward()
-    diff = {"output": (out_ours - out_theirs).abs().max(),
-            "x.grad": (x_ours.grad - x_theirs.grad).abs().max()}
+    diff = {
+        "output": (out_ours - out_theirs).abs().max(),
+        "x.grad": (x_ours.grad - x_theirs.grad).abs().max(),
+    }
     mine = dict(ours.named_parameters())
     for name, p in theirs.named_parameters():
         local = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
@@ -360,20 +382,36 @@ assert max(vs_torch.values()) < 1e-5, vs_torch
 # for the traffic; d_model 16, H = 64 for the equality checks).
 
 # %%
-rows = [("GeLU after a column split", "exact", f"{column_error:.1e}"),
-        ("GeLU after a row split", "wrong: GeLU is not linear", f"{row_error:.2f}"),
-        ("TP MLP vs dense, N = 1, 2, 4", "equal (1e-5)", f"{max(mlp_differences.values()):.1e}"),
-        ("TP attention vs dense, N = 1, 2, 4", "equal (1e-5)", f"{max(attention_differences.values()):.1e}"),
-        ("TP MLP vs parallelize_module, N = 2", "equal (1e-5)", f"{max(vs_torch.values()):.1e}")]
+rows = [
+    ("GeLU after a column split", "exact", f"{column_error:.1e}"),
+    ("GeLU after a row split", "wrong: GeLU is not linear", f"{row_error:.2f}"),
+    ("TP MLP vs dense, N = 1, 2, 4", "equal (1e-5)", f"{max(mlp_differences.values()):.1e}"),
+    ("TP attention vs dense, N = 1, 2, 4", "equal (1e-5)", f"{max(attention_differences.values()):.1e}"),
+    ("TP MLP vs parallelize_module, N = 2", "equal (1e-5)", f"{max(vs_torch.values()):.1e}"),
+]
 for (kind, n), m in tp_measured.items():
-    rows.append((f"{kind}, N={n}: all-reduces fwd / bwd", "1 (g) / 1 (f), 0 other",
-                 f"{m['fwd']} / {m['bwd']}, {m['other']} other"))
+    rows.append(
+        (
+            f"{kind}, N={n}: all-reduces fwd / bwd",
+            "1 (g) / 1 (f), 0 other",
+            f"{m['fwd']} / {m['bwd']}, {m['other']} other",
+        )
+    )
     if m["wire_fwd"] is not None:
-        rows.append((f"{kind}, N={n}: bytes received per all-reduce", f"2(N−1)/N·4bsh = {m['ring']:,.0f}",
-                     f"{m['wire_fwd']:,}"))
-    rows.append((f"{kind}, N={n}: parameter bytes per rank",
-                 f"(dense−bias)/N + bias = {(m['dense_bytes'] - m['replicated']) / n + m['replicated']:,.0f}",
-                 f"{m['rank_bytes']:,}"))
+        rows.append(
+            (
+                f"{kind}, N={n}: bytes received per all-reduce",
+                f"2(N−1)/N·4bsh = {m['ring']:,.0f}",
+                f"{m['wire_fwd']:,}",
+            )
+        )
+    rows.append(
+        (
+            f"{kind}, N={n}: parameter bytes per rank",
+            f"(dense−bias)/N + bias = {(m['dense_bytes'] - m['replicated']) / n + m['replicated']:,.0f}",
+            f"{m['rank_bytes']:,}",
+        )
+    )
 print(f"{'quantity':<45}  {'formula':<35}  {'measured':>14}")
 for quantity, formula_text, value in rows:
     print(f"{quantity:<45}  {formula_text:<35}  {value:>14}")

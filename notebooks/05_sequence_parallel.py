@@ -93,8 +93,10 @@ def reduce_scatter_bytes():
     x = torch.ones(2, 32, 128)
     blocks = [b.contiguous() for b in x.chunk(n, dim=1)]
     out = torch.empty_like(blocks[0])
-    ways = {"gloo's dist.reduce_scatter": lambda: dist.reduce_scatter(out, blocks),
-            "tp._reduce_scatter": lambda: tp._reduce_scatter(x, 1, None)}
+    ways = {
+        "gloo's dist.reduce_scatter": lambda: dist.reduce_scatter(out, blocks),
+        "tp._reduce_scatter": lambda: tp._reduce_scatter(x, 1, None),
+    }
     sent = {}
     for name, call in ways.items():
         call()  # connections first
@@ -118,6 +120,8 @@ ABBREVIATIONS = {"all_reduce": "AR", "all_gather_single": "AG", "all_to_all_sing
 def short(calls):
     """{'all_gather_single': 2, 'all_to_all_single': 2} -> '2 AG + 2 A2A'."""
     return " + ".join(f"{count} {ABBREVIATIONS.get(op, op)}" for op, count in calls.items())
+
+
 if rs_sent["tp._reduce_scatter"] is not None:
     assert rs_sent["gloo's dist.reduce_scatter"] > 1.4 * S_RS and rs_sent["tp._reduce_scatter"] < 0.8 * S_RS
 
@@ -168,8 +172,10 @@ def sp_differences():
     (out_dense * upstream).sum().backward()
     (out_shard * upstream[:, mine]).sum().backward()
     ours.sync_replicated_grads()
-    diff = {"output": (out_shard - out_dense[:, mine]).abs().max(),
-            "x.grad": (x_shard.grad - x_dense.grad[:, mine]).abs().max()}
+    diff = {
+        "output": (out_shard - out_dense[:, mine]).abs().max(),
+        "x.grad": (x_shard.grad - x_dense.grad[:, mine]).abs().max(),
+    }
     dense_params = dict(dense.named_parameters())
     for name, p in ours.named_parameters():
         diff[name] = (p.grad - matching_slice(name, dense_params[name].grad, rank, n)).abs().max()
@@ -181,8 +187,10 @@ for n in (1, 2, 4):
     per_rank = launch.run(sp_differences, n, backend="gloo")
     worst = {k: max(d[k] for d in per_rank) for k in per_rank[0]}
     sp_largest[n] = max(worst.values())
-    print(f"N = {n}: largest |ours - dense| over {len(worst)} tensors (output, x.grad, every parameter's "
-          f"grad) = {sp_largest[n]:.1e}")
+    print(
+        f"N = {n}: largest |ours - dense| over {len(worst)} tensors (output, x.grad, every parameter's "
+        f"grad) = {sp_largest[n]:.1e}"
+    )
     assert sp_largest[n] < 1e-5, worst
 
 # %% [markdown]
@@ -194,6 +202,7 @@ for n in (1, 2, 4):
 # makes 2 all-reduces (one per sublayer), each sending 2(N−1)/N·4K bytes on a ring; sequence
 # parallelism makes 2 all-gathers and 2 reduce-scatters (the all-to-alls), each (N−1)/N·4K. The
 # backward pass mirrors the forward. The "ring ideal" column is 2·2(N−1)/N·4K.
+
 
 # %%
 def traffic(kind, b=2, s=32, h=128, heads=8):
@@ -215,17 +224,27 @@ def traffic(kind, b=2, s=32, h=128, heads=8):
             block.sync_replicated_grads()
     names = lambda t: dict(sorted({op: t.count(op) for op in {c.op for c in t.calls}}.items()))  # noqa: E731
     # bytes received: the kernel's steadier counter (a retransmitted segment counts twice as sent)
-    return dict(fwd_calls=names(forward), bwd_calls=names(backward), fwd=forward.received, bwd=backward.received,
-                sync=sync.received, ideal=4 * (n - 1) / n * 4 * b * s * h)
+    return dict(
+        fwd_calls=names(forward),
+        bwd_calls=names(backward),
+        fwd=forward.received,
+        bwd=backward.received,
+        sync=sync.received,
+        ideal=4 * (n - 1) / n * 4 * b * s * h,
+    )
 
 
 KINDS = ("tensor parallel", "sequence parallel", "sequence parallel, re-gather")
 sp_traffic = {(kind, n): launch.run(traffic, n, kind, backend="gloo")[0] for n in (2, 4) for kind in KINDS}
 print("calls: AR = all-reduce, AG = all-gather, A2A = all-to-all (our reduce-scatter)")
-print(f"{'':30} {'N':>2} {'recv fwd':>9} {'recv bwd':>9} {'ring ideal':>10}   {'calls fwd':<12} {'calls bwd':<12}")
+print(
+    f"{'':30} {'N':>2} {'recv fwd':>9} {'recv bwd':>9} {'ring ideal':>10}   {'calls fwd':<12} {'calls bwd':<12}"
+)
 for (kind, n), m in sp_traffic.items():
     wire = f"{m['fwd']:>9,} {m['bwd']:>9,}" if m["fwd"] is not None else f"{'n/a':>9} {'n/a':>9}"
-    print(f"{kind:30} {n:>2} {wire} {m['ideal']:>10,.0f}   {short(m['fwd_calls']):<12} {short(m['bwd_calls']):<12}")
+    print(
+        f"{kind:30} {n:>2} {wire} {m['ideal']:>10,.0f}   {short(m['fwd_calls']):<12} {short(m['bwd_calls']):<12}"
+    )
     if kind == "sequence parallel, re-gather" and m["sync"] is not None:
         print(f"{'  + sync_replicated_grads (SP)':30} {n:>2} {m['sync']:>9,} (once per step)")
 for n in (2, 4):
@@ -233,7 +252,10 @@ for n in (2, 4):
     regather = sp_traffic["sequence parallel, re-gather", n]
     assert tp_calls["fwd_calls"] == tp_calls["bwd_calls"] == {"all_reduce": 2}
     assert sp_calls["fwd_calls"] == sp_calls["bwd_calls"] == {"all_gather_single": 2, "all_to_all_single": 2}
-    assert regather["bwd_calls"] == {"all_gather_single": 4, "all_to_all_single": 2}  # + 1 gather per sublayer
+    assert regather["bwd_calls"] == {
+        "all_gather_single": 4,
+        "all_to_all_single": 2,
+    }  # + 1 gather per sublayer
     for kind in KINDS[:2]:
         m = sp_traffic[kind, n]
         if m["fwd"] is not None:  # the same bytes, up to gloo's headers
@@ -264,9 +286,11 @@ for n in (2, 4):
 print(inspect.getsource(tp.saved_activation_bytes))
 
 
-REGIONS = {"LayerNorms (ln1, ln2)": ("ln1", "ln2"),
-           "inputs of qkv and fc1": ("attn.qkv", "mlp.fc1"),
-           "inside attention and MLP": ("attn", "attn.proj", "mlp", "mlp.fc2")}
+REGIONS = {
+    "LayerNorms (ln1, ln2)": ("ln1", "ln2"),
+    "inputs of qkv and fc1": ("attn.qkv", "mlp.fc1"),
+    "inside attention and MLP": ("attn", "attn.proj", "mlp", "mlp.fc2"),
+}
 B, S, H, HEADS = 2, 32, 64, 4
 
 
@@ -285,8 +309,15 @@ def activation_bytes(kind):
     return {region: sum(by_module.get(m, 0) for m in modules) for region, modules in REGIONS.items()}
 
 
-configs = [("dense", 1), ("TP", 2), ("TP", 4), ("TP+SP", 2), ("TP+SP", 4),
-           ("TP+SP, re-gather", 2), ("TP+SP, re-gather", 4)]
+configs = [
+    ("dense", 1),
+    ("TP", 2),
+    ("TP", 4),
+    ("TP+SP", 2),
+    ("TP+SP", 4),
+    ("TP+SP, re-gather", 2),
+    ("TP+SP, re-gather", 4),
+]
 measured = {(kind, n): launch.run(activation_bytes, n, kind, backend="gloo")[0] for kind, n in configs}
 
 # %% [markdown]
@@ -297,12 +328,17 @@ sbh, sb = S * B * H, S * B
 print(f"s={S}, b={B}, h={H}, a={HEADS}: s·b·h = {sbh} numbers = {4 * sbh:,} bytes in fp32\n")
 print(f"{'':22} {'t':>2} " + " ".join(f"{r:>25}" for r in REGIONS) + f" {'total':>9}")
 for (kind, n), regions in measured.items():
-    print(f"{kind:22} {n:>2} " + " ".join(f"{v:>25,}" for v in regions.values())
-          + f" {sum(regions.values()):>9,}")
+    print(
+        f"{kind:22} {n:>2} "
+        + " ".join(f"{v:>25,}" for v in regions.values())
+        + f" {sum(regions.values()):>9,}"
+    )
 norms = {n: measured[("TP+SP", n)]["LayerNorms (ln1, ln2)"] for n in (2, 4)}
 dense_norms = measured[("dense", 1)]["LayerNorms (ln1, ln2)"]
-print(f"\nLayerNorm region per rank, TP+SP vs TP: t=2 → {norms[2] / dense_norms:.3f}, "
-      f"t=4 → {norms[4] / dense_norms:.3f} of the whole")
+print(
+    f"\nLayerNorm region per rank, TP+SP vs TP: t=2 → {norms[2] / dense_norms:.3f}, "
+    f"t=4 → {norms[4] / dense_norms:.3f} of the whole"
+)
 assert all(norms[n] * n == dense_norms for n in (2, 4))
 
 # %% [markdown]
@@ -347,9 +383,11 @@ x16 = torch.randn(B, S, H, dtype=torch.bfloat16, requires_grad=True)
 saved16 = tp.saved_activation_bytes(megatron_block, x16)
 korthikanti = sbh * (34 + 5 * HEADS * S / H)
 layer_norm_stats = sum(saved16.values()) - korthikanti
-print(f"dense block, bf16, with dropout: {sum(saved16.values()):,} bytes saved; "
-      f"s·b·h·(34 + 5·a·s/h) = {korthikanti:,.0f}; the rest, {layer_norm_stats:,.0f} bytes, is LayerNorm's mean "
-      f"and 1/std (2 numbers per token per norm = {layer_norm_stats / (4 * sb):.0f} bytes each)")
+print(
+    f"dense block, bf16, with dropout: {sum(saved16.values()):,} bytes saved; "
+    f"s·b·h·(34 + 5·a·s/h) = {korthikanti:,.0f}; the rest, {layer_norm_stats:,.0f} bytes, is LayerNorm's mean "
+    f"and 1/std (2 numbers per token per norm = {layer_norm_stats / (4 * sb):.0f} bytes each)"
+)
 assert layer_norm_stats in (2 * 2 * sb * 2, 2 * 2 * sb * 4)  # 4·s·b numbers, in bf16 or fp32
 
 # %% [markdown]
@@ -358,14 +396,17 @@ assert layer_norm_stats in (2 * 2 * sb * 2, 2 * 2 * sb * 4)  # 4·s·b numbers, 
 # use our fp32, dropout-free blocks: 4·s·b·h·(16 + a·s/h) bytes dense, plus 16·s·b for LayerNorm's
 # statistics, and the same row-by-row bookkeeping for TP and TP+SP:
 
+
 # %%
 def ours(kind, t):
     """Bytes per rank our block should save, from the table above (fp32, no dropout)."""
     stats = 16 * sb  # LayerNorm mean and 1/std
-    per_sbh = {"dense": 16 + HEADS * S / H,
-               "TP": 4 + 12 / t + HEADS * S / (H * t),
-               "TP+SP": 2 + 14 / t + HEADS * S / (H * t),
-               "TP+SP, re-gather": (16 + HEADS * S / H) / t}[kind]
+    per_sbh = {
+        "dense": 16 + HEADS * S / H,
+        "TP": 4 + 12 / t + HEADS * S / (H * t),
+        "TP+SP": 2 + 14 / t + HEADS * S / (H * t),
+        "TP+SP, re-gather": (16 + HEADS * S / H) / t,
+    }[kind]
     return 4 * sbh * per_sbh + (stats if kind in ("dense", "TP") else stats / t)
 
 
@@ -375,18 +416,24 @@ def megatron(kind, t):
     Their TP+SP formula assumes the re-gather; without it, the 4 bytes per sbh of
     qkv and fc1 inputs stay whole: s·b·h·(4 + 30/t + 5·a·s/(h·t)).
     """
-    return {"dense": sbh * (34 + 5 * HEADS * S / H),
-            "TP": sbh * (10 + 24 / t + 5 * HEADS * S / (H * t)),
-            "TP+SP": sbh * (4 + 30 / t + 5 * HEADS * S / (H * t)),  # qkv, fc1 inputs whole
-            "TP+SP, re-gather": sbh * (34 + 5 * HEADS * S / H) / t}[kind]
+    return {
+        "dense": sbh * (34 + 5 * HEADS * S / H),
+        "TP": sbh * (10 + 24 / t + 5 * HEADS * S / (H * t)),
+        "TP+SP": sbh * (4 + 30 / t + 5 * HEADS * S / (H * t)),  # qkv, fc1 inputs whole
+        "TP+SP, re-gather": sbh * (34 + 5 * HEADS * S / H) / t,
+    }[kind]
 
 
-print(f"{'':22} {'t':>2} {'measured':>9} {'our formula':>12} {'vs dense':>9} "
-      f"{'Megatron formula':>17} {'vs dense':>9}")
+print(
+    f"{'':22} {'t':>2} {'measured':>9} {'our formula':>12} {'vs dense':>9} "
+    f"{'Megatron formula':>17} {'vs dense':>9}"
+)
 for (kind, n), regions in measured.items():
     got = sum(regions.values())
-    print(f"{kind:22} {n:>2} {got:>9,} {ours(kind, n):>12,.0f} {got / ours('dense', 1):>9.3f} "
-          f"{megatron(kind, n):>17,.0f} {megatron(kind, n) / megatron('dense', 1):>9.3f}")
+    print(
+        f"{kind:22} {n:>2} {got:>9,} {ours(kind, n):>12,.0f} {got / ours('dense', 1):>9.3f} "
+        f"{megatron(kind, n):>17,.0f} {megatron(kind, n) / megatron('dense', 1):>9.3f}"
+    )
     assert got == ours(kind, n)
 
 # %% [markdown]
@@ -406,9 +453,12 @@ for (kind, n), regions in measured.items():
 # The picture: bytes per rank, by region, with our formula as a black tick.
 
 # %%
-viz.plot_saved_activations(measured, {key: ours(*key) for key in measured},
-                           f"One transformer block, s = {S}, b = {B}, h = {H}, a = {HEADS}, fp32: measured with "
-                           "saved_tensors_hooks; tick = our formula")
+viz.plot_saved_activations(
+    measured,
+    {key: ours(*key) for key in measured},
+    f"One transformer block, s = {S}, b = {B}, h = {H}, a = {HEADS}, fp32: measured with "
+    "saved_tensors_hooks; tick = our formula",
+)
 
 # %% [markdown]
 # ## And dropout?
@@ -447,28 +497,61 @@ viz.plot_saved_activations(measured, {key: ours(*key) for key in measured},
 rows = [("SP block vs dense, N = 1, 2, 4", "equal (1e-5)", f"{max(sp_largest.values()):.1e}")]
 ours_rs, gloo_rs = rs_sent["tp._reduce_scatter"], rs_sent["gloo's dist.reduce_scatter"]
 if ours_rs is not None:
-    rows += [("reduce-scatter, N=4: sent / tensor", "(N−1)/N = 0.750", f"{ours_rs / S_RS:.3f}"),
-             ("gloo's reduce_scatter, N=4: sent / tensor", "≥ all-reduce's 2(N−1)/N = 1.500", f"{gloo_rs / S_RS:.3f}")]
-for kind, label, calls in zip(KINDS, ("TP", "SP", "SP, re-gather"),
-                              ("2 AR, one per sublayer", "2 AG + 2 RS (A2A)", "4 AG + 2 RS (A2A)")):
+    rows += [
+        ("reduce-scatter, N=4: sent / tensor", "(N−1)/N = 0.750", f"{ours_rs / S_RS:.3f}"),
+        (
+            "gloo's reduce_scatter, N=4: sent / tensor",
+            "≥ all-reduce's 2(N−1)/N = 1.500",
+            f"{gloo_rs / S_RS:.3f}",
+        ),
+    ]
+for kind, label, calls in zip(
+    KINDS, ("TP", "SP", "SP, re-gather"), ("2 AR, one per sublayer", "2 AG + 2 RS (A2A)", "4 AG + 2 RS (A2A)")
+):
     m = sp_traffic[kind, 4]
     rows.append((f"{label}, N=4: backward calls", calls, short(m["bwd_calls"])))
     if m["fwd"] is not None:
-        rows.append((f"{label}, N=4: received, forward", f"2·2(N−1)/N·4K = {m['ideal']:,.0f}", f"{m['fwd']:,}"))
+        rows.append(
+            (f"{label}, N=4: received, forward", f"2·2(N−1)/N·4K = {m['ideal']:,.0f}", f"{m['fwd']:,}")
+        )
 m = sp_traffic["sequence parallel, re-gather", 4]
 if m["bwd"] is not None:
-    rows.append(("SP, re-gather, N=4: received, backward", f"+ 2 AG = 3·2(N−1)/N·4K = {1.5 * m['ideal']:,.0f}",
-                 f"{m['bwd']:,}"))
+    rows.append(
+        (
+            "SP, re-gather, N=4: received, backward",
+            f"+ 2 AG = 3·2(N−1)/N·4K = {1.5 * m['ideal']:,.0f}",
+            f"{m['bwd']:,}",
+        )
+    )
 for n in (2, 4):
-    rows.append((f"LayerNorm activations, TP+SP, t={n}", f"1/t of dense = {1 / n:.3f}", f"{norms[n] / dense_norms:.3f}"))
-rows.append(("dense, bf16 + dropout: bytes saved", f"sbh(34 + 5as/h) = {korthikanti:,.0f}",
-             f"{sum(saved16.values()) - layer_norm_stats:,.0f}"))
+    rows.append(
+        (
+            f"LayerNorm activations, TP+SP, t={n}",
+            f"1/t of dense = {1 / n:.3f}",
+            f"{norms[n] / dense_norms:.3f}",
+        )
+    )
+rows.append(
+    (
+        "dense, bf16 + dropout: bytes saved",
+        f"sbh(34 + 5as/h) = {korthikanti:,.0f}",
+        f"{sum(saved16.values()) - layer_norm_stats:,.0f}",
+    )
+)
 for (kind, n), regions in measured.items():
-    formula_text = {"dense": "4sbh(16 + as/h) + 16sb", "TP": "4sbh(4 + 12/t + as/(ht)) + 16sb",
-                    "TP+SP": "4sbh(2 + 14/t + as/(ht)) + 16sb/t",
-                    "TP+SP, re-gather": "4sbh(16 + as/h)/t + 16sb/t"}[kind]
-    rows.append((f"{kind}, t={n}: saved per rank", f"{formula_text} = {ours(kind, n):,.0f}",
-                 f"{sum(regions.values()):,}"))
+    formula_text = {
+        "dense": "4sbh(16 + as/h) + 16sb",
+        "TP": "4sbh(4 + 12/t + as/(ht)) + 16sb",
+        "TP+SP": "4sbh(2 + 14/t + as/(ht)) + 16sb/t",
+        "TP+SP, re-gather": "4sbh(16 + as/h)/t + 16sb/t",
+    }[kind]
+    rows.append(
+        (
+            f"{kind}, t={n}: saved per rank",
+            f"{formula_text} = {ours(kind, n):,.0f}",
+            f"{sum(regions.values()):,}",
+        )
+    )
 print(f"{'quantity':<42}  {'formula':<44}  {'measured':>12}")
 for quantity, formula_text, value in rows:
     print(f"{quantity:<42}  {formula_text:<44}  {value:>12}")

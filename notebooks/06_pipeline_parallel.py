@@ -67,9 +67,13 @@ with pp.FlopCounter() as backward_flops:
 flop_ratio = backward_flops.total / forward_flops.total
 t_f_measured, t_b_measured = pp.time_forward_backward(probe_stage, probe_x)
 backward_ratio = t_b_measured / t_f_measured
-print(f"work: forward {forward_flops.total / 1e6:.0f} MFLOP, backward {backward_flops.total / 1e6:.0f} MFLOP:"
-      f"  ratio {flop_ratio:.2f}")
-print(f"time: t_f = {t_f_measured * 1e3:.2f} ms, t_b = {t_b_measured * 1e3:.2f} ms:  t_b / t_f = {backward_ratio:.2f}")
+print(
+    f"work: forward {forward_flops.total / 1e6:.0f} MFLOP, backward {backward_flops.total / 1e6:.0f} MFLOP:"
+    f"  ratio {flop_ratio:.2f}"
+)
+print(
+    f"time: t_f = {t_f_measured * 1e3:.2f} ms, t_b = {t_b_measured * 1e3:.2f} ms:  t_b / t_f = {backward_ratio:.2f}"
+)
 assert flop_ratio == 2, "for each forward product, the backward computes two"
 assert 1.3 < backward_ratio < 4, "a backward should take about two forwards"
 
@@ -127,15 +131,19 @@ viz.plot_schedule("gpipe", 4, 8)
 # each stage runs its actions in order, each as soon as its input exists):
 
 # %%
-print(f"{'p':>2} {'m':>3}  {'simulated bubble':>16}  {'(p-1)/(m+p-1)':>13}  "
-      f"{'simulated (step-ideal)/ideal':>28}  {'(p-1)/m':>7}")
+print(
+    f"{'p':>2} {'m':>3}  {'simulated bubble':>16}  {'(p-1)/(m+p-1)':>13}  "
+    f"{'simulated (step-ideal)/ideal':>28}  {'(p-1)/m':>7}"
+)
 for p in (2, 4, 8):
     for m in (1, p, 4 * p):
         sim = pp.simulate(pp.gpipe_schedule(p, m), t_f=1.0, t_b=2.0)
         ideal = m * (1.0 + 2.0)  # m·(t_f + t_b)
         over_ideal = (sim.total_time - ideal) / ideal
-        print(f"{p:>2} {m:>3}  {sim.bubble_fraction:>16.1%}  {pp.bubble_formula(p, m):>13.1%}  "
-              f"{over_ideal:>28.3f}  {(p - 1) / m:>7.3f}")
+        print(
+            f"{p:>2} {m:>3}  {sim.bubble_fraction:>16.1%}  {pp.bubble_formula(p, m):>13.1%}  "
+            f"{over_ideal:>28.3f}  {(p - 1) / m:>7.3f}"
+        )
         assert abs(sim.bubble_fraction - pp.bubble_formula(p, m)) < 1e-12
         assert abs(over_ideal - (p - 1) / m) < 1e-12
         assert m < 4 * p or sim.bubble_fraction < 0.2
@@ -165,13 +173,17 @@ viz.plot_schedule("1f1b", 4, 8)
 # stage 0 holds p = 4 micro-batches instead of m = 8, and the last stage holds one.
 
 # %%
-print(f"{'p':>2} {'m':>2}  {'GPipe bubble':>12}  {'1F1B bubble':>11}  {'GPipe peak per stage':>24}  "
-      f"{'1F1B peak per stage':>24}  {'min(p-s, m)':>24}")
+print(
+    f"{'p':>2} {'m':>2}  {'GPipe bubble':>12}  {'1F1B bubble':>11}  {'GPipe peak per stage':>24}  "
+    f"{'1F1B peak per stage':>24}  {'min(p-s, m)':>24}"
+)
 for p, m in ((2, 4), (4, 8), (4, 2), (8, 4)):
     g, o = pp.simulate(pp.gpipe_schedule(p, m)), pp.simulate(pp.one_f_one_b_schedule(p, m))
     expected = [min(p - s, m) for s in range(p)]
-    print(f"{p:>2} {m:>2}  {g.bubble_fraction:>12.1%}  {o.bubble_fraction:>11.1%}  "
-          f"{str(g.peak_activations):>24}  {str(o.peak_activations):>24}  {str(expected):>24}")
+    print(
+        f"{p:>2} {m:>2}  {g.bubble_fraction:>12.1%}  {o.bubble_fraction:>11.1%}  "
+        f"{str(g.peak_activations):>24}  {str(o.peak_activations):>24}  {str(expected):>24}"
+    )
     assert g.total_time == o.total_time and g.peak_activations == [m] * p
     assert o.peak_activations == expected
 
@@ -202,7 +214,7 @@ viz.pipeline_explorer()
 
 # %%
 source = inspect.getsource(pp.train_step)
-print(source[source.index("    stage_inputs, stage_outputs"):])
+print(source[source.index("    stage_inputs, stage_outputs") :])
 
 # %% [markdown]
 # Is it right? Every stage's gradients must equal one process training on the whole batch with a
@@ -231,22 +243,26 @@ full_loss.backward()
 for p in (2, 4):
     per_rank = launch.run(pipeline_gradients, p, 8)
     for schedule in ("gpipe", "1f1b"):
-        for loss, grads in (r[schedule] for r in per_rank):
+        for _loss, grads in (r[schedule] for r in per_rank):
             for name, grad in grads.items():
                 torch.testing.assert_close(grad, model.get_parameter(name).grad, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(per_rank[-1][schedule][0], full_loss.detach(), rtol=1e-5, atol=1e-5)
         layers = [sorted({int(n.split(".")[0]) for n in r[schedule][1]}) for r in per_rank]
         assert sorted(sum(layers, [])) == list(range(DEPTH))  # every layer on exactly one rank
-        print(f"p = {p}, {schedule:>5}, m = 8: loss {per_rank[-1][schedule][0]:.5f} and every gradient "
-              f"equal to one process ✔  (layers of each rank: {layers})")
+        print(
+            f"p = {p}, {schedule:>5}, m = 8: loss {per_rank[-1][schedule][0]:.5f} and every gradient "
+            f"equal to one process ✔  (layers of each rank: {layers})"
+        )
 
 # %% [markdown]
 # A second reference: torch's own `torch.distributed.pipelining` (`ScheduleGPipe`, `Schedule1F1B`)
 # on the same slices gives the same gradients.
 
+
 # %%
 def torch_pipeline_gradients(m):
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
     rank, p, device = dist.get_rank(), dist.get_world_size(), launch.device()
     x, y = (t.to(device) for t in regression_data(BATCH, D_MODEL))
     results = {}
@@ -286,22 +302,32 @@ T_F = 0.030
 T_B = min(max(round(backward_ratio, 1), 1.5), 3.0) * T_F  # your measured t_b / t_f (kept within 1.5–3)
 P = 4
 BALANCED, UNBALANCED = [1, 1, 1, 1], [1.5, 1, 1, 0.5]  # 8 layers split (2,2,2,2) or (3,2,2,1)
-configs = [("gpipe", 1, BALANCED), ("gpipe", 4, BALANCED), ("gpipe", 8, BALANCED),
-           ("1f1b", 4, BALANCED), ("1f1b", 8, BALANCED), ("1f1b", 8, UNBALANCED)]
+configs = [
+    ("gpipe", 1, BALANCED),
+    ("gpipe", 4, BALANCED),
+    ("gpipe", 8, BALANCED),
+    ("1f1b", 4, BALANCED),
+    ("1f1b", 8, BALANCED),
+    ("1f1b", 8, UNBALANCED),
+]
 best = pp.least_disturbed(launch.run(pp.timed_steps, P, configs, T_F, T_B))
 
 print(f"p = {P}, t_f = {T_F * 1e3:.0f} ms, t_b = {T_B * 1e3:.0f} ms, balanced stages")
-print(f"{'schedule':>8} {'m':>2}  {'step':>7}  {'(m+p-1)(t_f+t_b)':>16}  {'bubble':>7}  {'(p-1)/(m+p-1)':>13}  "
-      f"{'(step-ideal)/ideal':>18}  {'(p-1)/m':>7}")
+print(
+    f"{'schedule':>8} {'m':>2}  {'step':>7}  {'(m+p-1)(t_f+t_b)':>16}  {'bubble':>7}  {'(p-1)/(m+p-1)':>13}  "
+    f"{'(step-ideal)/ideal':>18}  {'(p-1)/m':>7}"
+)
 measured = {}  # (schedule, m) -> (bubble, idle / busy, wall seconds)
 for (schedule, m, work), timelines in zip(configs, best):
     if work is not BALANCED:
         continue
     bubble, wall = pp.measured_bubble(timelines)
     measured[schedule, m] = bubble, bubble / (1 - bubble), wall
-    print(f"{schedule:>8} {m:>2}  {wall * 1e3:>5.0f}ms  {(m + P - 1) * (T_F + T_B) * 1e3:>14.0f}ms  "
-          f"{bubble:>7.1%}  {pp.bubble_formula(P, m):>13.1%}  {bubble / (1 - bubble):>18.3f}  "
-          f"{(P - 1) / m:>7.3f}")
+    print(
+        f"{schedule:>8} {m:>2}  {wall * 1e3:>5.0f}ms  {(m + P - 1) * (T_F + T_B) * 1e3:>14.0f}ms  "
+        f"{bubble:>7.1%}  {pp.bubble_formula(P, m):>13.1%}  {bubble / (1 - bubble):>18.3f}  "
+        f"{(P - 1) / m:>7.3f}"
+    )
     assert abs(bubble - pp.bubble_formula(P, m)) < 0.1, "measured bubble far from (p-1)/(m+p-1)"
 
 # %% [markdown]
@@ -312,9 +338,11 @@ for (schedule, m, work), timelines in zip(configs, best):
 
 # %%
 bubble_gpipe_8 = pp.measured_bubble(best[2])[0]
-viz.plot_measured_pipeline(best[2], f"measured on {P} ranks: GPipe, m = 8, t_f = {T_F * 1e3:.0f} ms, "
-                                    f"t_b = {T_B * 1e3:.0f} ms",
-                           note=f"measured bubble {bubble_gpipe_8:.1%}   formula {pp.bubble_formula(P, 8):.1%}")
+viz.plot_measured_pipeline(
+    best[2],
+    f"measured on {P} ranks: GPipe, m = 8, t_f = {T_F * 1e3:.0f} ms, t_b = {T_B * 1e3:.0f} ms",
+    note=f"measured bubble {bubble_gpipe_8:.1%}   formula {pp.bubble_formula(P, 8):.1%}",
+)
 
 # %% [markdown]
 # ## Measured: an unbalanced partition
@@ -327,8 +355,10 @@ viz.plot_measured_pipeline(best[2], f"measured on {P} ranks: GPipe, m = 8, t_f =
 # %%
 print(f"{'partition':>24}  {'measured step':>13}  {'simulated':>9}  {'measured bubble':>15}")
 steps = {}
-for label, (_, m, work), timelines in (("balanced (2, 2, 2, 2)", configs[4], best[4]),
-                                       ("unbalanced (3, 2, 2, 1)", configs[5], best[5])):
+for label, (_, m, work), timelines in (
+    ("balanced (2, 2, 2, 2)", configs[4], best[4]),
+    ("unbalanced (3, 2, 2, 1)", configs[5], best[5]),
+):
     bubble, wall = pp.measured_bubble(timelines)
     sim = pp.simulate(pp.one_f_one_b_schedule(P, m), [w * T_F for w in work], [w * T_B for w in work])
     steps[label] = wall, sim.total_time
@@ -354,6 +384,7 @@ assert slowdown > 1.0, "the unbalanced split should take longer"
 # once, on a real model with real compute. The same launch also runs with `checkpoint=True`,
 # used in the next section.
 
+
 # %%
 def activation_peaks(m):
     """Peak bytes of one micro-batch, and of a step per (schedule, checkpoint)."""
@@ -361,7 +392,7 @@ def activation_peaks(m):
     stage = pp.partition(make_stack(DEPTH, D_MODEL, D_HIDDEN, seed=0), rank, p).to(device)
     x, y = (t.to(device) for t in regression_data(BATCH, D_MODEL))
     with pp.ActivationMeter(stage) as one:  # a single micro-batch of the same size
-        pp.train_step(stage, x[:BATCH // m], y[:BATCH // m], F.mse_loss, 1)
+        pp.train_step(stage, x[: BATCH // m], y[: BATCH // m], F.mse_loss, 1)
     peaks = {}
     for schedule in ("gpipe", "1f1b"):
         for checkpoint in (False, True):
@@ -377,8 +408,10 @@ print(f"p = {P}, m = {M_MEMORY}: peak live micro-batches = a step's peak bytes /
 print(f"{'stage':>5}  {'one micro-batch':>15}  {'GPipe':>6}  {'m':>3}  {'1F1B':>5}  {'min(p-s, m)':>11}")
 for s, (one, peak) in enumerate(peaks):
     gpipe_live, one_f_one_b_live = peak["gpipe", False] / one, peak["1f1b", False] / one
-    print(f"{s:>5}  {one / 1024:>12.1f}KiB  {gpipe_live:>6.2f}  {M_MEMORY:>3}  "
-          f"{one_f_one_b_live:>5.2f}  {min(P - s, M_MEMORY):>11}")
+    print(
+        f"{s:>5}  {one / 1024:>12.1f}KiB  {gpipe_live:>6.2f}  {M_MEMORY:>3}  "
+        f"{one_f_one_b_live:>5.2f}  {min(P - s, M_MEMORY):>11}"
+    )
     assert abs(gpipe_live - M_MEMORY) < 0.25 and abs(one_f_one_b_live - min(P - s, M_MEMORY)) < 0.25
 
 # %% [markdown]
@@ -410,6 +443,7 @@ print(inspect.getsource(pp._Rematerialize))
 # `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` and against no checkpointing. Then
 # the time of forward + backward, the three taking turns (one thread, the fastest of ten each).
 
+
 # %%
 def one_stage(mode, x, grad_output):
     """Bytes kept after forward, peak bytes, forwards started, FLOPs, and the gradients."""
@@ -417,27 +451,40 @@ def one_stage(mode, x, grad_output):
     forwards = []
     stage.register_forward_pre_hook(lambda *_: forwards.append(1))
     x = x.clone().requires_grad_()
-    run = {"none": stage, "ours": lambda t: pp.checkpointed(stage, t),
-           "torch": lambda t: torch.utils.checkpoint.checkpoint(stage, t, use_reentrant=False)}[mode]
+    run = {
+        "none": stage,
+        "ours": lambda t: pp.checkpointed(stage, t),
+        "torch": lambda t: torch.utils.checkpoint.checkpoint(stage, t, use_reentrant=False),
+    }[mode]
     with pp.ActivationMeter(stage) as meter, pp.FlopCounter() as flops:
         output = run(x)
         kept = meter.live_bytes  # what stays between forward and backward
         output.backward(grad_output)
     grads = [x.grad.clone()] + [q.grad.clone() for q in stage.parameters()]
-    return dict(kept=kept, peak=meter.peak_bytes, forwards=len(forwards), flops=flops.total, grads=grads,
-                step=lambda: run(x).backward(grad_output))
+    return dict(
+        kept=kept,
+        peak=meter.peak_bytes,
+        forwards=len(forwards),
+        flops=flops.total,
+        grads=grads,
+        step=lambda: run(x).backward(grad_output),
+    )
 
 
 grad_output = torch.randn(64, STAGE_SHAPE["d_model"])
 runs = {mode: one_stage(mode, probe_x, grad_output) for mode in ("none", "ours", "torch")}
 seconds = pp.fastest({mode: r["step"] for mode, r in runs.items()}, repeats=10)
-print(f"{'checkpoint':>10}  {'kept after forward':>18}  {'peak in backward':>16}  {'forwards':>8}  "
-      f"{'FLOPs ÷ none':>12}  {'fwd+bwd':>8}  {'÷ none':>6}")
+print(
+    f"{'checkpoint':>10}  {'kept after forward':>18}  {'peak in backward':>16}  {'forwards':>8}  "
+    f"{'FLOPs ÷ none':>12}  {'fwd+bwd':>8}  {'÷ none':>6}"
+)
 for mode, r in runs.items():
     shown = "(hidden)" if mode == "torch" else f"{r['peak'] / 1024:.0f}KiB"
-    print(f"{mode:>10}  {r['kept'] / 1024:>15.0f}KiB  {shown:>16}  {r['forwards']:>8}  "
-          f"{r['flops'] / runs['none']['flops']:>12.3f}  {seconds[mode] * 1e3:>6.2f}ms  "
-          f"{seconds[mode] / seconds['none']:>6.2f}")
+    print(
+        f"{mode:>10}  {r['kept'] / 1024:>15.0f}KiB  {shown:>16}  {r['forwards']:>8}  "
+        f"{r['flops'] / runs['none']['flops']:>12.3f}  {seconds[mode] * 1e3:>6.2f}ms  "
+        f"{seconds[mode] / seconds['none']:>6.2f}"
+    )
 for mode in ("ours", "torch"):
     torch.testing.assert_close(runs[mode]["grads"], runs["none"]["grads"], rtol=1e-5, atol=1e-5)
 torch.testing.assert_close(runs["ours"]["grads"], runs["torch"]["grads"], rtol=0, atol=0)
@@ -446,8 +493,10 @@ print("gradients: ours equal torch.utils.checkpoint's exactly, and both equal no
 recompute_flops = runs["ours"]["flops"] / runs["none"]["flops"]
 recompute_time = seconds["ours"] / seconds["none"]
 recompute_formula = (2 * t_f_measured + t_b_measured) / (t_f_measured + t_b_measured)
-print(f"extra compute: FLOPs {recompute_flops:.3f}× (4/3 = {4 / 3:.3f});  time {recompute_time:.2f}× "
-      f"((2·t_f + t_b)/(t_f + t_b) with your t_f, t_b = {recompute_formula:.2f}×)")
+print(
+    f"extra compute: FLOPs {recompute_flops:.3f}× (4/3 = {4 / 3:.3f});  time {recompute_time:.2f}× "
+    f"((2·t_f + t_b)/(t_f + t_b) with your t_f, t_b = {recompute_formula:.2f}×)"
+)
 assert runs["none"]["kept"] == 4 * 576 * 1024 and runs["ours"]["kept"] == 64 * 1024  # explained below
 assert [runs[mode]["forwards"] for mode in ("none", "ours", "torch")] == [1, 2, 2]
 assert recompute_flops == 4 / 3 and runs["torch"]["flops"] < runs["ours"]["flops"]
@@ -482,9 +531,11 @@ def checkpointed_peak(one):
 
 print(f"{'stage':>5}  {'GPipe':>9}  {'GPipe+ckpt':>10}  {'formula':>9}  {'1F1B':>9}  {'1F1B+ckpt':>9}")
 for s, (one, peak) in enumerate(peaks):
-    print(f"{s:>5}  {peak['gpipe', False] / 1024:>7.1f}KiB  {peak['gpipe', True] / 1024:>8.1f}KiB  "
-          f"{checkpointed_peak(one) / 1024:>7.1f}KiB  {peak['1f1b', False] / 1024:>7.1f}KiB  "
-          f"{peak['1f1b', True] / 1024:>7.1f}KiB")
+    print(
+        f"{s:>5}  {peak['gpipe', False] / 1024:>7.1f}KiB  {peak['gpipe', True] / 1024:>8.1f}KiB  "
+        f"{checkpointed_peak(one) / 1024:>7.1f}KiB  {peak['1f1b', False] / 1024:>7.1f}KiB  "
+        f"{peak['1f1b', True] / 1024:>7.1f}KiB"
+    )
     assert peak["gpipe", True] < peak["gpipe", False] / 2
     if s < P - 1:  # the last stage is different, see below
         assert peak["gpipe", True] == checkpointed_peak(one), "checkpointed GPipe peak off the formula"
@@ -515,22 +566,43 @@ one_0, peak_0 = peaks[0]
 rows = [
     ("backward ÷ forward FLOPs, one stage", "2", f"{flop_ratio:.2f}"),
     ("t_b / t_f, one stage, time", "≈ 2", f"{backward_ratio:.2f}"),
-    ("GPipe bubble, m = 8", f"(p−1)/(m+p−1) = {pp.bubble_formula(P, 8):.3f}", f"{measured['gpipe', 8][0]:.3f}"),
+    (
+        "GPipe bubble, m = 8",
+        f"(p−1)/(m+p−1) = {pp.bubble_formula(P, 8):.3f}",
+        f"{measured['gpipe', 8][0]:.3f}",
+    ),
     ("1F1B bubble, m = 8", f"(p−1)/(m+p−1) = {pp.bubble_formula(P, 8):.3f}", f"{measured['1f1b', 8][0]:.3f}"),
     ("GPipe (step−ideal)/ideal, m = 4", f"(p−1)/m = {(P - 1) / 4:.3f}", f"{measured['gpipe', 4][1]:.3f}"),
     ("1F1B (step−ideal)/ideal, m = 4", f"(p−1)/m = {(P - 1) / 4:.3f}", f"{measured['1f1b', 4][1]:.3f}"),
     ("1F1B (step−ideal)/ideal, m = 8", f"(p−1)/m = {(P - 1) / 8:.3f}", f"{measured['1f1b', 8][1]:.3f}"),
-    ("GPipe step, m = 8", f"(m+p−1)(t_f+t_b) = {(8 + P - 1) * (T_F + T_B) * 1e3:.0f} ms",
-     f"{measured['gpipe', 8][2] * 1e3:.0f} ms"),
+    (
+        "GPipe step, m = 8",
+        f"(m+p−1)(t_f+t_b) = {(8 + P - 1) * (T_F + T_B) * 1e3:.0f} ms",
+        f"{measured['gpipe', 8][2] * 1e3:.0f} ms",
+    ),
     ("unbalanced (3,2,2,1) ÷ balanced step", f"simulated {slowdown_simulated:.2f}×", f"{slowdown:.2f}×"),
     ("GPipe live micro-batches, stage 0", f"m = {M_MEMORY}", f"{peak_0['gpipe', False] / one_0:.2f}"),
-    ("1F1B live micro-batches, stage 0", f"min(p−s, m) = {min(P, M_MEMORY)}", f"{peak_0['1f1b', False] / one_0:.2f}"),
-    ("1F1B live micro-batches, last stage", "min(p−s, m) = 1", f"{peaks[-1][1]['1f1b', False] / peaks[-1][0]:.2f}"),
-    ("GPipe+ckpt peak, stage 0", f"m·b·h·4 + rest of one = {checkpointed_peak(one_0) / 1024:.1f} KiB",
-     f"{peak_0['gpipe', True] / 1024:.1f} KiB"),
+    (
+        "1F1B live micro-batches, stage 0",
+        f"min(p−s, m) = {min(P, M_MEMORY)}",
+        f"{peak_0['1f1b', False] / one_0:.2f}",
+    ),
+    (
+        "1F1B live micro-batches, last stage",
+        "min(p−s, m) = 1",
+        f"{peaks[-1][1]['1f1b', False] / peaks[-1][0]:.2f}",
+    ),
+    (
+        "GPipe+ckpt peak, stage 0",
+        f"m·b·h·4 + rest of one = {checkpointed_peak(one_0) / 1024:.1f} KiB",
+        f"{peak_0['gpipe', True] / 1024:.1f} KiB",
+    ),
     ("checkpointing: FLOPs ÷ without", "(2t_f+t_b)/(t_f+t_b) = 4/3 = 1.333", f"{recompute_flops:.3f}"),
-    ("checkpointing: time ÷ without", f"(2t_f+t_b)/(t_f+t_b) = {recompute_formula:.2f} (your t_f, t_b)",
-     f"{recompute_time:.2f}"),
+    (
+        "checkpointing: time ÷ without",
+        f"(2t_f+t_b)/(t_f+t_b) = {recompute_formula:.2f} (your t_f, t_b)",
+        f"{recompute_time:.2f}",
+    ),
 ]
 print(f"{'quantity':<38}  {'formula':<48}  {'measured':>9}")
 for quantity, formula_text, value in rows:

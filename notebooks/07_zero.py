@@ -84,9 +84,11 @@ adamw = torch.optim.AdamW(model.parameters(), lr=1e-3)
 x, y = regression_data(32, 128)
 F.mse_loss(model(x), y).backward()
 adamw.step()
-held = {"params": zero.storage_bytes(model.parameters()),
-        "grads": zero.storage_bytes(p.grad for p in model.parameters()),
-        "optimizer": zero.storage_bytes(t for state in adamw.state.values() for t in state.values())}
+held = {
+    "params": zero.storage_bytes(model.parameters()),
+    "grads": zero.storage_bytes(p.grad for p in model.parameters()),
+    "optimizer": zero.storage_bytes(t for state in adamw.state.values() for t in state.values()),
+}
 print(f"Ψ = {psi:,} parameters (fp32 on CPU)")
 for what, nbytes in held.items():
     print(f"  {what:9} {nbytes:>11,} bytes = {nbytes / psi:5.2f} bytes per parameter")
@@ -143,8 +145,10 @@ layer_sizes = {"layer fc1": 6 * 10 + 10, "layer fc2": 10 * 6 + 6}
 for layer, numel in layer_sizes.items():
     for n in (3, 4, 8):
         padded = zero.padded_size(numel, n)
-        print(f"{layer} ({numel} elements) on N={n}: padded to {padded}, shards of {padded // n}, "
-              f"{padded - numel} zeros of padding")
+        print(
+            f"{layer} ({numel} elements) on N={n}: padded to {padded}, shards of {padded // n}, "
+            f"{padded - numel} zeros of padding"
+        )
 
 # %% [markdown]
 # ## The code
@@ -193,6 +197,7 @@ print(inspect.getsource(zero.ZeroAdam._after_forward))
 # chapter 03, in one round instead of N−1. The counter from `course_lib.comm` shows the
 # difference — bytes each rank received, per element of the K-element input (4 bytes each), on
 # N = 4 ranks:
+
 
 # %%
 def reduce_scatter_two_ways(k):
@@ -267,7 +272,9 @@ for n in (1, 2, 3, 4):
         for params in per_rank:  # every rank holds the same full parameters
             for name, p in params[stage].items():
                 torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-5)
-        worst[stage] = max((p - expected[k]).abs().max().item() for r in per_rank for k, p in r[stage].items())
+        worst[stage] = max(
+            (p - expected[k]).abs().max().item() for r in per_rank for k, p in r[stage].items()
+        )
     print(f"{n:<4}" + "".join(f"{worst[s]:>12.1e}" for s in zero.STAGES))
     worst_vs_adamw = max(worst_vs_adamw, *worst.values())
 
@@ -284,6 +291,7 @@ for n in (1, 2, 3, 4):
 # gathered around its forward and backward. Both run on the CPU with gloo (FSDP2 on a CPU device
 # mesh; the older FSDP1 refuses CPU tensors). These ranks import more of torch, so this cell takes a
 # few seconds.
+
 
 # %%
 def train_with_builtins():
@@ -382,8 +390,10 @@ def formula_per_psi(n, stage):
 print(f"Ψ = {PSI:,}; bytes per rank in units of Ψ (measured / formula, fp32):")
 print("N   " + "".join(f"{STAGE_NAMES[s]:>18}" for s in zero.STAGES))
 for n in WORLD_SIZES:
-    print(f"{n:<4}" + "".join(f"{held_per_psi(n, s):7.3f} / {formula_per_psi(n, s):<7.3f}" .rjust(18)
-                              for s in zero.STAGES))
+    print(
+        f"{n:<4}"
+        + "".join(f"{held_per_psi(n, s):7.3f} / {formula_per_psi(n, s):<7.3f}".rjust(18) for s in zero.STAGES)
+    )
     for stage in zero.STAGES:  # padding is the only difference, under 1 %
         assert abs(held_per_psi(n, stage) / formula_per_psi(n, stage) - 1) < 0.01, (n, stage)
 assert round(held_per_psi(8, 3), 2) == 2.0  # ZeRO-3 on 8 ranks: 2 bytes per parameter, not 16
@@ -412,7 +422,9 @@ viz.plot_zero_memory(measured, PSI)
 wire = measured[2][0]["received"] is not None
 received = {n: {s: measured[n][s]["received"] for s in zero.STAGES} for n in WORLD_SIZES[1:]}
 if wire:
-    print("N   " + "".join(f"{STAGE_NAMES[s]:>18}" for s in zero.STAGES) + "    (measured / formula, × Ψ·4 B)")
+    print(
+        "N   " + "".join(f"{STAGE_NAMES[s]:>18}" for s in zero.STAGES) + "    (measured / formula, × Ψ·4 B)"
+    )
     for n in WORLD_SIZES[1:]:
         got = [received[n][s] / (4 * PSI) for s in zero.STAGES]
         want = [zero.formula_traffic(s, PSI, n) / (4 * PSI) for s in zero.STAGES]
@@ -543,6 +555,7 @@ for stage in zero.STAGES:
 # Seen from inside: in ZeRO-3 on 2 ranks, a hook after ZeroAdam's gather records what the first
 # layer computes with on each rank — the full weight, and this rank's own samples:
 
+
 # %%
 def what_each_rank_computes():
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -559,9 +572,11 @@ def what_each_rank_computes():
     F.mse_loss(model(shard(x, rank, n)), shard(y, rank, n)).backward()
     opt.step()
     stored = sum(u.param_shard.numel() for u in opt.units)
-    print(f"fc1 of layer 0 computes with weight {seen['weight']} on {seen['rows']} samples "
-          f"({rank * BATCH // n}…{(rank + 1) * BATCH // n - 1} of {BATCH}); between steps it stores "
-          f"{stored} of the {num_params(model)} parameter values")
+    print(
+        f"fc1 of layer 0 computes with weight {seen['weight']} on {seen['rows']} samples "
+        f"({rank * BATCH // n}…{(rank + 1) * BATCH // n - 1} of {BATCH}); between steps it stores "
+        f"{stored} of the {num_params(model)} parameter values"
+    )
     return dict(seen, stored=stored, psi=num_params(model))
 
 
@@ -616,19 +631,30 @@ viz.zero_memory_calculator(psi_billions=7.0, n=8, stage=2, precision="mixed", de
 # of an all-reduce, Ψ·(N−1)/N elements, where the system reports wire bytes).
 
 # %%
-rows = [("gloo reduce_scatter, per K elements", "2(N−1)/N = 1.5", f"{rs_builtin:.3f}"),
-        ("zero.reduce_scatter, per K elements", "(N−1)/N = 0.75", f"{rs_ours:.3f}"),
-        ("|ZeroAdam − torch AdamW|, N = 1…4", "float rounding", f"{worst_vs_adamw:.1e}"),
-        *[(f"|ZeroAdam − {what}|, N = {N_BUILTIN}", "float rounding", f"{d:.1e}")
-          for what, d in worst_vs_builtin.items()]]
+rows = [
+    ("gloo reduce_scatter, per K elements", "2(N−1)/N = 1.5", f"{rs_builtin:.3f}"),
+    ("zero.reduce_scatter, per K elements", "(N−1)/N = 0.75", f"{rs_ours:.3f}"),
+    ("|ZeroAdam − torch AdamW|, N = 1…4", "float rounding", f"{worst_vs_adamw:.1e}"),
+    *[
+        (f"|ZeroAdam − {what}|, N = {N_BUILTIN}", "float rounding", f"{d:.1e}")
+        for what, d in worst_vs_builtin.items()
+    ],
+]
 for stage, name in STAGE_NAMES.items():
     formula = {0: "16Ψ", 1: "8Ψ + 8Ψ/N", 2: "4Ψ + 12Ψ/N", 3: "16Ψ/N"}[stage]
-    rows.append((f"{name} memory per rank, N = 8 (× Ψ B)", f"{formula} = {formula_per_psi(8, stage):.3f}",
-                 f"{held_per_psi(8, stage):.3f}"))
+    rows.append(
+        (
+            f"{name} memory per rank, N = 8 (× Ψ B)",
+            f"{formula} = {formula_per_psi(8, stage):.3f}",
+            f"{held_per_psi(8, stage):.3f}",
+        )
+    )
 for stage, name in STAGE_NAMES.items():
     want = zero.formula_traffic(stage, PSI, 4) / (PSI * 4 * 3 / 4)
     got = f"{received[4][stage] / (PSI * 4 * 3 / 4):.3f}" if wire else "n/a"
-    rows.append((f"{name} traffic, one step, N = 4 (halves)", f"{'3' if stage == 3 else '2'}Ψ → {want:g}", got))
+    rows.append(
+        (f"{name} traffic, one step, N = 4 (halves)", f"{'3' if stage == 3 else '2'}Ψ → {want:g}", got)
+    )
 for stage, name in STAGE_NAMES.items():
     for unsharded, how in ((False, "every backward"), (True, "no_sync")):
         want = zero.formula_traffic(stage, PSI, N_ACC, micro_batches=M, accumulate_unsharded=unsharded) / half

@@ -76,21 +76,26 @@ torch.manual_seed(0)
 # popular: five tokens want it first.
 
 # %%
-probs = torch.tensor([
-    [0.60, 0.25, 0.10, 0.05],
-    [0.50, 0.10, 0.30, 0.10],
-    [0.20, 0.55, 0.15, 0.10],
-    [0.45, 0.35, 0.10, 0.10],
-    [0.20, 0.10, 0.60, 0.10],
-    [0.55, 0.05, 0.10, 0.30],
-    [0.40, 0.30, 0.20, 0.10],
-    [0.10, 0.20, 0.10, 0.60],
-])
+probs = torch.tensor(
+    [
+        [0.60, 0.25, 0.10, 0.05],
+        [0.50, 0.10, 0.30, 0.10],
+        [0.20, 0.55, 0.15, 0.10],
+        [0.45, 0.35, 0.10, 0.10],
+        [0.20, 0.10, 0.60, 0.10],
+        [0.55, 0.05, 0.10, 0.30],
+        [0.40, 0.30, 0.20, 0.10],
+        [0.10, 0.20, 0.10, 0.60],
+    ]
+)
 example = moe.route(probs.log(), k=2, capacity_factor=1.0)  # log-probabilities are valid logits
 print(f"C = {example.capacity} slots per expert\n")
 print(moe.routing_table(example, probs))
-print("\ntokens_per_expert (before dropping):", example.tokens_per_expert.tolist(),
-      f"  dropped assignments: {example.num_dropped} of {probs.shape[0] * 2}")
+print(
+    "\ntokens_per_expert (before dropping):",
+    example.tokens_per_expert.tolist(),
+    f"  dropped assignments: {example.num_dropped} of {probs.shape[0] * 2}",
+)
 
 # %% [markdown]
 # The same routing as the experts' buffers (`viz.plot_expert_buffers`): one row per expert, one
@@ -172,6 +177,7 @@ print(inspect.getsource(moe.all_to_all))
 # (some zero) to each rank; row i for rank j holds `[me, j, i]`, so a received row says where it
 # came from.
 
+
 # %%
 def both_all_to_alls():
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -251,16 +257,28 @@ def compare_with_dense(n):
         token_grads.append(x.grad)
     close = lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)  # noqa: E731
     per_rank = E // n
-    experts_ok = all(close(g, dict(experts[rank * per_rank + int(name.split(".")[0])].named_parameters())
-                                   [name.split(".", 1)[1]].grad)
-                     for rank, r in enumerate(results) for name, g in r[3].items())
-    report = dict(output=all(close(r[0], o) for r, o in zip(results, outputs)),
-                  token_grads=all(close(r[1], g) for r, g in zip(results, token_grads)),
-                  gate_grad=close(sum(r[2] for r in results), gate.weight.grad),
-                  expert_grads=experts_ok)
+    experts_ok = all(
+        close(
+            g,
+            dict(experts[rank * per_rank + int(name.split(".")[0])].named_parameters())[
+                name.split(".", 1)[1]
+            ].grad,
+        )
+        for rank, r in enumerate(results)
+        for name, g in r[3].items()
+    )
+    report = dict(
+        output=all(close(r[0], o) for r, o in zip(results, outputs)),
+        token_grads=all(close(r[1], g) for r, g in zip(results, token_grads)),
+        gate_grad=close(sum(r[2] for r in results), gate.weight.grad),
+        expert_grads=experts_ok,
+    )
     drops = [r[4] for r in results]
-    print(f"N={n}: " + ", ".join(f"{k} {'✔' if v else '✘'}" for k, v in report.items())
-          + f"   (assignments dropped per rank: {drops})")
+    print(
+        f"N={n}: "
+        + ", ".join(f"{k} {'✔' if v else '✘'}" for k, v in report.items())
+        + f"   (assignments dropped per rank: {drops})"
+    )
     return all(report.values())
 
 
@@ -309,8 +327,13 @@ load_assigned = sum(a for a, _, _ in load)
 load_kept = sum(k for _, k, _ in load)
 load_capacity = load[0][2]
 load_per_rank = load_kept.view(N_LOAD, -1).sum(dim=1).float()
-print("assignments per expert:", load_assigned.tolist(), " kept:", load_kept.tolist(),
-      f" C per rank = {load_capacity}")
+print(
+    "assignments per expert:",
+    load_assigned.tolist(),
+    " kept:",
+    load_kept.tolist(),
+    f" C per rank = {load_capacity}",
+)
 assert load_capacity == 40 and int(load_assigned.sum()) == N_LOAD * T_LOAD
 viz.plot_expert_load(load_assigned, load_kept, load_capacity, N_LOAD)
 
@@ -340,7 +363,9 @@ drop_gate, _ = moe.make_moe(D_LOAD, E_LOAD, d_hidden=32, seed=0)
 with torch.no_grad():
     routers = {
         "perfectly even": lambda k: moe.round_robin_logits(T_DROP, E_LOAD, k),
-        "random, no preference": lambda k: torch.randn(T_DROP, E_LOAD, generator=torch.Generator().manual_seed(1)),
+        "random, no preference": lambda k: torch.randn(
+            T_DROP, E_LOAD, generator=torch.Generator().manual_seed(1)
+        ),
         "gate, near-even inputs": lambda k: drop_gate(shifted_tokens(0, T_DROP, 0.0)[0]),
         "gate, skewed inputs": lambda k: drop_gate(shifted_tokens(0, T_DROP, 2.0)[0]),
     }
@@ -413,8 +438,10 @@ rows_kept = torch.stack([r[0] for r in traffic]).view(N_A2A, N_A2A, E_A2A // N_A
 a2a_formula = moe.traffic_formula(T_A2A, K_A2A, D_A2A, N_A2A)
 counts_bytes = (N_A2A - 1) * (E_A2A // N_A2A) * 8
 balanced_rows = (N_A2A - 1) * K_A2A * T_A2A // N_A2A
-print(f"formula, one all-to-all: (N-1)/N·k·T·D·4 = {a2a_formula:,} B;  forward: 2 × that + "
-      f"{counts_bytes} B of counts = {2 * a2a_formula + counts_bytes:,} B\n")
+print(
+    f"formula, one all-to-all: (N-1)/N·k·T·D·4 = {a2a_formula:,} B;  forward: 2 × that + "
+    f"{counts_bytes} B of counts = {2 * a2a_formula + counts_bytes:,} B\n"
+)
 print("rank | rows out, in | exact fwd payload | measured fwd payload | fwd wire | bwd payload | bwd wire")
 forward_payloads = []
 for rank, (_, dropped_here, (pay_f, wire_f), (pay_b, wire_b)) in enumerate(traffic):
@@ -422,10 +449,15 @@ for rank, (_, dropped_here, (pay_f, wire_f), (pay_b, wire_b)) in enumerate(traff
     rows_in = int(rows_kept[:, rank].sum() - rows_kept[rank, rank])  # other ranks' rows for my experts
     exact = (rows_out + rows_in) * D_A2A * 4 + counts_bytes  # dispatch out + results back out + counts
     forward_payloads.append(pay_f)
-    print(f"  {rank}  |  {rows_out:3d}, {rows_in:3d}   | {exact:>15,} | {pay_f:>18,} | {wire(wire_f):>9} |"
-          f" {pay_b:>11,} | {wire(wire_b):>8}")
+    print(
+        f"  {rank}  |  {rows_out:3d}, {rows_in:3d}   | {exact:>15,} | {pay_f:>18,} | {wire(wire_f):>9} |"
+        f" {pay_b:>11,} | {wire(wire_b):>8}"
+    )
     assert dropped_here == 0 and pay_f == exact and pay_b == exact - counts_bytes
-    assert abs(rows_out - balanced_rows) < 0.2 * balanced_rows and abs(rows_in - balanced_rows) < 0.2 * balanced_rows
+    assert (
+        abs(rows_out - balanced_rows) < 0.2 * balanced_rows
+        and abs(rows_in - balanced_rows) < 0.2 * balanced_rows
+    )
     assert wire_f is None or wire_f >= pay_f  # headers only add
 mean_forward_payload = sum(forward_payloads) / N_A2A
 
@@ -446,6 +478,7 @@ mean_forward_payload = sum(forward_payloads) / N_A2A
 # + α·aux, α = 0.01. After each step: the **load imbalance** max / mean tokens per expert (1 =
 # perfectly even), the share of **dropped** assignments, and the task loss. (One process: balance is
 # a property of the gate, the same on one rank or many.)
+
 
 # %%
 def train(alpha, steps=150, k=1, num_tokens=256, capacity_factor=1.25):
@@ -476,10 +509,12 @@ def last10(values):
 
 runs = {"task loss only": train(0.0), "with α·aux, α = 0.01": train(moe.AUX_LOSS_WEIGHT)}
 for name, history in runs.items():
-    print(f"{name:>22}: imbalance {history['imbalance'][0]:.2f} → {last10(history['imbalance']):.2f}, "
-          f"dropped {history['dropped'][0]:.0f} % → {last10(history['dropped']):.0f} %, "
-          f"task loss {history['task loss'][0]:.3f} → {last10(history['task loss']):.3f}"
-          "   (step 0 → mean of the last 10 steps)")
+    print(
+        f"{name:>22}: imbalance {history['imbalance'][0]:.2f} → {last10(history['imbalance']):.2f}, "
+        f"dropped {history['dropped'][0]:.0f} % → {last10(history['dropped']):.0f} %, "
+        f"task loss {history['task loss'][0]:.3f} → {last10(history['task loss']):.3f}"
+        "   (step 0 → mean of the last 10 steps)"
+    )
 plain, balanced = runs.values()
 assert last10(plain["dropped"]) > 50, "without the aux loss more than half should end up dropped"
 assert sum(balanced["imbalance"][15:25]) / 10 < 0.75 * balanced["imbalance"][0]
@@ -540,16 +575,31 @@ rows = [
     ("capacity, T=256, E=8, k=1, cf=1.25", "C = ceil(k·cf·T/E) = 40", f"{load_capacity}"),
     ("aux loss, uniform router", "E·Σ f·P = 1", f"{float(even):.4f}"),
     ("aux loss, everything to one expert", "E·Σ f·P = E = 4", f"{float(collapsed):.4f}"),
-    ("drops, perfectly even router, cf=0.75", "max(0, 1 − cf) = 25.0 %",
-     f"{100 * curves['perfectly even', 1][cf_075]:.1f} %"),
-    ("drops, random router, k=1, cf=1", "≥ max(0, 1 − cf) = 0 %",
-     f"{100 * curves['random, no preference', 1][cf_1]:.1f} %"),
-    ("drops, skewed gate, k=1, cf=1", "≥ max(0, 1 − cf) = 0 %",
-     f"{100 * curves['gate, skewed inputs', 1][cf_1]:.1f} %"),
-    ("all-to-all fwd payload per rank (mean)", f"2·(N−1)/N·k·T·D·4 + counts = {2 * a2a_formula + counts_bytes:,} B",
-     f"{mean_forward_payload:,.0f} B"),
-    ("slowest / mean rank, skewed gate (§5)", "1 when balanced",
-     f"{float(load_per_rank.max() / load_per_rank.mean()):.2f}"),
+    (
+        "drops, perfectly even router, cf=0.75",
+        "max(0, 1 − cf) = 25.0 %",
+        f"{100 * curves['perfectly even', 1][cf_075]:.1f} %",
+    ),
+    (
+        "drops, random router, k=1, cf=1",
+        "≥ max(0, 1 − cf) = 0 %",
+        f"{100 * curves['random, no preference', 1][cf_1]:.1f} %",
+    ),
+    (
+        "drops, skewed gate, k=1, cf=1",
+        "≥ max(0, 1 − cf) = 0 %",
+        f"{100 * curves['gate, skewed inputs', 1][cf_1]:.1f} %",
+    ),
+    (
+        "all-to-all fwd payload per rank (mean)",
+        f"2·(N−1)/N·k·T·D·4 + counts = {2 * a2a_formula + counts_bytes:,} B",
+        f"{mean_forward_payload:,.0f} B",
+    ),
+    (
+        "slowest / mean rank, skewed gate (§5)",
+        "1 when balanced",
+        f"{float(load_per_rank.max() / load_per_rank.mean()):.2f}",
+    ),
     ("imbalance after 150 steps, no aux", "max/mean = 1 when even", f"{last10(plain['imbalance']):.2f}"),
     ("imbalance after 150 steps, α·aux", "max/mean = 1 when even", f"{last10(balanced['imbalance']):.2f}"),
 ]

@@ -70,11 +70,13 @@ layout.draw(highlight=5)
 # collective: **every** rank calls `new_group` for **every** group, in the same order, and keeps
 # the one it belongs to — so the constructor does it all at once. Each rank reports what it got:
 
+
 # %%
 def where_am_i():
     grid = mesh.RankGrid(dp=2, tp=2, pp=2)
-    return grid.coord, {axis: dist.get_process_group_ranks(getattr(grid, f"{axis}_group"))
-                        for axis in ("tp", "dp", "pp")}
+    return grid.coord, {
+        axis: dist.get_process_group_ranks(getattr(grid, f"{axis}_group")) for axis in ("tp", "dp", "pp")
+    }
 
 
 for rank, (coord, groups) in enumerate(launch.run(where_am_i, 8, backend="gloo")):
@@ -123,8 +125,10 @@ for d, t, p, m in [(2, 2, 1, 1), (2, 2, 2, 2)]:
     losses = results[-1]["losses"]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5)
     loss_gap = max(loss_gap, max(abs(a - b) for a, b in zip(losses, reference_losses)))
-    print(f"dp={d} tp={t} pp={p} (m={m}): {compared} parameter blocks equal the single process; "
-          f"losses {[round(x, 6) for x in losses]}")
+    print(
+        f"dp={d} tp={t} pp={p} (m={m}): {compared} parameter blocks equal the single process; "
+        f"losses {[round(x, 6) for x in losses]}"
+    )
 print("one process:                     losses", [round(x, 6) for x in reference_losses])
 
 # %% [markdown]
@@ -145,8 +149,10 @@ for zero_stage in (1, 2):
     dense_adam = {name: p.detach() for name, p in reference.named_parameters()}
     results = launch.run(mesh.train_3d, 8, 2, 2, 2, batches, model_fn, 2, zero_stage, 0.01, backend="gloo")
     compared = mesh.compare_with_dense(results, dense_adam, tp_size=2)  # raises on any difference
-    print(f"ZeRO-{zero_stage} × tp=2 × pp=2: {compared} parameter blocks equal single-process AdamW; "
-          f"model states on rank 0 (bytes): {results[0]['memory']}")
+    print(
+        f"ZeRO-{zero_stage} × tp=2 × pp=2: {compared} parameter blocks equal single-process AdamW; "
+        f"model states on rank 0 (bytes): {results[0]['memory']}"
+    )
 
 # %% [markdown]
 # ## 3. A cost model, and how it compares with this machine
@@ -170,10 +176,14 @@ s_, b_, h_, a_ = 4096, 1, 8192, 64  # a 70B-like layer: 5·a·s/h = 160
 sbh = s_ * b_ * h_
 without_scores = {(1, False): 34, (8, False): 10 + 24 / 8, (8, True): 34 / 8}  # × s·b·h bytes
 for (t_, sp_), factor in without_scores.items():
-    kept = {att: cost.activation_bytes_per_layer(s_, b_, h_, a_, t_, sp_, attention=att)
-            for att in ("materialised", "flash")}
-    print(f"tp={t_} sp={sp_!s:5}: materialised {kept['materialised'] / 1e9:6.2f} GB, "
-          f"flash {kept['flash'] / 1e9:5.2f} GB per layer and sequence")
+    kept = {
+        att: cost.activation_bytes_per_layer(s_, b_, h_, a_, t_, sp_, attention=att)
+        for att in ("materialised", "flash")
+    }
+    print(
+        f"tp={t_} sp={sp_!s:5}: materialised {kept['materialised'] / 1e9:6.2f} GB, "
+        f"flash {kept['flash'] / 1e9:5.2f} GB per layer and sequence"
+    )
     assert kept["flash"] == sbh * factor and kept["materialised"] == sbh * (factor + 160 / t_)
 
 # %% [markdown]
@@ -223,18 +233,29 @@ def measure_one_step(d, t, p, m):
         pp.train_step(stage, x, y, F.mse_loss, m, group=grid.pp_group)
     with count_traffic() as sync:
         dp.average_gradients_allreduce(stage, group=grid.dp_group)
-    return dict(coord=grid.coord, psi=num_params(stage), layers=len(stage), pipe_wire=pipe.sent,
-                pipe_p2p=pipe.payload_sent, dp_wire=sync.sent)
+    return dict(
+        coord=grid.coord,
+        psi=num_params(stage),
+        layers=len(stage),
+        pipe_wire=pipe.sent,
+        pipe_p2p=pipe.payload_sent,
+        dp_wire=sync.sent,
+    )
 
 
 def predicted_traffic(d, t, p, m, r):
     tokens = BATCH_M // d // m  # rows of one micro-batch on one rank
-    skipped = m * cost.tp_traffic_bytes(tokens, D_M, 1, t, allreduces_per_layer=1, element_bytes=4) \
-        if r["coord"].pp == 0 else 0
-    return dict(dp=cost.dp_traffic_bytes(r["psi"], 0, d, element_bytes=4),
-                tp=m * cost.tp_traffic_bytes(tokens, D_M, r["layers"], t, allreduces_per_layer=2,
-                                             element_bytes=4) - skipped,
-                pp=cost.pp_traffic_bytes(tokens, D_M, m, p, 4, neighbours=1 if p == 2 else 2))
+    skipped = (
+        m * cost.tp_traffic_bytes(tokens, D_M, 1, t, allreduces_per_layer=1, element_bytes=4)
+        if r["coord"].pp == 0
+        else 0
+    )
+    return dict(
+        dp=cost.dp_traffic_bytes(r["psi"], 0, d, element_bytes=4),
+        tp=m * cost.tp_traffic_bytes(tokens, D_M, r["layers"], t, allreduces_per_layer=2, element_bytes=4)
+        - skipped,
+        pp=cost.pp_traffic_bytes(tokens, D_M, m, p, 4, neighbours=1 if p == 2 else 2),
+    )
 
 
 traffic_rows = []
@@ -275,13 +296,17 @@ for grid, kind, measured, predicted in traffic_rows:
 # %%
 ping = alpha_beta.measure_point_to_point([4, 4096, 65536, 1 << 20], min_seconds=0.05)
 ab = alpha_beta.fit(ping.nbytes, ping.fastest)
-print(ab.describe(), f"— a message of α·β = {ab.alpha * ab.beta / 1e3:.0f} KB takes as long to start (α) "
-      "as to transfer (S/β)")
+print(
+    ab.describe(),
+    f"— a message of α·β = {ab.alpha * ab.beta / 1e3:.0f} KB takes as long to start (α) as to transfer (S/β)",
+)
 
 latency_only = alpha_beta.AlphaBeta(ab.alpha, float("inf"))  # the α part of each prediction
 time_rows = []
-print(f"{'grid':>16} {'axis':>4} {'messages':>8} {'bytes each':>10} {'predicted (ms)':>15} {'α share':>8} "
-      f"{'measured (ms)':>14} {'ratio':>6}")
+print(
+    f"{'grid':>16} {'axis':>4} {'messages':>8} {'bytes each':>10} {'predicted (ms)':>15} {'α share':>8} "
+    f"{'measured (ms)':>14} {'ratio':>6}"
+)
 for d, t, p in GRIDS:
     r = launch.run(mesh.time_step_messages, d * t * p, d, t, p, model_m, BATCH_M // d, M_M, backend="gloo")[0]
     sent = r["messages"]
@@ -297,9 +322,15 @@ for d, t, p in GRIDS:
         if messages:
             share = latency[kind] / predicted[kind]
             time_rows.append((f"dp={d} tp={t} pp={p}", kind, predicted[kind], r["seconds"][kind], share))
-            size = f"{max(messages) / 1e3:.0f} KB" if len(set(messages)) == 1 else f"≤{max(messages) / 1e3:.0f} KB"
-            print(f"{time_rows[-1][0]:>16} {kind:>4} {len(messages):>8} {size:>10} {predicted[kind] * 1e3:>15.2f} "
-                  f"{share:>8.0%} {r['seconds'][kind] * 1e3:>14.2f} {r['seconds'][kind] / predicted[kind]:>6.2f}")
+            size = (
+                f"{max(messages) / 1e3:.0f} KB"
+                if len(set(messages)) == 1
+                else f"≤{max(messages) / 1e3:.0f} KB"
+            )
+            print(
+                f"{time_rows[-1][0]:>16} {kind:>4} {len(messages):>8} {size:>10} {predicted[kind] * 1e3:>15.2f} "
+                f"{share:>8.0%} {r['seconds'][kind] * 1e3:>14.2f} {r['seconds'][kind] / predicted[kind]:>6.2f}"
+            )
 shares = [row[4] for row in time_rows]
 print(f"\nIn this run α is {min(shares):.0%} to {max(shares):.0%} of each prediction.")
 
@@ -347,12 +378,17 @@ viz.plan_calculator(model="7B", gpus=64, dp=8, tp=4, pp=2, zero=1, sp=True, micr
 
 # %%
 big = cost.PRESETS["70B"]
-mixes = [cost.Strategy(dp=1024, zero=3), cost.Strategy(dp=128, tp=8, zero=1),
-         cost.Strategy(dp=16, tp=8, pp=8, zero=1, microbatches=32),
-         cost.Strategy(dp=16, tp=8, pp=8, zero=1, sp=True, microbatches=32)]
+mixes = [
+    cost.Strategy(dp=1024, zero=3),
+    cost.Strategy(dp=128, tp=8, zero=1),
+    cost.Strategy(dp=16, tp=8, pp=8, zero=1, microbatches=32),
+    cost.Strategy(dp=16, tp=8, pp=8, zero=1, sp=True, microbatches=32),
+]
 plans_70b = {}
-print(f"{'mix':>34} {'attention':>13} {'recompute':>9} {'memory/GPU':>11} {'activations':>11} {'tp traffic':>10} "
-      f"{'bubble':>6}")
+print(
+    f"{'mix':>34} {'attention':>13} {'recompute':>9} {'memory/GPU':>11} {'activations':>11} {'tp traffic':>10} "
+    f"{'bubble':>6}"
+)
 for mix in mixes:
     for attention in ("materialised", "flash"):
         for recompute in (False, True):
@@ -361,12 +397,19 @@ for mix in mixes:
             assert not est.problems, est.problems
             name = f"dp{plan.dp} tp{plan.tp} pp{plan.pp} ZeRO-{plan.zero}{' SP' if plan.sp else ''} m={plan.microbatches}"
             plans_70b[name, attention, recompute] = est
-            print(f"{name:>34} {attention:>13} {str(recompute):>9} {cost.format_bytes(est.memory_total):>11} "
-                  f"{cost.format_bytes(est.memory['activations']):>11} {cost.format_bytes(est.traffic['tp']):>10} "
-                  f"{est.bubble:>6.1%}")
+            print(
+                f"{name:>34} {attention:>13} {str(recompute):>9} {cost.format_bytes(est.memory_total):>11} "
+                f"{cost.format_bytes(est.memory['activations']):>11} {cost.format_bytes(est.traffic['tp']):>10} "
+                f"{est.bubble:>6.1%}"
+            )
 fits = {key: est.memory_total <= 80e9 for key, est in plans_70b.items()}
 no_recompute = {(name, att): fits[name, att, False] for name, att, _ in fits}
-assert [no_recompute[n, "materialised"] for n, _ in no_recompute if _ == "materialised"] == [False, False, False, True]
+assert [no_recompute[n, "materialised"] for n, _ in no_recompute if _ == "materialised"] == [
+    False,
+    False,
+    False,
+    True,
+]
 assert [no_recompute[n, "flash"] for n, _ in no_recompute if _ == "flash"] == [False, True, True, True]
 assert all(fits[k] for k in fits if k[2])  # with full recomputation every mix fits
 zero3_flash = plans_70b["dp1024 tp1 pp1 ZeRO-3 m=1", "flash", False].memory["activations"]

@@ -39,6 +39,7 @@ from course_lib.launch import DeadlockError, LaunchTimeout, RankError, run
 #
 # **A crash.** The first rank that failed is named; the others failed *because* it left.
 
+
 # %%
 def last_rank_divides_by_zero():
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -59,6 +60,7 @@ else:
 # **A deadlock.** Rank 0 makes one all-reduce fewer than the others. Count the calls in the
 # report: ranks 1 and 2 are in their call #2, rank 0 returned after 1. Calls are matched *by
 # order*, not by the line they come from, so the first all-reduce of every rank still worked.
+
 
 # %%
 def one_all_reduce_fewer():
@@ -82,6 +84,7 @@ else:
 # is a plain `LaunchTimeout` (a `DeadlockError` is a special case of it): an endless loop, or simply
 # more work than `timeout` allows.
 
+
 # %%
 def endless():
     while True:
@@ -103,6 +106,7 @@ else:
 # one rank and 2 on the other may finish with wrong numbers, or abort a rank. `debug=True` sets
 # `TORCH_DISTRIBUTED_DEBUG=DETAIL`, which makes every collective first compare what the ranks
 # called (operation, shapes, dtypes) and names the difference:
+
 
 # %%
 def mismatched_shapes():
@@ -137,7 +141,9 @@ def all_reduce_seconds(calls=20):
 
 
 plain, checked = max(run(all_reduce_seconds, 2)), max(run(all_reduce_seconds, 2, debug=True))
-print(f"all-reduce of 1000 floats on 2 ranks: {plain * 1e3:.2f} ms plain, {checked * 1e3:.2f} ms with debug=True")
+print(
+    f"all-reduce of 1000 floats on 2 ranks: {plain * 1e3:.2f} ms plain, {checked * 1e3:.2f} ms with debug=True"
+)
 
 # %% [markdown]
 # ## 2. Four bugs and what they look like
@@ -202,7 +208,7 @@ debugging.show(debugging.row_parallel_output, row_parallel_on_the_world)
 # %%
 import course_lib.demo
 
-print(course_lib.demo.__doc__[:course_lib.demo.__doc__.find("STRATEGY is")])
+print(course_lib.demo.__doc__[: course_lib.demo.__doc__.find("STRATEGY is")])
 for name, (_, _, what) in course_lib.demo.STRATEGIES.items():
     print(f"  {name:5} {what}")
 
@@ -277,8 +283,9 @@ for node in (0, 1):
 # each rank prints what it would select.
 
 # %%
-two_nodes = run_nodes(nnodes=2, nproc_per_node=2,
-                      node_env=[{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}])
+two_nodes = run_nodes(
+    nnodes=2, nproc_per_node=2, node_env=[{"CUDA_VISIBLE_DEVICES": "0,1"}, {"CUDA_VISIBLE_DEVICES": "2,3"}]
+)
 print(f"[two torchruns, 2 processes each: {two_nodes.seconds:.1f} s]")
 
 # %% [markdown]
@@ -288,15 +295,27 @@ print(f"[two torchruns, 2 processes each: {two_nodes.seconds:.1f} s]")
 
 # %%
 ranks = sorted(two_nodes.report["ranks"], key=lambda v: int(v["RANK"]))
-columns = ("RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE", "WORLD_SIZE", "GROUP_WORLD_SIZE")
+columns = (
+    "RANK",
+    "LOCAL_RANK",
+    "GROUP_RANK",
+    "NODE_RANK",
+    "LOCAL_WORLD_SIZE",
+    "WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+)
 print("  ".join(columns))
 for v in ranks:
     print("  ".join(f"{str(v[c]):>{len(c)}}" for c in columns))
-print(f"MASTER_ADDR:MASTER_PORT = {ranks[0]['MASTER_ADDR']}:{ranks[0]['MASTER_PORT']} on every rank; "
-      f"the rendezvous was at {two_nodes.endpoint}")
+print(
+    f"MASTER_ADDR:MASTER_PORT = {ranks[0]['MASTER_ADDR']}:{ranks[0]['MASTER_PORT']} on every rank; "
+    f"the rendezvous was at {two_nodes.endpoint}"
+)
 
 for v in ranks:  # every rank's identity, checked
-    rank, local, group, per_node = (int(v[k]) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE"))
+    rank, local, group, per_node = (
+        int(v[k]) for k in ("RANK", "LOCAL_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE")
+    )
     assert rank == group * per_node + local  # the nodes are numbered first, then the processes on each
     assert int(v["WORLD_SIZE"]) == 4 and int(v["GROUP_WORLD_SIZE"]) == 2 and v["NODE_RANK"] is None
 assert [int(v["RANK"]) for v in ranks] == [0, 1, 2, 3]
@@ -331,12 +350,16 @@ assert NODE_RANK_IGNORED in two_nodes.outputs[1]  # torchrun's own warning, prin
 # for `cuda:3` on a node where only `cuda:0` and `cuda:1` exist ("invalid device ordinal").
 
 # %%
-print("RANK  node  CUDA_VISIBLE_DEVICES  set_device(LOCAL_RANK)  physical GPU  set_device(RANK) would ask for")
+print(
+    "RANK  node  CUDA_VISIBLE_DEVICES  set_device(LOCAL_RANK)  physical GPU  set_device(RANK) would ask for"
+)
 for v in ranks:
     listed = v["CUDA_VISIBLE_DEVICES"].split(",")
     by_rank = f"cuda:{v['RANK']}" + ("" if int(v["RANK"]) < len(listed) else ", which does not exist there")
-    print(f"{v['RANK']:>4}  {v['GROUP_RANK']:>4}  {v['CUDA_VISIBLE_DEVICES']:>20}  {v['device']:>22}  "
-          f"{v['physical_gpu']:>12}  {by_rank}")
+    print(
+        f"{v['RANK']:>4}  {v['GROUP_RANK']:>4}  {v['CUDA_VISIBLE_DEVICES']:>20}  {v['device']:>22}  "
+        f"{v['physical_gpu']:>12}  {by_rank}"
+    )
     assert v["device"] == f"cuda:{v['LOCAL_RANK']}"
     assert v["physical_gpu"] == int(listed[int(v["LOCAL_RANK"])])
 assert sorted(v["physical_gpu"] for v in ranks) == [0, 1, 2, 3]  # four ranks, four different GPUs
@@ -367,8 +390,10 @@ from course_lib.torchrun import accumulation_steps
 
 batch = two_nodes.report["batch"]
 b, M, n_dp, B = batch["micro_batch"], batch["accumulation_steps"], batch["dp_ranks"], batch["global_batch"]
-print(f"b × M × N_dp = {b} × {M} × {n_dp} = {b * M * n_dp};  global batch B = {B};  "
-      f"samples the ranks saw: {batch['samples_seen']}")
+print(
+    f"b × M × N_dp = {b} × {M} × {n_dp} = {b * M * n_dp};  global batch B = {B};  "
+    f"samples the ranks saw: {batch['samples_seen']}"
+)
 print(f"largest |gradient − one process on all {B} samples| = {batch['max_grad_diff']:.1e}")
 assert b * M * n_dp == B == batch["samples_seen"]
 assert batch["max_grad_diff"] <= 1e-5
@@ -415,8 +440,10 @@ cross_node = []
 for nbytes, median, best in zip(timed["nbytes"], timed["seconds"], timed["fastest"]):
     predicted = model.message(HEADER_BYTES) + model.ring_all_reduce(2, nbytes)
     cross_node.append((nbytes, predicted, best))
-    print(f"{format_bytes(nbytes):>8} {predicted * 1e3:>7.2f} ms {best * 1e3:>7.2f} ms {median * 1e3:>7.2f} ms"
-          f"  {best / predicted:6.2f}")
+    print(
+        f"{format_bytes(nbytes):>8} {predicted * 1e3:>7.2f} ms {best * 1e3:>7.2f} ms {median * 1e3:>7.2f} ms"
+        f"  {best / predicted:6.2f}"
+    )
 assert len(cross_node) == 3 and all(best > 0 for _, _, best in cross_node)
 
 # %% [markdown]
@@ -489,10 +516,14 @@ assert len(cross_node) == 3 and all(best > 0 for _, _, best in cross_node)
 
 # %%
 PSI, ALPHA = 1e9, 10e-6
-nvlink, ethernet_25g, infiniband_400g = (alpha_beta.AlphaBeta(ALPHA, beta) for beta in (200e9, 25e9 / 8, 400e9 / 8))
-setups = [("1 node,  8 GPUs (NVLink)", 8, nvlink, 1.0),
-          ("2 nodes, 16 GPUs, 25 Gb/s Ethernet", 16, ethernet_25g, 0.5),
-          ("2 nodes, 16 GPUs, 400 Gb/s InfiniBand", 16, infiniband_400g, 0.5)]
+nvlink, ethernet_25g, infiniband_400g = (
+    alpha_beta.AlphaBeta(ALPHA, beta) for beta in (200e9, 25e9 / 8, 400e9 / 8)
+)
+setups = [
+    ("1 node,  8 GPUs (NVLink)", 8, nvlink, 1.0),
+    ("2 nodes, 16 GPUs, 25 Gb/s Ethernet", 16, ethernet_25g, 0.5),
+    ("2 nodes, 16 GPUs, 400 Gb/s InfiniBand", 16, infiniband_400g, 0.5),
+]
 step = {}
 for name, n, link, compute in setups:
     comm_s = link.ring_all_reduce(n, 4 * PSI)
@@ -519,19 +550,38 @@ assert nvlink.beta / ethernet_25g.beta == 64
 
 # %%
 nbytes, predicted, best = cross_node[-1]
-identity_holds = sum(int(v["RANK"]) == int(v["GROUP_RANK"]) * int(v["LOCAL_WORLD_SIZE"]) + int(v["LOCAL_RANK"])
-                     for v in ranks)
+identity_holds = sum(
+    int(v["RANK"]) == int(v["GROUP_RANK"]) * int(v["LOCAL_WORLD_SIZE"]) + int(v["LOCAL_RANK"]) for v in ranks
+)
 rows = [
     ("RANK = GROUP_RANK·LOCAL_WORLD_SIZE + LOCAL_RANK", "every rank", f"{identity_holds} of {len(ranks)}"),
-    ("GPU of set_device(LOCAL_RANK), ranks 0–3", "CUDA_VISIBLE_DEVICES[LOCAL_RANK]",
-     ", ".join(str(v["physical_gpu"]) for v in ranks)),
+    (
+        "GPU of set_device(LOCAL_RANK), ranks 0–3",
+        "CUDA_VISIBLE_DEVICES[LOCAL_RANK]",
+        ", ".join(str(v["physical_gpu"]) for v in ranks),
+    ),
     ("B = b × M × N_dp", f"{b} × {M} × {n_dp} = {b * M * n_dp}", f"{batch['samples_seen']} samples"),
     ("|accumulated DP gradient − one process|", "0 (fp32 rounding)", f"{batch['max_grad_diff']:.1e}"),
-    ("α, β on loopback (best batches)", "t = α + S/β", f"{model.alpha * 1e6:.0f} µs, {model.beta / 1e9:.2f} GB/s"),
-    (f"ring all-reduce, 2 nodes, S = {format_bytes(nbytes)}", f"3α + (H + S)/β = {predicted * 1e3:.2f} ms",
-     f"{best * 1e3:.2f} ms"),
-    ("one torchrun / two-node run, wall time", "seconds", f"{one_node_seconds:.1f} s / {two_nodes.seconds:.1f} s"),
-    ("all-reduce, plain → debug=True (DETAIL)", "extra checks", f"{plain * 1e3:.2f} → {checked * 1e3:.2f} ms"),
+    (
+        "α, β on loopback (best batches)",
+        "t = α + S/β",
+        f"{model.alpha * 1e6:.0f} µs, {model.beta / 1e9:.2f} GB/s",
+    ),
+    (
+        f"ring all-reduce, 2 nodes, S = {format_bytes(nbytes)}",
+        f"3α + (H + S)/β = {predicted * 1e3:.2f} ms",
+        f"{best * 1e3:.2f} ms",
+    ),
+    (
+        "one torchrun / two-node run, wall time",
+        "seconds",
+        f"{one_node_seconds:.1f} s / {two_nodes.seconds:.1f} s",
+    ),
+    (
+        "all-reduce, plain → debug=True (DETAIL)",
+        "extra checks",
+        f"{plain * 1e3:.2f} → {checked * 1e3:.2f} ms",
+    ),
 ]
 print(f"{'quantity':47} {'formula':32} {'measured':>20}")
 for what, formula, got in rows:

@@ -7,6 +7,7 @@ Loading runs the notebook's import cells and its answer cells (those with a
 ``### BEGIN SOLUTION`` block), nothing else: no demo cell launches ranks, no
 check cell runs. Tests use the solutions themselves, so a copy cannot drift.
 """
+
 import ast
 import types
 
@@ -28,8 +29,11 @@ def _code_cells(stem: str):
 
 def sources(stem: str) -> dict[str, str]:
     """Answer name (its cell's first def/class, as the grader names it) -> the answer cell's source."""
-    return {build.defined_names(source)[0]: source for source, _ in _code_cells(stem)
-            if build.has_solution(source)}
+    return {
+        build.defined_names(source)[0]: source
+        for source, _ in _code_cells(stem)
+        if build.has_solution(source)
+    }
 
 
 def load(stem: str) -> types.ModuleType:

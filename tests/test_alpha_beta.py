@@ -1,4 +1,5 @@
 """The α–β model of chapter 01: its formulas, the fit, and the point-to-point measurement."""
+
 import math
 
 import pytest
@@ -18,7 +19,9 @@ def test_one_message_is_alpha_plus_bytes_over_beta():
 @pytest.mark.parametrize("n", [2, 3, 4, 8, 64])
 def test_collective_formulas(n):
     s = 16 * 2**20
-    assert MODEL.ring_all_reduce(n, s) == pytest.approx(2 * (n - 1) * MODEL.alpha + 2 * (n - 1) / n * s / MODEL.beta)
+    assert MODEL.ring_all_reduce(n, s) == pytest.approx(
+        2 * (n - 1) * MODEL.alpha + 2 * (n - 1) / n * s / MODEL.beta
+    )
     assert MODEL.ring_all_gather(n, s) == pytest.approx((n - 1) * MODEL.alpha + (n - 1) / n * s / MODEL.beta)
     assert MODEL.ring_reduce_scatter(n, s) == MODEL.ring_all_gather(n, s)
     assert MODEL.tree(n, s) == pytest.approx(math.ceil(math.log2(n)) * MODEL.message(s))

@@ -1,9 +1,10 @@
 """course_lib.build: the solution -> exercise transform and the whole-tree build."""
+
+import asyncio
+import re
 import shutil
 import subprocess
 import sys
-import asyncio
-import re
 from pathlib import Path
 
 import jupytext
@@ -30,8 +31,9 @@ def tree(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "course_lib.build", *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "course_lib.build", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -39,21 +41,23 @@ def run_cli(*args):
 
 
 def test_solution_block_becomes_stub_at_its_indentation():
-    source = ("class Box:\n"
-              "    def get(self):\n"
-              "        \"\"\"docstring stays\"\"\"\n"
-              "        ### BEGIN SOLUTION\n"
-              "        return 1\n"
-              "        ### END SOLUTION\n"
-              "\n"
-              "    def other(self):\n"
-              "        return 2")
+    source = (
+        "class Box:\n"
+        "    def get(self):\n"
+        '        """docstring stays"""\n'
+        "        ### BEGIN SOLUTION\n"
+        "        return 1\n"
+        "        ### END SOLUTION\n"
+        "\n"
+        "    def other(self):\n"
+        "        return 2"
+    )
     assert build.strip_solutions(source).splitlines() == [
         "class Box:",
         "    def get(self):",
-        "        \"\"\"docstring stays\"\"\"",
+        '        """docstring stays"""',
         "        # YOUR CODE HERE",
-        "        raise NotImplementedError(\"exercise: replace this line with your code\")",
+        '        raise NotImplementedError("exercise: replace this line with your code")',
         "",
         "    def other(self):",
         "        return 2",
@@ -102,14 +106,21 @@ def test_exercise_round_trips_through_jupytext():
     assert [c.metadata.get("answer") for c in reread.cells] == [c.metadata.get("answer") for c in made.cells]
 
 
-@pytest.mark.parametrize("cells, line, words", [
-    (["# %%\ndef f():\n    ### BEGIN SOLUTION\n    ### BEGIN SOLUTION\n    ### END SOLUTION"], 14, "nest"),
-    (["# %%\ndef f():\n    return 1\n    ### END SOLUTION"], 14, "without"),
-    (["# %%\ndef f():\n    ### BEGIN SOLUTION\n    return 1", "# %%\nf()"], 13, "not closed"),
-    (["# %%\ndef f():\n    ### BEGIN SOLUTION\n    return 1"], 13, "never closed"),
-    (["# %%\ndef f():\n    ### BEGIN SOLUTION\n    ### END HIDDEN CHECKS"], 14, "closes"),
-    (["# %%\ndef f():\n    ## BEGIN SOLUTION\n    return 1\n    ## END SOLUTION"], 13, "malformed"),
-])
+@pytest.mark.parametrize(
+    "cells, line, words",
+    [
+        (
+            ["# %%\ndef f():\n    ### BEGIN SOLUTION\n    ### BEGIN SOLUTION\n    ### END SOLUTION"],
+            14,
+            "nest",
+        ),
+        (["# %%\ndef f():\n    return 1\n    ### END SOLUTION"], 14, "without"),
+        (["# %%\ndef f():\n    ### BEGIN SOLUTION\n    return 1", "# %%\nf()"], 13, "not closed"),
+        (["# %%\ndef f():\n    ### BEGIN SOLUTION\n    return 1"], 13, "never closed"),
+        (["# %%\ndef f():\n    ### BEGIN SOLUTION\n    ### END HIDDEN CHECKS"], 14, "closes"),
+        (["# %%\ndef f():\n    ## BEGIN SOLUTION\n    return 1\n    ## END SOLUTION"], 13, "malformed"),
+    ],
+)
 def test_bad_markers_name_file_and_line(cells, line, words):
     with pytest.raises(build.BuildError) as info:
         build.make_exercise(notebook_text(*cells), "solutions/05_bad.py")
@@ -134,10 +145,15 @@ def test_missing_header_is_an_error():
 
 
 def test_build_writes_every_file_and_is_idempotent(tree):
-    expected = ["exercises/99_demo.ipynb", "exercises/99_demo.py",
-                "notebooks/99_demo_lesson.ipynb", "solutions/99_demo.ipynb"]
-    files = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.ipynb")) + \
-        sorted(p.relative_to(tree).as_posix() for p in (tree / "exercises").glob("*.py"))
+    expected = [
+        "exercises/99_demo.ipynb",
+        "exercises/99_demo.py",
+        "notebooks/99_demo_lesson.ipynb",
+        "solutions/99_demo.ipynb",
+    ]
+    files = sorted(p.relative_to(tree).as_posix() for p in tree.rglob("*.ipynb")) + sorted(
+        p.relative_to(tree).as_posix() for p in (tree / "exercises").glob("*.py")
+    )
     assert sorted(files) == expected
     before = {p: p.read_bytes() for p in tree.rglob("*") if p.is_file()}
     assert build.build(tree) == ([], [])
@@ -173,7 +189,8 @@ def test_check_cli_passes_then_names_drifted_missing_and_stale_files(tree):
 
 def test_build_error_exits_nonzero_and_writes_nothing(tree):
     (tree / "solutions" / "98_broken.py").write_text(
-        notebook_text("# %%\ndef f():\n    ### BEGIN SOLUTION\n    return 1"))
+        notebook_text("# %%\ndef f():\n    ### BEGIN SOLUTION\n    return 1")
+    )
     result = run_cli("--root", str(tree))
     assert result.returncode == 1
     assert "solutions/98_broken.py:13" in result.stderr
@@ -236,7 +253,12 @@ def test_an_edited_cell_is_still_out_of_date(tree):
 
 
 def run_cli_input(args, text):
-    done = subprocess.run([sys.executable, "-m", "course_lib.build", *args], input=text,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "course_lib.build", *args],
+        input=text,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     return done.stdout

@@ -1,8 +1,10 @@
 """Chapter 01: the collectives library, its pictures, and the exercise checks."""
+
 import math
 import re
 
 import pytest
+import reference_answers
 import torch
 import torch.distributed as dist
 from matplotlib.figure import Figure
@@ -10,18 +12,26 @@ from matplotlib.figure import Figure
 from course_lib import collectives, launch, viz
 from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import collectives as check
-import reference_answers
-
 
 # ----------------------------------------------------------------------------
 # sizes and bus bandwidth
 
 
-@pytest.mark.parametrize("name, n, factor", [
-    ("all-reduce", 2, 1.0), ("all-reduce", 4, 1.5), ("all-reduce", 8, 1.75), ("all-reduce", 1, 0.0),
-    ("all-gather", 4, 0.75), ("reduce-scatter", 4, 0.75), ("all-to-all", 8, 0.875),
-    ("broadcast", 4, 1.0), ("reduce", 4, 1.0), ("send/recv", 4, 1.0),
-])
+@pytest.mark.parametrize(
+    "name, n, factor",
+    [
+        ("all-reduce", 2, 1.0),
+        ("all-reduce", 4, 1.5),
+        ("all-reduce", 8, 1.75),
+        ("all-reduce", 1, 0.0),
+        ("all-gather", 4, 0.75),
+        ("reduce-scatter", 4, 0.75),
+        ("all-to-all", 8, 0.875),
+        ("broadcast", 4, 1.0),
+        ("reduce", 4, 1.0),
+        ("send/recv", 4, 1.0),
+    ],
+)
 def test_bus_factor_follows_nccl_tests(name, n, factor):
     assert collectives.bus_factor(name, n) == pytest.approx(factor)
 
@@ -208,8 +218,10 @@ def test_plot_timing_draws_bands_and_predictions_after_the_measured_lines():
     from course_lib.alpha_beta import AlphaBeta
 
     sizes = [4096, 16384]
-    timings = [collectives.Timing("all-reduce", n, "gloo", sizes, [1e-3, 2e-3], [5e-4, 1e-3], [3e-3, 4e-3])
-               for n in (2, 4)]
+    timings = [
+        collectives.Timing("all-reduce", n, "gloo", sizes, [1e-3, 2e-3], [5e-4, 1e-3], [3e-3, 4e-3])
+        for n in (2, 4)
+    ]
     fig = viz.plot_timing(timings, predict=lambda t: collectives.predict(AlphaBeta(1e-4, 1e9), t))
     time_axis = fig.axes[0]
     assert len(time_axis.collections) == 2  # one band per timing
@@ -345,8 +357,11 @@ def test_refusal_is_named_when_another_rank_fails_after_it():
 
     result = check.broadcast(root_sends_others_use_built_in)
     assert result.status == FAILED
-    assert re.fullmatch(r"exercise 1\.1 must be built from send/recv only: you called "
-                        r"dist\.broadcast \(rank \d, N=2\)", result.message), result.message
+    assert re.fullmatch(
+        r"exercise 1\.1 must be built from send/recv only: you called "
+        r"dist\.broadcast \(rank \d, N=2\)",
+        result.message,
+    ), result.message
 
 
 def test_built_in_imported_by_name_is_refused_too():

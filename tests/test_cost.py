@@ -1,4 +1,5 @@
 """Chapter 09: the cost model against known values and against measurements here."""
+
 import math
 
 import pytest
@@ -18,7 +19,8 @@ def test_model_states_match_the_zero_paper():
     assert totals[3] == pytest.approx(1.875)
     # TP and PP divide what is left before ZeRO shards it
     assert sum(cost.model_state_bytes(psi, 1, dp=8, tp=4, pp=2).values()) == pytest.approx(
-        (4 + 12 / 8) * psi / 8)
+        (4 + 12 / 8) * psi / 8
+    )
 
 
 def test_activation_formulas():
@@ -34,7 +36,8 @@ def test_activation_formulas():
 def test_bubble_matches_the_pipeline_simulator():
     for p, m in [(1, 4), (2, 2), (4, 8), (8, 32)]:
         assert cost.bubble_fraction(p, m) == pytest.approx(
-            pp.simulate(pp.gpipe_schedule(p, m)).bubble_fraction)
+            pp.simulate(pp.gpipe_schedule(p, m)).bubble_fraction
+        )
     assert cost.microbatches_alive(4, 16, "1f1b") == 4 and cost.microbatches_alive(4, 16, "gpipe") == 16
 
 
@@ -56,7 +59,8 @@ def test_estimate_and_its_problems():
     assert any("world" in p or "GPUs" in p for p in bad.problems)
     assert any("heads" in p for p in bad.problems)
     assert cost.problems(model, cost.Strategy(sp=True)) == [
-        "sequence parallelism splits the tensor-parallel group's work: it needs tp > 1"]
+        "sequence parallelism splits the tensor-parallel group's work: it needs tp > 1"
+    ]
     recompute = cost.estimate(model, cost.Strategy(dp=64, recompute=True))
     assert recompute.memory["activations"] == 2 * model.seq_len * model.hidden * model.layers
 
@@ -96,7 +100,8 @@ def test_attention_switch_drops_the_score_term():
         materialised = cost.activation_bytes_per_layer(s, b, h, a, tp, sp)
         for attention in ("flash", "selective"):
             assert cost.activation_bytes_per_layer(s, b, h, a, tp, sp, attention=attention) == pytest.approx(
-                sbh * without)
+                sbh * without
+            )
         assert materialised == pytest.approx(sbh * (without + 5 * a * s / (h * tp)))
     with pytest.raises(ValueError, match="attention"):
         cost.activation_bytes_per_layer(s, b, h, a, attention="sparse")
@@ -106,8 +111,10 @@ def test_attention_switch_drops_the_score_term():
     assert flash.memory["activations"] < cost.estimate(model, cost.Strategy(dp=8)).memory["activations"]
     assert any("attention" in p for p in cost.problems(model, cost.Strategy(attention="sparse")))
     # full recomputation keeps only the inputs, whatever the attention
-    assert cost.estimate(model, cost.Strategy(dp=8, recompute=True, attention="flash")).memory == \
-        cost.estimate(model, cost.Strategy(dp=8, recompute=True)).memory
+    assert (
+        cost.estimate(model, cost.Strategy(dp=8, recompute=True, attention="flash")).memory
+        == cost.estimate(model, cost.Strategy(dp=8, recompute=True)).memory
+    )
 
 
 def test_full_recomputation_repeats_the_forward_all_reduces():
@@ -146,6 +153,7 @@ def test_plan_calculator_redraws_and_explains(capsys):
 def test_draw_plans_is_readable():
     from test_mesh import readable
 
-    fig = cost.draw_plans(cost.PRESETS["70B"], {"a": cost.Strategy(dp=8, attention="flash"), "b": cost.Strategy(tp=8)},
-                          141e9)
+    fig = cost.draw_plans(
+        cost.PRESETS["70B"], {"a": cost.Strategy(dp=8, attention="flash"), "b": cost.Strategy(tp=8)}, 141e9
+    )
     readable(fig)

@@ -1,5 +1,7 @@
 """Chapter 02: data parallel training equals single-process training; traffic; the exercise checks."""
+
 import pytest
+import reference_answers
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -7,7 +9,6 @@ import torch.nn.functional as F
 from course_lib import dp, launch, models
 from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import data_parallel as check
-import reference_answers
 
 STEPS, BATCH = 3, 8  # BATCH divides by N·M for N in 1, 2, 4 and M = 2
 
@@ -30,8 +31,13 @@ def test_sgd_is_torch_sgd_with_momentum():
 
 
 def _train_every_way(batches, with_ddp):
-    runs = [("all-reduce", 1, False), ("parameter-server", 1, False), ("all-reduce", 2, False),
-            ("all-reduce", 2, True), ("parameter-server", 2, False)]
+    runs = [
+        ("all-reduce", 1, False),
+        ("parameter-server", 1, False),
+        ("all-reduce", 2, False),
+        ("all-reduce", 2, True),
+        ("parameter-server", 2, False),
+    ]
     if with_ddp:
         runs += [("ddp", 1, False), ("ddp", 2, False)]
     results = {}
@@ -54,8 +60,9 @@ def test_data_parallel_equals_single_process(n):
         for rank in range(n):
             losses, params = per_rank[rank][run]
             for name, p in params.items():
-                torch.testing.assert_close(p, expected[name], rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"{run}, rank {rank}, {name}: {m}")
+                torch.testing.assert_close(
+                    p, expected[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{run}, rank {rank}, {name}: {m}"
+                )
         mean_losses = [sum(step) / n for step in zip(*(per_rank[r][run][0] for r in range(n)))]
         assert mean_losses == pytest.approx(baseline_losses, rel=1e-5, abs=1e-6), run
 
@@ -72,8 +79,9 @@ def test_bad_arguments_are_refused_before_any_communication():
 # traffic: measured beside the formulas
 
 
-@pytest.mark.parametrize("n, rank, sent, received", [
-    (4, 0, 3.0, 3.0), (4, 1, 1.0, 1.0), (2, 0, 1.0, 1.0), (1, 0, 0.0, 0.0)])
+@pytest.mark.parametrize(
+    "n, rank, sent, received", [(4, 0, 3.0, 3.0), (4, 1, 1.0, 1.0), (2, 0, 1.0, 1.0), (1, 0, 0.0, 0.0)]
+)
 def test_parameter_server_formula(n, rank, sent, received):
     assert dp.expected_traffic("parameter-server", n, rank, 100) == (100 * sent, 100 * received)
 
@@ -99,8 +107,10 @@ def test_measured_traffic_matches_formulas(n):
             assert exp_sent <= traffic.sent, (sync, rank, traffic)
 
 
-@pytest.mark.parametrize("n, servers, rank, received", [
-    (4, 1, 0, 3.0), (4, 1, 1, 1.0), (4, 2, 0, 2.0), (4, 2, 3, 1.0), (4, 4, 2, 1.5), (2, 2, 0, 1.0)])
+@pytest.mark.parametrize(
+    "n, servers, rank, received",
+    [(4, 1, 0, 3.0), (4, 1, 1, 1.0), (4, 2, 0, 2.0), (4, 2, 3, 1.0), (4, 4, 2, 1.5), (2, 2, 0, 1.0)],
+)
 def test_sharded_parameter_server_formula(n, servers, rank, received):
     sent_got, received_got = dp.expected_traffic("sharded-parameter-server", n, rank, 100, servers=servers)
     assert sent_got == received_got == pytest.approx(100 * received)
@@ -121,7 +131,8 @@ def test_sharded_parameter_server_equals_single_process_and_its_formula(n, serve
         for name, p in params.items():
             torch.testing.assert_close(p, dp.parameters(baseline)[name], rtol=1e-5, atol=1e-5)
     for rank, (traffic, psi_bytes) in enumerate(
-            launch.run(dp.measure_sync_traffic, n, "sharded-parameter-server", servers=servers)):
+        launch.run(dp.measure_sync_traffic, n, "sharded-parameter-server", servers=servers)
+    ):
         expected = dp.expected_traffic("sharded-parameter-server", n, rank, psi_bytes, servers=servers)
         assert (traffic.payload_sent, traffic.payload_received) == pytest.approx(expected, abs=n), rank
 
@@ -139,8 +150,9 @@ def test_too_many_servers_are_refused():
 def test_accumulation_syncs_once_per_step():
     m = 3
     once, psi_bytes = launch.run(dp.measure_sync_traffic, 2, "all-reduce", accumulation_steps=m)[0]
-    every, _ = launch.run(dp.measure_sync_traffic, 2, "all-reduce", accumulation_steps=m,
-                          sync_every_micro_batch=True)[0]
+    every, _ = launch.run(
+        dp.measure_sync_traffic, 2, "all-reduce", accumulation_steps=m, sync_every_micro_batch=True
+    )[0]
     n_tensors = 4  # fc1.weight, fc1.bias, fc2.weight, fc2.bias
     assert once.count("all_reduce") == n_tensors and every.count("all_reduce") == m * n_tensors
     assert every.received == pytest.approx(m * once.received, rel=0.01)
@@ -156,8 +168,9 @@ def solution():
     return reference_answers.load("02_data_parallel")
 
 
-@pytest.mark.parametrize("name", ["shard_batch", "average_gradients", "parameter_server_step",
-                                  "accumulate_and_step"])
+@pytest.mark.parametrize(
+    "name", ["shard_batch", "average_gradients", "parameter_server_step", "accumulate_and_step"]
+)
 def test_solution_passes(solution, name):
     assert getattr(check, name)(getattr(solution, name)).status == PASSED
 
@@ -165,6 +178,7 @@ def test_solution_passes(solution, name):
 def test_course_implementations_pass():
     def ps(model, optimizer):
         dp.parameter_server_step(model, optimizer)
+
     assert check.average_gradients(dp.average_gradients_allreduce).status == PASSED
     assert check.parameter_server_step(ps).status == PASSED
 
@@ -172,11 +186,12 @@ def test_course_implementations_pass():
 def test_not_attempted():
     def shard_batch(batch):
         raise NotImplementedError("exercise")
+
     assert check.shard_batch(shard_batch).status == NOT_ATTEMPTED
 
 
 def strided(batch):
-    return batch[dist.get_rank()::dist.get_world_size()]
+    return batch[dist.get_rank() :: dist.get_world_size()]
 
 
 def summed(model):
@@ -243,21 +258,36 @@ def forgets_to_scale(model, optimizer, micro_batches):
     optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("name, wrong, words", [
-    ("shard_batch", strided, ["N=2", "rank 0 got rows [0, 2, 4", "expected rows 0–5", "contiguous"]),
-    ("average_gradients", summed,
-     ["N=2, rank 0: that is the SUM over the 2 ranks", "; fc1.weight.grad[", "expected"]),
-    ("average_gradients", nothing, ["N=2, rank 0:", "own gradient"]),
-    ("average_gradients", wraps_in_ddp, ["DistributedDataParallel", "switched off"]),
-    ("parameter_server_step", server_keeps_parameters,
-     ["N=2, step 1, rank 1:", "send the updated parameters back", "; fc1.weight["]),
-    ("parameter_server_step", server_overwrites_its_gradient,
-     ["N=2, step 1, rank 0:", "server's own gradient is missing"]),
-    ("parameter_server_step", server_all_reduces, ["parameter server", "you called dist.all_reduce"]),
-    ("accumulate_and_step", syncs_every_micro_batch,
-     ["rank 0 communicated (dist.all_reduce) after micro-batch 1 of 3"]),
-    ("accumulate_and_step", forgets_to_scale, ["N=1, step 1, rank 0:", "3× too large"]),
-])
+@pytest.mark.parametrize(
+    "name, wrong, words",
+    [
+        ("shard_batch", strided, ["N=2", "rank 0 got rows [0, 2, 4", "expected rows 0–5", "contiguous"]),
+        (
+            "average_gradients",
+            summed,
+            ["N=2, rank 0: that is the SUM over the 2 ranks", "; fc1.weight.grad[", "expected"],
+        ),
+        ("average_gradients", nothing, ["N=2, rank 0:", "own gradient"]),
+        ("average_gradients", wraps_in_ddp, ["DistributedDataParallel", "switched off"]),
+        (
+            "parameter_server_step",
+            server_keeps_parameters,
+            ["N=2, step 1, rank 1:", "send the updated parameters back", "; fc1.weight["],
+        ),
+        (
+            "parameter_server_step",
+            server_overwrites_its_gradient,
+            ["N=2, step 1, rank 0:", "server's own gradient is missing"],
+        ),
+        ("parameter_server_step", server_all_reduces, ["parameter server", "you called dist.all_reduce"]),
+        (
+            "accumulate_and_step",
+            syncs_every_micro_batch,
+            ["rank 0 communicated (dist.all_reduce) after micro-batch 1 of 3"],
+        ),
+        ("accumulate_and_step", forgets_to_scale, ["N=1, step 1, rank 0:", "3× too large"]),
+    ],
+)
 def test_wrong_answers_get_a_specific_diagnosis(name, wrong, words):
     result = getattr(check, name)(wrong)
     assert result.status == FAILED, result

@@ -4,6 +4,7 @@ pieces of the two-node worker that run in any process group.
 The full two-node run (python -m course_lib.torchrun under two torchruns) is the lesson's
 own cell, run by nbval; here only what fails or hangs is launched, with cheap workers.
 """
+
 import pathlib
 import re
 import time
@@ -11,13 +12,12 @@ import time
 import jupytext
 import psutil
 import pytest
+from conftest import run_gloo, wait_for_no_ranks
 
 from course_lib import torchrun
 from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import debugging as check
 from course_lib.torchrun import TorchrunError, accumulation_steps, nodes_command, placement, run_nodes
-
-from conftest import run_gloo, wait_for_no_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,25 +26,31 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # the arithmetic
 
 
-@pytest.mark.parametrize("rank, counts, visible, expected", [
-    (0, [2, 2], None, (0, 0, 0)),
-    (3, [2, 2], None, (1, 1, 1)),
-    (2, [2, 2], ["0,1", "2,3"], (1, 0, 2)),
-    (5, [4, 2, 2], None, (1, 1, 1)),
-    (6, [4, 2, 2], None, (2, 0, 0)),
-    (1, [8, 8], ["7,6,5,4,3,2,1,0", None], (0, 1, 6)),
-    (9, [8, 8], ["7,6,5,4,3,2,1,0", None], (1, 1, 1)),
-])
+@pytest.mark.parametrize(
+    "rank, counts, visible, expected",
+    [
+        (0, [2, 2], None, (0, 0, 0)),
+        (3, [2, 2], None, (1, 1, 1)),
+        (2, [2, 2], ["0,1", "2,3"], (1, 0, 2)),
+        (5, [4, 2, 2], None, (1, 1, 1)),
+        (6, [4, 2, 2], None, (2, 0, 0)),
+        (1, [8, 8], ["7,6,5,4,3,2,1,0", None], (0, 1, 6)),
+        (9, [8, 8], ["7,6,5,4,3,2,1,0", None], (1, 1, 1)),
+    ],
+)
 def test_placement(rank, counts, visible, expected):
     assert placement(rank, counts, visible) == expected
 
 
-@pytest.mark.parametrize("rank, counts, visible, words", [
-    (4, [2, 2], None, "rank 4 does not exist"),
-    (-1, [2, 2], None, "does not exist"),
-    (2, [3, 3], ["0,1", "0,1,2"], "shows 2 GPU(s)"),
-    (0, [1], [""], "shows 0 GPU(s)"),
-])
+@pytest.mark.parametrize(
+    "rank, counts, visible, words",
+    [
+        (4, [2, 2], None, "rank 4 does not exist"),
+        (-1, [2, 2], None, "does not exist"),
+        (2, [3, 3], ["0,1", "0,1,2"], "shows 2 GPU(s)"),
+        (0, [1], [""], "shows 0 GPU(s)"),
+    ],
+)
 def test_placement_refuses(rank, counts, visible, words):
     with pytest.raises(ValueError, match=re.escape(words)):
         placement(rank, counts, visible)
@@ -103,32 +109,49 @@ def test_the_library_answer_is_refused():
 
 def _correct_placement(rank, counts, visible):
     """The right answer without the library (whose placement the check switches off)."""
-    node = next(g for g in range(len(counts)) if rank < sum(counts[:g + 1]))
+    node = next(g for g in range(len(counts)) if rank < sum(counts[: g + 1]))
     local = rank - sum(counts[:node])
     listed = None if visible is None or visible[node] is None else [int(d) for d in visible[node].split(",")]
     return node, local, local if listed is None else listed[local]
 
 
-@pytest.mark.parametrize("wrong, words", [
-    (lambda r, n, v: (r // n[0], r % n[0], r), "that GPU is the global RANK"),
-    (lambda r, n, v: _correct_placement(r, n, None), "CUDA_VISIBLE_DEVICES renumbers"),
-    (lambda r, n, v: (r // n[0], r % n[0], r % n[0] if v is None or v[r // n[0]] is None
-                      else int(v[r // n[0]].split(",")[r % n[0]])), "torchrun numbers the ranks node after node"),
-    (lambda r, n, v: list(_correct_placement(r, n, v)) if 0 <= r < sum(n) else (0, 0, 0),
-     "expected ValueError (2 + 2 processes have ranks 0 ... 3), got (0, 0, 0)"),
-])
+@pytest.mark.parametrize(
+    "wrong, words",
+    [
+        (lambda r, n, v: (r // n[0], r % n[0], r), "that GPU is the global RANK"),
+        (lambda r, n, v: _correct_placement(r, n, None), "CUDA_VISIBLE_DEVICES renumbers"),
+        (
+            lambda r, n, v: (
+                r // n[0],
+                r % n[0],
+                r % n[0] if v is None or v[r // n[0]] is None else int(v[r // n[0]].split(",")[r % n[0]]),
+            ),
+            "torchrun numbers the ranks node after node",
+        ),
+        (
+            lambda r, n, v: list(_correct_placement(r, n, v)) if 0 <= r < sum(n) else (0, 0, 0),
+            "expected ValueError (2 + 2 processes have ranks 0 ... 3), got (0, 0, 0)",
+        ),
+    ],
+)
 def test_placement_mistakes_are_named(wrong, words):
     result = check.placement(wrong)
     assert result.status != PASSED and words in result.message, result.message
 
 
-@pytest.mark.parametrize("wrong, words", [
-    (lambda B, b, w, tp, pp: B // (b * w), "only world/(tp·pp) = 8 are data-parallel"),
-    (lambda B, b, w, tp, pp: B / (b * w // (tp * pp)), "return an int"),
-    (lambda B, b, w, tp, pp: B // b, "divide by them too"),
-    (lambda B, b, w, tp, pp: max(1, B // (b * w // (tp * pp))), "expected ValueError (30 is not a multiple"),
-    (lambda B, b, w, tp, pp: 1 / 0, "ZeroDivisionError"),
-])
+@pytest.mark.parametrize(
+    "wrong, words",
+    [
+        (lambda B, b, w, tp, pp: B // (b * w), "only world/(tp·pp) = 8 are data-parallel"),
+        (lambda B, b, w, tp, pp: B / (b * w // (tp * pp)), "return an int"),
+        (lambda B, b, w, tp, pp: B // b, "divide by them too"),
+        (
+            lambda B, b, w, tp, pp: max(1, B // (b * w // (tp * pp))),
+            "expected ValueError (30 is not a multiple",
+        ),
+        (lambda B, b, w, tp, pp: 1 / 0, "ZeroDivisionError"),
+    ],
+)
 def test_accumulation_mistakes_are_named(wrong, words):
     result = check.accumulation_steps(wrong)
     assert result.status != PASSED and words in result.message, result.message
@@ -140,10 +163,30 @@ def test_accumulation_mistakes_are_named(wrong, words):
 
 def test_nodes_command():
     command = nodes_command(1, 2, 4, "10.0.0.1:29400", ["--sizes", "4096"], run_id="job")
-    assert command[1:] == ["-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", "1",
-                           "--nproc_per_node", "4", "--rdzv_backend", "c10d", "--rdzv_endpoint", "10.0.0.1:29400",
-                           "--rdzv_id", "job", "--rdzv_conf", "join_timeout=60", "--max_restarts", "0",
-                           "-m", "course_lib.torchrun", "--sizes", "4096"]
+    assert command[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "2",
+        "--node_rank",
+        "1",
+        "--nproc_per_node",
+        "4",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "10.0.0.1:29400",
+        "--rdzv_id",
+        "job",
+        "--rdzv_conf",
+        "join_timeout=60",
+        "--max_restarts",
+        "0",
+        "-m",
+        "course_lib.torchrun",
+        "--sizes",
+        "4096",
+    ]
     with pytest.raises(ValueError):
         nodes_command(0, nnodes=0)
     with pytest.raises(ValueError, match="one dict per node"):
@@ -161,8 +204,9 @@ def test_a_failing_node_stops_the_other(tmp_path, monkeypatch):
     monkeypatch.setattr(torchrun, "FAILURE_GRACE_S", 0.5)  # node 0's rank would wait out any grace
     # Node 1's rank exits 3 after 1 s; node 0's rank would sleep for a minute. (torchrun reads
     # its arguments as string.Template: $$$$ reaches the shell as $$, the shell's own pid.)
-    script = (f'if [ "$GROUP_RANK" = 1 ]; then sleep 1; exit 3; fi; echo $$$$ > {tmp_path}/$RANK.pid; '
-              f'exec sleep 60')
+    script = (
+        f'if [ "$GROUP_RANK" = 1 ]; then sleep 1; exit 3; fi; echo $$$$ > {tmp_path}/$RANK.pid; exec sleep 60'
+    )
     start = time.monotonic()
     with pytest.raises(TorchrunError) as info:
         run_nodes(["--no-python", "sh", "-c", script], nproc_per_node=1, module=None, timeout=90, echo=False)
@@ -197,8 +241,15 @@ def test_a_node_that_never_joins_times_out(monkeypatch):
 
 
 def test_rank_view_reads_torchruns_variables():
-    view = torchrun.rank_view({"RANK": "3", "LOCAL_RANK": "1", "GROUP_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                               "CUDA_VISIBLE_DEVICES": "2,3"})
+    view = torchrun.rank_view(
+        {
+            "RANK": "3",
+            "LOCAL_RANK": "1",
+            "GROUP_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "CUDA_VISIBLE_DEVICES": "2,3",
+        }
+    )
     assert view["NODE_RANK"] is None and view["physical_gpu"] == 3 and view["device"].startswith("cuda:")
     assert torchrun.rank_view({"LOCAL_RANK": "1", "CUDA_VISIBLE_DEVICES": "5"})["physical_gpu"] is None
 
@@ -225,9 +276,11 @@ def test_pair_all_reduce_is_timed_on_rank_0():
 
 
 def test_the_failure_names_the_rank_that_caused_it():
-    outputs = ["[rank0]: RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]:1\n",
-               "[rank3]: Traceback (most recent call last):\n[rank3]: ValueError: bad shard\n"
-               "[rank2]: RuntimeError: Connection reset by peer\n"]
+    outputs = [
+        "[rank0]: RuntimeError: [pair.cc:553] Connection closed by peer [127.0.0.1]:1\n",
+        "[rank3]: Traceback (most recent call last):\n[rank3]: ValueError: bad shard\n"
+        "[rank2]: RuntimeError: Connection reset by peer\n",
+    ]
     message = torchrun._nodes_failure([1, 1], outputs, [["python", "-m", "torch.distributed.run"]] * 2)
     assert "rank 3 on node 1 raised ValueError: bad shard; ranks [0, 2] failed after it" in message
 

@@ -3,6 +3,7 @@
 Every torchrun here starts fresh Python processes (~3.5 s each on 2 cores), so
 each strategy gets exactly one run, with its smallest useful world size.
 """
+
 import pathlib
 import subprocess
 import sys
@@ -10,13 +11,12 @@ import sys
 import jupytext
 import pytest
 import torch.nn.functional as F
+from conftest import wait_for_no_ranks
 
 from course_lib import launch
 from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import debugging as check
 from course_lib.torchrun import TorchrunError, run_torchrun, torchrun_command
-
-from conftest import wait_for_no_ranks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -68,8 +68,13 @@ def test_unusable_world_size_says_what_is_needed():
 
 def test_unknown_strategy_exits_non_zero():
     # Without torchrun: a world of one; the name is refused before any rendezvous.
-    done = subprocess.run([sys.executable, "-m", "course_lib.demo", "fsdp"], capture_output=True,
-                          text=True, timeout=60, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-m", "course_lib.demo", "fsdp"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
     assert done.returncode == 2
     assert "unknown strategy 'fsdp': choose from dp, ring, tp, sp, pp, zero, moe, 3d" in done.stderr
 
@@ -84,8 +89,17 @@ def test_run_torchrun_stops_a_run_that_takes_too_long():
 
 def test_torchrun_command():
     command = torchrun_command(["3d", "--grid", "1,2,2"], nproc=4)
-    assert command[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                           "-m", "course_lib.demo", "3d", "--grid", "1,2,2"]
+    assert command[1:] == [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=4",
+        "-m",
+        "course_lib.demo",
+        "3d",
+        "--grid",
+        "1,2,2",
+    ]
     with pytest.raises(ValueError):
         torchrun_command("dp", nproc=0)
 
@@ -114,11 +128,14 @@ def test_solution_passes(solution, name):
     assert getattr(check, name)(solution[name]).status == PASSED
 
 
-@pytest.mark.parametrize("name, broken, words", [
-    ("global_mean", "global_mean_broken", "deadlock"),
-    ("row_parallel_output", "row_parallel_output_broken", "pass group=tp_group"),
-    ("accumulate_with_no_sync", "accumulate_broken", "never averaged"),
-])
+@pytest.mark.parametrize(
+    "name, broken, words",
+    [
+        ("global_mean", "global_mean_broken", "deadlock"),
+        ("row_parallel_output", "row_parallel_output_broken", "pass group=tp_group"),
+        ("accumulate_with_no_sync", "accumulate_broken", "never averaged"),
+    ],
+)
 def test_broken_versions_are_diagnosed(solution, monkeypatch, name, broken, words):
     monkeypatch.setattr(check, "TIMEOUT", 4.0)  # the deadlock is reported sooner
     result = getattr(check, name)(solution[broken])
@@ -135,6 +152,7 @@ def test_syncing_every_micro_batch_is_flagged():
     def every_time(ddp_model, micro_batches):
         for x, y in micro_batches:
             (F.mse_loss(ddp_model(x), y) / len(micro_batches)).backward()
+
     result = check.accumulate_with_no_sync(every_time)
     assert result.status == FAILED and "all-reduced 3 times" in result.message, result.message
 
@@ -142,6 +160,7 @@ def test_syncing_every_micro_batch_is_flagged():
 def test_not_attempted():
     def global_mean(losses):
         raise NotImplementedError("exercise")
+
     assert check.global_mean(global_mean).status == NOT_ATTEMPTED
 
 

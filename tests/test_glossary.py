@@ -1,17 +1,26 @@
 """The Chinese terms the lessons use are the glossary's, one word per term."""
+
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CJK = re.compile(r"[\u4e00-\u9fff]+")
 #: Words the course does not use, and the one it uses instead.
-AVOIDED = {"规约": "归约", "秩": "进程序号", "令牌": "token / 词元", "全交换": "全对全",
-           "一前一后": "一次前向一次反向"}
+AVOIDED = {
+    "规约": "归约",
+    "秩": "进程序号",
+    "令牌": "token / 词元",
+    "全交换": "全对全",
+    "一前一后": "一次前向一次反向",
+}
 
 
 def glossary_chinese() -> str:
-    rows = [line.split("|") for line in (ROOT / "GLOSSARY.md").read_text().splitlines()
-            if line.startswith("| ") and not line.startswith("| English")]
+    rows = [
+        line.split("|")
+        for line in (ROOT / "GLOSSARY.md").read_text().splitlines()
+        if line.startswith("| ") and not line.startswith("| English")
+    ]
     return " / ".join(row[2] for row in rows if len(row) > 3)
 
 

@@ -4,13 +4,14 @@ On such a machine the rest of `make test` exercises the GPU path too: "auto" sta
 cpu:gloo,cuda:nccl, so the lessons of chapters 00, 01 and 06 and every torchrun demo in
 test_demo.py put their tensors on the ranks' GPUs and talk over NCCL.
 """
+
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import gpus
 
 from course_lib import collectives, comm, launch
 from course_lib.launch import DeadlockError, run
-from conftest import gpus
 
 
 def ring_on_the_gpu():

@@ -1,4 +1,5 @@
 """course_lib.grade on the fake chapter 99 (tests/fixtures): real kernels, small time limits."""
+
 import importlib
 import json
 import os
@@ -53,9 +54,24 @@ def grade_cli(course, *args):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FIXTURES), env.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, "-m", "course_lib.grade", *args, "--exercises", str(course / "exercises"),
-         "--checks-module", "demo_checks", "--report", str(course / "report.json")],
-        cwd=course, env=env, capture_output=True, text=True, timeout=240)
+        [
+            sys.executable,
+            "-m",
+            "course_lib.grade",
+            *args,
+            "--exercises",
+            str(course / "exercises"),
+            "--checks-module",
+            "demo_checks",
+            "--report",
+            str(course / "report.json"),
+        ],
+        cwd=course,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert not re.search(r"\d+ passed, \d+ failed", result.stdout)  # CI parses that form
     report = json.loads((course / "report.json").read_text()) if result.returncode != 2 else None
     return result, report
@@ -70,8 +86,14 @@ def test_solution_passes_everything(course):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "99_demo: 2/2 exercises passed" in result.stdout
     assert report["all_passed"] is True
-    assert report["totals"] == {"notebooks": 1, "exercises": 2, "passed": 2, "failed": 0,
-                                "not attempted": 0, "error": 0}
+    assert report["totals"] == {
+        "notebooks": 1,
+        "exercises": 2,
+        "passed": 2,
+        "failed": 0,
+        "not attempted": 0,
+        "error": 0,
+    }
     (entry,) = report["notebooks"]
     assert entry["chapter"] == 99 and entry["passed"] == 2 and entry["total"] == 2
     assert entry["cell_errors"] == []
@@ -82,15 +104,23 @@ def test_solution_passes_everything(course):
 
 
 def test_stubs_edited_checks_and_endless_loop(course):
-    result, report = grade_cli(course, "exercises/99_demo.ipynb", "edited/99_demo.ipynb",
-                               "loop/99_demo.py", "--time-limit", str(LOOP_LIMIT))
+    result, report = grade_cli(
+        course,
+        "exercises/99_demo.ipynb",
+        "edited/99_demo.ipynb",
+        "loop/99_demo.py",
+        "--time-limit",
+        str(LOOP_LIMIT),
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     untouched, edited, loop = report["notebooks"]
     nothing = {"99.1": ("not attempted", ""), "99.2": ("not attempted", "")}
     assert statuses(untouched) == nothing
     assert statuses(edited) == nothing  # the printed "✔" of an edited check cell earns nothing
-    assert statuses(loop) == {"99.1": ("failed", f"time limit of {LOOP_LIMIT} s reached"),
-                              "99.2": ("passed", "")}
+    assert statuses(loop) == {
+        "99.1": ("failed", f"time limit of {LOOP_LIMIT} s reached"),
+        "99.2": ("passed", ""),
+    }
     assert report["totals"]["passed"] == 1 and report["totals"]["not attempted"] == 4
     assert "99_demo: 1/2 exercises passed" in result.stdout
     assert "total: 1/6 exercises passed in 3 notebooks" in result.stdout
@@ -162,18 +192,28 @@ def test_judge_explains_missing_results(course, demo_checks):
         ("error", "NameError: name 'add_one' is not defined"),
         ("error", "your answer cell raised SyntaxError: invalid syntax"),
     ]
-    runs[double_check] = CellRun(double_check, "not run", reason="time limit of 5 s reached before this cell ran",
-                                 out_of_time=True)
+    runs[double_check] = CellRun(
+        double_check, "not run", reason="time limit of 5 s reached before this cell ran", out_of_time=True
+    )
     runs[spots["double"]] = CellRun(spots["double"], "ok")
     assert grade.judge(nb, runs, {"99.2": "double"}, spots)[0]["status"] == "failed"
 
 
 def test_table_prints_the_whole_diagnosis_wrapped_between_words(capsys):
-    hint = ("rank 2: element [3] expected 7.0, got 0.0 — the bias was added N times: add it on "
-            "one rank only, after the all-reduce, as Megatron's row-parallel layer does " * 2).strip()
-    entry = {"path": "x.ipynb", "exercise_notebook": "exercises/x.ipynb", "seconds": 1.0, "error": "",
-             "name": "x", "passed": 0, "total": 1,
-             "exercises": [{"id": "4.4", "title": "row-parallel", "status": "failed", "message": hint}]}
+    hint = (
+        "rank 2: element [3] expected 7.0, got 0.0 — the bias was added N times: add it on "
+        "one rank only, after the all-reduce, as Megatron's row-parallel layer does " * 2
+    ).strip()
+    entry = {
+        "path": "x.ipynb",
+        "exercise_notebook": "exercises/x.ipynb",
+        "seconds": 1.0,
+        "error": "",
+        "name": "x",
+        "passed": 0,
+        "total": 1,
+        "exercises": [{"id": "4.4", "title": "row-parallel", "status": "failed", "message": hint}],
+    }
     grade.print_table(entry)
     out = capsys.readouterr().out
     assert " ".join(out.split()).count("after the all-reduce, as Megatron's row-parallel layer does") == 2

@@ -1,4 +1,5 @@
 """The launcher: results, output, errors, deadlocks, interrupts and orphans."""
+
 import os
 import signal
 import subprocess
@@ -10,11 +11,10 @@ import psutil
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import wait_for_no_ranks
 
 from course_lib import comm, launch
-from course_lib import launch
 from course_lib.launch import DeadlockError, LaunchTimeout, RankError, run
-from conftest import wait_for_no_ranks
 
 pytestmark = pytest.mark.usefixtures("no_orphans")
 
@@ -22,8 +22,12 @@ pytestmark = pytest.mark.usefixtures("no_orphans")
 def rank_info(scale, offset=0.0):
     t = torch.tensor([float(dist.get_rank())])
     dist.all_reduce(t)
-    return {"rank": dist.get_rank(), "world": dist.get_world_size(),
-            "sum": t * scale + offset, "backend": dist.get_backend()}
+    return {
+        "rank": dist.get_rank(),
+        "world": dist.get_world_size(),
+        "sum": t * scale + offset,
+        "backend": dist.get_backend(),
+    }
 
 
 def test_results_in_rank_order_with_args_and_kwargs():
@@ -228,7 +232,7 @@ def test_keyboard_interrupt_ends_every_rank():
 
 def test_unpicklable_return_value_is_a_clear_error():
     with pytest.raises(RankError, match="pickle"):
-        run(lambda: (lambda: 1), 2)
+        run(lambda: lambda: 1, 2)
 
 
 def test_debug_mode_names_a_shape_mismatch():
@@ -281,9 +285,15 @@ SCRIPT = textwrap.dedent("""
 def test_plain_script_and_two_concurrent_launches(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / f"pids{i}"), "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / f"pids{i}"), "1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for p in procs:
         out, err = p.communicate(timeout=90)
         assert p.returncode == 0, err

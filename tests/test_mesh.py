@@ -1,4 +1,5 @@
 """Chapter 09: the rank grid, its process groups, 3D training against one process, and the checks."""
+
 import functools
 
 import pytest
@@ -43,8 +44,11 @@ def readable(fig, max_width=9.5, min_points=9):
     from matplotlib.text import Text
 
     assert fig.get_size_inches()[0] <= max_width
-    small = [(t.get_text(), t.get_fontsize()) for t in fig.findobj(Text)
-             if t.get_visible() and t.get_text().strip() and t.get_fontsize() < min_points]
+    small = [
+        (t.get_text(), t.get_fontsize())
+        for t in fig.findobj(Text)
+        if t.get_visible() and t.get_text().strip() and t.get_fontsize() < min_points
+    ]
     assert not small, small
 
 
@@ -58,13 +62,15 @@ def test_draw_returns_a_readable_figure(shape):
 def test_step_messages_count_what_the_cost_model_counts():
     """Rank 0 of a 2 × 2 × 2 grid, 4 layers, m = 2: stage 0 holds 2 layers."""
     layout = mesh.GridLayout(2, 2, 2)
-    sent = mesh.step_messages(layout, layout.coordinates(0), make_stack(2, 8, 16, 0), tokens=4, hidden=8,
-                              microbatches=2)
+    sent = mesh.step_messages(
+        layout, layout.coordinates(0), make_stack(2, 8, 16, 0), tokens=4, hidden=8, microbatches=2
+    )
     assert sent.tp == [4 * 8 * 4] * (2 * 2 * 2 - 2)  # 2 per layer and micro-batch, less the first backward
     assert sent.pp == [4 * 8 * 4] * 4  # 2 sends forward, 2 receives back
     assert len(sent.dp) == 8  # one all-reduce per parameter tensor
 
     from course_lib.alpha_beta import AlphaBeta
+
     model = AlphaBeta(alpha=1e-4, beta=1e9)
     seconds = sent.seconds(model, dp=2, tp=2)
     assert seconds["pp"] == pytest.approx(4 * (1e-4 + 128 / 1e9))
@@ -110,8 +116,9 @@ def test_dp_x_tp_equals_single_process_on_four_ranks():
     dense = {k: v.detach() for k, v in reference.named_parameters()}
     results = launch.run(mesh.train_3d, 4, 2, 2, 1, batches, MODEL, 2, backend="gloo")
     assert mesh.compare_with_dense(results, dense, tp_size=2) == 4 * 8
-    torch.testing.assert_close(torch.tensor(results[0]["losses"]), torch.tensor(reference_losses),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(results[0]["losses"]), torch.tensor(reference_losses), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_tp_x_pp_with_zero1_equals_adamw_on_four_ranks():
@@ -136,8 +143,9 @@ def test_checks_pass_for_correct_answers():
 def test_checks_diagnose_wrong_answers():
     result = check.coordinates(lambda r, d, t, p: (r % d, r // d % t, r // (d * t)))
     assert result.status == FAILED and "dp varies fastest" in result.message
-    result = check.group_ranks(lambda axis, d, t, p: mesh.GridLayout(d, t, p).groups(
-        {"tp": "dp", "dp": "tp", "pp": "pp"}[axis]))
+    result = check.group_ranks(
+        lambda axis, d, t, p: mesh.GridLayout(d, t, p).groups({"tp": "dp", "dp": "tp", "pp": "pp"}[axis])
+    )
     assert result.status == FAILED and "those are the dp groups" in result.message
     result = check.model_state_bytes(lambda psi, zero, d, t, p: 16 * psi / (t * p) / (d if zero else 1))
     assert result.status == FAILED and "ZeRO-3's memory" in result.message  # shards all at every stage
@@ -148,8 +156,10 @@ def _world_average(model, dp_group):
 
 
 def test_average_gradients_check_names_the_wrong_group():
-    assert check.average_gradients(
-        lambda model, g: dp.average_gradients_allreduce(model, group=g)).status == PASSED
+    assert (
+        check.average_gradients(lambda model, g: dp.average_gradients_allreduce(model, group=g)).status
+        == PASSED
+    )
     result = check.average_gradients(_world_average)
     assert result.status == FAILED and "dp_group only" in result.message
 

@@ -1,5 +1,7 @@
 """Chapter 08: routing with capacity, the all-to-all, the expert-parallel layer, and the checks."""
+
 import pytest
+import reference_answers
 import torch
 import torch.distributed as dist
 
@@ -7,7 +9,7 @@ from course_lib import launch, moe
 from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import moe as check
 from course_lib.comm import count_traffic
-import reference_answers
+
 
 def assert_close(got, want, rtol=1e-5, atol=1e-5):
     """torch.testing.assert_close, without it: it imports torch.distributed.tensor, and then every
@@ -45,9 +47,18 @@ def test_k2_first_choices_before_second_and_weights_renormalised():
 
 
 def test_lesson_worked_example():
-    probs = torch.tensor([[0.60, 0.25, 0.10, 0.05], [0.50, 0.10, 0.30, 0.10], [0.20, 0.55, 0.15, 0.10],
-                          [0.45, 0.35, 0.10, 0.10], [0.20, 0.10, 0.60, 0.10], [0.55, 0.05, 0.10, 0.30],
-                          [0.40, 0.30, 0.20, 0.10], [0.10, 0.20, 0.10, 0.60]])
+    probs = torch.tensor(
+        [
+            [0.60, 0.25, 0.10, 0.05],
+            [0.50, 0.10, 0.30, 0.10],
+            [0.20, 0.55, 0.15, 0.10],
+            [0.45, 0.35, 0.10, 0.10],
+            [0.20, 0.10, 0.60, 0.10],
+            [0.55, 0.05, 0.10, 0.30],
+            [0.40, 0.30, 0.20, 0.10],
+            [0.10, 0.20, 0.10, 0.60],
+        ]
+    )
     r = moe.route(probs.log(), k=2, capacity_factor=1.0)
     assert r.capacity == 4
     assert r.slot.tolist() == [[0, 1], [1, 1], [0, -1], [2, 2], [0, -1], [3, 1], [-1, 3], [0, -1]]
@@ -66,7 +77,9 @@ def test_routing_table_names_every_choice():
 def test_drops_never_beat_the_floor_and_an_even_router_sits_on_it(k):
     num_tokens, num_experts = 96, 8
     even = moe.round_robin_logits(num_tokens, num_experts, k)
-    assert moe.route(even, k, 100.0).tokens_per_expert.tolist() == [k * num_tokens // num_experts] * num_experts
+    assert (
+        moe.route(even, k, 100.0).tokens_per_expert.tolist() == [k * num_tokens // num_experts] * num_experts
+    )
     random_logits = torch.randn(num_tokens, num_experts, generator=torch.Generator().manual_seed(k))
     for cf in (0.25, 0.5, 0.75, 1.0, 1.5):
         floor = max(0.0, 1 - cf)  # k·cf·T/E is a whole number for these
@@ -76,6 +89,7 @@ def test_drops_never_beat_the_floor_and_an_even_router_sits_on_it(k):
 
 def test_routing_explorer_redraws_on_every_move(monkeypatch):
     import IPython.display
+
     from course_lib import viz
 
     titles = []
@@ -111,8 +125,10 @@ def test_weights_are_differentiable_and_sum_to_one_for_k_at_least_2():
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("tokens, experts, k, cf, want", [
-    (8, 4, 2, 1.0, 4), (4, 3, 1, 1.5, 2), (256, 8, 1, 1.25, 40), (10, 1, 1, 1.1, 11), (5, 4, 1, 1.0, 2)])
+@pytest.mark.parametrize(
+    "tokens, experts, k, cf, want",
+    [(8, 4, 2, 1.0, 4), (4, 3, 1, 1.5, 2), (256, 8, 1, 1.25, 40), (10, 1, 1, 1.1, 11), (5, 4, 1, 1.0, 2)],
+)
 def test_capacity_is_ceil_k_cf_t_over_e(tokens, experts, k, cf, want):
     assert moe.expert_capacity(tokens, experts, k, cf) == want
 
@@ -190,8 +206,15 @@ def _layer_rank(cases):
         x = _tokens(rank).requires_grad_()
         y = layer(x)
         (y.square().sum() + layer.last_routing.aux_loss).backward()
-        out.append((y, x.grad, gate.weight.grad, {n: p.grad for n, p in layer.experts.named_parameters()},
-                    layer.last_routing.num_dropped))
+        out.append(
+            (
+                y,
+                x.grad,
+                gate.weight.grad,
+                {n: p.grad for n, p in layer.experts.named_parameters()},
+                layer.last_routing.num_dropped,
+            )
+        )
     return out
 
 
@@ -232,7 +255,9 @@ def test_layer_without_a_process_group_is_the_dense_loop():
 def test_experts_that_do_not_split_evenly_raise_value_error():
     with pytest.raises(launch.RankError) as error:
         launch.run(lambda: moe.MoELayer.from_dense(*moe.make_moe(D, 3), 1, 1.0), 2, timeout=30)
-    assert error.value.exc_type == "ValueError" and "E=3 experts do not split evenly over N=2" in str(error.value)
+    assert error.value.exc_type == "ValueError" and "E=3 experts do not split evenly over N=2" in str(
+        error.value
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -325,7 +350,9 @@ def test_all_to_all_diagnostics(solution):
         return received.flip(0), counts
 
     result = check.all_to_all(reversed_rows)
-    assert result.status == FAILED and result.message.startswith("N=2, rank 0: received row 0 expected [0, 0, 0]")
+    assert result.status == FAILED and result.message.startswith(
+        "N=2, rank 0: received row 0 expected [0, 0, 0]"
+    )
 
     def built_in(rows, send_counts):
         out = torch.empty_like(rows)

@@ -1,5 +1,7 @@
 """Chapter 06: course_lib.pp (schedules, simulator, partition, runtime, checkpointing) and its checks."""
+
 import pytest
+import reference_answers
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -10,7 +12,6 @@ from course_lib import launch, pp
 from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import pipeline as check
 from course_lib.models import make_stack, regression_data
-import reference_answers
 
 DEPTH, D_MODEL, D_HIDDEN, BATCH = 8, 8, 16, 16
 GRID = [(p, m) for p in range(1, 7) for m in range(1, 11)]
@@ -26,7 +27,7 @@ def assert_dependencies_hold(schedule, sim):
     ends = {}
     for s, row in enumerate(sim.timeline):
         assert [a for a, _, _ in row] == [tuple(a) for a in schedule[s]]  # the stage's own order
-        for (_, start, end), (_, next_start, _) in zip(row, row[1:]):
+        for (_, _start, end), (_, next_start, _) in zip(row, row[1:]):
             assert end <= next_start  # one action at a time
         for (kind, i), start, end in row:
             ends[kind, i, s] = (start, end)
@@ -53,8 +54,16 @@ def test_bubble_equals_formula_and_peaks(name):
 
 def test_schedule_shapes():
     assert pp.gpipe_schedule(2, 2) == [[("F", 0), ("F", 1), ("B", 0), ("B", 1)]] * 2
-    assert pp.one_f_one_b_schedule(3, 4)[0] == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3),
-                                                 ("B", 1), ("B", 2), ("B", 3)]
+    assert pp.one_f_one_b_schedule(3, 4)[0] == [
+        ("F", 0),
+        ("F", 1),
+        ("F", 2),
+        ("B", 0),
+        ("F", 3),
+        ("B", 1),
+        ("B", 2),
+        ("B", 3),
+    ]
     assert pp.one_f_one_b_schedule(3, 4)[2] == [a for i in range(4) for a in (("F", i), ("B", i))]
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="positive integer"):
@@ -152,6 +161,7 @@ def test_train_step_equals_single_process(world, group_size):
 
 def torch_pipeline(schedule_name):
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
     rank, p = dist.get_rank(), dist.get_world_size()
     stage = pp.partition(make_stack(DEPTH, D_MODEL, D_HIDDEN, seed=0), rank, p)
     x, y = regression_data(BATCH, D_MODEL)
@@ -173,8 +183,11 @@ def errors():
     stage = pp.partition(make_stack(DEPTH, D_MODEL, D_HIDDEN), dist.get_rank(), dist.get_world_size())
     x, y = regression_data(BATCH, D_MODEL)
     found = []
-    for kwargs in (dict(num_microbatches=3), dict(num_microbatches=4, schedule="zigzag"),
-                   dict(num_microbatches=0)):
+    for kwargs in (
+        dict(num_microbatches=3),
+        dict(num_microbatches=4, schedule="zigzag"),
+        dict(num_microbatches=0),
+    ):
         try:
             pp.train_step(stage, x, y, F.mse_loss, **kwargs)
         except ValueError as exc:
@@ -241,8 +254,10 @@ def test_measured_bubble_and_least_disturbed():
     bubble, wall = pp.measured_bubble(sim.timeline)
     assert bubble == pytest.approx(pp.bubble_formula(3, 4)) and wall == pytest.approx(sim.total_time)
     late = 5.0 * (len(sim.timeline) - 1)  # stage 0's last backward starts late: more waiting
-    slow = [[(a, s + late * (a == ("B", 3) and r == 0), e + late * (a == ("B", 3) and r == 0))
-             for a, s, e in row] for r, row in enumerate(sim.timeline)]
+    slow = [
+        [(a, s + late * (a == ("B", 3) and r == 0), e + late * (a == ("B", 3) and r == 0)) for a, s, e in row]
+        for r, row in enumerate(sim.timeline)
+    ]
     per_rank = [[[slow[r], sim.timeline[r]]] for r in range(3)]  # one config, two repeats
     assert pp.least_disturbed(per_rank) == [sim.timeline]
     times = pp.fastest({"a": lambda: None, "b": lambda: sum(range(1000))}, repeats=3)
@@ -260,19 +275,23 @@ def test_timed_steps_on_ranks_record_every_action():
     best = pp.least_disturbed(per_rank)
     for (_, m, _), timelines in zip(configs, best):
         assert [sorted(a for a, _, _ in row) for row in timelines] == [
-            sorted((k, i) for k in "FB" for i in range(m))] * 2
+            sorted((k, i) for k in "FB" for i in range(m))
+        ] * 2
         assert 0 <= pp.measured_bubble(timelines)[0] < 1
 
 
 def test_pipeline_explorer_redraws_on_every_move():
     import ipywidgets as widgets
+
     from course_lib import viz
 
     explorer = viz.pipeline_explorer()
     controls, readout = explorer.children[0].children
     stages, micro, ratio, picker = controls.children
     assert all(isinstance(w, widgets.IntSlider | widgets.FloatSlider) for w in (stages, micro, ratio))
-    assert all(w.layout.width == "420px" and w.style.description_width == "initial" for w in (stages, micro, ratio))
+    assert all(
+        w.layout.width == "420px" and w.style.description_width == "initial" for w in (stages, micro, ratio)
+    )
     seen = [readout.value]
     for widget, value in ((stages, 6), (micro, 3), (ratio, 1.0), (picker, "1f1b")):
         widget.value = value  # the callback runs here; an exception would propagate
@@ -313,8 +332,10 @@ def test_schedule_diagnostics():
 
     result = check.gpipe_schedule(reversed_backwards)
     assert result.status == FAILED
-    assert result.message == ("p=1, m=2: stage 0, position 2: expected ('B', 0), got ('B', 1) — run the "
-                              "backwards in micro-batch order 0, 1, …, m−1")
+    assert result.message == (
+        "p=1, m=2: stage 0, position 2: expected ('B', 0), got ('B', 1) — run the "
+        "backwards in micro-batch order 0, 1, …, m−1"
+    )
     result = check.one_f_one_b_schedule(pp.gpipe_schedule)
     assert "keeps 2 micro-batches alive at once; 1F1B keeps at most min(p−s, m) = 1" in result.message
     result = check.one_f_one_b_schedule(forward_then_backward)
@@ -329,8 +350,14 @@ def test_run_stage_diagnostics(solution, monkeypatch):
     source = solution.run_stage  # closures carry the function, not the module
 
     def loss_not_divided(stage, actions, micro_inputs, micro_targets, loss_fn, shape):
-        return source(stage, actions, micro_inputs, micro_targets,
-                      lambda out, y: loss_fn(out, y) * len(micro_inputs), shape)
+        return source(
+            stage,
+            actions,
+            micro_inputs,
+            micro_targets,
+            lambda out, y: loss_fn(out, y) * len(micro_inputs),
+            shape,
+        )
 
     result = check.run_stage(loss_not_divided)
     assert result.status == FAILED and "SUM of the 4 micro-batch losses: divide each by m" in result.message

@@ -1,5 +1,6 @@
 """Property-based tests of the pure functions that partition work, each against a brute-force
 reference: every element, layer, token or rank lands in exactly one place, as the docs say."""
+
 import math
 
 import torch
@@ -83,8 +84,13 @@ def test_buckets_walk_backwards_and_close_at_the_cap(sizes, cap):
 
 
 @FAST
-@given(data=st.data(), tokens=st.integers(1, 40), experts=st.integers(1, 6), k=st.integers(1, 3),
-       capacity=st.integers(0, 12))
+@given(
+    data=st.data(),
+    tokens=st.integers(1, 40),
+    experts=st.integers(1, 6),
+    k=st.integers(1, 3),
+    capacity=st.integers(0, 12),
+)
 def test_slots_follow_choice_then_token_priority(data, tokens, experts, k, capacity):
     k = min(k, experts)
     rows = [data.draw(st.permutations(range(experts)))[:k] for _ in range(tokens)]
@@ -100,8 +106,12 @@ def test_slots_follow_choice_then_token_priority(data, tokens, experts, k, capac
 
 
 @FAST
-@given(tokens=st.integers(1, 5000), experts=st.integers(1, 64), k=st.integers(1, 8),
-       cf=st.sampled_from([0.5, 1.0, 1.1, 1.25, 1.5, 2.0]))
+@given(
+    tokens=st.integers(1, 5000),
+    experts=st.integers(1, 64),
+    k=st.integers(1, 8),
+    cf=st.sampled_from([0.5, 1.0, 1.1, 1.25, 1.5, 2.0]),
+)
 def test_capacity_is_the_ceiling(tokens, experts, k, cf):
     c = moe.expert_capacity(tokens, experts, k, cf)
     exact = k * cf * tokens / experts
@@ -118,7 +128,7 @@ def test_partition_bounds_are_contiguous_nonempty_and_near_the_targets(costs, da
     assert all(end > start for start, end in bounds)
     # each cut is the feasible one closest to its share of the total (brute force over cuts)
     weights = costs if sum(costs) > 0 else [1] * len(costs)
-    prefix = [0] + [sum(weights[:i + 1]) for i in range(len(weights))]
+    prefix = [0] + [sum(weights[: i + 1]) for i in range(len(weights))]
     for k, (_, cut) in enumerate(bounds[:-1], start=1):
         target = k * prefix[-1] / world
         lowest, highest = bounds[k - 1][0] + 1, len(costs) - (world - k)
@@ -141,6 +151,7 @@ def test_grid_coordinates_and_ranks_round_trip(d, t, p):
         assert sorted(r for g in groups for r in g) == list(range(grid.world_size))
         assert all(len(g) == size for g in groups)
         for g in groups:  # members differ only along this axis
-            others = {tuple(getattr(grid.coordinates(r), a) for a in ("dp", "tp", "pp") if a != axis)
-                      for r in g}
+            others = {
+                tuple(getattr(grid.coordinates(r), a) for a in ("dp", "tp", "pp") if a != axis) for r in g
+            }
             assert len(others) == 1

@@ -1,4 +1,5 @@
 """The README and the glossary stay true as chapters land."""
+
 import pathlib
 import re
 

@@ -1,9 +1,11 @@
 """Chapter 03: all-reduce from send/recv, traffic against the formulas, BucketedDDP, and the checks."""
+
 import math
 import re
 import time
 
 import pytest
+import reference_answers
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -12,7 +14,6 @@ from torch.nn.parallel import DistributedDataParallel
 from course_lib import comm, ddp, launch, models
 from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import ring as check
-import reference_answers
 
 
 def chunk_sizes(k, n):
@@ -34,7 +35,11 @@ def compare_everything(cases):
         dist.all_reduce(expected)
 
         def same(a, b):  # integers exactly; floats up to the order of the additions
-            return torch.equal(a, b) if not dtype.is_floating_point else torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+            return (
+                torch.equal(a, b)
+                if not dtype.is_floating_point
+                else torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+            )
 
         for name in ("ring", "unchunked ring", "naive", "tree"):
             if not same(comm.ALL_REDUCES[name](x.clone()), expected):
@@ -55,8 +60,14 @@ def compare_everything(cases):
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 8])
 def test_every_op_equals_the_builtin(n):
-    cases = [((1,), torch.int64), ((7,), torch.int32), ((3, 5), torch.int64), ((13,), torch.float32),
-             ((2, 3), torch.float64), ((n + 1,), torch.float32)]
+    cases = [
+        ((1,), torch.int64),
+        ((7,), torch.int32),
+        ((3, 5), torch.int64),
+        ((13,), torch.float32),
+        ((2, 3), torch.float64),
+        ((n + 1,), torch.float32),
+    ]
     results = launch.run(compare_everything, n, cases, timeout=60)
     assert results == [[]] * n
 
@@ -95,7 +106,8 @@ def payload_of_each_op(k):
     result = {}
     for name in ("ring", "unchunked ring", "naive", "tree", "reduce-scatter", "all-gather"):
         fn = {"reduce-scatter": comm.ring_reduce_scatter, "all-gather": comm.ring_all_gather}.get(
-            name, comm.ALL_REDUCES.get(name))
+            name, comm.ALL_REDUCES.get(name)
+        )
         x = torch.ones(k, dtype=torch.int64)
         with comm.count_traffic() as traffic:
             fn(x)
@@ -137,13 +149,16 @@ def test_non_contiguous_tensor_is_refused_before_any_communication():
 def ring_with_rank_1_different(kind):
     x = torch.zeros(6)
     if dist.get_rank() == 1:
-        x = {"numel": torch.zeros(8), "dtype": torch.zeros(6, dtype=torch.int64),
-             "shape": torch.zeros(2, 3)}[kind]
+        x = {"numel": torch.zeros(8), "dtype": torch.zeros(6, dtype=torch.int64), "shape": torch.zeros(2, 3)}[
+            kind
+        ]
     comm.ring_all_reduce(x)
 
 
-@pytest.mark.parametrize("kind, theirs", [("numel", "shape (8,) float32"), ("dtype", "shape (6,) int64"),
-                                          ("shape", "shape (2, 3) float32")])
+@pytest.mark.parametrize(
+    "kind, theirs",
+    [("numel", "shape (8,) float32"), ("dtype", "shape (6,) int64"), ("shape", "shape (2, 3) float32")],
+)
 def test_ranks_holding_different_tensors_get_a_clear_error_fast(kind, theirs, no_orphans):
     start = time.monotonic()
     with pytest.raises(launch.RankError) as info:
@@ -320,8 +335,11 @@ def test_receiving_into_a_chunk_of_another_size_is_explained():
 
     result = check.ring_all_gather(wrong_chunk)  # N = 2 passes by luck: r + 1 = r - 1 (mod 2)
     assert result.status == FAILED
-    assert re.fullmatch(r"N=3, rank \d: a message of 32 B arrived in a recv of 24 B — sender and receiver "
-                        r"disagree on which chunk moves at some step \(.*\)", result.message), result.message
+    assert re.fullmatch(
+        r"N=3, rank \d: a message of 32 B arrived in a recv of 24 B — sender and receiver "
+        r"disagree on which chunk moves at some step \(.*\)",
+        result.message,
+    ), result.message
 
 
 def test_unchunked_all_reduce_is_correct_but_sends_too_much():
@@ -339,8 +357,10 @@ def test_unchunked_all_reduce_is_correct_but_sends_too_much():
     result = check.ring_all_reduce(unchunked)
     assert result.status == FAILED
     # At N = 2 both send K; at N = 3 the unchunked version sends 2K, the ring 4/3·K.
-    assert result.message == ("N=3, K=10 int64, rank 0: right result, but it sent 160 B; a ring "
-                              "all-reduce sends 104 B (each chunk once per phase)")
+    assert result.message == (
+        "N=3, K=10 int64, rank 0: right result, but it sent 160 B; a ring "
+        "all-reduce sends 104 B (each chunk once per phase)"
+    )
 
 
 def test_returning_a_new_tensor_is_told_to_work_in_place(solution):
@@ -358,7 +378,9 @@ def test_returning_a_new_tensor_is_told_to_work_in_place(solution):
 def test_built_in_collectives_are_refused():
     result = check.ring_all_reduce(lambda tensor: dist.all_reduce(tensor))
     assert result.status == FAILED
-    assert result.message.startswith("exercise 3.3 must be built from send/recv only: you called dist.all_reduce")
+    assert result.message.startswith(
+        "exercise 3.3 must be built from send/recv only: you called dist.all_reduce"
+    )
 
 
 def test_not_implemented_reads_not_attempted():
@@ -375,8 +397,10 @@ def test_buckets_in_forward_order_are_diagnosed():
 
     result = check.assign_buckets(forward_order)
     assert result.status == FAILED
-    assert result.message == ("sizes=[4, 4, 4, 4], cap=8: bucket 0 should be [3, 2], got [2, 3] "
-                              "(expected [[3, 2], [1, 0]], got [[2, 3], [0, 1]])")
+    assert result.message == (
+        "sizes=[4, 4, 4, 4], cap=8: bucket 0 should be [3, 2], got [2, 3] "
+        "(expected [[3, 2], [1, 0]], got [[2, 3], [0, 1]])"
+    )
 
 
 def test_deadlock_is_reported_quickly(monkeypatch):
@@ -387,7 +411,7 @@ def test_deadlock_is_reported_quickly(monkeypatch):
     def both_receive_first(tensor):
         r, n = dist.get_rank(), dist.get_world_size()
         chunks = tensor.view(-1).tensor_split(n)
-        for step in range(n - 1):
+        for _step in range(n - 1):
             incoming = torch.empty_like(chunks[0])
             dist.recv(incoming, (r - 1) % n)  # everyone waits for a send nobody makes
             dist.send(chunks[r], (r + 1) % n)
@@ -453,8 +477,14 @@ def test_torch_ddp_buckets_one_pass_then_rebuilt_in_gradient_order():
     # fc1.weight and fc2.weight are 1 MiB each (256 × 1024 floats)
     per_step, ours = ddp.torch_ddp_buckets(2.0, depth=2, d_model=256, d_hidden=1024, steps=2)
     assert len(per_step[0]) == 1 and len(per_step[0][0]) == 8  # first pass: one bucket
-    assert per_step[1] == ours == [["1.fc2.bias", "1.fc2.weight", "1.fc1.bias", "1.fc1.weight"],
-                                   ["0.fc2.bias", "0.fc2.weight", "0.fc1.bias", "0.fc1.weight"]]
+    assert (
+        per_step[1]
+        == ours
+        == [
+            ["1.fc2.bias", "1.fc2.weight", "1.fc1.bias", "1.fc1.weight"],
+            ["0.fc2.bias", "0.fc2.weight", "0.fc1.bias", "0.fc1.weight"],
+        ]
+    )
     per_step, _ = ddp.torch_ddp_buckets(None, depth=2, d_model=256, d_hidden=1024, steps=2)
     assert per_step[1][0] == ["1.fc2.bias", "1.fc2.weight"]  # the default cap's 1 MiB first bucket
 
@@ -479,8 +509,10 @@ def test_chapter_03_pictures_draw():
     sizes = [4096, 65536]
     timing = comm.SpreadTiming("all-reduce", 2, "gloo", sizes, [1e-3, 2e-3], [5e-4, 1e-3], [2e-3, 4e-3])
     plain = Timing("all-reduce", 2, "gloo", sizes, [1e-3, 2e-3])
-    fig = viz.plot_all_reduce_times({2: {"ring": timing, "dist.all_reduce": plain}, 8: {"ring": timing}},
-                                    lambda name, n, s: 1e-3 if name == "ring" else None)
+    fig = viz.plot_all_reduce_times(
+        {2: {"ring": timing, "dist.all_reduce": plain}, 8: {"ring": timing}},
+        lambda name, n, s: 1e-3 if name == "ring" else None,
+    )
     assert fig._repr_png_()[:4] == b"\x89PNG"
     series = {("ring", "every rank"): dict(formula=[1.0, 1.5], payload=[1.0, 1.5], wire=None)}
     assert viz.plot_bytes_per_rank([2, 4], 1.0, series)._repr_png_()[:4] == b"\x89PNG"

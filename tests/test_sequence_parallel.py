@@ -1,15 +1,16 @@
 """Chapter 05: the sequence-parallel block against the dense one, its traffic and memory, and the checks."""
+
 import pytest
+import reference_answers
 import torch
 import torch.distributed as dist
+from conftest import run_gloo as run
 
 from course_lib import tp
 from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import sequence_parallel as check
 from course_lib.comm import count_traffic
 from course_lib.models import make_block
-from conftest import run_gloo as run
-import reference_answers
 
 D_MODEL, N_HEADS, SEQ = 8, 4, 8
 
@@ -25,8 +26,9 @@ def mine(n, r, size=SEQ):
 
 def sp_run(x, upstream, recompute_gather):
     r, n = dist.get_rank(), dist.get_world_size()
-    block = tp.SequenceParallelBlock.from_dense(make_block(D_MODEL, N_HEADS, seed=2),
-                                                recompute_gather=recompute_gather)
+    block = tp.SequenceParallelBlock.from_dense(
+        make_block(D_MODEL, N_HEADS, seed=2), recompute_gather=recompute_gather
+    )
     x_shard = x[:, mine(n, r)].clone().requires_grad_()
     out = block(x_shard)
     (out * upstream[:, mine(n, r)]).sum().backward()
@@ -49,12 +51,14 @@ def test_sequence_parallel_block_equals_dense(n, recompute_gather):
         torch.testing.assert_close(got_x, x_dense.grad[:, mine(n, r)], **close)
         h, hidden = mine(n, r, D_MODEL), mine(n, r, 4 * D_MODEL)
         qkv_rows = torch.cat([torch.arange(D_MODEL)[h] + k * D_MODEL for k in range(3)])
-        expected = {"attn.qkv.weight": grads["attn.qkv.weight"][qkv_rows],
-                    "attn.qkv.bias": grads["attn.qkv.bias"][qkv_rows],
-                    "attn.proj.weight": grads["attn.proj.weight"][:, h],
-                    "mlp.fc1.weight": grads["mlp.fc1.weight"][hidden],
-                    "mlp.fc1.bias": grads["mlp.fc1.bias"][hidden],
-                    "mlp.fc2.weight": grads["mlp.fc2.weight"][:, hidden]}
+        expected = {
+            "attn.qkv.weight": grads["attn.qkv.weight"][qkv_rows],
+            "attn.qkv.bias": grads["attn.qkv.bias"][qkv_rows],
+            "attn.proj.weight": grads["attn.proj.weight"][:, h],
+            "mlp.fc1.weight": grads["mlp.fc1.weight"][hidden],
+            "mlp.fc1.bias": grads["mlp.fc1.bias"][hidden],
+            "mlp.fc2.weight": grads["mlp.fc2.weight"][:, hidden],
+        }
         assert set(got) == set(grads)
         for name, grad in got.items():
             torch.testing.assert_close(grad, expected.get(name, grads[name]), **close, msg=name)

@@ -1,4 +1,5 @@
 """Every notebook .py and its .ipynb hold the same cells, and nothing generated is stale."""
+
 import shutil
 from pathlib import Path
 

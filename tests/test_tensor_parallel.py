@@ -1,16 +1,17 @@
 """Chapter 04: course_lib.tp against the dense layers, its communication, and the exercise checks."""
+
 import pytest
+import reference_answers
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import run_gloo as run
 
 from course_lib import tp
 from course_lib.checks import ERROR, FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import tensor_parallel as check
 from course_lib.comm import count_traffic
 from course_lib.models import make_block, make_mlp
-from conftest import run_gloo as run
-import reference_answers
 
 D_MODEL, D_HIDDEN, N_HEADS = 8, 32, 4
 
@@ -63,8 +64,12 @@ def test_attention_with_heads_split_equals_dense(n):
         torch.testing.assert_close(got_out, out, **close)
         torch.testing.assert_close(got_x, x_grad, **close)
         mine = rows(D_MODEL, n, r)  # my heads' features, in each of q, k and v
-        qkv_rows = torch.cat([torch.arange(3 * D_MODEL)[part][mine] for part in
-                              (slice(0, D_MODEL), slice(D_MODEL, 2 * D_MODEL), slice(2 * D_MODEL, None))])
+        qkv_rows = torch.cat(
+            [
+                torch.arange(3 * D_MODEL)[part][mine]
+                for part in (slice(0, D_MODEL), slice(D_MODEL, 2 * D_MODEL), slice(2 * D_MODEL, None))
+            ]
+        )
         torch.testing.assert_close(got["qkv.weight"], grads["qkv.weight"][qkv_rows], **close)
         torch.testing.assert_close(got["qkv.bias"], grads["qkv.bias"][qkv_rows], **close)
         torch.testing.assert_close(got["proj.weight"], grads["proj.weight"][:, mine], **close)
@@ -73,8 +78,10 @@ def test_attention_with_heads_split_equals_dense(n):
 
 def uneven_errors():
     messages = []
-    for build in (lambda: tp.TensorParallelMLP.from_dense(make_mlp(D_MODEL, D_HIDDEN)),
-                  lambda: tp.TensorParallelAttention.from_dense(make_block(D_MODEL, N_HEADS).attn)):
+    for build in (
+        lambda: tp.TensorParallelMLP.from_dense(make_mlp(D_MODEL, D_HIDDEN)),
+        lambda: tp.TensorParallelAttention.from_dense(make_block(D_MODEL, N_HEADS).attn),
+    ):
         try:
             build()
             messages.append(None)
@@ -102,8 +109,14 @@ def traffic_and_bytes(kind):
     with count_traffic() as backward:
         out.sum().backward()
     nbytes = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731
-    return ([c.op for c in forward.calls], [c.op for c in backward.calls], forward.sent,
-            nbytes(module.parameters()), nbytes(dense.parameters()), nbytes([replicated]))
+    return (
+        [c.op for c in forward.calls],
+        [c.op for c in backward.calls],
+        forward.sent,
+        nbytes(module.parameters()),
+        nbytes(dense.parameters()),
+        nbytes([replicated]),
+    )
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
@@ -125,8 +138,9 @@ def ours_and_torch():
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     x, upstream = inputs()
     ours = parallel_run("mlp", x, upstream)
-    theirs = parallelize_module(make_mlp(D_MODEL, D_HIDDEN, seed=1), mesh,
-                                {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()})
+    theirs = parallelize_module(
+        make_mlp(D_MODEL, D_HIDDEN, seed=1), mesh, {"fc1": ColwiseParallel(), "fc2": RowwiseParallel()}
+    )
     out, x_grad, grads = dense_run(theirs, x, upstream)
     local = {k: g.to_local() if hasattr(g, "to_local") else g for k, g in grads.items()}
     return ours, (out, x_grad, local)
@@ -241,8 +255,8 @@ def test_who_holds_what_follows_the_megatron_layout():
     owners = tp.who_holds_what(n, d_model, d_hidden, n_heads)
     block = d_hidden // n
     for r in range(n):
-        assert (owners["mlp.fc1.weight"][r * block:(r + 1) * block] == r).all()  # rows of fc1.weight
-        assert (owners["mlp.fc2.weight"][:, r * block:(r + 1) * block] == r).all()  # columns of fc2.weight
+        assert (owners["mlp.fc1.weight"][r * block : (r + 1) * block] == r).all()  # rows of fc1.weight
+        assert (owners["mlp.fc2.weight"][:, r * block : (r + 1) * block] == r).all()  # columns of fc2.weight
         heads = d_model // n  # each of q, k and v: rank r's heads' rows
         for part in range(3):
             rows_r = slice(part * d_model + r * heads, part * d_model + (r + 1) * heads)
@@ -250,4 +264,5 @@ def test_who_holds_what_follows_the_megatron_layout():
     assert (owners["mlp.fc2.bias"] == -1).all() and (owners["attn.proj.bias"] == -1).all()
     assert owners["mlp.fc1.bias"].shape == (d_hidden, 1)
     from course_lib import viz
+
     assert viz.plot_tp_layout(owners, n, d_model, d_hidden, n_heads)._repr_png_()[:4] == b"\x89PNG"

@@ -1,7 +1,9 @@
 """Chapter 07: ZeroAdam against one process, torch's built-ins and its own formulas; the checks."""
+
 import contextlib
 
 import pytest
+import reference_answers
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -11,7 +13,6 @@ from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import zero as check
 from course_lib.comm import count_traffic
 from course_lib.models import make_stack, num_params, regression_data, shard
-import reference_answers
 
 # Layers of 5·7 + 7 = 42 and 7·5 + 5 = 40 parameters: N = 4 pads the first, N = 3 the second.
 SMALL = dict(depth=2, d_model=5, d_hidden=7, seed=0)
@@ -61,8 +62,13 @@ def test_every_stage_equals_single_process_adamw(n, single_process):
         for stage in zero.STAGES:
             assert list(result[stage]) == list(single_process), "names as in model.named_parameters()"
             for name, p in result[stage].items():
-                torch.testing.assert_close(p, single_process[name], rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"N={n}, rank {rank}, stage {stage}, {name}: {m}")
+                torch.testing.assert_close(
+                    p,
+                    single_process[name],
+                    rtol=1e-5,
+                    atol=1e-5,
+                    msg=lambda m: f"N={n}, rank {rank}, stage {stage}, {name}: {m}",
+                )
 
 
 def test_gradient_accumulation_over_two_backwards(single_process):
@@ -78,8 +84,13 @@ def test_no_sync_accumulation_equals_single_process(unsynced, single_process):
     for result in launch.run(train_every_stage, 2, zero.STAGES, 2, unsynced):
         for stage in zero.STAGES:
             for name, p in result[stage].items():
-                torch.testing.assert_close(p, single_process[name], rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"stage {stage}, no_sync on {unsynced}: {m}")
+                torch.testing.assert_close(
+                    p,
+                    single_process[name],
+                    rtol=1e-5,
+                    atol=1e-5,
+                    msg=lambda m: f"stage {stage}, no_sync on {unsynced}: {m}",
+                )
 
 
 def accumulation_traffic(m):
@@ -116,8 +127,9 @@ def test_accumulation_traffic_and_memory_match_the_formulas():
 
 
 def test_formula_traffic_with_micro_batches():
-    halves = lambda stage, m, unsharded=False: zero.formula_traffic(  # noqa: E731
-        stage, 1, 2, 1, micro_batches=m, accumulate_unsharded=unsharded) * 2
+    def halves(stage, m, unsharded=False):
+        return zero.formula_traffic(stage, 1, 2, 1, micro_batches=m, accumulate_unsharded=unsharded) * 2
+
     assert [halves(s, 1) for s in zero.STAGES] == [2, 2, 2, 3]
     assert [halves(s, 4) for s in zero.STAGES] == [2, 5, 5, 12]
     assert [halves(s, 4, True) for s in zero.STAGES] == [2, 2, 2, 9]
@@ -223,7 +235,8 @@ def stage3_holds_layers_only_while_they_run():
     seen_in_forward = []
     for unit in opt.units:  # registered after ZeroAdam's own hooks: runs after the gather
         unit.module.register_forward_pre_hook(
-            lambda m, a: seen_in_forward.append([u.full.untyped_storage().nbytes() > 0 for u in opt.units]))
+            lambda m, a: seen_in_forward.append([u.full.untyped_storage().nbytes() > 0 for u in opt.units])
+        )
     x, y = batches()[0]
     loss = F.mse_loss(model(shard(x, rank, n)), shard(y, rank, n))
     after_forward = sum(u.full.untyped_storage().nbytes() for u in opt.units)
@@ -234,7 +247,9 @@ def stage3_holds_layers_only_while_they_run():
 
 
 def test_stage3_gathers_one_layer_at_a_time_and_frees_it():
-    seen, after_forward, after_backward, full_grads = launch.run(stage3_holds_layers_only_while_they_run, 2)[0]
+    seen, after_forward, after_backward, full_grads = launch.run(stage3_holds_layers_only_while_they_run, 2)[
+        0
+    ]
     assert seen == [[i == j for j in range(len(seen))] for i in range(len(seen))]  # only the running layer
     assert after_forward == after_backward == 0 and full_grads == 0
 
@@ -301,8 +316,17 @@ def test_zero1_without_all_gather_is_told_so():
         size = flat_params.numel() // n
         grad = torch.empty(size)
         dist.reduce_scatter_single(grad, flat_grad)
-        zero.adamw_(flat_params[rank * size:(rank + 1) * size], grad / n, exp_avg, exp_avg_sq, step,
-                    lr, betas, eps, weight_decay)
+        zero.adamw_(
+            flat_params[rank * size : (rank + 1) * size],
+            grad / n,
+            exp_avg,
+            exp_avg_sq,
+            step,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+        )
 
     result = check.zero1_step(no_gather)
     assert result.status == FAILED
@@ -351,16 +375,20 @@ def test_not_implemented_reads_not_attempted():
 
 
 def test_pictures_are_readable_and_the_calculator_redraws(capsys):
-    from course_lib import viz
     from test_mesh import readable
+
+    from course_lib import viz
 
     readable(viz.plot_zero_holdings(4, "fp32"))
     readable(viz.plot_zero_calculator(70, 1024, 3, "mixed", 141))
     psi = 100
     fake = {n: {s: zero.formula_bytes(s, psi, n) for s in zero.STAGES} for n in (1, 2, 4, 8)}
     readable(viz.plot_zero_memory(fake, psi))
-    readable(viz.plot_zero_traffic({n: {s: zero.formula_traffic(s, psi, n) for s in zero.STAGES}
-                                    for n in (2, 4)}, psi))
+    readable(
+        viz.plot_zero_traffic(
+            {n: {s: zero.formula_traffic(s, psi, n) for s in zero.STAGES} for n in (2, 4)}, psi
+        )
+    )
     widget = viz.zero_memory_calculator()
     capsys.readouterr()
     widget.children[1].value = 3  # the stage buttons

@@ -16,6 +16,7 @@ Calling a check prints exactly one line:
 and records the result: in :data:`RESULTS`, and as a JSON line appended to the
 file named by ``$COURSE_RESULTS`` when that is set (the grader reads it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -103,8 +104,13 @@ def wrap(text: str, width: int = LINE_WIDTH) -> str:
     out = []
     for line in text.splitlines() or [""]:
         indent = " " * (len(line) - len(line.lstrip()) + 2)
-        out.append(textwrap.fill(line, width, subsequent_indent=indent, break_long_words=False,
-                                 break_on_hyphens=False) if len(line) > width else line)
+        out.append(
+            textwrap.fill(
+                line, width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+            )
+            if len(line) > width
+            else line
+        )
     return "\n".join(out)
 
 
@@ -149,8 +155,15 @@ def exercises_for_chapter(chapter: int) -> dict[str, str]:
 # comparisons with a diagnostic a learner can act on
 
 
-def compare(got, expected, what: str = "result", rank: int | None = None, exact: bool = False,
-            rtol: float = 1e-5, atol: float = 1e-5) -> None:
+def compare(
+    got,
+    expected,
+    what: str = "result",
+    rank: int | None = None,
+    exact: bool = False,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+) -> None:
     """Raise :class:`Mismatch` saying which rank/element differs, else return."""
     where = f"rank {rank}: " if rank is not None else ""
     if isinstance(expected, (list, tuple)):
@@ -173,8 +186,10 @@ def compare(got, expected, what: str = "result", rank: int | None = None, exact:
     if bad.any():
         index = tuple(int(i) for i in bad.nonzero()[0])
         count = int(bad.sum())
-        raise Mismatch(f"{where}{what}{list(index)} expected {expected[index].item():g}, "
-                       f"got {got[index].item():g} ({count} of {got.numel()} elements differ)")
+        raise Mismatch(
+            f"{where}{what}{list(index)} expected {expected[index].item():g}, "
+            f"got {got[index].item():g} ({count} of {got.numel()} elements differ)"
+        )
 
 
 def compare_ranks(got: list, expected: list, what: str = "result", **kwargs) -> None:
@@ -183,8 +198,17 @@ def compare_ranks(got: list, expected: list, what: str = "result", **kwargs) -> 
         compare(g, e, what, rank, **kwargs)
 
 
-def run_learner(n: int, rank_fn, learner_fn, *args, timeout: float = 20.0, refusals=(),
-                deadlock_hint: str = "", label: str | None = None, **launch_options):
+def run_learner(
+    n: int,
+    rank_fn,
+    learner_fn,
+    *args,
+    timeout: float = 20.0,
+    refusals=(),
+    deadlock_hint: str = "",
+    label: str | None = None,
+    **launch_options,
+):
     """Run ``rank_fn(payload, *args)`` on n ranks, ``payload`` carrying the learner's function
     by value (:func:`learner_in_rank` unpacks it); a deadlock, an endless loop or a refused
     built-in becomes a one-line Mismatch that starts with ``label`` (default "N=n")."""
@@ -195,7 +219,7 @@ def run_learner(n: int, rank_fn, learner_fn, *args, timeout: float = 20.0, refus
         return launch.run(rank_fn, n, payload, *args, timeout=timeout, **launch_options)
     except LaunchTimeout as exc:
         lines = str(exc).splitlines()
-        where = "; ".join(ln.strip() for ln in lines[1:1 + n] if ln.startswith("  rank"))
+        where = "; ".join(ln.strip() for ln in lines[1 : 1 + n] if ln.startswith("  rank"))
         if isinstance(exc, DeadlockError):
             raise Mismatch(f"{label}: deadlock — {lines[0]} ({where}){deadlock_hint}") from None
         raise Mismatch(f"{label}: timed out (an endless loop?) — {lines[0]} ({where})") from None
@@ -205,9 +229,11 @@ def run_learner(n: int, rank_fn, learner_fn, *args, timeout: float = 20.0, refus
             message = _last_line(str(exc)).split(": ", 1)[-1]
             raise Mismatch(f"{message} (rank {exc.rank}, {label})") from None
         if any(s in str(exc) for s in launch.SECONDARY_ERRORS):
-            raise Mismatch(f"{label}: deadlock — rank {exc.rank} lost its connection while its peers "
-                           f"waited: is there a recv with no matching send, or do the ranks make "
-                           f"different calls?{deadlock_hint}") from None
+            raise Mismatch(
+                f"{label}: deadlock — rank {exc.rank} lost its connection while its peers "
+                f"waited: is there a recv with no matching send, or do the ranks make "
+                f"different calls?{deadlock_hint}"
+            ) from None
         raise
 
 
@@ -228,12 +254,33 @@ def summary() -> str:
 # switching built-ins off while a learner's code runs (inside the ranks)
 
 #: Everything in torch.distributed that moves data between ranks except point-to-point.
-COLLECTIVES = tuple(name for name in (
-    "broadcast", "all_reduce", "reduce", "all_gather", "all_gather_into_tensor", "all_gather_single",
-    "all_gather_coalesced", "all_reduce_coalesced", "_all_gather_base", "reduce_scatter",
-    "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base", "all_to_all",
-    "all_to_all_single", "scatter", "gather", "broadcast_object_list", "all_gather_object",
-    "gather_object", "scatter_object_list") if hasattr(c10d, name))
+COLLECTIVES = tuple(
+    name
+    for name in (
+        "broadcast",
+        "all_reduce",
+        "reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_gather_single",
+        "all_gather_coalesced",
+        "all_reduce_coalesced",
+        "_all_gather_base",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "reduce_scatter_single",
+        "_reduce_scatter_base",
+        "all_to_all",
+        "all_to_all_single",
+        "scatter",
+        "gather",
+        "broadcast_object_list",
+        "all_gather_object",
+        "gather_object",
+        "scatter_object_list",
+    )
+    if hasattr(c10d, name)
+)
 
 
 class BuiltinUsed(RuntimeError):
@@ -252,14 +299,15 @@ def learner_functions(fn) -> list:
         if f is not fn and id(f.__globals__) in module_dicts:
             continue  # a library's function: its module namespace is patched separately
         found.append(f)
-        todo += list(f.__globals__.values()) + [c.cell_contents for c in f.__closure__ or ()
-                                                 if _cell_is_set(c)]
+        todo += list(f.__globals__.values()) + [
+            c.cell_contents for c in f.__closure__ or () if _cell_is_set(c)
+        ]
     return found
 
 
 def _cell_is_set(cell) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents
         return True
     except ValueError:  # a closure variable not assigned yet
         return False
@@ -267,8 +315,9 @@ def _cell_is_set(cell) -> bool:
 
 def send_recv_only(ex_id: str, learner_fn):
     """Make every built-in collective raise while the learner's function runs."""
-    return builtins_switched_off(learner_fn, COLLECTIVES,
-                                 f"exercise {ex_id} must be built from send/recv only")
+    return builtins_switched_off(
+        learner_fn, COLLECTIVES, f"exercise {ex_id} must be built from send/recv only"
+    )
 
 
 @contextlib.contextmanager
@@ -283,14 +332,23 @@ def builtins_switched_off(learner_fn, names, why: str, namespaces=(dist, c10d), 
     saved = [(ns, name, getattr(ns, name)) for ns in namespaces for name in names if hasattr(ns, name)]
     by_identity = {id(fn): name for _, name, fn in saved}
     functions = learner_functions(learner_fn)
-    in_globals = {(id(f.__globals__), key): (f.__globals__, key, v) for f in functions
-                  for key, v in list(f.__globals__.items()) if id(v) in by_identity}
-    in_cells = [(c, c.cell_contents) for f in functions for c in f.__closure__ or ()
-                if _cell_is_set(c) and id(c.cell_contents) in by_identity]
+    in_globals = {
+        (id(f.__globals__), key): (f.__globals__, key, v)
+        for f in functions
+        for key, v in list(f.__globals__.items())
+        if id(v) in by_identity
+    }
+    in_cells = [
+        (c, c.cell_contents)
+        for f in functions
+        for c in f.__closure__ or ()
+        if _cell_is_set(c) and id(c.cell_contents) in by_identity
+    ]
 
     def refusing(name):
         def refuse(*args, **kwargs):
             raise BuiltinUsed(f"{why}: you called {shown_as}.{name}")
+
         return refuse
 
     try:

@@ -7,6 +7,7 @@ built-in collective run on the same data. Inside the ranks the built-in
 collectives are swapped for functions that raise, so only send/recv/isend/irecv
 (and barrier) can be used.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,6 +22,7 @@ WORLD_SIZES = (1, 2, 3, 4)
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
 TIMEOUT = 10.0
 SHAPE = (2, 5)
+
 
 def _rank_data(salt: int) -> torch.Tensor:
     """Integer-valued floats, different on every rank, world size and root: sums are exact."""

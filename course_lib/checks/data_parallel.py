@@ -11,6 +11,7 @@ A wrong answer gets one line: N, rank, step, parameter and element, expected
 vs got, and, where the numbers give it away, what happened (the sum instead
 of the mean, this rank's own gradient, parameters the server never sent back).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,15 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from course_lib import dp
-from course_lib.checks import (BuiltinUsed, Mismatch, builtins_switched_off, compare, exercise,
-                               learner_in_rank, run_learner)
+from course_lib.checks import (
+    BuiltinUsed,
+    Mismatch,
+    builtins_switched_off,
+    compare,
+    exercise,
+    learner_in_rank,
+    run_learner,
+)
 from course_lib.comm import count_traffic
 from course_lib.models import make_mlp, shard
 
@@ -36,8 +44,16 @@ STEPS = 3  # several steps, so the momentum (optimizer state) matters
 MICRO_BATCHES = 3  # exercise 2.4: M micro-batches per rank and step
 # A parameter server's workers talk to the server only: collectives that give
 # every rank the sum are switched off in 2.3.
-ALL_TO_ALL_KIND = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor",
-                   "all_gather_single", "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single")
+ALL_TO_ALL_KIND = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+)
 
 
 # ----------------------------------------------------------------------------
@@ -47,9 +63,12 @@ ALL_TO_ALL_KIND = ("all_reduce", "all_reduce_coalesced", "all_gather", "all_gath
 @contextlib.contextmanager
 def _switched_off(ex_id: str, learner_fn, collectives=()):
     """torch's DDP, and the named collectives, raise BuiltinUsed while the learner's code runs."""
+
     def refuse(self, *args, **kwargs):
-        raise BuiltinUsed(f"exercise {ex_id} builds data parallelism itself: you used torch's "
-                          "DistributedDataParallel (switched off here)")
+        raise BuiltinUsed(
+            f"exercise {ex_id} builds data parallelism itself: you used torch's "
+            "DistributedDataParallel (switched off here)"
+        )
 
     ddp_init = DistributedDataParallel.__init__
     DistributedDataParallel.__init__ = refuse
@@ -128,8 +147,13 @@ def _accumulate_rank(payload):
             history.append(dp.parameters(model))
             # Communication before the last forward happened on an accumulation step.
             if len(calls_at_forward) == m and calls_at_forward[-1] > before:
-                early.append((step, calls_at_forward.index(next(c for c in calls_at_forward if c > before)),
-                              traffic.calls[before].op))
+                early.append(
+                    (
+                        step,
+                        calls_at_forward.index(next(c for c in calls_at_forward if c > before)),
+                        traffic.calls[before].op,
+                    )
+                )
     return history, early
 
 
@@ -159,7 +183,7 @@ def _simulate(n: int, mode: str, steps: int, scale: float = 1.0, batch: int = BA
             F.mse_loss(model(shard(x, r, n)), shard(y, r, n)).backward()
         if mode != "local":
             for params in zip(*(m.parameters() for m in replicas)):
-                mean = torch.stack([p.grad for p in params][mode == "without-root":]).sum(0) / n
+                mean = torch.stack([p.grad for p in params][mode == "without-root" :]).sum(0) / n
                 for p in params:
                     p.grad = mean.clone()
         for model, optimizer in zip(replicas, optimizers):
@@ -183,8 +207,10 @@ def _local_gradients(n: int) -> list:
 
 
 def _matches(got: dict, expected: dict) -> bool:
-    return all(g is not None and g.shape == e.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-5)
-               for g, e in ((got.get(k), v) for k, v in expected.items()))
+    return all(
+        g is not None and g.shape == e.shape and torch.allclose(g, e, rtol=1e-5, atol=1e-5)
+        for g, e in ((got.get(k), v) for k, v in expected.items())
+    )
 
 
 def _first_difference(where: str, got: dict, expected: dict, hint: str = "", what: str = "") -> None:
@@ -219,21 +245,34 @@ def shard_batch(learner_fn):
             for rank in range(n):
                 result = got[rank][size]
                 if not isinstance(result, torch.Tensor):
-                    raise Mismatch(f"N={n}, batch of {size}: rank {rank} returned "
-                                   f"{type(result).__name__}, expected a tensor")
+                    raise Mismatch(
+                        f"N={n}, batch of {size}: rank {rank} returned "
+                        f"{type(result).__name__}, expected a tensor"
+                    )
                 expected = torch.arange(rank * rows, (rank + 1) * rows, dtype=torch.float32)
                 if result.shape == (rows, 3) and torch.equal(result[:, 0], expected):
                     continue
                 hint = ""
-                everything = torch.cat([got[r][size] for r in range(n)]) if all(
-                    isinstance(got[r][size], torch.Tensor) and got[r][size].dim() == 2
-                    for r in range(n)) else None
-                if everything is not None and everything.shape == (size, 3) and \
-                        sorted(everything[:, 0].tolist()) == list(range(size)):
-                    hint = (" (together the shards cover every row once, but rank r must get the "
-                            "contiguous block r·B/N … (r+1)·B/N − 1)")
-                raise Mismatch(f"N={n}, batch of {size}: rank {rank} got {_rows(result)}, "
-                               f"expected rows {rank * rows}–{(rank + 1) * rows - 1}{hint}")
+                everything = (
+                    torch.cat([got[r][size] for r in range(n)])
+                    if all(
+                        isinstance(got[r][size], torch.Tensor) and got[r][size].dim() == 2 for r in range(n)
+                    )
+                    else None
+                )
+                if (
+                    everything is not None
+                    and everything.shape == (size, 3)
+                    and sorted(everything[:, 0].tolist()) == list(range(size))
+                ):
+                    hint = (
+                        " (together the shards cover every row once, but rank r must get the "
+                        "contiguous block r·B/N … (r+1)·B/N − 1)"
+                    )
+                raise Mismatch(
+                    f"N={n}, batch of {size}: rank {rank} got {_rows(result)}, "
+                    f"expected rows {rank * rows}–{(rank + 1) * rows - 1}{hint}"
+                )
 
 
 @exercise("2.2", "average gradients with all-reduce")
@@ -270,16 +309,22 @@ def parameter_server_step(learner_fn):
                 before = initial if step == 0 else got[rank][step - 1]
                 hint = ""
                 if rank != dp.ROOT and _matches(params, before):
-                    hint = ("this worker's parameters did not change: the server (rank 0) must "
-                            "send the updated parameters back to every worker")
+                    hint = (
+                        "this worker's parameters did not change: the server (rank 0) must "
+                        "send the updated parameters back to every worker"
+                    )
                 elif _matches(params, _simulate(n, "mean", STEPS, scale=n)[step][rank]):
                     hint = f"the server used the SUM of the {n} gradients, not the mean: divide by N"
                 elif _matches(params, _simulate(n, "local", STEPS)[step][dp.ROOT]):
-                    hint = ("the server stepped with its own gradient only: receive every "
-                            "worker's gradient and average them first")
+                    hint = (
+                        "the server stepped with its own gradient only: receive every "
+                        "worker's gradient and average them first"
+                    )
                 elif _matches(params, _simulate(n, "without-root", STEPS)[step][dp.ROOT]):
-                    hint = ("the server's own gradient is missing from the average: add each "
-                            "worker's gradient to it (+=) rather than overwrite it")
+                    hint = (
+                        "the server's own gradient is missing from the average: add each "
+                        "worker's gradient to it (+=) rather than overwrite it"
+                    )
                 where = f"N={n}, step {step + 1}, rank {rank}: "
                 _first_difference(where, params, expected[step][rank], hint)
 
@@ -299,21 +344,29 @@ def accumulate_and_step(learner_fn):
                     continue
                 hint = ""
                 if _matches(params, _simulate(n, "mean", STEPS, m, BATCH * m)[step][rank]):
-                    hint = (f"the gradient is {m}× too large: divide each micro-batch's loss by "
-                            f"the number of micro-batches ({m})")
+                    hint = (
+                        f"the gradient is {m}× too large: divide each micro-batch's loss by "
+                        f"the number of micro-batches ({m})"
+                    )
                 elif n > 1 and _matches(params, _simulate(n, "mean", STEPS, n, BATCH * m)[step][rank]):
                     hint = f"the update used the SUM of the {n} ranks' gradients, not the mean: divide by N"
                 elif n > 1 and _matches(params, _simulate(n, "local", STEPS, 1.0, BATCH * m)[step][rank]):
-                    hint = ("this rank trained on its own shard only: average the gradients "
-                            "across ranks after the last micro-batch")
+                    hint = (
+                        "this rank trained on its own shard only: average the gradients "
+                        "across ranks after the last micro-batch"
+                    )
                 elif step > 0:
-                    hint = (f"step {step} was right, this one is not: are last step's gradients still "
-                            "there? Call optimizer.zero_grad() after the step")
+                    hint = (
+                        f"step {step} was right, this one is not: are last step's gradients still "
+                        "there? Call optimizer.zero_grad() after the step"
+                    )
                 where = f"N={n}, step {step + 1}, rank {rank}: "
                 _first_difference(where, params, expected[step][rank], hint)
         for rank in range(n):
             if got[rank][1]:
                 step, micro, op = got[rank][1][0]
-                raise Mismatch(f"N={n}, step {step + 1}: rank {rank} communicated (dist.{op}) after "
-                               f"micro-batch {micro} of {m}: accumulate locally and sync once, after "
-                               f"the last backward — every extra sync costs the whole traffic again")
+                raise Mismatch(
+                    f"N={n}, step {step + 1}: rank {rank} communicated (dist.{op}) after "
+                    f"micro-batch {micro} of {m}: accumulate locally and sync once, after "
+                    f"the last backward — every extra sync costs the whole traffic again"
+                )

@@ -14,6 +14,7 @@ many accumulation steps a global batch needs. Their references are
 ``course_lib.torchrun.placement`` and ``accumulation_steps``, which are switched
 off while the learner's function runs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -74,7 +75,9 @@ def global_mean(learner_fn):
                 hint = ""
                 if value == float(_samples(n)[rank].mean()) or value != value:
                     hint = " (this rank's own mean: nothing was combined across ranks)"
-                raise Mismatch(f"N={n}, rank {rank}: expected the global mean {expected:g}, got {value}{hint}")
+                raise Mismatch(
+                    f"N={n}, rank {rank}: expected the global mean {expected:g}, got {value}{hint}"
+                )
 
 
 # ----------------------------------------------------------------------------
@@ -115,7 +118,9 @@ def _group_rank(payload, replicas, width):
 
 def _row_parallel_data(replica, width):
     g = torch.Generator().manual_seed(100 + replica)  # each replica its own batch
-    return torch.randn(4, 2 * width, generator=g), torch.randn(5, 2 * width, generator=torch.Generator().manual_seed(7))
+    return torch.randn(4, 2 * width, generator=g), torch.randn(
+        5, 2 * width, generator=torch.Generator().manual_seed(7)
+    )
 
 
 @exercise("10.3", "all-reduce over the tensor-parallel group")
@@ -127,10 +132,16 @@ def row_parallel_output(learner_fn):
         full = [x @ w.T for x, w in (_row_parallel_data(d, width) for d in range(replicas))]
         for rank, value in enumerate(got):
             expected = full[rank // width]
-            if isinstance(value, torch.Tensor) and value.shape == expected.shape and replicas > 1 \
-                    and torch.allclose(value, sum(full), atol=1e-5):
-                raise Mismatch(f"N={n} ({replicas} replicas × TP {width}), rank {rank}: got the sum over "
-                               f"ALL {n} ranks — other replicas' outputs leaked in: pass group=tp_group")
+            if (
+                isinstance(value, torch.Tensor)
+                and value.shape == expected.shape
+                and replicas > 1
+                and torch.allclose(value, sum(full), atol=1e-5)
+            ):
+                raise Mismatch(
+                    f"N={n} ({replicas} replicas × TP {width}), rank {rank}: got the sum over "
+                    f"ALL {n} ranks — other replicas' outputs leaked in: pass group=tp_group"
+                )
             compare(value, expected, f"N={n} ({replicas} replicas × TP {width}): y", rank)
 
 
@@ -181,17 +192,25 @@ def accumulate_with_no_sync(learner_fn):
             for name, want in expected.items():
                 g = grads.get(name)
                 if g is None:
-                    raise Mismatch(f"N={n}, rank {rank}: {name}.grad is None: run backward on every micro-batch")
+                    raise Mismatch(
+                        f"N={n}, rank {rank}: {name}.grad is None: run backward on every micro-batch"
+                    )
                 if n > 1 and syncs == 0 and torch.allclose(g, local[name], atol=1e-5):
-                    raise Mismatch(f"N={n}, rank {rank}: gradients were never averaged (DDP synced 0 times): "
-                                   f"the last micro-batch's backward must run outside no_sync()")
+                    raise Mismatch(
+                        f"N={n}, rank {rank}: gradients were never averaged (DDP synced 0 times): "
+                        f"the last micro-batch's backward must run outside no_sync()"
+                    )
                 if torch.allclose(g, MICRO * want, atol=1e-5):
-                    raise Mismatch(f"N={n}, rank {rank}: {name}.grad is {MICRO}× too large: divide each "
-                                   f"micro-batch's loss by the number of micro-batches")
+                    raise Mismatch(
+                        f"N={n}, rank {rank}: {name}.grad is {MICRO}× too large: divide each "
+                        f"micro-batch's loss by the number of micro-batches"
+                    )
                 compare(g, want, f"N={n}: {name}.grad", rank)
             if syncs > 1:
-                raise Mismatch(f"N={n}, rank {rank}: right gradients, but DDP all-reduced {syncs} times: "
-                               f"wrap all but the last micro-batch in no_sync() — one sync per step")
+                raise Mismatch(
+                    f"N={n}, rank {rank}: right gradients, but DDP all-reduced {syncs} times: "
+                    f"wrap all but the last micro-batch in no_sync() — one sync per step"
+                )
 
 
 # ----------------------------------------------------------------------------
@@ -201,9 +220,13 @@ def accumulate_with_no_sync(learner_fn):
 def _call_own(ex_id: str, learner_fn, *args):
     """Call the learner's function with the library's answer switched off."""
     try:
-        with builtins_switched_off(learner_fn, ("placement", "accumulation_steps"),
-                                   f"exercise {ex_id} asks you to work this out yourself",
-                                   namespaces=(torchrun_lib,), shown_as="course_lib.torchrun"):
+        with builtins_switched_off(
+            learner_fn,
+            ("placement", "accumulation_steps"),
+            f"exercise {ex_id} asks you to work this out yourself",
+            namespaces=(torchrun_lib,),
+            shown_as="course_lib.torchrun",
+        ):
             return learner_fn(*args)
     except BuiltinUsed as exc:
         raise Mismatch(str(exc)) from None
@@ -222,13 +245,20 @@ def _expect_value_error(ex_id: str, learner_fn, args, what: str, why: str) -> No
 
 
 #: (nproc_per_node, cuda_visible_devices): even and uneven nodes, with and without CUDA_VISIBLE_DEVICES.
-PLACEMENTS = (([2, 2], None), ([2, 2], ["0,1", "2,3"]), ([4, 2, 2], None), ([8, 8], ["7,6,5,4,3,2,1,0", None]),
-              ([3, 1], ["1,2,5", "3"]))
+PLACEMENTS = (
+    ([2, 2], None),
+    ([2, 2], ["0,1", "2,3"]),
+    ([4, 2, 2], None),
+    ([8, 8], ["7,6,5,4,3,2,1,0", None]),
+    ([3, 1], ["1,2,5", "3"]),
+)
 #: (rank, nproc_per_node, cuda_visible_devices, why it must raise)
-BAD_PLACEMENTS = ((4, [2, 2], None, "2 + 2 processes have ranks 0 ... 3"),
-                  (-1, [2, 2], None, "ranks start at 0"),
-                  (2, [3, 3], ["0,1", "0,1,2"], "node 0 runs 3 processes but lists 2 GPUs"),
-                  (0, [1], [""], "an empty CUDA_VISIBLE_DEVICES hides every GPU"))
+BAD_PLACEMENTS = (
+    (4, [2, 2], None, "2 + 2 processes have ranks 0 ... 3"),
+    (-1, [2, 2], None, "ranks start at 0"),
+    (2, [3, 3], ["0,1", "0,1,2"], "node 0 runs 3 processes but lists 2 GPUs"),
+    (0, [1], [""], "an empty CUDA_VISIBLE_DEVICES hides every GPU"),
+)
 
 
 def _placement_hint(got, rank, counts, visible, expected) -> str:
@@ -236,15 +266,22 @@ def _placement_hint(got, rank, counts, visible, expected) -> str:
     if not (isinstance(got, (tuple, list)) and len(got) == 3):
         return ""
     g_node, g_local, g_gpu = got
-    if (g_node, g_local) != (node, local_rank) and len(set(counts)) > 1 and \
-            (g_node, g_local) == (rank // counts[0], rank % counts[0]):
-        return (" — nodes may run different numbers of processes: torchrun numbers the ranks node after "
-                "node, so a node's first rank is the sum of the processes of the nodes before it")
+    if (
+        (g_node, g_local) != (node, local_rank)
+        and len(set(counts)) > 1
+        and (g_node, g_local) == (rank // counts[0], rank % counts[0])
+    ):
+        return (
+            " — nodes may run different numbers of processes: torchrun numbers the ranks node after "
+            "node, so a node's first rank is the sum of the processes of the nodes before it"
+        )
     if (g_node, g_local) == (node, local_rank) and g_gpu == rank != gpu:
         return " — that GPU is the global RANK: torch.cuda.set_device takes LOCAL_RANK, the index on its own node"
     if (g_node, g_local) == (node, local_rank) and g_gpu == local_rank != gpu:
-        return (" — CUDA_VISIBLE_DEVICES renumbers the GPUs a process sees: cuda:i is the i-th GPU in "
-                "that node's list")
+        return (
+            " — CUDA_VISIBLE_DEVICES renumbers the GPUs a process sees: cuda:i is the i-th GPU in "
+            "that node's list"
+        )
     return ""
 
 
@@ -254,26 +291,46 @@ def placement(learner_fn):
     for counts, visible in PLACEMENTS:
         for rank in range(sum(counts)):
             expected = torchrun_lib.placement(rank, counts, visible)
-            got = _call_own("10.5", learner_fn, rank, list(counts), None if visible is None else list(visible))
-            ok = isinstance(got, (tuple, list)) and len(got) == 3 and \
-                all(isinstance(v, int) and not isinstance(v, bool) for v in got)
+            got = _call_own(
+                "10.5", learner_fn, rank, list(counts), None if visible is None else list(visible)
+            )
+            ok = (
+                isinstance(got, (tuple, list))
+                and len(got) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in got)
+            )
             if not ok or tuple(got) != expected:
                 where = f"rank {rank}, nproc_per_node={counts}, cuda_visible_devices={visible}"
                 shape = "" if ok else " (return three ints: node, local_rank, gpu)"
-                raise Mismatch(f"{where}: expected (node, local_rank, gpu) = {expected}, got {got!r}{shape}"
-                               f"{_placement_hint(got, rank, counts, visible, expected)}")
+                raise Mismatch(
+                    f"{where}: expected (node, local_rank, gpu) = {expected}, got {got!r}{shape}"
+                    f"{_placement_hint(got, rank, counts, visible, expected)}"
+                )
     for rank, counts, visible, why in BAD_PLACEMENTS:
-        _expect_value_error("10.5", learner_fn, (rank, list(counts), visible),
-                            f"rank {rank}, nproc_per_node={counts}, cuda_visible_devices={visible}", why)
+        _expect_value_error(
+            "10.5",
+            learner_fn,
+            (rank, list(counts), visible),
+            f"rank {rank}, nproc_per_node={counts}, cuda_visible_devices={visible}",
+            why,
+        )
 
 
 #: (global_batch, micro_batch, world_size, tp, pp)
-BATCHES = ((32, 2, 4, 1, 1), (32, 4, 8, 1, 1), (16, 16, 1, 1, 1), (48, 3, 16, 2, 1), (1024, 4, 64, 2, 4),
-           (512, 1, 8, 1, 8))
-BAD_BATCHES = (((30, 4, 4, 1, 1), "30 is not a multiple of 4 × 4 = 16"),
-               ((8, 4, 4, 1, 1), "8 samples cannot fill one micro-batch of 4 on each of 4 ranks"),
-               ((100, 2, 16, 1, 4), "100 is not a multiple of 2 × 16/4 = 8"),
-               ((32, 2, 6, 4, 1), "6 ranks cannot be split into TP groups of 4"))
+BATCHES = (
+    (32, 2, 4, 1, 1),
+    (32, 4, 8, 1, 1),
+    (16, 16, 1, 1, 1),
+    (48, 3, 16, 2, 1),
+    (1024, 4, 64, 2, 4),
+    (512, 1, 8, 1, 8),
+)
+BAD_BATCHES = (
+    ((30, 4, 4, 1, 1), "30 is not a multiple of 4 × 4 = 16"),
+    ((8, 4, 4, 1, 1), "8 samples cannot fill one micro-batch of 4 on each of 4 ranks"),
+    ((100, 2, 16, 1, 4), "100 is not a multiple of 2 × 16/4 = 8"),
+    ((32, 2, 6, 4, 1), "6 ranks cannot be split into TP groups of 4"),
+)
 
 
 @exercise("10.6", "accumulation steps for a global batch")
@@ -289,15 +346,22 @@ def accumulation_steps(learner_fn):
         if isinstance(got, float):
             hint = " — return an int (a number of micro-batches)"
         if got == b_global / (micro * world) and (tp, pp) != (1, 1):
-            hint = (f" — you divided by all {world} ranks: only world/(tp·pp) = {world // (tp * pp)} are "
-                    f"data-parallel (the TP and PP ranks of one replica share its samples)")
+            hint = (
+                f" — you divided by all {world} ranks: only world/(tp·pp) = {world // (tp * pp)} are "
+                f"data-parallel (the TP and PP ranks of one replica share its samples)"
+            )
         elif got == b_global / micro:
             hint = " — the data-parallel ranks each take their own micro-batches: divide by them too"
         raise Mismatch(f"{where}: expected {expected} accumulation steps, got {got!r}{hint}")
     for args, why in BAD_BATCHES:
         b_global, micro, world, tp, pp = args
-        _expect_value_error("10.6", learner_fn, args,
-                            f"global {b_global}, micro {micro}, world {world}, tp {tp}, pp {pp}", why)
+        _expect_value_error(
+            "10.6",
+            learner_fn,
+            args,
+            f"global {b_global}, micro {micro}, world {world}, tp {tp}, pp {pp}",
+            why,
+        )
 
 
 # ----------------------------------------------------------------------------

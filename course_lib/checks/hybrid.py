@@ -5,6 +5,7 @@ formula; 9.4 runs the learner's gradient averaging inside a real DP×TP training
 step on 4 ranks and compares every parameter with single-process training.
 The references are ``course_lib.mesh.GridLayout`` and ``course_lib.cost``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,11 +38,20 @@ def coordinates(learner_fn):
             expected = (c.dp, c.tp, c.pp)
             got = learner_fn(rank, d, t, p)
             if got is None or tuple(got) != expected:
-                hint = next((f" — looks like {why}" for why, wrong in WRONG_ORDERS.items()
-                             if all(tuple(learner_fn(r, d, t, p) or ()) == wrong(r, d, t, p)
-                                    for r in range(layout.world_size))), "")
-                raise Mismatch(f"{_shape(d, t, p)}: rank {rank} expected (dp, tp, pp) = {expected}, "
-                               f"got {got}{hint}")
+                hint = next(
+                    (
+                        f" — looks like {why}"
+                        for why, wrong in WRONG_ORDERS.items()
+                        if all(
+                            tuple(learner_fn(r, d, t, p) or ()) == wrong(r, d, t, p)
+                            for r in range(layout.world_size)
+                        )
+                    ),
+                    "",
+                )
+                raise Mismatch(
+                    f"{_shape(d, t, p)}: rank {rank} expected (dp, tp, pp) = {expected}, got {got}{hint}"
+                )
 
 
 @exercise("9.2", "the ranks of every group along one axis")
@@ -54,34 +64,61 @@ def group_ranks(learner_fn):
             try:
                 got_sorted = sorted(sorted(int(r) for r in g) for g in got)
             except TypeError:
-                raise Mismatch(f"{_shape(d, t, p)}, axis {axis!r}: return a list of lists of ranks, "
-                               f"got {got!r}") from None
+                raise Mismatch(
+                    f"{_shape(d, t, p)}, axis {axis!r}: return a list of lists of ranks, got {got!r}"
+                ) from None
             if got_sorted != expected:
-                other = next((a for a in ("tp", "dp", "pp") if a != axis and layout.groups(a) == got_sorted
-                              and layout.groups(a) != expected), None)
+                other = next(
+                    (
+                        a
+                        for a in ("tp", "dp", "pp")
+                        if a != axis and layout.groups(a) == got_sorted and layout.groups(a) != expected
+                    ),
+                    None,
+                )
                 hint = f" — those are the {other} groups" if other else ""
-                raise Mismatch(f"{_shape(d, t, p)}, axis {axis!r}: expected {expected}, got {got_sorted}{hint}")
+                raise Mismatch(
+                    f"{_shape(d, t, p)}, axis {axis!r}: expected {expected}, got {got_sorted}{hint}"
+                )
 
 
 @exercise("9.3", "model-state memory per GPU (ZeRO × TP × PP)")
 def model_state_bytes(learner_fn):
-    cases = [(1e9, zero, d, t, p) for zero in (0, 1, 2, 3) for d, t, p in ((1, 1, 1), (8, 1, 1), (4, 2, 1),
-                                                                          (2, 2, 4), (16, 8, 4))]
+    cases = [
+        (1e9, zero, d, t, p)
+        for zero in (0, 1, 2, 3)
+        for d, t, p in ((1, 1, 1), (8, 1, 1), (4, 2, 1), (2, 2, 4), (16, 8, 4))
+    ]
     for psi, zero, d, t, p in cases:
         expected = sum(cost.model_state_bytes(psi, zero, d, t, p).values())
         got = learner_fn(psi, zero, d, t, p)
         if got is None or abs(got - expected) > 1e-6 * expected:
-            hints = {sum(cost.model_state_bytes(psi, zero, d, 1, 1).values()): "forgot that TP and PP cut "
-                     "the parameters each rank holds by tp·pp",
-                     sum(cost.model_state_bytes(psi * t * p, zero, d * t * p, 1, 1).values()): "ZeRO shards "
-                     "over the dp group only, not over all dp·tp·pp GPUs",
-                     16 * psi / (t * p): "ZeRO's sharding over dp is missing"}
-            hints.update({sum(cost.model_state_bytes(psi, z, d, t, p).values()): f"that is ZeRO-{z}'s memory"
-                          for z in (0, 1, 2, 3) if z != zero})
-            hint = next((f" — {h}" for value, h in hints.items()
-                         if got is not None and abs(got - value) <= 1e-6 * value and value != expected), "")
-            raise Mismatch(f"Ψ=1e9, ZeRO-{zero}, {_shape(d, t, p)}: expected {expected:.4g} bytes, "
-                           f"got {got if got is None else format(got, '.4g')}{hint}")
+            hints = {
+                sum(cost.model_state_bytes(psi, zero, d, 1, 1).values()): "forgot that TP and PP cut "
+                "the parameters each rank holds by tp·pp",
+                sum(cost.model_state_bytes(psi * t * p, zero, d * t * p, 1, 1).values()): "ZeRO shards "
+                "over the dp group only, not over all dp·tp·pp GPUs",
+                16 * psi / (t * p): "ZeRO's sharding over dp is missing",
+            }
+            hints.update(
+                {
+                    sum(cost.model_state_bytes(psi, z, d, t, p).values()): f"that is ZeRO-{z}'s memory"
+                    for z in (0, 1, 2, 3)
+                    if z != zero
+                }
+            )
+            hint = next(
+                (
+                    f" — {h}"
+                    for value, h in hints.items()
+                    if got is not None and abs(got - value) <= 1e-6 * value and value != expected
+                ),
+                "",
+            )
+            raise Mismatch(
+                f"Ψ=1e9, ZeRO-{zero}, {_shape(d, t, p)}: expected {expected:.4g} bytes, "
+                f"got {got if got is None else format(got, '.4g')}{hint}"
+            )
 
 
 STEPS, BATCH, D_MODEL, D_HIDDEN, DEPTH = 2, 8, 8, 16, 2
@@ -106,8 +143,9 @@ def _average_in_rank(payload, d, t, batches):
         finally:
             dist.all_reduce = original
 
-    result = mesh.train_3d(d, t, 1, batches, functools.partial(make_stack, DEPTH, D_MODEL, D_HIDDEN, 3),
-                           1, None, 0.1, sync)
+    result = mesh.train_3d(
+        d, t, 1, batches, functools.partial(make_stack, DEPTH, D_MODEL, D_HIDDEN, 3), 1, None, 0.1, sync
+    )
     result["used_world"] = bool(used_world)
     return result
 
@@ -124,6 +162,12 @@ def average_gradients(learner_fn):
             mesh.compare_with_dense(results, dense, t)
         except AssertionError as exc:
             first = str(exc).splitlines()[0]
-            hint = (" — you all-reduced over all ranks: tp ranks hold different blocks, average over "
-                    "dp_group only") if any(r["used_world"] for r in results) else ""
+            hint = (
+                (
+                    " — you all-reduced over all ranks: tp ranks hold different blocks, average over "
+                    "dp_group only"
+                )
+                if any(r["used_world"] for r in results)
+                else ""
+            )
             raise Mismatch(f"dp={d}, tp={t}: after {STEPS} steps {first}{hint}") from None

@@ -6,6 +6,7 @@ with ``course_lib.moe`` (the course's reference) and, on a difference, names
 the token, the choice, the expert and the slot (or the rank and the row).
 Inside a check the library function that the exercise rebuilds is switched off.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,8 +17,15 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from course_lib import moe
-from course_lib.checks import (BuiltinUsed, Mismatch, builtins_switched_off, exercise, learner_in_rank,
-                               run_learner, send_recv_only)
+from course_lib.checks import (
+    BuiltinUsed,
+    Mismatch,
+    builtins_switched_off,
+    exercise,
+    learner_in_rank,
+    run_learner,
+    send_recv_only,
+)
 
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
 TIMEOUT = 20.0
@@ -47,6 +55,7 @@ def _library_switched_off(ex_id: str, learner_fn, names):
 def _one_thread(check):
     """Run a check with one intra-op thread: its tensors are tiny, and on a busy machine the
     notebook process's thread pool made them ten times slower."""
+
     @functools.wraps(check)
     def single_threaded(*args, **kwargs):
         before = torch.get_num_threads()
@@ -55,6 +64,7 @@ def _one_thread(check):
             return check(*args, **kwargs)
         finally:
             torch.set_num_threads(before)
+
     return single_threaded
 
 
@@ -101,17 +111,23 @@ def top_k_gate(learner_fn):
         num_tokens, num_experts = logits.shape
         want_index, want_weight = moe.top_k_gate(logits, k)
         given = logits.clone().requires_grad_()
-        got_index, got_weight = _pair(_call("8.1", learner_fn, ("top_k_gate", "route"), given, k),
-                                      "(expert_index, weight)")
+        got_index, got_weight = _pair(
+            _call("8.1", learner_fn, ("top_k_gate", "route"), given, k), "(expert_index, weight)"
+        )
         case = f"T={num_tokens}, E={num_experts}, k={k}"
         got_index = _tensor(got_index, (num_tokens, k), f"{case}: expert_index", integer=True)
         got_weight = _tensor(got_weight, (num_tokens, k), f"{case}: weight", integer=False)
         differentiable, got_weight = got_weight.requires_grad, got_weight.detach().float()
         for t, j in (got_index != want_index).nonzero().tolist()[:1]:
-            hint = " — sort the k choices most probable first" \
-                if set(got_index[t].tolist()) == set(want_index[t].tolist()) else ""
-            raise Mismatch(f"{case}: token {t}, choice {j}: expert expected {int(want_index[t, j])}, "
-                           f"got {int(got_index[t, j])}{hint}")
+            hint = (
+                " — sort the k choices most probable first"
+                if set(got_index[t].tolist()) == set(want_index[t].tolist())
+                else ""
+            )
+            raise Mismatch(
+                f"{case}: token {t}, choice {j}: expert expected {int(want_index[t, j])}, "
+                f"got {int(got_index[t, j])}{hint}"
+            )
         bad = ~torch.isclose(got_weight, want_weight, rtol=1e-5, atol=1e-6)
         for t, j in bad.nonzero().tolist()[:1]:
             e, got, want = int(want_index[t, j]), float(got_weight[t, j]), float(want_weight[t, j])
@@ -124,11 +140,14 @@ def top_k_gate(learner_fn):
                 hint = " — that is the logit: take the softmax over the E experts first"
             else:
                 hint = ""
-            raise Mismatch(f"{case}: token {t}, choice {j} (expert {e}): weight expected {want:.4f}, "
-                           f"got {got:.4f}{hint}")
+            raise Mismatch(
+                f"{case}: token {t}, choice {j} (expert {e}): weight expected {want:.4f}, got {got:.4f}{hint}"
+            )
         if not differentiable:
-            raise Mismatch(f"{case}: weight carries no gradient back to the logits — compute it from them "
-                           "(no .detach(), .item() or torch.no_grad): the gate learns through it")
+            raise Mismatch(
+                f"{case}: weight carries no gradient back to the logits — compute it from them "
+                "(no .detach(), .item() or torch.no_grad): the gate learns through it"
+            )
 
 
 # ----------------------------------------------------------------------------
@@ -181,8 +200,10 @@ def assign_slots(learner_fn):
                 hint = f" — expert {e} still had a free slot"
             else:
                 hint = ""
-            raise Mismatch(f"{case}: token {t}, choice {j} (expert {e}): slot expected "
-                           f"{_name_slot(int(want[t, j]))}, got {_name_slot(int(got[t, j]))}{hint}")
+            raise Mismatch(
+                f"{case}: token {t}, choice {j} (expert {e}): slot expected "
+                f"{_name_slot(int(want[t, j]))}, got {_name_slot(int(got[t, j]))}{hint}"
+            )
 
 
 # ----------------------------------------------------------------------------
@@ -209,17 +230,23 @@ def _a2a_rows(n: int, rank: int) -> torch.Tensor:
 def _a2a_rank(payload):
     learner = learner_in_rank(payload)
     rank, n = dist.get_rank(), dist.get_world_size()
-    with send_recv_only("8.3", learner), \
-            _library_switched_off("8.3", learner, ("all_to_all", "builtin_all_to_all")):
+    with (
+        send_recv_only("8.3", learner),
+        _library_switched_off("8.3", learner, ("all_to_all", "builtin_all_to_all")),
+    ):
         result = learner(_a2a_rows(n, rank), _a2a_counts(n, rank))
     if isinstance(result, (tuple, list)) and len(result) == 2:
         received, counts = result
-        return received, [int(c) for c in counts] if isinstance(counts, (list, tuple, torch.Tensor)) else counts
+        return received, [int(c) for c in counts] if isinstance(
+            counts, (list, tuple, torch.Tensor)
+        ) else counts
     return result
 
 
 #: Said after a deadlock: in an all-to-all it is nearly always a recv that no send matches.
-DEADLOCK_HINT = " — every recv needs a matching send: does each rank expect exactly the rows the others send it?"
+DEADLOCK_HINT = (
+    " — every recv needs a matching send: does each rank expect exactly the rows the others send it?"
+)
 
 
 def _launch(n: int, rank_fn, learner_fn, *args):
@@ -240,17 +267,26 @@ def all_to_all(learner_fn):
             received, counts = _pair(result, "(received, recv_counts)")
             want_counts = [_a2a_counts(n, src)[rank] for src in range(n)]
             if counts != want_counts:
-                raise Mismatch(f"N={n}, rank {rank}: recv_counts expected {want_counts} (rows from rank 0, "
-                               f"1, ...), got {counts}")
-            want = torch.tensor([[src, rank, i] for src in range(n) for i in range(want_counts[src])],
-                                dtype=torch.float32).view(-1, 3)
+                raise Mismatch(
+                    f"N={n}, rank {rank}: recv_counts expected {want_counts} (rows from rank 0, "
+                    f"1, ...), got {counts}"
+                )
+            want = torch.tensor(
+                [[src, rank, i] for src in range(n) for i in range(want_counts[src])], dtype=torch.float32
+            ).view(-1, 3)
             if not isinstance(received, torch.Tensor) or received.shape != want.shape:
-                shape = tuple(received.shape) if isinstance(received, torch.Tensor) else type(received).__name__
-                raise Mismatch(f"N={n}, rank {rank}: received {shape}, expected {tuple(want.shape)} "
-                               f"({' + '.join(f'{c} from rank {j}' for j, c in enumerate(want_counts))})")
+                shape = (
+                    tuple(received.shape) if isinstance(received, torch.Tensor) else type(received).__name__
+                )
+                raise Mismatch(
+                    f"N={n}, rank {rank}: received {shape}, expected {tuple(want.shape)} "
+                    f"({' + '.join(f'{c} from rank {j}' for j, c in enumerate(want_counts))})"
+                )
             for i in (received != want).any(dim=1).nonzero()[:1, 0].tolist():
-                raise Mismatch(f"N={n}, rank {rank}: received row {i} expected {_describe_row(want[i])}, "
-                               f"got {[float(v) for v in received[i]]}{_row_hint(received[i], want[i], n)}")
+                raise Mismatch(
+                    f"N={n}, rank {rank}: received row {i} expected {_describe_row(want[i])}, "
+                    f"got {[float(v) for v in received[i]]}{_row_hint(received[i], want[i], n)}"
+                )
 
 
 def _row_hint(got, want, n: int) -> str:
@@ -285,7 +321,7 @@ def _layer_rank(payload, k, capacity_factor):
     rank, n = dist.get_rank(), dist.get_world_size()
     gate, experts = moe.make_moe(D_MODEL, NUM_EXPERTS, D_HIDDEN, SEED)
     per_rank = NUM_EXPERTS // n
-    local = nn.ModuleList(experts[rank * per_rank:(rank + 1) * per_rank])
+    local = nn.ModuleList(experts[rank * per_rank : (rank + 1) * per_rank])
     # Forward only: send/recv carry no gradient (MoELayer wraps its all-to-all in autograd for that).
     with _library_switched_off("8.4", learner, ("dense_moe",)), torch.no_grad():
         return learner(_tokens(rank), gate, local, k, capacity_factor)
@@ -297,14 +333,17 @@ def _token_story(routing, t: int, n: int) -> str:
     parts = []
     for j in range(routing.expert_index.shape[1]):
         e, s = int(routing.expert_index[t, j]), int(routing.slot[t, j])
-        parts.append(f"expert {e} dropped" if s < 0 else
-                     f"expert {e} (rank {e // per_rank}, slot {s}, weight {float(routing.weight[t, j]):.3f})")
+        parts.append(
+            f"expert {e} dropped"
+            if s < 0
+            else f"expert {e} (rank {e // per_rank}, slot {s}, weight {float(routing.weight[t, j]):.3f})"
+        )
     return ", ".join(parts)
 
 
 def _layer_hint(x, gate, experts, routing, t: int, got_row) -> str:
     with torch.no_grad():
-        outs = [experts[int(e)](x[t:t + 1])[0] for e in routing.expert_index[t]]
+        outs = [experts[int(e)](x[t : t + 1])[0] for e in routing.expert_index[t]]
         kept = [o for o, s in zip(outs, routing.slot[t]) if s >= 0]
     if not kept and got_row.abs().max() > 1e-6:
         return " — all its choices were dropped, so its output must be zero"
@@ -312,10 +351,13 @@ def _layer_hint(x, gate, experts, routing, t: int, got_row) -> str:
         return " — nothing came back for it (check the return all-to-all and where you put the rows)"
     if kept and torch.allclose(got_row, sum(kept), atol=1e-5):
         return " — multiply each expert's output by its combine weight"
-    if len(kept) < len(outs) and torch.allclose(got_row, moe.top_k_gate(gate(x), len(outs))[1][t] @
-                                                torch.stack(outs), atol=1e-5):
-        return (f" — your output includes its dropped choice: with this rank's T={x.shape[0]}, "
-                f"C = ceil(k·cf·T/E) = {routing.capacity} and that expert was full, so it adds nothing")
+    if len(kept) < len(outs) and torch.allclose(
+        got_row, moe.top_k_gate(gate(x), len(outs))[1][t] @ torch.stack(outs), atol=1e-5
+    ):
+        return (
+            f" — your output includes its dropped choice: with this rank's T={x.shape[0]}, "
+            f"C = ceil(k·cf·T/E) = {routing.capacity} and that expert was full, so it adds nothing"
+        )
     return ""
 
 
@@ -336,6 +378,8 @@ def moe_forward(learner_fn):
                 got = _tensor(got, want.shape, f"{case}: output", integer=False).detach().float()
                 bad = ~torch.isclose(got, want, rtol=1e-5, atol=1e-5)
                 for t, i in bad.nonzero()[:1].tolist():
-                    raise Mismatch(f"{case}: token {t} output[{t}, {i}] expected {float(want[t, i]):.4g}, "
-                                   f"got {float(got[t, i]):.4g}; token {t} → {_token_story(routing, t, n)}"
-                                   + _layer_hint(x, gate, experts, routing, t, got[t]))
+                    raise Mismatch(
+                        f"{case}: token {t} output[{t}, {i}] expected {float(want[t, i]):.4g}, "
+                        f"got {float(got[t, i]):.4g}; token {t} → {_token_story(routing, t, n)}"
+                        + _layer_hint(x, gate, experts, routing, t, got[t])
+                    )

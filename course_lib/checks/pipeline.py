@@ -9,6 +9,7 @@ gradients and the loss with one process training on the whole batch
 (rtol = atol = 1e-5). 6.4 runs in this process and compares with a plain
 backward and with ``torch.utils.checkpoint``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -48,12 +49,16 @@ def _check_schedule(learner_fn, reference_fn, name: str) -> None:
             prefix = f"p={p}, m={m}"
             got, expected = learner_fn(p, m), reference_fn(p, m)
             if not isinstance(got, (list, tuple)) or len(got) != p:
-                raise Mismatch(f"{prefix}: expected a list with one list of actions per stage "
-                               f"({p}), got {_describe(got)}")
+                raise Mismatch(
+                    f"{prefix}: expected a list with one list of actions per stage "
+                    f"({p}), got {_describe(got)}"
+                )
             for s, actions in enumerate(got):
                 if not isinstance(actions, (list, tuple)) or len(actions) != 2 * m:
-                    raise Mismatch(f"{prefix}: stage {s} should have 2m = {2 * m} actions (a forward "
-                                   f"and a backward per micro-batch), got {_describe(actions)}")
+                    raise Mismatch(
+                        f"{prefix}: stage {s} should have 2m = {2 * m} actions (a forward "
+                        f"and a backward per micro-batch), got {_describe(actions)}"
+                    )
             try:
                 sim = pp.simulate(got)
             except ValueError as exc:
@@ -61,8 +66,10 @@ def _check_schedule(learner_fn, reference_fn, name: str) -> None:
             for s in range(p):
                 for position, (g, e) in enumerate(zip(got[s], expected[s])):
                     if tuple(g) != e:
-                        raise Mismatch(f"{prefix}: stage {s}, position {position}: expected {e}, "
-                                       f"got {tuple(g)}{_hint(name, got[s], sim, s, p, m)}")
+                        raise Mismatch(
+                            f"{prefix}: stage {s}, position {position}: expected {e}, "
+                            f"got {tuple(g)}{_hint(name, got[s], sim, s, p, m)}"
+                        )
 
 
 def _hint(name, got, sim, s, p, m) -> str:
@@ -70,12 +77,16 @@ def _hint(name, got, sim, s, p, m) -> str:
     if name == "gpipe" and [tuple(a) for a in got] == [("F", i) for i in range(m)] + backwards[::-1]:
         return " — run the backwards in micro-batch order 0, 1, …, m−1"
     if name == "1f1b" and sim.peak_activations[s] > min(p - s, m):
-        return (f" — stage {s} keeps {sim.peak_activations[s]} micro-batches alive at once; 1F1B "
-                f"keeps at most min(p−s, m) = {min(p - s, m)}: start alternating after "
-                f"min(p−s−1, m) = {min(p - s - 1, m)} forwards")
+        return (
+            f" — stage {s} keeps {sim.peak_activations[s]} micro-batches alive at once; 1F1B "
+            f"keeps at most min(p−s, m) = {min(p - s, m)}: start alternating after "
+            f"min(p−s−1, m) = {min(p - s - 1, m)} forwards"
+        )
     if name == "1f1b" and sim.peak_activations[s] < min(p - s, m):
-        return (f" — stage {s} starts its backwards too early: it has to run min(p−s−1, m) = "
-                f"{min(p - s - 1, m)} forwards before its first backward, or it idles")
+        return (
+            f" — stage {s} starts its backwards too early: it has to run min(p−s−1, m) = "
+            f"{min(p - s - 1, m)} forwards before its first backward, or it idles"
+        )
     return ""
 
 
@@ -109,9 +120,14 @@ def _refusing_none(send):
         if not isinstance(tensor, torch.Tensor):
             raise NothingToSend(
                 f"rank {dist.get_rank()} tried to send {type(tensor).__name__} instead of a tensor"
-                + (" — x.grad is None unless the received input had .requires_grad_() before the "
-                   "forward" if tensor is None else ""))
+                + (
+                    " — x.grad is None unless the received input had .requires_grad_() before the forward"
+                    if tensor is None
+                    else ""
+                )
+            )
         return send(tensor, *args, **kwargs)
+
     return checked
 
 
@@ -148,31 +164,47 @@ def _close(a, b) -> bool:
 def _launch_stages(p: int, learner_fn):
     cases = ", then ".join(f"{n} m={m}" for n, m in CASES)
     # gloo even on a GPU machine: the exercise's buffers are CPU tensors.
-    return run_learner(p, _stage_rank, learner_fn, timeout=TIMEOUT, refusals=(NothingToSend,),
-                       label=f"p={p} ({cases})", backend="gloo")
+    return run_learner(
+        p,
+        _stage_rank,
+        learner_fn,
+        timeout=TIMEOUT,
+        refusals=(NothingToSend,),
+        label=f"p={p} ({cases})",
+        backend="gloo",
+    )
 
 
 def _check_loss(prefix, loss, rank, p, m, expected):
     if rank < p - 1:
         if loss is not None:
-            raise Mismatch(f"{prefix}: rank {rank} returned {_describe(loss)}; only the last stage "
-                           f"has a loss: return None on the others")
+            raise Mismatch(
+                f"{prefix}: rank {rank} returned {_describe(loss)}; only the last stage "
+                f"has a loss: return None on the others"
+            )
         return
     if not isinstance(loss, (torch.Tensor, float)):
         raise Mismatch(f"{prefix}: the last rank returned {_describe(loss)}, expected the loss")
     got = torch.as_tensor(loss, dtype=expected.dtype).detach().reshape(())
     if not _close(got, expected):
-        hint = (f" — that is the SUM of the {m} micro-batch losses: divide each by m"
-                if m > 1 and _close(got, m * expected) else "")
-        raise Mismatch(f"{prefix}: rank {rank} returned loss {got.item():.6g}, expected "
-                       f"{expected.item():.6g} (the mean over the whole batch){hint}")
+        hint = (
+            f" — that is the SUM of the {m} micro-batch losses: divide each by m"
+            if m > 1 and _close(got, m * expected)
+            else ""
+        )
+        raise Mismatch(
+            f"{prefix}: rank {rank} returned loss {got.item():.6g}, expected "
+            f"{expected.item():.6g} (the mean over the whole batch){hint}"
+        )
 
 
 def _check_grads(prefix, grads, rank, p, m, expected, last_stage_right):
     for name, g in grads.items():
         if g is None:
-            raise Mismatch(f"{prefix}: stage {rank}: {name}.grad is None — this stage never ran a "
-                           f"backward that reached its parameters")
+            raise Mismatch(
+                f"{prefix}: stage {rank}: {name}.grad is None — this stage never ran a "
+                f"backward that reached its parameters"
+            )
         want = expected[name]
         if _close(g, want):
             continue
@@ -183,8 +215,10 @@ def _check_grads(prefix, grads, rank, p, m, expected, last_stage_right):
         elif _close(g, scale * want):
             hint = f" — {scale:.3g}× the right gradient"
         elif rank < p - 1 and last_stage_right:
-            hint = (f" — the last stage is right, so check what travels backward: stage {rank + 1} "
-                    f"must send x.grad, the gradient of its own input, to stage {rank}")
+            hint = (
+                f" — the last stage is right, so check what travels backward: stage {rank + 1} "
+                f"must send x.grad, the gradient of its own input, to stage {rank}"
+            )
         try:
             compare(g, want, f"{name}.grad")
         except Mismatch as exc:
@@ -244,16 +278,21 @@ def recompute_backward(learner_fn):
         finally:
             counter.handle.remove()
         if counter.calls != 1:
-            raise Mismatch(f"{prefix}: your function ran the stage's forward {counter.calls} times; "
-                           f"re-materialising runs it exactly once more, in backward")
+            raise Mismatch(
+                f"{prefix}: your function ran the stage's forward {counter.calls} times; "
+                f"re-materialising runs it exactly once more, in backward"
+            )
         if grad_x is None:
-            raise Mismatch(f"{prefix}: returned None — return the gradient of x (x.detach()."
-                           f"requires_grad_() before the second forward, then x.grad)")
+            raise Mismatch(
+                f"{prefix}: returned None — return the gradient of x (x.detach()."
+                f"requires_grad_() before the second forward, then x.grad)"
+            )
         compare(grad_x, x_ref.grad, "the returned gradient of x")
         for (name, q), ref in zip(stage.named_parameters(), reference.parameters()):
             if q.grad is None:
-                raise Mismatch(f"{prefix}: {name}.grad is None — backpropagate grad_output "
-                               f"through the recomputed output")
+                raise Mismatch(
+                    f"{prefix}: {name}.grad is None — backpropagate grad_output through the recomputed output"
+                )
             hint = " — twice too large: backward ran twice" if _close(q.grad, 2 * ref.grad) else ""
             try:
                 compare(q.grad, ref.grad, f"{name}.grad")

@@ -11,6 +11,7 @@ an algorithm that gets the sums right by sending more is caught too.
 
 Chunk c of a tensor is ``tensor.view(-1).tensor_split(N)[c]``.
 """
+
 from __future__ import annotations
 
 import re
@@ -63,8 +64,11 @@ def ring_bytes_sent(kind: str, numel: int, element_size: int, rank: int, n: int)
     sizes = chunk_sizes(numel, n)
     reduce_scatter = numel - sizes[rank]
     all_gather = numel - sizes[(rank + 1) % n]
-    elements = {"reduce_scatter": reduce_scatter, "all_gather": all_gather,
-                "all_reduce": reduce_scatter + all_gather}[kind]
+    elements = {
+        "reduce_scatter": reduce_scatter,
+        "all_gather": all_gather,
+        "all_reduce": reduce_scatter + all_gather,
+    }[kind]
     return 0 if n == 1 else elements * element_size
 
 
@@ -105,7 +109,7 @@ def _compare(prefix, kind, got, want, given, rank, n, returned_new):
     positions = range(got.numel())
     if kind == "reduce_scatter":  # only chunk `rank` is defined afterwards
         sizes = chunk_sizes(got.numel(), n)
-        positions = range(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+        positions = range(sum(sizes[:rank]), sum(sizes[: rank + 1]))
     bad = [i for i in positions if flat_got[i] != flat_want[i]]
     if not bad:
         return
@@ -116,8 +120,10 @@ def _compare(prefix, kind, got, want, given, rank, n, returned_new):
         hint = hint or f" (chunk {chunk} never arrived)"
     elif flat_got[i] == flat_given[i]:
         hint = hint or f" (rank {rank}'s own value: nothing was added into chunk {chunk})"
-    raise Mismatch(f"{prefix}, rank {rank}: chunk {chunk}, element [{i}] expected {flat_want[i].item():g}, "
-                   f"got {flat_got[i].item():g} ({len(bad)} of {len(positions)} elements differ){hint}")
+    raise Mismatch(
+        f"{prefix}, rank {rank}: chunk {chunk}, element [{i}] expected {flat_want[i].item():g}, "
+        f"got {flat_got[i].item():g} ({len(bad)} of {len(positions)} elements differ){hint}"
+    )
 
 
 # gloo's words when a recv's tensor is smaller than the message that arrives (the rank aborts).
@@ -131,9 +137,11 @@ def _run(n: int, ex_id: str, kind: str, learner_fn):
         sizes = _SIZE_MISMATCH.search(str(exc))
         if sizes is None:
             raise
-        raise Mismatch(f"N={n}, rank {exc.rank}: a message of {sizes[1]} B arrived in a recv of {sizes[2]} B — "
-                       "sender and receiver disagree on which chunk moves at some step (check your chunk "
-                       "indices; chunks differ in size when N does not divide K)") from None
+        raise Mismatch(
+            f"N={n}, rank {exc.rank}: a message of {sizes[1]} B arrived in a recv of {sizes[2]} B — "
+            "sender and receiver disagree on which chunk moves at some step (check your chunk "
+            "indices; chunks differ in size when N does not divide K)"
+        ) from None
 
 
 def _check(ex_id: str, kind: str, learner_fn) -> None:
@@ -145,14 +153,26 @@ def _check(ex_id: str, kind: str, learner_fn) -> None:
             for rank in range(n):
                 tensor, returned_new, sent = got[rank][case]
                 if tensor.shape != torch.Size(shape) or tensor.dtype != dtype:
-                    raise Mismatch(f"{prefix}, rank {rank}: the tensor became {tuple(tensor.shape)} "
-                                   f"{tensor.dtype}; keep its shape and dtype")
-                _compare(prefix, kind, tensor, expected(kind, case, rank, n), _input(kind, case, rank, n),
-                         rank, n, returned_new)
+                    raise Mismatch(
+                        f"{prefix}, rank {rank}: the tensor became {tuple(tensor.shape)} "
+                        f"{tensor.dtype}; keep its shape and dtype"
+                    )
+                _compare(
+                    prefix,
+                    kind,
+                    tensor,
+                    expected(kind, case, rank, n),
+                    _input(kind, case, rank, n),
+                    rank,
+                    n,
+                    returned_new,
+                )
                 should = ring_bytes_sent(kind, numel, tensor.element_size(), rank, n)
                 if sent != should:
-                    raise Mismatch(f"{prefix}, rank {rank}: right result, but it sent {sent} B; a ring "
-                                   f"{kind.replace('_', '-')} sends {should} B (each chunk once per phase)")
+                    raise Mismatch(
+                        f"{prefix}, rank {rank}: right result, but it sent {sent} B; a ring "
+                        f"{kind.replace('_', '-')} sends {should} B (each chunk once per phase)"
+                    )
 
 
 @exercise("3.1", "ring reduce-scatter")
@@ -193,19 +213,27 @@ BUCKET_CASES = (
 def assign_buckets(learner_fn):
     """Check ``learner_fn(sizes, cap_bytes) -> list of lists of parameter indices``."""
     g = torch.Generator().manual_seed(3)
-    random_cases = [(torch.randint(1, 50, (int(k),), generator=g).tolist(), int(cap), None)
-                    for k, cap in zip(torch.randint(1, 12, (20,), generator=g),
-                                      torch.randint(1, 120, (20,), generator=g))]
+    random_cases = [
+        (torch.randint(1, 50, (int(k),), generator=g).tolist(), int(cap), None)
+        for k, cap in zip(torch.randint(1, 12, (20,), generator=g), torch.randint(1, 120, (20,), generator=g))
+    ]
     for sizes, cap, want in [*BUCKET_CASES, *random_cases]:
         want = ddp.assign_buckets(sizes, cap) if want is None else want
         got = learner_fn(list(sizes), cap)
         try:
             got = [[int(i) for i in bucket] for bucket in got]
         except TypeError:
-            raise Mismatch(f"sizes={sizes}, cap={cap}: return a list of buckets, each a list of "
-                           f"parameter indices; got {got!r}") from None
+            raise Mismatch(
+                f"sizes={sizes}, cap={cap}: return a list of buckets, each a list of "
+                f"parameter indices; got {got!r}"
+            ) from None
         if got != want:
-            where = next((b for b in range(min(len(got), len(want))) if got[b] != want[b]), min(len(got), len(want)))
-            detail = (f"bucket {where} should be {want[where]}, got {got[where]}"
-                      if where < min(len(got), len(want)) else f"{len(want)} buckets expected, got {len(got)}")
+            where = next(
+                (b for b in range(min(len(got), len(want))) if got[b] != want[b]), min(len(got), len(want))
+            )
+            detail = (
+                f"bucket {where} should be {want[where]}, got {got[where]}"
+                if where < min(len(got), len(want))
+                else f"{len(want)} buckets expected, got {len(got)}"
+            )
             raise Mismatch(f"sizes={sizes}, cap={cap}: {detail} (expected {want}, got {got})")

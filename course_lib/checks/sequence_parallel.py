@@ -7,6 +7,7 @@ one process working on the whole sequence (rtol = atol = 1e-5). Upstream
 gradients differ from rank to rank, so a missing sum in backward shows.
 ``course_lib.tp`` is switched off inside the ranks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,23 @@ import torch.nn as nn
 
 from course_lib.checks import Mismatch, exercise, learner_in_rank
 from course_lib.checks.tensor_parallel import (
-    BATCH, D_HIDDEN, D_MODEL, SEED, SEQ, WORLD_SIZES, backprop, block, building_on, check_close,
-    check_output, course_tp_switched_off, grad_of, only_block, rank_data, run_ranks)
+    BATCH,
+    D_HIDDEN,
+    D_MODEL,
+    SEED,
+    SEQ,
+    WORLD_SIZES,
+    backprop,
+    block,
+    building_on,
+    check_close,
+    check_output,
+    course_tp_switched_off,
+    grad_of,
+    only_block,
+    rank_data,
+    run_ranks,
+)
 from course_lib.models import make_mlp
 
 SHAPE = (BATCH, SEQ, D_MODEL)
@@ -91,10 +107,17 @@ def sequence_shard(learner_fn):
         got = run_ranks(n, _shard_rank, learner_fn, x, upstream)
         for r, res in enumerate(got):
             mine = block(SEQ, n, r)
-            hints = [(x.chunk(n, 0)[r], "that is a split along the batch (dim 0): split dim 1, "
-                                        "the sequence")] if BATCH % n == 0 else []
-            hints.append((x[..., block(D_MODEL, n, r)], "that is a split of the features (last dim): "
-                                                         "split dim 1, the sequence"))
+            hints = (
+                [(x.chunk(n, 0)[r], "that is a split along the batch (dim 0): split dim 1, the sequence")]
+                if BATCH % n == 0
+                else []
+            )
+            hints.append(
+                (
+                    x[..., block(D_MODEL, n, r)],
+                    "that is a split of the features (last dim): split dim 1, the sequence",
+                )
+            )
             check_output(n, r, res, x[:, mine], hints=hints)
             check_close(n, r, res["x.grad"], only_block(upstream, 1, mine), "x.grad")
 
@@ -108,13 +131,33 @@ def gather_from_sequence_region(learner_cls):
         whole, total = torch.cat(shards, dim=1), torch.stack(upstreams).sum(0)
         got = run_ranks(n, _gather_rank, learner_cls, shards, upstreams)
         for r, res in enumerate(got):
-            hints = [(torch.cat(shards, dim=0), "that is the shards stacked along the batch (dim 0): "
-                                                "concatenate along the sequence, dim 1")] if n > 1 else []
+            hints = (
+                [
+                    (
+                        torch.cat(shards, dim=0),
+                        "that is the shards stacked along the batch (dim 0): "
+                        "concatenate along the sequence, dim 1",
+                    )
+                ]
+                if n > 1
+                else []
+            )
             check_output(n, r, res, whole, hints=hints)
             check_close(n, r, res["x"], shards[r], "x")
-            check_close(n, r, res["x.grad"], _shard(total, n, r), "x.grad", hints=[
-                (_shard(upstreams[r], n, r), "this is only this rank's own gradient: backward must sum "
-                                             "over the ranks (reduce-scatter), then keep my block")])
+            check_close(
+                n,
+                r,
+                res["x.grad"],
+                _shard(total, n, r),
+                "x.grad",
+                hints=[
+                    (
+                        _shard(upstreams[r], n, r),
+                        "this is only this rank's own gradient: backward must sum "
+                        "over the ranks (reduce-scatter), then keep my block",
+                    )
+                ],
+            )
 
 
 @exercise("5.3", "reduce-scatter forward, all-gather backward")
@@ -126,13 +169,35 @@ def reduce_scatter_to_sequence_region(learner_cls):
         total, whole = torch.stack(xs).sum(0), torch.cat(upstreams, dim=1)
         got = run_ranks(n, _reduce_scatter_rank, learner_cls, xs, upstreams)
         for r, res in enumerate(got):
-            check_output(n, r, res, _shard(total, n, r), hints=[
-                (_shard(xs[r], n, r), "this is my block of my own input: sum over the ranks first")])
-            check_close(n, r, res["x"], xs[r], "x", hints=[
-                (total, "your forward summed its input in place: reduce into a new tensor")])
-            check_close(n, r, res["x.grad"], whole, "x.grad", hints=[
-                (only_block(whole, 1, block(SEQ, n, r)), "only my block of the gradient is filled: "
-                                                         "backward must all-gather every rank's block")])
+            check_output(
+                n,
+                r,
+                res,
+                _shard(total, n, r),
+                hints=[(_shard(xs[r], n, r), "this is my block of my own input: sum over the ranks first")],
+            )
+            check_close(
+                n,
+                r,
+                res["x"],
+                xs[r],
+                "x",
+                hints=[(total, "your forward summed its input in place: reduce into a new tensor")],
+            )
+            check_close(
+                n,
+                r,
+                res["x.grad"],
+                whole,
+                "x.grad",
+                hints=[
+                    (
+                        only_block(whole, 1, block(SEQ, n, r)),
+                        "only my block of the gradient is filled: "
+                        "backward must all-gather every rank's block",
+                    )
+                ],
+            )
 
 
 @exercise("5.4", "sequence-parallel LayerNorm + MLP sublayer")
@@ -155,8 +220,13 @@ def _check_sublayer(learner_fn):
         got = run_ranks(n, _sublayer_rank, learner_fn, x, upstream)
         for r, res in enumerate(got):
             mine = block(SEQ, n, r)
-            check_output(n, r, res, out.detach()[:, mine], hints=[
-                (mlp(norm(x)).detach()[:, mine], "the residual is missing: return x_shard + ...")])
+            check_output(
+                n,
+                r,
+                res,
+                out.detach()[:, mine],
+                hints=[(mlp(norm(x)).detach()[:, mine], "the residual is missing: return x_shard + ...")],
+            )
             check_close(n, r, res["x_shard.grad"], dense_x.grad[:, mine], "x_shard.grad")
             for name, dim in sharded.items():
                 expected = only_block(grads[name], dim, block(D_HIDDEN, n, r))

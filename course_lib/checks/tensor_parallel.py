@@ -7,6 +7,7 @@ gradients differ from rank to rank where that exposes a missing or doubled
 all-reduce. ``course_lib.tp`` is switched off inside the ranks: it is the
 answer. Chapter 05's checks reuse the machinery here.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,8 +41,9 @@ class _Refused:
         self.ex_id, self.name = ex_id, name
 
     def __call__(self, *args, **kwargs):
-        raise CourseCodeUsed(f"exercise {self.ex_id} asks you to build this yourself: "
-                             f"you used course_lib.tp.{self.name}")
+        raise CourseCodeUsed(
+            f"exercise {self.ex_id} asks you to build this yourself: you used course_lib.tp.{self.name}"
+        )
 
     def __getattr__(self, attribute):
         self()
@@ -52,8 +54,11 @@ def course_tp_switched_off(ex_id: str, learner):
     """Every public function and class of course_lib.tp raises while the learner's code runs."""
     from course_lib import tp
 
-    originals = {name: obj for name, obj in vars(tp).items() if not name.startswith("_")
-                 and callable(obj) and getattr(obj, "__module__", "") == tp.__name__}
+    originals = {
+        name: obj
+        for name, obj in vars(tp).items()
+        if not name.startswith("_") and callable(obj) and getattr(obj, "__module__", "") == tp.__name__
+    }
     # A name imported from course_lib.tp into the notebook is the original object there.
     namespace = getattr(getattr(learner, "forward", learner), "__globals__", {})
     by_id = {id(obj): name for name, obj in originals.items()}
@@ -73,8 +78,9 @@ def course_tp_switched_off(ex_id: str, learner):
 def run_ranks(n: int, rank_fn, learner, *args):
     """Run ``rank_fn(payload, *args)`` on n ranks; turn a hang or a refusal into a one-line Mismatch."""
     # gloo on the CPU even where GPUs exist: the checks' tensors are tiny and built on the CPU.
-    return run_learner(n, rank_fn, learner, *args, timeout=TIMEOUT, refusals=(CourseCodeUsed,),
-                       backend="gloo")
+    return run_learner(
+        n, rank_fn, learner, *args, timeout=TIMEOUT, refusals=(CourseCodeUsed,), backend="gloo"
+    )
 
 
 def backprop(out, upstream) -> dict:
@@ -96,21 +102,33 @@ def check_close(n: int, rank: int | None, got, expected, what: str, hints=()) ->
     """compare(), prefixed with N, plus a hint when ``got`` equals a known wrong answer."""
     if got is None and isinstance(expected, torch.Tensor):
         where = "" if rank is None else f"rank {rank}: "
-        raise Mismatch(f"N={n}: {where}{what} is None: no gradient reached it (a .detach(), "
-                       "torch.no_grad(), or a new tensor built from its values?)")
+        raise Mismatch(
+            f"N={n}: {where}{what} is None: no gradient reached it (a .detach(), "
+            "torch.no_grad(), or a new tensor built from its values?)"
+        )
     try:
         compare(got, expected, what, rank=rank)
     except Mismatch as exc:
-        hint = next((h for wrong, h in hints if isinstance(got, torch.Tensor) and got.shape == wrong.shape
-                     and torch.allclose(got, wrong, rtol=1e-5, atol=1e-5)), "")
+        hint = next(
+            (
+                h
+                for wrong, h in hints
+                if isinstance(got, torch.Tensor)
+                and got.shape == wrong.shape
+                and torch.allclose(got, wrong, rtol=1e-5, atol=1e-5)
+            ),
+            "",
+        )
         raise Mismatch(f"N={n}: {exc}" + (f" — {hint}" if hint else "")) from None
 
 
 def check_output(n: int, rank: int, result: dict, expected, what: str = "output", hints=()) -> None:
     check_close(n, rank, result["out"], expected, what, hints)
     if result.get("no_grad"):
-        raise Mismatch(f"N={n}: rank {rank}: the {what} does not require grad, so no gradient can flow "
-                       "back (no .detach(), torch.no_grad() or .data on the way)")
+        raise Mismatch(
+            f"N={n}: rank {rank}: the {what} does not require grad, so no gradient can flow "
+            "back (no .detach(), torch.no_grad() or .data on the way)"
+        )
 
 
 def rank_data(n: int, shape, salt: int) -> list:
@@ -218,9 +236,19 @@ def column_parallel(learner_fn):
         got = run_ranks(n, _column_rank, learner_fn, x, blocks)
         for r, res in enumerate(got):
             rows = block(D_HIDDEN, n, r)
-            check_output(n, r, res, out.detach()[..., rows], hints=[
-                (out.detach(), "that is the whole output: keep only rank r's rows r·out/N … (r+1)·out/N "
-                               "of weight (and of bias)")])
+            check_output(
+                n,
+                r,
+                res,
+                out.detach()[..., rows],
+                hints=[
+                    (
+                        out.detach(),
+                        "that is the whole output: keep only rank r's rows r·out/N … (r+1)·out/N "
+                        "of weight (and of bias)",
+                    )
+                ],
+            )
             check_close(n, r, res["weight"], only_block(weight.grad, 0, rows), "weight.grad")
             check_close(n, r, res["bias"], only_block(bias.grad, 0, rows), "bias.grad")
 
@@ -234,13 +262,27 @@ def copy_to_tp_region(learner_cls):
         total = torch.stack(upstreams).sum(0)
         got = run_ranks(n, _f_rank, learner_cls, x, upstreams)
         for r, res in enumerate(got):
-            check_output(n, r, res, x, hints=[
-                (n * x, "f's forward is the identity: the all-reduce belongs in backward")])
-            check_close(n, r, res["x"], x, "x", hints=[
-                (n * x, "your forward changed its input in place")])
-            check_close(n, r, res["x.grad"], total, "x.grad", hints=[
-                (upstreams[r], "this is only this rank's gradient: backward must all-reduce it "
-                               "(sum over the ranks)")])
+            check_output(
+                n,
+                r,
+                res,
+                x,
+                hints=[(n * x, "f's forward is the identity: the all-reduce belongs in backward")],
+            )
+            check_close(n, r, res["x"], x, "x", hints=[(n * x, "your forward changed its input in place")])
+            check_close(
+                n,
+                r,
+                res["x.grad"],
+                total,
+                "x.grad",
+                hints=[
+                    (
+                        upstreams[r],
+                        "this is only this rank's gradient: backward must all-reduce it (sum over the ranks)",
+                    )
+                ],
+            )
 
 
 @exercise("4.3", "g: all-reduce forward, identity backward")
@@ -252,14 +294,43 @@ def reduce_from_tp_region(learner_cls):
         total = torch.stack(xs).sum(0)
         got = run_ranks(n, _g_rank, learner_cls, xs, upstream)
         for r, res in enumerate(got):
-            check_output(n, r, res, total, hints=[(xs[r], "that is this rank's own input: forward must "
-                                                          "all-reduce (sum over the ranks)")])
-            check_close(n, r, res["x"], xs[r], "x", hints=[
-                (total, "your forward all-reduced its input in place: all-reduce a copy "
-                        "(x.clone()), autograd may still need the input")])
-            check_close(n, r, res["x.grad"], upstream, "x.grad", hints=[
-                (n * upstream, "the gradient is N times too large: every rank already holds the whole "
-                               "gradient of the sum, so g's backward is the identity")])
+            check_output(
+                n,
+                r,
+                res,
+                total,
+                hints=[
+                    (xs[r], "that is this rank's own input: forward must all-reduce (sum over the ranks)")
+                ],
+            )
+            check_close(
+                n,
+                r,
+                res["x"],
+                xs[r],
+                "x",
+                hints=[
+                    (
+                        total,
+                        "your forward all-reduced its input in place: all-reduce a copy "
+                        "(x.clone()), autograd may still need the input",
+                    )
+                ],
+            )
+            check_close(
+                n,
+                r,
+                res["x.grad"],
+                upstream,
+                "x.grad",
+                hints=[
+                    (
+                        n * upstream,
+                        "the gradient is N times too large: every rank already holds the whole "
+                        "gradient of the sum, so g's backward is the identity",
+                    )
+                ],
+            )
 
 
 @exercise("4.4", "row-parallel linear: partial products, one all-reduce, bias once")
@@ -274,16 +345,48 @@ def row_parallel(learner_fn):
         for r, res in enumerate(got):
             cols = block(D_HIDDEN, n, r)
             partial = F.linear(hidden[..., cols], weight[:, cols])
-            check_output(n, r, res, out, hints=[
-                (out + (n - 1) * bias, f"the bias was added {n} times: add it once, after the all-reduce"),
-                (partial + bias, "this is only this rank's partial product: all-reduce it (g)"),
-                (partial, "this is only this rank's partial product: all-reduce it, then add the bias")])
-            check_close(n, r, res["input"], upstream @ weight[:, cols], "y_r.grad", hints=[
-                (n * upstream @ weight[:, cols], "y_r.grad is N times too large: the backward of the "
-                                                 "forward all-reduce is the identity (g)")])
+            check_output(
+                n,
+                r,
+                res,
+                out,
+                hints=[
+                    (
+                        out + (n - 1) * bias,
+                        f"the bias was added {n} times: add it once, after the all-reduce",
+                    ),
+                    (partial + bias, "this is only this rank's partial product: all-reduce it (g)"),
+                    (partial, "this is only this rank's partial product: all-reduce it, then add the bias"),
+                ],
+            )
+            check_close(
+                n,
+                r,
+                res["input"],
+                upstream @ weight[:, cols],
+                "y_r.grad",
+                hints=[
+                    (
+                        n * upstream @ weight[:, cols],
+                        "y_r.grad is N times too large: the backward of the "
+                        "forward all-reduce is the identity (g)",
+                    )
+                ],
+            )
             check_close(n, r, res["weight"], only_block(grads["fc2.weight"], 1, cols), "weight.grad")
-            check_close(n, r, res["bias"], grads["fc2.bias"], "bias.grad", hints=[
-                (n * grads["fc2.bias"], "bias.grad is N times too large: add the bias once, after the sum")])
+            check_close(
+                n,
+                r,
+                res["bias"],
+                grads["fc2.bias"],
+                "bias.grad",
+                hints=[
+                    (
+                        n * grads["fc2.bias"],
+                        "bias.grad is N times too large: add the bias once, after the sum",
+                    )
+                ],
+            )
 
 
 @exercise("4.5", "tensor-parallel MLP: f, column, GELU, row, g")
@@ -315,14 +418,42 @@ def _check_mlp(learner_fn):
             rows = block(D_HIDDEN, n, r)
             # What x.grad is without f: only the part that flows through this rank's columns.
             mine_only = pre_grad[..., rows] @ fc1_weight[rows]
-            check_output(n, r, res, out, hints=[
-                (out + (n - 1) * fc2_bias, f"fc2's bias was added {n} times: add it once, after the sum")])
-            check_close(n, r, res["x"], x_grad, "x.grad", hints=[
-                (mine_only, "this is only the gradient through this rank's columns of fc1: "
-                            "apply f to x first, so backward sums the ranks' parts")])
+            check_output(
+                n,
+                r,
+                res,
+                out,
+                hints=[
+                    (out + (n - 1) * fc2_bias, f"fc2's bias was added {n} times: add it once, after the sum")
+                ],
+            )
+            check_close(
+                n,
+                r,
+                res["x"],
+                x_grad,
+                "x.grad",
+                hints=[
+                    (
+                        mine_only,
+                        "this is only the gradient through this rank's columns of fc1: "
+                        "apply f to x first, so backward sums the ranks' parts",
+                    )
+                ],
+            )
             check_close(n, r, res["fc1.weight"], only_block(grads["fc1.weight"], 0, rows), "fc1.weight.grad")
             check_close(n, r, res["fc1.bias"], only_block(grads["fc1.bias"], 0, rows), "fc1.bias.grad")
             check_close(n, r, res["fc2.weight"], only_block(grads["fc2.weight"], 1, rows), "fc2.weight.grad")
-            check_close(n, r, res["fc2.bias"], grads["fc2.bias"], "fc2.bias.grad", hints=[
-                (n * grads["fc2.bias"], "fc2.bias.grad is N times too large: add the bias once, "
-                                        "after the sum")])
+            check_close(
+                n,
+                r,
+                res["fc2.bias"],
+                grads["fc2.bias"],
+                "fc2.bias.grad",
+                hints=[
+                    (
+                        n * grads["fc2.bias"],
+                        "fc2.bias.grad is N times too large: add the bias once, after the sum",
+                    )
+                ],
+            )

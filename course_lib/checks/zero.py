@@ -10,6 +10,7 @@ process on the whole batch, to rtol = atol = 1e-5. The reference optimizer is
 Adam hardly notices a gradient N times too large (m/√v does not change with
 the gradient's scale), so the checks use a large eps, where it does.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from course_lib import zero
-from course_lib.checks import (Mismatch, builtins_switched_off, compare, exercise, learner_in_rank,
-                               run_learner)
+from course_lib.checks import Mismatch, builtins_switched_off, compare, exercise, learner_in_rank, run_learner
 from course_lib.models import make_mlp, regression_data, shard
 
 WORLD_SIZES = (1, 2, 3, 4)
@@ -46,8 +46,8 @@ def _with_hint(where: str, hint: str, exc: Mismatch) -> str:
 def _padded_shard(flat: torch.Tensor, rank: int, n: int) -> torch.Tensor:
     size = zero.padded_size(flat.numel(), n) // n
     padded = torch.zeros(size * n, dtype=flat.dtype)
-    padded[:flat.numel()] = flat
-    return padded[rank * size:(rank + 1) * size]
+    padded[: flat.numel()] = flat
+    return padded[rank * size : (rank + 1) * size]
 
 
 @exercise("7.1", "a rank's shard of a flat buffer, zero-padded")
@@ -64,9 +64,11 @@ def shard_of(learner_fn):
                 expected = _padded_shard(flat, rank, n)
                 if isinstance(got, torch.Tensor) and got.shape != expected.shape:
                     padded = expected.numel() * n
-                    raise Mismatch(f"{where}: expected a shard of shape ({expected.numel()},) "
-                                   f"(K={k} padded with zeros to {padded}, cut into {n} equal shards), "
-                                   f"got shape {tuple(got.shape)}")
+                    raise Mismatch(
+                        f"{where}: expected a shard of shape ({expected.numel()},) "
+                        f"(K={k} padded with zeros to {padded}, cut into {n} equal shards), "
+                        f"got shape {tuple(got.shape)}"
+                    )
                 try:
                     compare(got, expected, "shard", exact=True)
                 except Mismatch as exc:
@@ -99,9 +101,11 @@ def _adam_hint(name, got, old, grad, before, step, hyper, returned) -> str:
         if isinstance(returned, torch.Tensor):
             hint += " (your function returned a new tensor)"
         return hint
-    variants = {"Adam without the bias corrections 1 − β^step": dict(bias_correction=False),
-                "weight decay added to the gradient (Adam + L2 penalty); AdamW shrinks the parameter "
-                "itself: param · (1 − lr·weight_decay)": dict(l2=True)}
+    variants = {
+        "Adam without the bias corrections 1 − β^step": dict(bias_correction=False),
+        "weight decay added to the gradient (Adam + L2 penalty); AdamW shrinks the parameter "
+        "itself: param · (1 − lr·weight_decay)": dict(l2=True),
+    }
     for what, kwargs in variants.items():
         p, m, v = (t.clone() for t in before)
         _adam_variant(p, grad, m, v, step, **hyper, **kwargs)
@@ -118,7 +122,7 @@ def _adam_variant(p, grad, m, v, step, lr, betas, eps, weight_decay, bias_correc
         p.mul_(1 - lr * weight_decay)
     m.mul_(b1).add_(grad, alpha=1 - b1)
     v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-    c1, c2 = (1 - b1 ** step, 1 - b2 ** step) if bias_correction else (1.0, 1.0)
+    c1, c2 = (1 - b1**step, 1 - b2**step) if bias_correction else (1.0, 1.0)
     p.sub_(lr * (m / c1) / ((v / c2).sqrt() + eps))
 
 
@@ -129,7 +133,7 @@ def _adam_variant(p, grad, m, v, step, lr, betas, eps, weight_decay, bias_correc
 def _batch(step: int):
     """Global batch ``step``: the same on every rank and in the reference."""
     x, y = regression_data(STEPS * BATCH, D_MODEL, SEED)
-    return x[step * BATCH:(step + 1) * BATCH], y[step * BATCH:(step + 1) * BATCH]
+    return x[step * BATCH : (step + 1) * BATCH], y[step * BATCH : (step + 1) * BATCH]
 
 
 def _local_gradient(model, step: int, micro: int | None = None) -> None:
@@ -151,8 +155,11 @@ def _zero1_rank(payload):
     flat[:k] = parameters_to_vector(model.parameters()).detach()
     exp_avg, exp_avg_sq = torch.zeros(size), torch.zeros(size)
     history = []
-    with builtins_switched_off(learner, ALL_REDUCE_OFF, "exercise 7.3 reduce-scatters the gradient: "
-                               "with an all-reduce every rank would receive all of it"):
+    with builtins_switched_off(
+        learner,
+        ALL_REDUCE_OFF,
+        "exercise 7.3 reduce-scatters the gradient: with an all-reduce every rank would receive all of it",
+    ):
         for step in range(STEPS):
             with torch.no_grad():
                 vector_to_parameters(flat[:k], model.parameters())
@@ -172,8 +179,10 @@ def _zero1_reference(n: int, mode: str) -> list:
     shard updated with its owner's local gradient (the reduction forgotten)."""
     models = [make_mlp(D_MODEL, D_HIDDEN, SEED) for _ in range(n)]
     k = sum(p.numel() for p in models[0].parameters())
-    states = [[parameters_to_vector(m.parameters()).detach().clone(), torch.zeros(k), torch.zeros(k)]
-              for m in models]
+    states = [
+        [parameters_to_vector(m.parameters()).detach().clone(), torch.zeros(k), torch.zeros(k)]
+        for m in models
+    ]
     history = []
     for step in range(STEPS):
         grads = []
@@ -186,7 +195,7 @@ def _zero1_reference(n: int, mode: str) -> list:
             grads.append(parameters_to_vector(p.grad for p in model.parameters()))
         total = torch.stack(grads).sum(0)
         size = zero.padded_size(k, n) // n
-        unreduced = torch.cat([g[r * size:(r + 1) * size] for r, g in enumerate(grads)])
+        unreduced = torch.cat([g[r * size : (r + 1) * size] for r, g in enumerate(grads)])
         for r, state in enumerate(states):
             grad = {"mean": total / n, "sum": total, "local": grads[r], "unreduced": unreduced}[mode]
             zero.adamw_(*state[:1], grad, *state[1:], step + 1, **HYPER)
@@ -213,8 +222,8 @@ def zero1_step(learner_fn):
                 where = f"N={n}, rank {rank}, step {step + 1}"
                 try:
                     compare(params[:k], ref[0][:k], "flat_params", rank=None)
-                    compare(exp_avg, ref[1][rank * size:(rank + 1) * size], "exp_avg")
-                    compare(exp_avg_sq, ref[2][rank * size:(rank + 1) * size], "exp_avg_sq")
+                    compare(exp_avg, ref[1][rank * size : (rank + 1) * size], "exp_avg")
+                    compare(exp_avg_sq, ref[2][rank * size : (rank + 1) * size], "exp_avg_sq")
                 except Mismatch as exc:
                     hint = _zero1_hint(n, rank, step, params[:k], size, k)
                     raise Mismatch(_with_hint(where, hint, exc)) from None
@@ -222,24 +231,35 @@ def zero1_step(learner_fn):
 
 def _pad(t: torch.Tensor, size: int) -> torch.Tensor:
     out = torch.zeros(size)
-    out[:t.numel()] = t
+    out[: t.numel()] = t
     return out
 
 
 def _zero1_hint(n, rank, step, params, size, k) -> str:
     expected = _zero1_reference(n, "mean")[step][rank][0]
-    before = _zero1_reference(n, "mean")[step - 1][rank][0] if step else \
-        parameters_to_vector(make_mlp(D_MODEL, D_HIDDEN, SEED).parameters()).detach()
+    before = (
+        _zero1_reference(n, "mean")[step - 1][rank][0]
+        if step
+        else parameters_to_vector(make_mlp(D_MODEL, D_HIDDEN, SEED).parameters()).detach()
+    )
     mine = torch.zeros(k, dtype=torch.bool)
-    mine[rank * size:(rank + 1) * size] = True
-    if torch.allclose(params[mine], expected[mine], rtol=1e-5, atol=1e-5) and \
-            torch.allclose(params[~mine], before[~mine], rtol=1e-5, atol=1e-5):
-        return (f"only this rank's shard [{rank * size}, {(rank + 1) * size}) was updated: "
-                "all-gather the updated shards so every rank has all the new parameters")
-    for mode, what in (("sum", "the SUM of the ranks' gradients: divide by N for the mean"),
-                       ("unreduced", "each rank's own gradient only: reduce-scatter first, so that "
-                                     "every shard gets the sum over all ranks"),
-                       ("local", "this rank's own gradient only: reduce-scatter sums the ranks' gradients")):
+    mine[rank * size : (rank + 1) * size] = True
+    if torch.allclose(params[mine], expected[mine], rtol=1e-5, atol=1e-5) and torch.allclose(
+        params[~mine], before[~mine], rtol=1e-5, atol=1e-5
+    ):
+        return (
+            f"only this rank's shard [{rank * size}, {(rank + 1) * size}) was updated: "
+            "all-gather the updated shards so every rank has all the new parameters"
+        )
+    for mode, what in (
+        ("sum", "the SUM of the ranks' gradients: divide by N for the mean"),
+        (
+            "unreduced",
+            "each rank's own gradient only: reduce-scatter first, so that "
+            "every shard gets the sum over all ranks",
+        ),
+        ("local", "this rank's own gradient only: reduce-scatter sums the ranks' gradients"),
+    ):
         if torch.allclose(params, _zero1_reference(n, mode)[step][rank][0], rtol=1e-5, atol=1e-5):
             return f"your parameters match an update with {what}"
     return ""
@@ -250,12 +270,16 @@ def _hook_rank(payload):
     model = make_mlp(D_MODEL, D_HIDDEN, SEED)
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(learner)
-    with builtins_switched_off(learner, ALL_REDUCE_OFF, "exercise 7.4 reduce-scatters the gradient: "
-                               "in ZeRO-2 no rank ever holds the whole summed gradient"):
+    with builtins_switched_off(
+        learner,
+        ALL_REDUCE_OFF,
+        "exercise 7.4 reduce-scatters the gradient: in ZeRO-2 no rank ever holds the whole summed gradient",
+    ):
         for micro in range(MICRO_BATCHES):  # two backwards before a step: the shards must add up
             _local_gradient(model, 0, micro)
-    return {name: (getattr(p, "grad_shard", None), p.grad is not None)
-            for name, p in model.named_parameters()}
+    return {
+        name: (getattr(p, "grad_shard", None), p.grad is not None) for name, p in model.named_parameters()
+    }
 
 
 @functools.cache
@@ -278,16 +302,22 @@ def shard_grad_hook(learner_fn):
             for name, (grad_shard, still_full) in got[rank].items():
                 where = f"N={n}, rank {rank}, {name}"
                 if grad_shard is None:
-                    raise Mismatch(f"{where}: no `param.grad_shard` after backward: store this rank's "
-                                   "shard of the averaged gradient there")
+                    raise Mismatch(
+                        f"{where}: no `param.grad_shard` after backward: store this rank's "
+                        "shard of the averaged gradient there"
+                    )
                 if still_full:
-                    raise Mismatch(f"{where}: `param.grad` still holds the full gradient after backward: "
-                                   "set it to None once the shard is kept (that is ZeRO-2's saving)")
+                    raise Mismatch(
+                        f"{where}: `param.grad` still holds the full gradient after backward: "
+                        "set it to None once the shard is kept (that is ZeRO-2's saving)"
+                    )
                 expected = _padded_shard(full[name], rank, n)
                 if isinstance(grad_shard, torch.Tensor) and grad_shard.shape != expected.shape:
-                    raise Mismatch(f"{where}: grad_shard has shape {tuple(grad_shard.shape)}, expected "
-                                   f"({expected.numel()},): {full[name].numel()} gradient elements padded "
-                                   f"to a multiple of {n}, one shard per rank")
+                    raise Mismatch(
+                        f"{where}: grad_shard has shape {tuple(grad_shard.shape)}, expected "
+                        f"({expected.numel()},): {full[name].numel()} gradient elements padded "
+                        f"to a multiple of {n}, one shard per rank"
+                    )
                 try:
                     compare(grad_shard, expected, "grad_shard")
                 except Mismatch as exc:
@@ -301,6 +331,8 @@ def _hook_hint(got, rank, n, name) -> str:
     if MICRO_BATCHES > 1:
         last = full - _full_gradients(MICRO_BATCHES - 1)[name]
         if torch.allclose(got, _padded_shard(last, rank, n), rtol=1e-5, atol=1e-5):
-            return ("only the last backward's gradient is in grad_shard: with two backwards before a step, add the "
-                    "new shard to the `grad_shard` already there")
+            return (
+                "only the last backward's gradient is in grad_shard: with two backwards before a step, add the "
+                "new shard to the `grad_shard` already there"
+            )
     return ""

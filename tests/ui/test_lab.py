@@ -6,6 +6,7 @@ one and checks that what the widget shows changed, with no traceback. Saves a
 screenshot per lesson to ui-artifacts/.
 Skips, saying why, where there is no Playwright or no Chromium.
 """
+
 import json
 import os
 import pathlib
@@ -21,14 +22,25 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "ui-artifacts"
-BROWSER_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+BROWSER_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (make test-ui installs it)")
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="playwright is not installed (make test-ui installs it)"
+)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
-    pytest.skip("no Chromium on this machine: `apt-get install chromium` (make test-ui does it on Debian)",
-                allow_module_level=True)
+    pytest.skip(
+        "no Chromium on this machine: `apt-get install chromium` (make test-ui does it on Debian)",
+        allow_module_level=True,
+    )
 
 
 def free_port() -> int:
@@ -55,10 +67,21 @@ def lab(tmp_path_factory):
     docmanager.mkdir(parents=True)
     (docmanager / "plugin.jupyterlab-settings").write_text(json.dumps({"autosave": False}))
     port, token = free_port(), "course-ui-test"
-    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-           f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={workdir}",
-           f"--LabApp.user_settings_dir={settings}", f"--LabApp.workspaces_dir={settings}", "--LabApp.expose_app_in_browser=True",
-           "--ServerApp.port_retries=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={workdir}",
+        f"--LabApp.user_settings_dir={settings}",
+        f"--LabApp.workspaces_dir={settings}",
+        "--LabApp.expose_app_in_browser=True",
+        "--ServerApp.port_retries=0",
+    ]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     log = open(tmp_path_factory.mktemp("lab-log") / "lab.log", "w")
@@ -97,11 +120,14 @@ def wait_until(page, js, timeout=60.0, arg=None):
 
 def widget_output(page, cell_index):
     """What the widgets of one cell show: the text and pictures of their output areas."""
-    return page.evaluate("""(i) => {
+    return page.evaluate(
+        """(i) => {
         const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[i];
         return [...cell.querySelectorAll('.widget-output')].map(o =>
             o.innerText + [...o.querySelectorAll('img')].map(img => img.src).join('|')).join('\\n');
-    }""", cell_index)
+    }""",
+        cell_index,
+    )
 
 
 def tracebacks(page):
@@ -116,8 +142,12 @@ LESSONS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")
 def browser(lab):
     with playwright_api.sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
         context = p.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, headless=True, args=BROWSER_FLAGS,
-            viewport={"width": 1400, "height": 1000})
+            profile,
+            executable_path=CHROMIUM,
+            headless=True,
+            args=BROWSER_FLAGS,
+            viewport={"width": 1400, "height": 1000},
+        )
         page = context.pages[0] if context.pages else context.new_page()
         base, token = lab
         page.goto(f"{base}/lab?token={token}", timeout=60_000)
@@ -136,7 +166,8 @@ def test_lesson_runs_top_to_bottom_and_its_widget_answers(browser, lesson):
     ARTIFACTS.mkdir(exist_ok=True)
     # Open the lesson alone, wait for its kernel, run every cell (the command's promise
     # settles when the last cell has run).
-    page.evaluate("""async (path) => {
+    page.evaluate(
+        """async (path) => {
         const app = window.jupyterapp;
         await app.restored;
         for (const widget of [...app.shell.widgets('main')]) {  // no "save changes?" dialog
@@ -147,11 +178,17 @@ def test_lesson_runs_top_to_bottom_and_its_widget_answers(browser, lesson):
         await panel.context.ready;
         await panel.sessionContext.ready;
         await app.commands.execute('notebook:run-all-cells');
-    }""", f"notebooks/{lesson}")
-    wait_until(page, """() => {
+    }""",
+        f"notebooks/{lesson}",
+    )
+    wait_until(
+        page,
+        """() => {
         const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
         return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
-    }""", timeout=420)
+    }""",
+        timeout=420,
+    )
     assert not tracebacks(page), f"{lesson}: a cell raised:\n{tracebacks(page)}"
 
     cell = page.evaluate("""() => [...document.querySelectorAll('.jp-Notebook .jp-Cell')]
@@ -159,8 +196,12 @@ def test_lesson_runs_top_to_bottom_and_its_widget_answers(browser, lesson):
     if cell >= 0:
         slider = page.locator(".jp-Notebook .jp-Cell").nth(cell).locator(".widget-slider:visible").first
         slider.scroll_into_view_if_needed()
-        wait_until(page, "(i) => document.querySelectorAll('.jp-Notebook .jp-Cell')[i]"
-                         ".querySelector('.widget-output') !== null", arg=cell)
+        wait_until(
+            page,
+            "(i) => document.querySelectorAll('.jp-Notebook .jp-Cell')[i]"
+            ".querySelector('.widget-output') !== null",
+            arg=cell,
+        )
         before = widget_output(page, cell)
         readout = slider.locator(".widget-readout").inner_text()
         handle = slider.locator(".noUi-handle, .ui-slider-handle").first
@@ -170,16 +211,21 @@ def test_lesson_runs_top_to_bottom_and_its_widget_answers(browser, lesson):
             page.keyboard.press("ArrowLeft")
             page.keyboard.press("ArrowLeft")
         assert slider.locator(".widget-readout").inner_text() != readout, f"{lesson}: the slider did not move"
-        wait_until(page, "([i, old]) => { const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[i];"
-                         " const now = [...cell.querySelectorAll('.widget-output')].map(o => o.innerText +"
-                         " [...o.querySelectorAll('img')].map(img => img.src).join('|')).join('\\n');"
-                         " return now !== old; }",
-                   arg=[cell, before], timeout=90)
+        wait_until(
+            page,
+            "([i, old]) => { const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[i];"
+            " const now = [...cell.querySelectorAll('.widget-output')].map(o => o.innerText +"
+            " [...o.querySelectorAll('img')].map(img => img.src).join('|')).join('\\n');"
+            " return now !== old; }",
+            arg=[cell, before],
+            timeout=90,
+        )
         time.sleep(1.0)  # let the callback finish drawing
         after = widget_output(page, cell)
         assert after != before, f"{lesson}: moving the slider changed nothing"
-        assert "Traceback" not in after and "Error" not in after.split("\n")[0], \
+        assert "Traceback" not in after and "Error" not in after.split("\n")[0], (
             f"{lesson}: the widget raised:\n{after[:2000]}"
+        )
         assert not tracebacks(page), f"{lesson}: the widget raised:\n{tracebacks(page)}"
         slider.scroll_into_view_if_needed()  # the screenshot shows the widget
     page.screenshot(path=str(ARTIFACTS / f"lab-{lesson.removesuffix('.ipynb')}.png"), full_page=False)
