@@ -42,18 +42,22 @@ lab: setup
 	@$(PY) -m course_lib.workspace
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) --notebook-dir=. $(LAB_ARGS)
 
-# build --check: exercises/ and every .ipynb match their sources.
-# pytest: unit tests of course_lib, then the lessons run by nbval. Solutions and untouched
-# exercises are executed by the grader in tests/test_course.py, which asserts every solution
-# passes every exercise with no cell raising, and every untouched exercise reads "not
-# attempted" (stronger than running them a second time under nbval).
 LINTED := course_lib tests benchmarks notebooks/*.py
 
+# build --check: exercises/ and every .ipynb match their sources; ruff: lint and format.
+# pytest, two workers: unit tests of course_lib, then every lesson run top to bottom: in a real
+# browser (tests/ui, which also moves each lesson's widget) where Chromium is installed, as CI
+# does, else under nbval. Either way a cell that raises, or a lesson claim that is false (each is
+# an assert), fails. Solutions and untouched exercises are executed by the grader in
+# tests/test_course.py: every solution passes every exercise with no cell raising, and every
+# untouched exercise reads "not attempted".
+LESSON_RUN := $(shell command -v chromium >/dev/null 2>&1 && echo tests/ui || echo notebooks)
 test: test-setup
 	$(PY) -m course_lib.build --check
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
-	$(PY) -m pytest $(NBVAL) tests notebooks --ignore=tests/ui --durations=15
+	$(PY) -m pytest $(NBVAL) -n 2 --dist loadscope -rs tests $(LESSON_RUN) \
+		$(if $(filter notebooks,$(LESSON_RUN)),--ignore=tests/ui) --durations=15
 
 # A real browser (Debian's chromium, driven by Playwright) runs a chapter in JupyterLab.
 # Skips, saying why, when there is no chromium; `.ci/run` installs it first.

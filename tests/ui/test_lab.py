@@ -1,4 +1,4 @@
-"""A real browser drives JupyterLab through a chapter (`make test-ui`).
+"""A real browser drives JupyterLab through every lesson (`make test` where Chromium is installed, `make test-ui`).
 
 Starts JupyterLab on loopback and, in Chromium (Debian's, driven by Playwright),
 runs every lesson top to bottom; in each lesson with a slider it moves the first
