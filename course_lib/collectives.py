@@ -605,17 +605,39 @@ def trace_broadcast(algorithm, world_size: int, k: int = 4, src: int = 0, **run_
     return traces[algorithm] if isinstance(algorithm, str) else traces
 
 
-def _time_broadcasts_rank(names: list, sizes: list, min_seconds: float, batches: int):
+def _one_zero_tensor(k: int):
+    """Arguments of an in-place algorithm timed at K elements: one array it overwrites."""
+    return (torch.zeros(k, device=launch.device()),)
+
+
+def _time_algorithms_rank(calls: dict, sizes: list, min_seconds: float, batches: int):
     spread = {}
-    nbytes, seconds, backend = time_calls(
-        {name: functools.partial(BROADCASTS[name], src=0) for name in names},
-        lambda k: (torch.zeros(k, device=launch.device()),),
-        sizes,
-        min_seconds,
-        batches,
-        spread=spread,
-    )
+    nbytes, seconds, backend = time_calls(calls, _one_zero_tensor, sizes, min_seconds, batches, spread=spread)
     return nbytes, seconds, backend, spread
+
+
+def time_algorithms(
+    kind: str, calls: dict, world_size: int, sizes, min_seconds: float, batches: int, **run_kwargs
+) -> dict:
+    """Time several in-place algorithms ``calls[name](tensor)`` for one collective ``kind``, taking
+    turns on the same ranks: name -> :class:`Timing`, the median batch with the fastest and slowest
+    beside it."""
+    names = list(calls)
+    nbytes, seconds, backend, spread = launch.run(
+        _time_algorithms_rank, world_size, calls, list(sizes), min_seconds, batches, **run_kwargs
+    )[0]
+    return {
+        name: Timing(
+            kind,
+            world_size,
+            backend,
+            nbytes,
+            seconds[name],
+            [lo for lo, _ in spread[name]],
+            [hi for _, hi in spread[name]],
+        )
+        for name in names
+    }
 
 
 def time_broadcasts(
@@ -627,18 +649,5 @@ def time_broadcasts(
     **run_kwargs,
 ) -> dict:
     """Time broadcasts (keys of :data:`BROADCASTS`) from rank 0, taking turns: name -> :class:`Timing`."""
-    nbytes, seconds, backend, spread = launch.run(
-        _time_broadcasts_rank, world_size, list(names), list(sizes), min_seconds, batches, **run_kwargs
-    )[0]
-    return {
-        name: Timing(
-            "broadcast",
-            world_size,
-            backend,
-            nbytes,
-            seconds[name],
-            [lo for lo, _ in spread[name]],
-            [hi for _, hi in spread[name]],
-        )
-        for name in names
-    }
+    calls = {name: functools.partial(BROADCASTS[name], src=0) for name in names}
+    return time_algorithms("broadcast", calls, world_size, sizes, min_seconds, batches, **run_kwargs)

@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from course_lib import launch
-from course_lib.collectives import Timing, time_calls
+from course_lib.collectives import Timing, time_algorithms
 
 _P2P = {"send": "sent", "isend": "sent", "recv": "received", "irecv": "received"}
 _COLLECTIVES = (
@@ -706,28 +706,8 @@ def count_rounds(world_size: int, names=("ring", "tree"), **run_kwargs) -> dict:
 # timing, with the spread
 
 
-@dataclass
-class SpreadTiming(Timing):
-    """A :class:`~course_lib.collectives.Timing` that also keeps the spread over batches.
-
-    ``seconds`` is the median batch (per size); ``fastest`` and ``slowest`` the
-    best and the worst batch. On a shared laptop the median is the number to
-    read, and the spread says how far to trust it.
-    """
-
-    fastest: list = field(default_factory=list)
-    slowest: list = field(default_factory=list)
-
-
-def _time_all_reduce_rank(names, sizes, min_seconds, batches):
-    def one_tensor(k):  # the algorithms take turns on one array, summing it in place
-        return (torch.zeros(k, device=launch.device()),)
-
-    spread = {}
-    nbytes, seconds, backend = time_calls(
-        {name: ALL_REDUCES[name] for name in names}, one_tensor, sizes, min_seconds, batches, spread=spread
-    )
-    return nbytes, seconds, backend, spread
+#: The timings :func:`time_all_reduce` returns: medians with the fastest and slowest batch.
+SpreadTiming = Timing
 
 
 def time_all_reduce(
@@ -748,18 +728,5 @@ def time_all_reduce(
     unknown = [name for name in names if name not in ALL_REDUCES]
     if unknown:
         raise ValueError(f"unknown all-reduce {unknown[0]!r}; choose from {', '.join(ALL_REDUCES)}")
-    nbytes, seconds, backend, spread = launch.run(
-        _time_all_reduce_rank, world_size, list(names), list(sizes), min_seconds, batches, **run_kwargs
-    )[0]
-    return {
-        name: SpreadTiming(
-            "all-reduce",
-            world_size,
-            backend,
-            nbytes,
-            seconds[name],
-            [lo for lo, _ in spread[name]],
-            [hi for _, hi in spread[name]],
-        )
-        for name in names
-    }
+    calls = {name: ALL_REDUCES[name] for name in names}
+    return time_algorithms("all-reduce", calls, world_size, sizes, min_seconds, batches, **run_kwargs)

@@ -153,7 +153,7 @@ def test_a_rank_that_raises_becomes_rank_error_quickly():
     start = time.monotonic()
     with pytest.raises(RankError) as info:
         run(fails_on_rank_two, 4, timeout=60)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30  # not a speed goal (make bench): it did not wait for timeout=60
     err = info.value
     assert isinstance(err, RuntimeError)
     assert err.rank == 2 and err.exc_type == "ValueError"
@@ -172,7 +172,7 @@ def test_a_rank_that_dies_without_an_exception_is_reported():
     start = time.monotonic()
     with pytest.raises(RankError) as info:
         run(vanish, 3, timeout=60)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30  # it did not wait for timeout=60
     assert info.value.rank == 1
     assert "SIGABRT" in str(info.value) and "about to abort" in str(info.value)
 
