@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from course_lib import launch
+from course_lib.units import format_bytes
 
 #: Every collective this chapter runs, in the order the lesson meets them.
 COLLECTIVES = ("send/recv", "broadcast", "reduce", "all-reduce", "all-gather", "reduce-scatter", "all-to-all")
@@ -234,14 +235,6 @@ class Timing:
                 row += f" {f'{self.fastest[i] * 1e3:.3f}–{self.slowest[i] * 1e3:.3f}':>22}"
             lines.append(row)
         return "\n".join(lines)
-
-
-def format_bytes(nbytes: float) -> str:
-    """4096 -> '4 KiB'."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:g} {unit}"
-        nbytes /= 1024
 
 
 def sync_device(dev: torch.device) -> None:

@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from course_lib.pp import bubble_formula
+from course_lib.units import format_bytes as _format_bytes
 from course_lib.zero import formula_bytes, formula_traffic
 
 #: Bytes per element of activations and of messages (fp16/bf16 training, or the course's fp32).
@@ -246,13 +247,6 @@ def estimate(model: Model, plan: Strategy, gpus: int | None = None) -> Estimate:
     return result
 
 
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1000
-
-
 # ----------------------------------------------------------------------------
 # a picture: memory per GPU of a few plans, side by side
 
@@ -267,3 +261,8 @@ def draw_plans(model: Model, plans: dict, gpu_bytes: float = 80e9):
     return plot_plan_memory(
         memories, gpu_bytes, f"{model.params / 1e9:.3g}B parameters, sequence {model.seq_len}: memory per GPU"
     )
+
+
+def format_bytes(n: float) -> str:
+    """Memory in the decimal units GPUs are sold in: 80e9 -> '80 GB'."""
+    return _format_bytes(n, decimal=True)

@@ -26,6 +26,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from course_lib import dp as data_parallel  # aliases: train_3d's dp, tp, pp are sizes
+from course_lib import pp as pipeline
+from course_lib import tp as tensor_parallel
+from course_lib.comm import global_rank
+from course_lib.models import shard
+from course_lib.tp import block_of
+from course_lib.zero import ZeroAdam
+
 #: Axes from the fastest-varying to the slowest.
 AXES = ("tp", "dp", "pp")
 
@@ -128,12 +136,10 @@ def build_3d_stage(grid: RankGrid, model: nn.Sequential) -> nn.Sequential:
 
     The layer names keep their global index (``"3.fc1.weight"``), so they match the model's.
     """
-    from course_lib import pp, tp
-
-    stage = pp.partition(model, grid.pp_rank, grid.pp)
+    stage = pipeline.partition(model, grid.pp_rank, grid.pp)
     return nn.Sequential(
         OrderedDict(
-            (name, tp.TensorParallelMLP.from_dense(layer, group=grid.tp_group))
+            (name, tensor_parallel.TensorParallelMLP.from_dense(layer, group=grid.tp_group))
             for name, layer in stage.named_children()
         )
     )
@@ -141,11 +147,10 @@ def build_3d_stage(grid: RankGrid, model: nn.Sequential) -> nn.Sequential:
 
 def tp_block(name: str, dense: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
     """The block of a dense MLP parameter that tensor-parallel rank ``tp_rank`` holds."""
-    step_rows, step_cols = dense.shape[0] // tp_size, dense.shape[-1] // tp_size
     if name.endswith(("fc1.weight", "fc1.bias")):  # column-parallel: a block of output features
-        return dense[tp_rank * step_rows : (tp_rank + 1) * step_rows]
+        return dense[block_of(dense.shape[0], tp_size, tp_rank, name)]
     if name.endswith("fc2.weight"):  # row-parallel: a block of input features
-        return dense[:, tp_rank * step_cols : (tp_rank + 1) * step_cols]
+        return dense[:, block_of(dense.shape[-1], tp_size, tp_rank, name)]
     return dense  # fc2's bias is replicated
 
 
@@ -171,10 +176,6 @@ def train_3d(
     Returns ``{"coord", "losses" (last stage only, mean over the whole batch), "params",
     "memory" (ZeroAdam's report of the model states after the last update, or None)}``.
     """
-    from course_lib import dp as data_parallel
-    from course_lib import pp as pipeline
-    from course_lib.models import shard
-    from course_lib.zero import ZeroAdam
 
     grid = RankGrid(dp, tp, pp)
     stage = build_3d_stage(grid, model_fn())
@@ -203,7 +204,6 @@ def train_3d(
 
 def train_dense(model, batches, zero_stage: int | None = None, lr: float = 0.1) -> list[float]:
     """The single-process reference for :func:`train_3d`: same optimizer, whole batches."""
-    from course_lib import dp as data_parallel
 
     if zero_stage is None:
         return data_parallel.train_single_process(model, batches, lr)
@@ -300,9 +300,6 @@ def time_step_messages(
     then back). Returns ``{"coord", "messages" (StepMessages), "seconds" (per axis, the
     fastest of ``repeats``)}``.
     """
-    from course_lib import dp as data_parallel
-    from course_lib import pp as pipeline
-    from course_lib.comm import global_rank
 
     grid = RankGrid(dp, tp, pp)
     stage = build_3d_stage(grid, model_fn())

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from course_lib.checks import Mismatch, compare, exercise, learner_in_rank, run_learner
 from course_lib.models import make_mlp
+from course_lib.tp import block_of
 
 WORLD_SIZES = (1, 2, 4)
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
@@ -138,7 +139,8 @@ def rank_data(n: int, shape, salt: int) -> list:
 
 
 def block(size: int, n: int, rank: int) -> slice:
-    return slice(rank * size // n, (rank + 1) * size // n)
+    """Rank ``rank``'s block of ``range(size)``: :func:`course_lib.tp.block_of` (refuses uneven splits)."""
+    return block_of(size, n, rank)
 
 
 def only_block(grad: torch.Tensor, dim: int, rows: slice) -> torch.Tensor:
