@@ -81,22 +81,32 @@ SECONDARY_ERRORS = (
 )
 
 
+def lost_connection(error_text: str) -> bool:
+    """Whether a rank's error only says a peer's connection closed: a consequence, not a cause."""
+    return any(s in error_text for s in SECONDARY_ERRORS)
+
+
 class RankError(RuntimeError):
     """A rank raised or died; ``.rank`` is the rank that failed first."""
 
-    def __init__(self, rank: int, message: str, exc_type: str = ""):
+    def __init__(self, rank: int, message: str, exc_type: str = "", lost_connection: bool = False):
         super().__init__(message)
         self.rank = rank
         #: Name of the exception the rank raised ("" when it died without one).
         self.exc_type = exc_type
+        #: True when the rank only saw a peer's connection close (no rank failed on its own):
+        #: a peer left while this one waited, the sign of a mismatched send/recv.
+        self.lost_connection = lost_connection
 
 
 class LaunchTimeout(RankError):
     """Some ranks had not returned when the launch's ``timeout`` ran out."""
 
-    def __init__(self, rank: int, message: str, waiting_ranks: list[int]):
+    def __init__(self, rank: int, message: str, waiting_ranks: list[int], rank_states: list[str] = ()):
         super().__init__(rank, message, type(self).__name__)
         self.waiting_ranks = waiting_ranks
+        #: One line per rank, in rank order: "rank 1: waiting in dist.recv (its communication call #2)".
+        self.rank_states = list(rank_states)
 
 
 class DeadlockError(LaunchTimeout):
@@ -459,9 +469,7 @@ class _Launch:
                 self._drain(r)
                 if r not in errors:
                     self._died(r)
-        secondary = {
-            r for r, (tb, t, _) in errors.items() if not t and any(s in tb for s in SECONDARY_ERRORS)
-        }
+        secondary = {r for r, (tb, t, _) in errors.items() if not t and lost_connection(tb)}
         timed_out = {r for r, (_, t, _) in errors.items() if t}
         # A rank whose collective timed out leaves, and its peers then see their
         # connection close: still a deadlock, reported as one.
@@ -472,15 +480,14 @@ class _Launch:
                 f"when rank {first}'s collective timed out (PG_TIMEOUT={self.pg_timeout:g} s)",
                 errors[first][0],
             )
-        primary = [
-            r for r, (tb, t, _) in errors.items() if not t and not any(s in tb for s in SECONDARY_ERRORS)
-        ]
+        primary = [r for r, (tb, t, _) in errors.items() if not t and not lost_connection(tb)]
         first = min(primary or [r for r, (_, t, _) in errors.items() if not t])
         tb, _, exc_type = errors[first]
         tb = tb.rstrip()
         others = sorted(set(errors) - {first})
         note = f"\n(ranks {others} failed after it, most likely because rank {first} left.)" if others else ""
-        raise RankError(first, f"rank {first} of {self.n} raised an exception:\n\n{tb}{note}", exc_type)
+        message = f"rank {first} of {self.n} raised an exception:\n\n{tb}{note}"
+        raise RankError(first, message, exc_type, lost_connection=not primary)
 
     def _died(self, rank):
         code = self.procs[rank].exitcode
@@ -532,7 +539,8 @@ class _Launch:
         if traceback_text:
             msg += f"\n\nWhere rank {blamed} was waiting:\n{traceback_text.rstrip()}"
         error = DeadlockError if in_comm else LaunchTimeout
-        return error(waiting[0] if blamed is None else blamed, msg, waiting)
+        states = [line.strip() for line in lines]
+        return error(waiting[0] if blamed is None else blamed, msg, waiting, states)
 
     def _print(self, rank, text):
         text = self.partial[rank] + text

@@ -434,7 +434,7 @@ _RANK_ERROR = re.compile(r"^\[rank(\d+)\]: (\w+(?:Error|Exception|Interrupt)\b.*
 
 def _nodes_failure(codes, outputs, commands) -> str:
     """Which node failed, and which rank's error is the cause rather than a consequence."""
-    from course_lib.launch import SECONDARY_ERRORS
+    from course_lib.launch import lost_connection
 
     states = ", ".join(
         f"node {i} " + ("still running (stopped)" if c is None else f"exit code {c}")
@@ -446,7 +446,7 @@ def _nodes_failure(codes, outputs, commands) -> str:
         for line in out.splitlines()
         if (m := _RANK_ERROR.match(line))
     ]
-    causes = [e for e in errors if not any(s in e[2] for s in SECONDARY_ERRORS)]
+    causes = [e for e in errors if not lost_connection(e[2])]
     if causes:
         rank, node, text = causes[0]
         others = sorted({r for r, _, _ in errors} - {rank})

@@ -218,17 +218,16 @@ def run_learner(
     try:
         return launch.run(rank_fn, n, payload, *args, timeout=timeout, **launch_options)
     except LaunchTimeout as exc:
-        lines = str(exc).splitlines()
-        where = "; ".join(ln.strip() for ln in lines[1 : 1 + n] if ln.startswith("  rank"))
+        summary, where = str(exc).splitlines()[0], "; ".join(exc.rank_states)
         if isinstance(exc, DeadlockError):
-            raise Mismatch(f"{label}: deadlock — {lines[0]} ({where}){deadlock_hint}") from None
-        raise Mismatch(f"{label}: timed out (an endless loop?) — {lines[0]} ({where})") from None
+            raise Mismatch(f"{label}: deadlock — {summary} ({where}){deadlock_hint}") from None
+        raise Mismatch(f"{label}: timed out (an endless loop?) — {summary} ({where})") from None
     except RankError as exc:
         if exc.exc_type in refused:
             # the exception line: ranks that failed after this one add a note below it
             message = _last_line(str(exc)).split(": ", 1)[-1]
             raise Mismatch(f"{message} (rank {exc.rank}, {label})") from None
-        if any(s in str(exc) for s in launch.SECONDARY_ERRORS):
+        if exc.lost_connection:
             raise Mismatch(
                 f"{label}: deadlock — rank {exc.rank} lost its connection while its peers "
                 f"waited: is there a recv with no matching send, or do the ranks make "
