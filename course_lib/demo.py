@@ -77,6 +77,10 @@ def strategy(name, what, needs=lambda n, o: None):
     return register
 
 
+def _divisors_from_2(size: int) -> str:
+    return ", ".join(str(k) for k in range(2, size + 1) if size % k == 0)
+
+
 def divides(size, what):
     return lambda n, o: (
         None
@@ -377,7 +381,3 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _divisors_from_2(size: int) -> str:
-    return ", ".join(str(k) for k in range(2, size + 1) if size % k == 0)
