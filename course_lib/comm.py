@@ -130,6 +130,29 @@ def _tensor_bytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
+def _count_payload_at_the_process_group(traffic: Traffic):
+    """Add every point-to-point payload to ``traffic`` where all of them pass: the process group's
+    own send and recv, below any Python name (``from torch.distributed import isend`` counts too).
+    Returns the function that undoes it."""
+    group_class = torch._C._distributed_c10d.ProcessGroup
+    real_send, real_recv = group_class.send, group_class.recv
+
+    def send(self, tensors, *args, **kwargs):
+        traffic.payload_sent += sum(_tensor_bytes(t) for t in tensors)
+        return real_send(self, tensors, *args, **kwargs)
+
+    def recv(self, tensors, *args, **kwargs):
+        traffic.payload_received += sum(_tensor_bytes(t) for t in tensors)
+        return real_recv(self, tensors, *args, **kwargs)
+
+    group_class.send, group_class.recv = send, recv
+
+    def undo():
+        group_class.send, group_class.recv = real_send, real_recv
+
+    return undo
+
+
 @contextlib.contextmanager
 def count_traffic():
     """Count this rank's communication inside the ``with`` block; yields a :class:`Traffic`."""
@@ -145,13 +168,8 @@ def count_traffic():
             if depth[0]:
                 return original(*args, **kwargs)
             call = Call(name)
-            if direction:
+            if direction:  # the payload totals are counted below, at the process group
                 call.payload_bytes = _tensor_bytes(args[0] if args else kwargs.get("tensor"))
-                setattr(
-                    traffic,
-                    f"payload_{direction}",
-                    getattr(traffic, f"payload_{direction}") + call.payload_bytes,
-                )
             before = tcp_bytes() if wire else None
             depth[0] += 1
             try:
@@ -172,10 +190,8 @@ def count_traffic():
             if depth[0]:
                 return original(p2p_ops)
             for op in p2p_ops:
-                direction = "sent" if getattr(op.op, "__name__", "") == "isend" else "received"
-                size = _tensor_bytes(op.tensor)
-                setattr(traffic, f"payload_{direction}", getattr(traffic, f"payload_{direction}") + size)
-                traffic.calls.append(Call("isend" if direction == "sent" else "irecv", size))
+                sent = getattr(op.op, "__name__", "") == "isend"
+                traffic.calls.append(Call("isend" if sent else "irecv", _tensor_bytes(op.tensor)))
             depth[0] += 1
             try:
                 return original(p2p_ops)
@@ -193,9 +209,11 @@ def count_traffic():
     }
     start = tcp_bytes() if wire else None
     undo = launch.replace_dist_functions(counted)
+    undo_payload = _count_payload_at_the_process_group(traffic)
     try:
         yield traffic
     finally:
+        undo_payload()
         undo()
         if start is not None:
             end = _settled_tcp_bytes()
