@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from course_lib import launch
+from course_lib.traffic import count_traffic
 from course_lib.units import format_bytes
 
 #: Every collective this chapter runs, in the order the lesson meets them.
@@ -427,8 +428,6 @@ class WireBytes:
 
 
 def _wire_rank(names: list, k: int, root: int):
-    from course_lib.comm import count_traffic  # comm imports this module
-
     if launch.device().type != "cpu":
         return None  # the tensors travel over NCCL, whose bytes no socket counter sees
     out = {}

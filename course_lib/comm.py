@@ -1,330 +1,44 @@
-"""Communication, measured: a traffic counter for every chapter.
+"""Chapter 03: all-reduce built from point-to-point calls only, to count and time.
 
-    with count_traffic() as traffic:        # inside a rank
-        dist.all_reduce(grad)
-    traffic.sent, traffic.received          # bytes on this rank's wire, measured
+``ring_all_reduce`` (= ``ring_reduce_scatter`` + ``ring_all_gather``), and for contrast
+``unchunked_ring_all_reduce``, ``naive_all_reduce`` and ``tree_all_reduce``;
+``record_ring_steps`` records every step of the ring for its pictures, ``count_rounds``
+counts the rounds of messages each needs (the α term), and ``time_all_reduce`` times them
+against ``dist.all_reduce``, with the spread.
 
-Two kinds of figure, kept apart on purpose:
-
-* **payload** bytes: what point-to-point calls (send/recv/isend/irecv) were asked
-  to move. Exact by construction; collectives have no payload figure, because
-  how much a collective moves per rank depends on its algorithm.
-* **wire** bytes: what really crossed this rank's TCP connections while the
-  counter was on, read from the kernel (Linux ``TCP_INFO``: bytes_sent,
-  bytes_received). This covers built-in collectives too (gloo's all-reduce
-  shows up as its ring's 2(N-1)/N·K) and includes gloo's small message headers
-  (tens of bytes per message). Not available under NCCL or off Linux: None.
-
-Chapter 03 adds all-reduce built from point-to-point calls only, to count and time:
-``ring_all_reduce`` (= ``ring_reduce_scatter`` + ``ring_all_gather``), and for
-contrast ``unchunked_ring_all_reduce``, ``naive_all_reduce`` and ``tree_all_reduce``;
-``record_ring_steps`` records every step of the ring for its pictures,
-``count_rounds`` counts the rounds of messages each needs (the α term), and
-``time_all_reduce`` times them against ``dist.all_reduce``, with the spread.
+The traffic counter (``count_traffic``) lives in :mod:`course_lib.traffic` and the shared
+point-to-point helpers (``Ring``, ``global_rank``, headers) in :mod:`course_lib.p2p`; both are
+importable from here too, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import os
-import socket
-import struct
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from course_lib import launch
 from course_lib.collectives import Timing, time_algorithms
-
-_P2P = {"send": "sent", "isend": "sent", "recv": "received", "irecv": "received"}
-_COLLECTIVES = (
-    "broadcast",
-    "all_reduce",
-    "reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "all_to_all",
-    "all_to_all_single",
-    "gather",
-    "scatter",
-    "barrier",
-    "all_gather_single",
-    "reduce_scatter_single",
+from course_lib.p2p import (  # noqa: F401 - public here before the split
+    HEADER_BYTES,
+    Ring,
+    _describe,
+    _header,
+    global_rank,
+    recv_header,
+    ring_of,
+    send_header,
 )
-# struct tcp_info (linux/tcp.h): u64 tcpi_bytes_received at byte 128, u64 tcpi_bytes_sent at 200.
-_BYTES_RECEIVED_AT, _BYTES_SENT_AT, _TCP_INFO_SIZE = 128, 200, 232
-
-
-@dataclass
-class Call:
-    op: str
-    payload_bytes: int = 0  # point-to-point only
-    wire_sent: int | None = None  # measured during the call (async calls finish later)
-    wire_received: int | None = None
-
-
-@dataclass
-class Traffic:
-    """What one rank sent and received while a :func:`count_traffic` block ran."""
-
-    calls: list[Call] = field(default_factory=list)
-    payload_sent: int = 0
-    payload_received: int = 0
-    sent: int | None = None  # wire bytes, measured over the whole block
-    received: int | None = None
-
-    def count(self, op: str) -> int:
-        return sum(c.op == op for c in self.calls)
-
-    def __str__(self):
-        wire = "n/a" if self.sent is None else f"{self.sent:,} B sent, {self.received:,} B received"
-        return (
-            f"{len(self.calls)} calls; payload {self.payload_sent:,} B sent, "
-            f"{self.payload_received:,} B received; wire {wire}"
-        )
-
-
-def tcp_bytes() -> tuple[int, int] | None:
-    """(bytes sent, bytes received) over all of this process's TCP sockets, or None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    sent = received = 0
-    try:
-        fds = os.listdir("/proc/self/fd")
-    except OSError:
-        return None
-    for name in fds:
-        try:
-            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                continue
-            sock = socket.socket(fileno=int(name))
-        except OSError:
-            continue
-        try:
-            if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
-                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
-                if len(info) >= _BYTES_SENT_AT + 8:
-                    sent += struct.unpack_from("Q", info, _BYTES_SENT_AT)[0]
-                    received += struct.unpack_from("Q", info, _BYTES_RECEIVED_AT)[0]
-        except OSError:
-            pass
-        finally:
-            sock.detach()  # the socket belongs to gloo: do not close it
-    return sent, received
-
-
-def _measures_wire() -> bool:
-    # gloo (alone, or for the CPU tensors beside NCCL) talks over TCP sockets we can read;
-    # NCCL's traffic (shared memory, NVLink, InfiniBand) is invisible here.
-    return dist.is_initialized() and "gloo" in dist.get_backend() and tcp_bytes() is not None
-
-
-def _tensor_bytes(t) -> int:
-    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
-
-
-def _count_payload_at_the_process_group(traffic: Traffic):
-    """Add every point-to-point payload to ``traffic`` where all of them pass: the process group's
-    own send and recv, below any Python name (``from torch.distributed import isend`` counts too).
-    Returns the function that undoes it."""
-    group_class = torch._C._distributed_c10d.ProcessGroup
-    real_send, real_recv = group_class.send, group_class.recv
-
-    def send(self, tensors, *args, **kwargs):
-        traffic.payload_sent += sum(_tensor_bytes(t) for t in tensors)
-        return real_send(self, tensors, *args, **kwargs)
-
-    def recv(self, tensors, *args, **kwargs):
-        traffic.payload_received += sum(_tensor_bytes(t) for t in tensors)
-        return real_recv(self, tensors, *args, **kwargs)
-
-    group_class.send, group_class.recv = send, recv
-
-    def undo():
-        group_class.send, group_class.recv = real_send, real_recv
-
-    return undo
-
-
-@contextlib.contextmanager
-def count_traffic():
-    """Count this rank's communication inside the ``with`` block; yields a :class:`Traffic`."""
-    traffic = Traffic()
-    wire = _measures_wire()
-    depth = [0]  # a call made inside a counted call (recv uses irecv) is not counted again
-
-    def wrap(name, original):
-        direction = _P2P.get(name)
-
-        @functools.wraps(original)
-        def counted(*args, **kwargs):
-            if depth[0]:
-                return original(*args, **kwargs)
-            call = Call(name)
-            if direction:  # the payload totals are counted below, at the process group
-                call.payload_bytes = _tensor_bytes(args[0] if args else kwargs.get("tensor"))
-            before = tcp_bytes() if wire else None
-            depth[0] += 1
-            try:
-                result = original(*args, **kwargs)
-            finally:
-                depth[0] -= 1
-            if before is not None:
-                after = tcp_bytes()
-                call.wire_sent, call.wire_received = after[0] - before[0], after[1] - before[1]
-            traffic.calls.append(call)
-            return result
-
-        return counted
-
-    def wrap_batch(original):
-        @functools.wraps(original)
-        def counted(p2p_ops):
-            if depth[0]:
-                return original(p2p_ops)
-            for op in p2p_ops:
-                sent = getattr(op.op, "__name__", "") == "isend"
-                traffic.calls.append(Call("isend" if sent else "irecv", _tensor_bytes(op.tensor)))
-            depth[0] += 1
-            try:
-                return original(p2p_ops)
-            finally:
-                depth[0] -= 1
-
-        return counted
-
-    counted = {
-        name: wrap_batch(getattr(dist, name))
-        if name == "batch_isend_irecv"
-        else wrap(name, getattr(dist, name))
-        for name in (*_P2P, *_COLLECTIVES, "batch_isend_irecv")
-        if hasattr(dist, name)
-    }
-    start = tcp_bytes() if wire else None
-    undo = launch.replace_dist_functions(counted)
-    undo_payload = _count_payload_at_the_process_group(traffic)
-    try:
-        yield traffic
-    finally:
-        undo_payload()
-        undo()
-        if start is not None:
-            end = _settled_tcp_bytes()
-            traffic.sent, traffic.received = end[0] - start[0], end[1] - start[1]
-
-
-def _settled_tcp_bytes(quiet_s: float = 0.005, limit_s: float = 0.2):
-    """Counters once they stop moving: a finished isend may still sit in the
-    socket's buffer until the peer reads it, and only then counts as sent."""
-    last, start = tcp_bytes(), time.monotonic()
-    while time.monotonic() - start < limit_s:
-        time.sleep(quiet_s)
-        now = tcp_bytes()
-        if now == last:
-            break
-        last = now
-    return last
-
+from course_lib.traffic import Traffic, count_traffic, tcp_bytes  # noqa: F401 - public here too
 
 # ----------------------------------------------------------------------------
 # all-reduce built from point-to-point calls (chapter 03)
 #
 # Chunk c of a tensor of K elements on N ranks is ``tensor.view(-1).tensor_split(N)[c]``:
 # the first K mod N chunks hold one element more than the others.
-
-#: Size of the header each rank sends its right neighbour before a ring, so that
-#: ranks holding different shapes or dtypes fail with a clear error.
-HEADER_BYTES = 80
-_HEADER_DIMS = 8
-_DTYPES = (
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int64,
-    torch.int32,
-    torch.int16,
-    torch.int8,
-    torch.uint8,
-    torch.complex64,
-    torch.complex128,
-)
-
-
-def global_rank(group, group_rank: int) -> int:
-    """Point-to-point calls name peers by their global rank, even inside a group."""
-    return group_rank if group is None else dist.get_global_rank(group, group_rank)
-
-
-@dataclass(frozen=True)
-class Ring:
-    """This rank's place in a group: its group rank, the group size, its neighbours."""
-
-    rank: int
-    size: int
-    group: object = None
-
-    def global_rank(self, group_rank: int) -> int:
-        return global_rank(self.group, group_rank)
-
-    @property
-    def left(self) -> int:
-        return self.global_rank((self.rank - 1) % self.size)
-
-    @property
-    def right(self) -> int:
-        return self.global_rank((self.rank + 1) % self.size)
-
-
-def ring_of(group=None) -> Ring:
-    """This rank's :class:`Ring` in ``group`` (None: every rank)."""
-    rank = dist.get_rank(group)
-    if rank < 0:
-        raise ValueError("this rank is not a member of the group it was asked to communicate in")
-    return Ring(rank, dist.get_world_size(group), group)
-
-
-def _header(tensor: torch.Tensor) -> torch.Tensor:
-    code = _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else -1
-    shape = list(tensor.shape) if tensor.dim() <= _HEADER_DIMS else [tensor.numel()]
-    dims = shape + [0] * (_HEADER_DIMS - len(shape))
-    return torch.tensor([code, len(shape)] + dims, dtype=torch.int64, device=tensor.device)
-
-
-def send_header(tensor: torch.Tensor, dst: int, group=None):
-    """Start sending ``tensor``'s shape and dtype to ``dst``, so it can allocate a buffer.
-
-    Returns (request, header): the header must live until the request completes.
-    """
-    if tensor.dtype not in _DTYPES or tensor.dim() > _HEADER_DIMS:
-        raise ValueError(
-            f"a header describes up to {_HEADER_DIMS} dimensions of "
-            f"{', '.join(str(d).replace('torch.', '') for d in _DTYPES)}; "
-            f"got shape {tuple(tensor.shape)} {tensor.dtype}"
-        )
-    header = _header(tensor)
-    return dist.isend(header, dst, group=group), header
-
-
-def recv_header(src: int, group=None, device="cpu") -> tuple[tuple, torch.dtype]:
-    """The (shape, dtype) that :func:`send_header` on ``src`` sent."""
-    header = torch.empty(2 + _HEADER_DIMS, dtype=torch.int64, device=device)
-    dist.recv(header, src, group=group)
-    code, ndim, *dims = header.tolist()
-    return tuple(dims[:ndim]), _DTYPES[code]
-
-
-def _describe(header: torch.Tensor) -> str:
-    code, ndim, *dims = header.tolist()
-    dtype = str(_DTYPES[code]).replace("torch.", "") if 0 <= code < len(_DTYPES) else "another dtype"
-    return f"shape {tuple(dims[:ndim])} {dtype}"
 
 
 def _checked_ring(tensor, group, name: str) -> Ring:

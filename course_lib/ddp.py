@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from course_lib import launch
-from course_lib.comm import global_rank
+from course_lib.p2p import global_rank
 
 
 def assign_buckets(sizes, cap_bytes: float) -> list[list[int]]:

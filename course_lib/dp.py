@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from course_lib.comm import count_traffic
 from course_lib.models import make_mlp, regression_data, shard
+from course_lib.traffic import count_traffic
 
 #: How the ranks agree on the gradient: ours three ways, and torch's DDP as the reference.
 SYNCS = ("all-reduce", "parameter-server", "sharded-parameter-server", "ddp")

@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from course_lib import dp as data_parallel  # aliases: train_3d's dp, tp, pp are sizes
 from course_lib import pp as pipeline
 from course_lib import tp as tensor_parallel
-from course_lib.comm import global_rank
 from course_lib.models import shard
+from course_lib.p2p import global_rank
 from course_lib.tp import block_of
 from course_lib.zero import ZeroAdam
 

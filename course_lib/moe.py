@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from course_lib.comm import global_rank
 from course_lib.models import MLP
+from course_lib.p2p import global_rank
 
 #: Switch Transformer's scale for the load-balancing loss.
 AUX_LOSS_WEIGHT = 0.01

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # what torch's FlopC
 from torch.utils.flop_counter import flop_registry
 
 from course_lib import launch
-from course_lib.comm import global_rank, recv_header, send_header
+from course_lib.p2p import global_rank, recv_header, send_header
 
 # ----------------------------------------------------------------------------
 # schedules: the order in which each stage runs its forwards (F) and backwards (B)

@@ -32,8 +32,8 @@ from course_lib.checks import (
     learner_in_rank,
     run_learner,
 )
-from course_lib.comm import count_traffic
 from course_lib.models import make_mlp, shard
+from course_lib.traffic import count_traffic
 
 WORLD_SIZES = (1, 2, 3, 4)
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.

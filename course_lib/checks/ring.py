@@ -6,7 +6,7 @@ exactly): K = 10 as int64 and K = 7 as float32, which most N do not divide
 (unequal chunks), and K = 2, fewer elements than ranks (empty chunks). The
 expected values are computed here from every rank's data. As in chapter 01,
 the built-in collectives raise inside the ranks; and each rank's bytes sent
-(counted by ``course_lib.comm.count_traffic``) must be what a ring sends, so
+(counted by ``course_lib.traffic.count_traffic``) must be what a ring sends, so
 an algorithm that gets the sums right by sending more is caught too.
 
 Chunk c of a tensor is ``tensor.view(-1).tensor_split(N)[c]``.
@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from course_lib import ddp, launch
 from course_lib.checks import Mismatch, exercise, learner_in_rank, run_learner, send_recv_only
-from course_lib.comm import count_traffic
+from course_lib.traffic import count_traffic
 
 WORLD_SIZES = (1, 2, 3, 4)
 #: (shape, dtype) of the tensors every check runs on.
