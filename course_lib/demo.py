@@ -348,7 +348,7 @@ def parse(argv=None):
 def main(argv=None) -> int:
     opts = parse(argv)
     unknown = [s for s in opts.strategies if s not in STRATEGIES]
-    rank, n = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    n = int(os.environ.get("WORLD_SIZE", 1))
     problems = [f"unknown strategy {s!r}: choose from {', '.join(STRATEGIES)}" for s in unknown]
     for s in opts.strategies:
         if s in STRATEGIES:
@@ -359,8 +359,9 @@ def main(argv=None) -> int:
             if why:
                 problems.append(f"{s} cannot run on {n} rank(s): {why}")
     if problems:  # before any rendezvous: every rank can tell on its own
-        if rank == 0:
-            print("\n".join(f"course_lib.demo: {p}" for p in problems), file=sys.stderr, flush=True)
+        # Every rank says it: torchrun stops the others as soon as one exits, so rank 0's words
+        # alone could be lost when another rank is quicker.
+        print("\n".join(f"course_lib.demo: {p}" for p in problems), file=sys.stderr, flush=True)
         return 2
     torch.set_num_threads(1)  # ranks share the machine's cores
     backend = pick_backend(opts.backend)
