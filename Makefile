@@ -45,7 +45,7 @@ lab: setup
 LINTED := course_lib tests benchmarks notebooks/*.py
 
 # build --check: exercises/ and every .ipynb match their sources; ruff: lint and format.
-# pytest, three workers (ranks and kernels wait much of the time, so 3 beat 2 on 2 cores): unit tests of course_lib, then every lesson run top to bottom: in a real
+# pytest, two workers (ranks and kernels wait much of the time; three were slower here): unit tests of course_lib, then every lesson run top to bottom: in a real
 # browser (tests/ui, which also moves each lesson's widget) where Chromium is installed, as CI
 # does, else under nbval. Either way a cell that raises, or a lesson claim that is false (each is
 # an assert), fails. Solutions and untouched exercises are executed by the grader in
@@ -56,7 +56,7 @@ test: test-setup
 	$(PY) -m course_lib.build --check
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
-	$(PY) -m pytest $(NBVAL) -n 3 --dist loadscope -rs tests $(LESSON_RUN) \
+	$(PY) -m pytest $(NBVAL) -n 2 --dist loadscope -rs tests $(LESSON_RUN) \
 		$(if $(filter notebooks,$(LESSON_RUN)),--ignore=tests/ui) --durations=15
 
 # A real browser (Debian's chromium, driven by Playwright) runs a chapter in JupyterLab.

@@ -45,31 +45,36 @@ PG_TIMEOUT = float(os.environ.get("COURSE_PG_TIMEOUT", "30"))
 #: Largest world a launch accepts; each rank is a whole process.
 MAX_WORLD_SIZE = 64
 
-# Functions of torch.distributed whose entry and exit each rank records, so a
-# deadlock report can say where every rank is waiting.
-TRACED_CALLS = (
-    "send",
-    "recv",
-    "isend",
-    "irecv",
-    "batch_isend_irecv",
+# The one table of torch.distributed's communication calls. The launcher traces them (where
+# each rank waits), the traffic counter counts them, the checks switch the collectives off.
+POINT_TO_POINT = ("send", "recv", "isend", "irecv", "batch_isend_irecv")
+#: Every call that moves data between the ranks of a group together (barrier moves none).
+COLLECTIVE_CALLS = (
     "broadcast",
     "all_reduce",
     "reduce",
     "all_gather",
     "all_gather_into_tensor",
+    "all_gather_single",
+    "all_gather_coalesced",
+    "all_reduce_coalesced",
+    "_all_gather_base",
     "reduce_scatter",
     "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "_reduce_scatter_base",
     "all_to_all",
     "all_to_all_single",
-    "gather",
     "scatter",
-    "barrier",
-    "all_gather_object",
+    "gather",
     "broadcast_object_list",
-    "all_gather_single",
-    "reduce_scatter_single",
+    "all_gather_object",
+    "gather_object",
+    "scatter_object_list",
 )
+# Functions whose entry and exit each rank records, so a deadlock report can say where every
+# rank is waiting.
+TRACED_CALLS = tuple(name for name in (*POINT_TO_POINT, *COLLECTIVE_CALLS, "barrier") if hasattr(dist, name))
 _NON_BLOCKING = {TRACED_CALLS.index(name) for name in ("isend", "irecv", "batch_isend_irecv")}
 _RUNNING, _RETURNED = -1, -2
 SECONDARY_ERRORS = (

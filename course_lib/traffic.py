@@ -34,22 +34,7 @@ import torch.distributed as dist
 from course_lib import launch
 
 _P2P = {"send": "sent", "isend": "sent", "recv": "received", "irecv": "received"}
-_COLLECTIVES = (
-    "broadcast",
-    "all_reduce",
-    "reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "all_to_all",
-    "all_to_all_single",
-    "gather",
-    "scatter",
-    "barrier",
-    "all_gather_single",
-    "reduce_scatter_single",
-)
+_COLLECTIVES = (*launch.COLLECTIVE_CALLS, "barrier")  # counted as calls; their bytes on the wire
 # struct tcp_info (linux/tcp.h): u64 tcpi_bytes_received at byte 128, u64 tcpi_bytes_sent at 200.
 _BYTES_RECEIVED_AT, _BYTES_SENT_AT, _TCP_INFO_SIZE = 128, 200, 232
 

@@ -35,10 +35,10 @@ def grade(paths, report, jobs=1):
 
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
-    """Every solution and every untouched exercise, graded in one run, three kernels at a time
+    """Every solution and every untouched exercise, graded in one run, two kernels at a time
     (a kernel spends much of its time waiting on its ranks)."""
     report_path = tmp_path_factory.mktemp("grade") / "report.json"
-    result = grade(SOLUTIONS + EXERCISES, report_path, jobs=3)
+    result = grade(SOLUTIONS + EXERCISES, report_path, jobs=2)
     report = json.loads(report_path.read_text())
     by_path = {pathlib.Path(nb["path"]): nb for nb in report["notebooks"]}
     return result, by_path

@@ -253,33 +253,7 @@ def summary() -> str:
 # switching built-ins off while a learner's code runs (inside the ranks)
 
 #: Everything in torch.distributed that moves data between ranks except point-to-point.
-COLLECTIVES = tuple(
-    name
-    for name in (
-        "broadcast",
-        "all_reduce",
-        "reduce",
-        "all_gather",
-        "all_gather_into_tensor",
-        "all_gather_single",
-        "all_gather_coalesced",
-        "all_reduce_coalesced",
-        "_all_gather_base",
-        "reduce_scatter",
-        "reduce_scatter_tensor",
-        "reduce_scatter_single",
-        "_reduce_scatter_base",
-        "all_to_all",
-        "all_to_all_single",
-        "scatter",
-        "gather",
-        "broadcast_object_list",
-        "all_gather_object",
-        "gather_object",
-        "scatter_object_list",
-    )
-    if hasattr(c10d, name)
-)
+COLLECTIVES = tuple(name for name in launch.COLLECTIVE_CALLS if hasattr(c10d, name))
 
 
 class BuiltinUsed(RuntimeError):
