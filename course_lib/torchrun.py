@@ -63,21 +63,20 @@ class TorchrunError(RuntimeError):
         self.returncode, self.output = returncode, output
 
 
+def _torchrun_argv(launcher_flags: list[str], args, module: str | None, **counts) -> list[str]:
+    """``python -m torch.distributed.run FLAGS [-m MODULE] ARGS``, each of ``counts`` checked to be
+    a positive integer first (``args``: a string split on spaces, or a list)."""
+    for name, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    args = args.split() if isinstance(args, str) else [str(a) for a in args]
+    target = ["-m", module] if module else []
+    return [sys.executable, "-m", "torch.distributed.run", *launcher_flags, *target, *args]
+
+
 def torchrun_command(args, nproc: int = 2, module: str | None = "course_lib.demo") -> list[str]:
     """The command line ``run_torchrun`` starts (``python -m torch.distributed.run ...``)."""
-    args = args.split() if isinstance(args, str) else [str(a) for a in args]
-    if not isinstance(nproc, int) or isinstance(nproc, bool) or nproc < 1:
-        raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
-    target = ["-m", module] if module else []
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        *target,
-        *args,
-    ]
+    return _torchrun_argv(["--standalone", f"--nproc-per-node={nproc}"], args, module, nproc=nproc)
 
 
 def run_torchrun(
@@ -297,15 +296,7 @@ def nodes_command(
     join_timeout: float = 60,
 ) -> list[str]:
     """The command line of node ``node_rank``: what you would type on that machine."""
-    args = args.split() if isinstance(args, str) else [str(a) for a in args]
-    for name, value in (("nnodes", nnodes), ("nproc_per_node", nproc_per_node)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    target = ["-m", module] if module else []
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
+    flags = [
         "--nnodes",
         str(nnodes),
         "--node_rank",
@@ -322,9 +313,8 @@ def nodes_command(
         f"join_timeout={max(1, int(join_timeout))}",
         "--max_restarts",
         "0",
-        *target,
-        *args,
     ]
+    return _torchrun_argv(flags, args, module, nnodes=nnodes, nproc_per_node=nproc_per_node)
 
 
 def run_nodes(
