@@ -74,6 +74,20 @@ def _torchrun_argv(launcher_flags: list[str], args, module: str | None, **counts
     return [sys.executable, "-m", "torch.distributed.run", *launcher_flags, *target, *args]
 
 
+def _start(command: list[str], env: dict) -> subprocess.Popen:
+    """torchrun with its output on one text pipe, in a session of its own (so a timeout can end it
+    and every rank it started, and nothing else)."""
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env=env,
+        start_new_session=True,
+    )
+
+
 def torchrun_command(args, nproc: int = 2, module: str | None = "course_lib.demo") -> list[str]:
     """The command line ``run_torchrun`` starts (``python -m torch.distributed.run ...``)."""
     return _torchrun_argv(["--standalone", f"--nproc-per-node={nproc}"], args, module, nproc=nproc)
@@ -96,15 +110,7 @@ def run_torchrun(
     command = torchrun_command(args, nproc, module)
     child_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     # Its own session, so a timeout can end torchrun and every rank it started, and nothing else.
-    proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        env=child_env,
-        start_new_session=True,
-    )
+    proc = _start(command, child_env)
     lines = []
 
     def pump():  # a thread, so the timeout below holds even while no line arrives
@@ -367,15 +373,7 @@ def run_nodes(
 
     try:
         for i, command in enumerate(commands):
-            proc = subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-                env=dict(base, **node_env[i]),
-                start_new_session=True,
-            )
+            proc = _start(command, dict(base, **node_env[i]))
             procs.append(proc)
             readers.append(threading.Thread(target=pump, args=(i, proc), daemon=True))
             readers[-1].start()
