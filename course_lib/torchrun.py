@@ -441,14 +441,12 @@ def _nodes_failure(codes, outputs, commands) -> str:
         after = f"; ranks {others} failed after it (their peer left)" if others else ""
         head = f"rank {rank} on node {node} raised {text}{after}"
     else:
-        node = next(i for i, c in enumerate(codes) if c)
-        lines = outputs[node].splitlines()
-        root = next((i for i, ln in enumerate(lines) if ln.startswith("Root Cause")), None)
-        facts = (
-            [ln.strip() for ln in lines[root : root + 8] if ln.strip().startswith(("rank", "exitcode"))]
-            if root is not None
-            else []
-        )
+        # Any node may host the rendezvous store: when it ends, the others fail too (exit 1,
+        # "connection closed"). Blame a node whose torchrun names a failed rank if there is one.
+        failed = [i for i, c in enumerate(codes) if c]
+        facts_of = {i: _root_cause(outputs[i]) for i in failed}
+        node = next((i for i in failed if facts_of[i]), failed[0])
+        facts = facts_of[node]
         detail = (
             ("torchrun's root cause: " + "; ".join(" ".join(f.split()) for f in facts))
             if facts
@@ -456,6 +454,15 @@ def _nodes_failure(codes, outputs, commands) -> str:
         )
         head = f"node {node} failed ({' '.join(commands[node][3:])})\n{detail}"
     return f"the {len(codes)}-node run failed: {states}.\n{head}"
+
+
+def _root_cause(output: str) -> list[str]:
+    """The rank and exit code lines of torchrun's "Root Cause" summary, if it printed one."""
+    lines = output.splitlines()
+    root = next((i for i, ln in enumerate(lines) if ln.startswith("Root Cause")), None)
+    if root is None:
+        return []
+    return [ln.strip() for ln in lines[root : root + 8] if ln.strip().startswith(("rank", "exitcode"))]
 
 
 def _report(output: str) -> dict | None:

@@ -285,6 +285,19 @@ def test_the_failure_names_the_rank_that_caused_it():
     assert "rank 3 on node 1 raised ValueError: bad shard; ranks [0, 2] failed after it" in message
 
 
+def test_the_node_whose_rank_failed_is_blamed_not_the_one_that_lost_the_store():
+    # Node 1 hosted the rendezvous store; when it ended, node 0 failed too, and first in the list.
+    outputs = [
+        "torch.distributed.DistNetworkError: Failed to recv, got 0 bytes.\n",
+        "Root Cause (first observed failure):\n[0]:\n  host      : localhost\n"
+        "  rank      : 1 (local_rank: 0)\n  exitcode  : 3 (pid: 7)\n",
+    ]
+    command = ["python", "-m", "torch.distributed.run", "--node_rank", "0"]
+    message = torchrun._nodes_failure([1, 1], outputs, [command, command])
+    assert "node 1 failed" in message
+    assert "torchrun's root cause: rank : 1 (local_rank: 0); exitcode : 3 (pid: 7)" in message
+
+
 def test_report_is_parsed_from_rank_0s_line():
     line = torchrun.REPORT_PREFIX + '{"pair": [0, 2]}'
     assert torchrun._report(f"noise\n{line}\n") == {"pair": [0, 2]}
