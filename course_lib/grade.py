@@ -53,7 +53,7 @@ import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
 
-from course_lib import build, checks
+from course_lib import build, chapters, checks
 
 TIME_LIMIT = 600.0
 #: Least time any cell gets, even after the notebook's budget is used up.
@@ -323,11 +323,14 @@ def _explain_missing(ex_id: str, nb, runs: list[CellRun], spots: dict[str, int])
 # one notebook, many notebooks
 
 
-def chapter_of(stem: str) -> int:
-    match = re.match(r"^(\d+)_", stem)
-    if not match:
-        raise UsageError(f"cannot tell the chapter of {stem!r}: exercise notebooks are named NN_name")
-    return int(match[1])
+def chapter_of(stem: str) -> str:
+    """The chapter id of an exercise notebook's name: "03_ring_allreduce" -> "3", "04b_x" -> "4b"."""
+    try:
+        return chapters.chapter_id(stem)
+    except ValueError:
+        raise UsageError(
+            f"cannot tell the chapter of {stem!r}: exercise notebooks are named NN_name (or NNx_name)"
+        ) from None
 
 
 def locate(path: Path, exercises_dir: Path) -> Path:
@@ -385,7 +388,7 @@ def grade_notebook(
             if r.state in ("error", "timeout", "died") and r.index not in spots.values()
         ]
         if not expected:
-            entry["error"] = f"no exercises are registered for chapter {chapter:02d}"
+            entry["error"] = f"no exercises are registered for chapter {chapter}"
         if save_dir is not None:
             save_dir.mkdir(parents=True, exist_ok=True)
             nbformat.write(nb, save_dir / f"{path.stem}.ipynb")

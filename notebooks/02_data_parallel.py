@@ -33,7 +33,7 @@
 # own `DistributedDataParallel`), measures what each sends, and then looks at gradient
 # accumulation and at what data parallelism costs in memory.
 #
-# The finished code lives in `course_lib/dp.py`; the cells below show its source as they use it.
+# The finished code lives in `course_lib/data_parallel.py`; the cells below show its source as they use it.
 
 # %%
 import inspect
@@ -182,7 +182,7 @@ ddp_results = launch.run(train_on_ranks, 4, batches, "ddp")
 ddp_losses = equals_baseline("torch DDP, N = 4", ddp_results)
 
 # %% [markdown]
-# One step of all three, as `course_lib/dp.py` writes it (the `sync` argument picks the design):
+# One step of all three, as `course_lib/data_parallel.py` writes it (the `sync` argument picks the design):
 
 # %%
 print(inspect.getsource(dp.data_parallel_step))

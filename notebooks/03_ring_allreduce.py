@@ -49,7 +49,7 @@ from course_lib.collectives import format_bytes
 # %% [markdown]
 # ## 1. Four all-reduces from send/recv, all correct
 #
-# All four live in `course_lib/comm.py` and sum a tensor in place, like `dist.all_reduce`. On
+# All four live in `course_lib/ring_allreduce.py` and sum a tensor in place, like `dist.all_reduce`. On
 # whole numbers the sums must be *exactly* equal to the built-in's; K = 10 on N = 4 ranks also
 # tests chunks of unequal size (3, 3, 2, 2 elements).
 
@@ -425,7 +425,7 @@ viz.plot_bucket_timelines(timelines[0])
 #
 # ## 6. The code
 #
-# The whole ring, as `course_lib/comm.py` has it: the public function checks its input and agrees
+# The whole ring, as `course_lib/ring_allreduce.py` has it: the public function checks its input and agrees
 # with its left neighbour on shape and dtype, then runs the two phases. Unlike the step-by-step
 # version of the exercises, each phase posts all its receives first (`dist.irecv` returns at
 # once), then works through the steps as the chunks arrive; posting each receive only at its

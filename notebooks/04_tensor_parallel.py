@@ -116,7 +116,7 @@ viz.plot_tp_layout(owners, n=4, d_model=8, d_hidden=32, n_heads=4)
 # x ─▶ f ─▶ x @ A_r + a_r ─▶ GELU ─▶ (·) @ B_r ─▶ g ─▶ + b ─▶ z      (same on every rank)
 # ```
 #
-# and every rank runs exactly this code. Here they are, from `course_lib/tp.py`:
+# and every rank runs exactly this code. Here they are, from `course_lib/tensor_parallel.py`:
 
 # %%
 print(inspect.getsource(tp._CopyToTPRegion))

@@ -210,7 +210,7 @@ viz.pipeline_explorer()
 #   sends the gradient of the stage's *input* (`x.grad`) to rank s − 1.
 #
 # Shapes travel once per step in a small header before the first activation, so a receiver can
-# allocate its buffer. The loop, from `course_lib/pp.py`:
+# allocate its buffer. The loop, from `course_lib/pipeline_parallel.py`:
 
 # %%
 source = inspect.getsource(pp.train_step)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from course_lib import launch
-from course_lib.checks import ring as check
+from course_lib.checks import ring_allreduce as check
 
 # %% [markdown]
 # ### Warm-up you can run: chunks, and one ring step

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from course_lib import launch, pp
-from course_lib.checks import pipeline as check
+from course_lib.checks import pipeline_parallel as check
 
 # %% [markdown]
 # ### A picture you can print

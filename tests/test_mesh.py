@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from course_lib import dp, launch, mesh
 from course_lib.checks import ERROR, FAILED, NOT_ATTEMPTED, PASSED
-from course_lib.checks import hybrid as check
+from course_lib.checks import parallel_3d as check
 from course_lib.models import make_stack
 
 

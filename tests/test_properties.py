@@ -26,7 +26,7 @@ def test_padded_size_is_the_smallest_multiple_of_n_that_holds_numel(numel, n):
 @FAST
 @given(k=st.integers(0, 200), n=world_sizes)
 def test_ring_chunks_cover_the_tensor_and_differ_by_at_most_one(k, n):
-    # comm.py's chunk c is tensor.view(-1).tensor_split(N)[c]: the first K mod N hold one more
+    # ring_allreduce.py's chunk c is tensor.view(-1).tensor_split(N)[c]: the first K mod N hold one more
     chunks = torch.arange(k).tensor_split(n)
     sizes = [c.numel() for c in chunks]
     assert len(chunks) == n and sum(sizes) == k

@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from course_lib import launch
+from course_lib.chapters import chapter_of_exercise, exercise_key
 from course_lib.launch import DeadlockError, LaunchTimeout, RankError
 
 PASSED, FAILED, NOT_ATTEMPTED, ERROR = "passed", "failed", "not attempted", "error"
@@ -74,6 +75,7 @@ RESULTS: list[Result] = []
 
 def exercise(ex_id: str, title: str):
     """Declare a check function for exercise ``ex_id``; see the module doc."""
+    exercise_key(ex_id)  # a malformed id fails at import, not in a learner's table
 
     def decorate(check):
         @functools.wraps(check)
@@ -143,12 +145,15 @@ def _record(result: Result) -> None:
             f.write(json.dumps(asdict(result)) + "\n")
 
 
-def exercises_for_chapter(chapter: int) -> dict[str, str]:
-    """All exercise ids -> titles of a chapter, in order (imports every check module)."""
+def exercises_for_chapter(chapter: str | int) -> dict[str, str]:
+    """All exercise ids -> titles of a chapter ("3", "4b"; an int for a plain number), in order.
+
+    Imports every check module first, so every chapter's exercises are registered.
+    """
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
-    ids = [i for i in EXERCISES if int(i.split(".")[0]) == chapter]
-    return {i: EXERCISES[i][0] for i in sorted(ids, key=lambda i: tuple(map(int, i.split("."))))}
+    ids = [i for i in EXERCISES if chapter_of_exercise(i) == str(chapter)]
+    return {i: EXERCISES[i][0] for i in sorted(ids, key=exercise_key)}
 
 
 # ----------------------------------------------------------------------------

@@ -9,14 +9,14 @@
 # ---
 
 # %% [markdown]
-# > **Where to work.** Do these exercises in your own copy, `my_exercises/09_3d_parallel.ipynb` (`make lab` makes it; delete it and run `make lab` again for a fresh one). Answers typed into `exercises/` would be overwritten when the course is updated.
+# > **Where to work.** Do these exercises in your own copy, `my_exercises/09_parallel_3d.ipynb` (`make lab` makes it; delete it and run `make lab` again for a fresh one). Answers typed into `exercises/` would be overwritten when the course is updated.
 # >
 # > Replace every `# YOUR CODE HERE` with your code and run the check cell below it: it prints ✔, or what is wrong. To grade all your notebooks from a terminal, run `make grade`.
 
 # %% [markdown]
 # # 09 · 3D parallelism and the cost model — exercises
 #
-# In the lesson (`notebooks/09_3d_parallel.ipynb`) every rank got a place on a grid of
+# In the lesson (`notebooks/09_parallel_3d.ipynb`) every rank got a place on a grid of
 # **dp × tp × pp** ranks, one process group per axis, and a stack of MLPs trained on 4 and 8
 # ranks exactly like one process. Here you write the grid's arithmetic, one line of the cost
 # model, and the one synchronisation that 3D training adds to data parallelism.
@@ -37,7 +37,7 @@
 import torch
 import torch.distributed as dist
 
-from course_lib.checks import hybrid as check
+from course_lib.checks import parallel_3d as check
 
 # %% [markdown]
 # ## Exercise 9.1 — rank → (dp, tp, pp)

@@ -11,7 +11,7 @@
 # %% [markdown]
 # # 09 · 3D parallelism and the cost model — exercises
 #
-# In the lesson (`notebooks/09_3d_parallel.ipynb`) every rank got a place on a grid of
+# In the lesson (`notebooks/09_parallel_3d.ipynb`) every rank got a place on a grid of
 # **dp × tp × pp** ranks, one process group per axis, and a stack of MLPs trained on 4 and 8
 # ranks exactly like one process. Here you write the grid's arithmetic, one line of the cost
 # model, and the one synchronisation that 3D training adds to data parallelism.
@@ -32,7 +32,7 @@
 import torch
 import torch.distributed as dist
 
-from course_lib.checks import hybrid as check
+from course_lib.checks import parallel_3d as check
 
 # %% [markdown]
 # ## Exercise 9.1 — rank → (dp, tp, pp)
