@@ -1,4 +1,4 @@
-"""``course_lib.comm`` is the short name of :mod:`course_lib.ring_allreduce` (chapter 03's library): the same module."""
+"""``course_lib.comm`` is the short name of :mod:`course_lib.ring_allreduce`: the same module (chapter 03)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""``course_lib.dp`` is the short name of :mod:`course_lib.data_parallel` (chapter 02's library): the same module."""
+"""``course_lib.dp`` is the short name of :mod:`course_lib.data_parallel`: the same module (chapter 02)."""
 
 import sys
 

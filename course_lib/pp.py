@@ -1,4 +1,4 @@
-"""``course_lib.pp`` is the short name of :mod:`course_lib.pipeline_parallel` (chapter 06's library): the same module."""
+"""``course_lib.pp`` is the short name of :mod:`course_lib.pipeline_parallel`: the same module (chapter 06)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""``course_lib.tp`` is the short name of :mod:`course_lib.tensor_parallel` (chapter 04's library): the same module."""
+"""``course_lib.tp`` is the short name of :mod:`course_lib.tensor_parallel`: the same module (chapter 04)."""
 
 import sys
 
