@@ -22,7 +22,7 @@ WORK_DIR = "my_exercises"
 
 def learner_copies(root: Path = ROOT) -> list[Path]:
     """The learner's exercise notebooks, in chapter order."""
-    return sorted((Path(root) / WORK_DIR).glob("[0-9][0-9]_*.ipynb"))
+    return sorted((Path(root) / WORK_DIR).glob("[0-9][0-9]*_*.ipynb"))
 
 
 def make_copies(root: Path = ROOT) -> list[Path]:
@@ -31,7 +31,7 @@ def make_copies(root: Path = ROOT) -> list[Path]:
     target = root / WORK_DIR
     target.mkdir(exist_ok=True)
     made = []
-    for source in sorted((root / EXERCISE_DIR).glob("[0-9][0-9]_*.ipynb")):
+    for source in sorted((root / EXERCISE_DIR).glob("[0-9][0-9]*_*.ipynb")):
         copy = target / source.name
         if not copy.exists():
             shutil.copyfile(source, copy)

@@ -135,7 +135,7 @@ def tracebacks(page):
     return errors.first.inner_text()[:2000] if errors.count() else ""
 
 
-LESSONS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+LESSONS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
 
 
 @pytest.fixture(scope="module")
