@@ -1,4 +1,4 @@
-"""The rank grid (chapter 09): every rank's place on data × tensor × pipeline parallel axes, and its groups.
+"""The rank grid (chapter 09): every rank's place on data × tensor × pipeline (× context) parallel axes, and its groups.
 
     layout = GridLayout(dp=2, tp=2, pp=2)       # pure arithmetic, no processes needed
     layout.coordinates(5)                       # Coord(dp=0, tp=1, pp=1)
@@ -9,6 +9,14 @@
 Rank order (Megatron-LM's): **tp varies fastest, then dp, then pp**:
 
     rank = pp_index · (dp · tp) + dp_index · tp + tp_index
+
+A context-parallel axis (chapter 05b) sits between tp and dp, as in Megatron-LM's
+order tp-cp-(ep)-dp-pp: ``GridLayout(dp=2, cp=2)``. Its default cp=1 leaves every
+rank's place and every group above unchanged:
+
+    rank = ((pp_index · dp + dp_index) · cp + cp_index) · tp + tp_index
+
+The grid's arithmetic runs over :data:`AXES`, so a further axis is one more entry there.
 
 Why this order: tensor parallelism talks most (two all-reduces per layer, forward and
 backward), so its ranks are neighbours — on a real cluster, GPUs of one node behind
@@ -26,7 +34,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 #: Axes from the fastest-varying to the slowest.
-AXES = ("tp", "dp", "pp")
+AXES = ("tp", "cp", "dp", "pp")
 
 
 @dataclass(frozen=True)
@@ -34,17 +42,18 @@ class Coord:
     dp: int
     tp: int
     pp: int
+    cp: int = 0
 
 
 class GridLayout:
-    """Where each rank sits on a dp × tp × pp grid, and which ranks share a group."""
+    """Where each rank sits on a dp × tp × pp (× cp) grid, and which ranks share a group."""
 
-    def __init__(self, dp: int = 1, tp: int = 1, pp: int = 1):
-        for name, size in (("dp", dp), ("tp", tp), ("pp", pp)):
+    def __init__(self, dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1):
+        for name, size in (("dp", dp), ("tp", tp), ("pp", pp), ("cp", cp)):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be a positive integer, got {size!r}")
-        self.dp, self.tp, self.pp = dp, tp, pp
-        self.world_size = dp * tp * pp
+        self.dp, self.tp, self.pp, self.cp = dp, tp, pp, cp
+        self.world_size = dp * tp * pp * cp
 
     def size(self, axis: str) -> int:
         if axis not in AXES:
@@ -52,21 +61,28 @@ class GridLayout:
         return getattr(self, axis)
 
     def coordinates(self, rank: int) -> Coord:
-        """(dp, tp, pp) indices of ``rank``: tp = rank mod tp, then dp, then pp."""
+        """(dp, tp, pp, cp) indices of ``rank``: tp = rank mod tp, then cp, then dp, then pp."""
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank must be in 0..{self.world_size - 1}, got {rank}")
-        return Coord(dp=rank // self.tp % self.dp, tp=rank % self.tp, pp=rank // (self.tp * self.dp))
+        index = {}
+        for axis in AXES:  # fastest first: peel one axis off at a time
+            rank, index[axis] = divmod(rank, self.size(axis))
+        return Coord(**index)
 
-    def rank_at(self, dp: int = 0, tp: int = 0, pp: int = 0) -> int:
-        for name, index in (("dp", dp), ("tp", tp), ("pp", pp)):
-            if not 0 <= index < self.size(name):
-                raise ValueError(f"{name} index must be in 0..{self.size(name) - 1}, got {index}")
-        return pp * self.dp * self.tp + dp * self.tp + tp
+    def rank_at(self, dp: int = 0, tp: int = 0, pp: int = 0, cp: int = 0) -> int:
+        index = {"dp": dp, "tp": tp, "pp": pp, "cp": cp}
+        for name in AXES:
+            if not 0 <= index[name] < self.size(name):
+                raise ValueError(f"{name} index must be in 0..{self.size(name) - 1}, got {index[name]}")
+        rank = 0
+        for axis in reversed(AXES):  # slowest first
+            rank = rank * self.size(axis) + index[axis]
+        return rank
 
     def groups(self, axis: str) -> list[list[int]]:
         """The ranks of every group along ``axis``: ranks that differ only in that coordinate."""
         self.size(axis)
-        others = [a for a in ("dp", "tp", "pp") if a != axis]
+        others = [a for a in AXES if a != axis]
         found = {}
         for rank in range(self.world_size):
             c = self.coordinates(rank)
@@ -75,10 +91,13 @@ class GridLayout:
         return sorted(found.values())
 
     def __repr__(self):
-        return f"{type(self).__name__}(dp={self.dp}, tp={self.tp}, pp={self.pp})"
+        cp = f", cp={self.cp}" if self.cp > 1 else ""
+        return f"{type(self).__name__}(dp={self.dp}, tp={self.tp}, pp={self.pp}{cp})"
 
     def draw(self, highlight: int | None = None):
         """Three panels, one per axis: every rank as a box, colored by its group on that axis."""
+        if self.cp > 1:
+            raise ValueError(f"draw() shows dp × tp × pp grids; this one also has cp={self.cp}")
         from course_lib.viz import draw_rank_grid
 
         return draw_rank_grid(self, highlight)
@@ -88,15 +107,18 @@ class RankGrid(GridLayout):
     """A :class:`GridLayout` plus this rank's process group along each axis.
 
     Every rank must construct it, with the same sizes: ``new_group`` is a collective,
-    so all ranks create every group, in the same order (tp, dp, pp), and keep their own.
+    so all ranks create every group, in the same order (:data:`AXES`), and keep their own.
     """
 
-    def __init__(self, dp: int = 1, tp: int = 1, pp: int = 1):
-        super().__init__(dp, tp, pp)
+    def __init__(self, dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1):
+        super().__init__(dp, tp, pp, cp)
         world = dist.get_world_size()
         if self.world_size != world:
+            names, sizes = (
+                ("dp·tp·pp", f"{dp}·{tp}·{pp}") if cp == 1 else ("dp·tp·pp·cp", f"{dp}·{tp}·{pp}·{cp}")
+            )
             raise ValueError(
-                f"dp·tp·pp = {dp}·{tp}·{pp} = {self.world_size} must equal the world size "
+                f"{names} = {sizes} = {self.world_size} must equal the world size "
                 f"{world}: every rank needs exactly one place on the grid"
             )
         self.rank = dist.get_rank()
@@ -116,6 +138,10 @@ class RankGrid(GridLayout):
     @property
     def pp_rank(self) -> int:
         return self.coord.pp
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coord.cp
 
 
 def __getattr__(name: str):
