@@ -129,47 +129,34 @@ def _per_stage(value, p: int, name: str) -> list:
     return [float(v) for v in values]
 
 
-def simulate(schedule, t_f=1.0, t_b=2.0) -> Simulation:
+def simulate(schedule, t_f=1.0, t_b=2.0, t_w=None) -> Simulation:
     """Run ``schedule`` on an idealised machine: no communication cost, each stage does one
     action at a time, in its order, as soon as the action's inputs exist.
 
     ``t_f``/``t_b`` are one micro-batch's forward/backward time on a stage: a number, or one
     per stage (an unbalanced partition). Raises ValueError when the schedule deadlocks.
+    Actions with a stage, ``(kind, i, stage)`` (chapter 06b: virtual stages, split backward
+    with ``t_w``), go to :func:`course_lib.pipeline_schedules.simulate`.
     """
+    from course_lib import pipeline_schedules
+
+    if any(isinstance(a, (list, tuple)) and len(a) == 3 for row in schedule or [] for a in row):
+        return pipeline_schedules.simulate(schedule, t_f, t_b, t_w)
     m, p = validate_schedule(schedule), len(schedule)
     t_f, t_b = _per_stage(t_f, p, "t_f"), _per_stage(t_b, p, "t_b")
-    orders = [[tuple(a) for a in actions] for actions in schedule]
-    finished, clock, position = {}, [0.0] * p, [0] * p
-    timeline = [[] for _ in range(p)]
-    while any(position[s] < 2 * m for s in range(p)):
-        progressed = False
-        for s in range(p):
-            while position[s] < 2 * m:
-                kind, i = orders[s][position[s]]
-                needs = _dependencies(kind, i, s, p)
-                if any(n not in finished for n in needs):
-                    break
-                start = max([clock[s]] + [finished[n] for n in needs])
-                clock[s] = finished[(kind, i, s)] = start + (t_f[s] if kind == "F" else t_b[s])
-                timeline[s].append(((kind, i), start, clock[s]))
-                position[s] += 1
-                progressed = True
-        if not progressed:
-            waits = [
-                f"stage {s} waits at {orders[s][position[s]]} for "
-                + " and ".join(
-                    f"{k} {i} on stage {t}"
-                    for k, i, t in _dependencies(*orders[s][position[s]], s, p)
-                    if (k, i, t) not in finished
-                )
-                for s in range(p)
-                if position[s] < 2 * m
-            ]
-            raise ValueError("the schedule deadlocks: " + "; ".join(waits))
-    total = max(clock)
+    with_stage = [[(kind, i, s) for kind, i in actions] for s, actions in enumerate(schedule)]
+    timeline, total = pipeline_schedules._play(
+        with_stage, list(range(p)), lambda a: (t_f if a[0] == "F" else t_b)[a[2]], _describe_wait
+    )
+    timeline = [[((kind, i), start, end) for (kind, i, _), start, end in row] for row in timeline]
     busy = sum(m * (t_f[s] + t_b[s]) for s in range(p))
     bubble = 1 - busy / (p * total) if total > 0 else 0.0
-    return Simulation(timeline, total, bubble, [_peak_alive(actions) for actions in orders])
+    return Simulation(timeline, total, bubble, [_peak_alive(actions) for actions in schedule])
+
+
+def _describe_wait(stage, action, missing) -> str:
+    needs = " and ".join(f"{'F' if kind == 'F' else 'B'} {i} on stage {s}" for kind, i, s in missing)
+    return f"stage {stage} waits at {action[:2]} for {needs}"
 
 
 def _peak_alive(actions) -> int:
@@ -209,13 +196,23 @@ def partition_bounds(costs, world_size: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def partition(model: nn.Sequential, rank: int, world_size: int) -> nn.Sequential:
+def partition(model: nn.Sequential, rank: int, world_size: int, num_virtual: int = 1, schedule: str = "1f1b"):
     """Rank ``rank``'s contiguous slice of ``model``, balanced by **parameter count**.
 
     For stacks of linear layers a layer's compute is proportional to its
     parameters, so equal parameters mean equal stage times. The slice shares
     the model's modules (no copy); parameter names keep their global indices.
+    With ``num_virtual`` > 1 or ``schedule="dualpipe-v"`` a rank holds several stages:
+    see :func:`course_lib.pipeline_schedules.partition` (chapter 06b).
     """
+    if num_virtual != 1 or schedule not in SCHEDULES:
+        from course_lib import pipeline_schedules
+
+        return pipeline_schedules.partition(model, rank, world_size, num_virtual, schedule)
+    return _partition_one(model, rank, world_size)
+
+
+def _partition_one(model: nn.Sequential, rank: int, world_size: int) -> nn.Sequential:
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"partition() splits an nn.Sequential, got {type(model).__name__}")
     if not 0 <= rank < world_size:
@@ -349,8 +346,16 @@ def train_step(
     input and recomputes the rest in backward. A list passed as ``timeline`` receives
     ``((kind, i), start, end)`` for every action's computation (``time.perf_counter``).
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}: choose one of {tuple(SCHEDULES)}")
+    if schedule not in SCHEDULES or isinstance(stage, (list, tuple)):
+        from course_lib import pipeline_schedules  # chapter 06b: any schedule, several stages per rank
+
+        if checkpoint:
+            raise ValueError(
+                f"checkpoint=True runs with 'gpipe' and '1f1b' on one stage per rank, not {schedule!r}"
+            )
+        return pipeline_schedules.train_step(
+            stage, inputs, targets, loss_fn, num_microbatches, schedule, group, timeline=timeline
+        )
     s, p = dist.get_rank(group), dist.get_world_size(group)
     _, m = _check_sizes(p, num_microbatches)
     first, last = s == 0, s == p - 1
@@ -557,3 +562,32 @@ def least_disturbed(per_rank) -> list:
         repeats = [[rank_result[c][k] for rank_result in per_rank] for k in range(len(per_rank[0][c]))]
         best.append(min(repeats, key=lambda timelines: measured_bubble(timelines)[0]))
     return best
+
+
+#: Chapter 06b's names, importable from here (``pp.schedule``, ``pp.zb_h1_schedule``, ...).
+_SCHEDULES_NAMES = {
+    "schedule",
+    "validate",
+    "interleaved_1f1b_schedule",
+    "zb_h1_schedule",
+    "dualpipe_v_schedule",
+    "stage_ranks",
+    "stages_of_rank",
+    "virtual_stages",
+    "messages_per_rank",
+    "peak_alive",
+    "SplitBackward",
+    "WeightGradients",
+    "input_gradient",
+    "weight_gradient",
+    "ScheduleSimulation",
+}
+
+
+def __getattr__(name: str):
+    # pipeline_schedules imports this module: resolve its names lazily.
+    if name in _SCHEDULES_NAMES:
+        from course_lib import pipeline_schedules
+
+        return getattr(pipeline_schedules, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
