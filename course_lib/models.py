@@ -30,14 +30,30 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with one fused QKV projection (no mask, no dropout)."""
+def attention(q, k, v, causal: bool = False):
+    """softmax(q·kᵀ/√d)·v over the last two dims of (batch, heads, seq, d_head) tensors.
 
-    def __init__(self, d_model: int, n_heads: int, bias: bool = True):
+    ``causal=True``: position i attends to positions j ≤ i only (the scores above the
+    diagonal are set to −inf before the softmax).
+    """
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if causal:
+        s_q, s_k = scores.shape[-2:]
+        above = torch.ones(s_q, s_k, dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(above, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection (no dropout; a causal mask
+    with ``causal=True``)."""
+
+    def __init__(self, d_model: int, n_heads: int, bias: bool = True, causal: bool = False):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be a multiple of n_heads={n_heads}")
         self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.causal = causal
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
 
@@ -45,18 +61,17 @@ class SelfAttention(nn.Module):
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.d_head).unbind(dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, d_head)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)
-        out = scores.softmax(dim=-1) @ v
+        out = attention(q, k, v, self.causal)
         return self.proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: ``x + attn(ln1(x))``, then ``+ mlp(ln2(x))``."""
 
-    def __init__(self, d_model: int, n_heads: int, d_hidden: int | None = None):
+    def __init__(self, d_model: int, n_heads: int, d_hidden: int | None = None, causal: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = SelfAttention(d_model, n_heads)
+        self.attn = SelfAttention(d_model, n_heads, causal=causal)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, d_hidden or 4 * d_model)
 
@@ -71,9 +86,11 @@ def make_mlp(d_model: int = 16, d_hidden: int = 64, seed: int = 0) -> MLP:
     return MLP(d_model, d_hidden)
 
 
-def make_block(d_model: int = 16, n_heads: int = 4, d_hidden: int | None = None, seed: int = 0):
+def make_block(
+    d_model: int = 16, n_heads: int = 4, d_hidden: int | None = None, seed: int = 0, causal: bool = False
+):
     torch.manual_seed(seed)
-    return TransformerBlock(d_model, n_heads, d_hidden)
+    return TransformerBlock(d_model, n_heads, d_hidden, causal)
 
 
 def make_stack(depth: int = 4, d_model: int = 16, d_hidden: int = 32, seed: int = 0) -> nn.Sequential:
