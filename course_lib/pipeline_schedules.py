@@ -727,3 +727,84 @@ def train_step(
     for request, _ in in_flight:
         request.wait()
     return total_loss if last in mine else None
+
+
+# ----------------------------------------------------------------------------
+# measuring: stages of known duration, and each schedule's idle time on real ranks
+
+
+class _SleepInBackward(torch.autograd.Function):
+    """Identity whose backward sleeps t_b, or t_b − t_w now and t_w in the W when split."""
+
+    @staticmethod
+    def forward(ctx, x, t_b, t_w):
+        ctx.t_b, ctx.t_w = t_b, t_w
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        t_w = ctx.t_w
+        if WeightGradients.defer(lambda: time.sleep(t_w)):
+            time.sleep(ctx.t_b - t_w)
+        else:
+            time.sleep(ctx.t_b)
+        return grad, None, None
+
+
+class TimedChunk(nn.Module):
+    """A stage whose forward sleeps t_f, full backward t_b, and split backward t_b − t_w in its
+    I and t_w in its W (a tiny ``nn.Linear`` keeps real gradients flowing): on a laptop the
+    only waiting left to see is the schedule's own, as with chapter 06's ``TimedStage``."""
+
+    def __init__(self, t_f: float, t_b: float, t_w: float, width: int = 4):
+        super().__init__()
+        self.t_f, self.t_b, self.t_w = t_f, t_b, t_w
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        time.sleep(self.t_f)
+        return _SleepInBackward.apply(self.linear(x), self.t_b, self.t_w)
+
+
+def idle_time(timelines) -> tuple[float, float]:
+    """(mean idle seconds per rank, wall seconds) of one step from every rank's timeline."""
+    start = min(row[0][1] for row in timelines)
+    end = max(row[-1][2] for row in timelines)
+    busy = [sum(b - a for _, a, b in row) for row in timelines]
+    return (end - start) - sum(busy) / len(busy), end - start
+
+
+def timed_schedules(configs, repeats: int = 2):
+    """Run on every rank: per (name, m, v, t_f, t_b, t_w, pairs) in ``configs``, ``repeats``
+    steps of :class:`TimedChunk` stages; returns this rank's timeline of each repeat."""
+    rank, p = dist.get_rank(), dist.get_world_size()
+    ones = torch.ones(p, 4)
+    warm = partition(nn.Sequential(*[TimedChunk(0, 0, 0) for _ in range(p)]), rank, p)
+    train_step(warm, ones, ones, F.mse_loss, p, "1f1b")  # open the links
+    results = []
+    for name, m, v, t_f, t_b, t_w, pairs in configs:
+        count = len(stage_ranks(name, p, v))
+        torch.manual_seed(0)
+        model = nn.Sequential(*[TimedChunk(t_f, t_b, t_w) for _ in range(count)])
+        stages = partition(model, rank, p, v, name)
+        x, y = torch.randn(m, 4), torch.randn(m, 4)
+        runs = []
+        for _ in range(repeats):
+            dist.barrier()
+            timeline = []
+            train_step(
+                stages, x, y, F.mse_loss, m, name, num_virtual=v, timeline=timeline, fb_pairs_together=pairs
+            )
+            runs.append(timeline)
+        results.append(runs)
+    return results
+
+
+def least_idle(per_rank) -> list:
+    """Per configuration of :func:`timed_schedules`, every rank's timelines in the repeat with the
+    least idle time (a rank that got no core when its input arrived only ever adds idle time)."""
+    best = []
+    for c in range(len(per_rank[0])):
+        repeats = [[rank_result[c][k] for rank_result in per_rank] for k in range(len(per_rank[0][c]))]
+        best.append(min(repeats, key=lambda timelines: idle_time(timelines)[0]))
+    return best
