@@ -67,7 +67,7 @@ RAW_MARKER = re.compile(r"^[ \t]*(?:#[ \t]*)?### (?P<kind>BEGIN|END) (?P<what>SO
 NEAR_MISS = re.compile(r"^[ \t]*#[# \t]*(BEGIN|END)[ \t_]*(SOLUTIONS?|HIDDEN[ \t_]*CHECKS?)\b", re.IGNORECASE)
 DEFINITION = re.compile(r"^(?:async[ \t]+def|def|class)[ \t]+([A-Za-z_]\w*)", re.MULTILINE)
 # exercises/NN_name: only names like these are ever deleted as stale.
-GENERATED_NAME = re.compile(r"^\d+_\w+$")
+GENERATED_NAME = re.compile(r"^\d+[a-z]?_\w+$")  # 04_tensor_parallel, and an inserted 04b_tensor_parallel_nd
 
 
 class BuildError(Exception):
