@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,7 @@ class AlphaBeta:
         return f"α = {self.alpha * 1e6:.0f} µs per message, β = {self.beta / 1e9:.3g} GB/s"
 
 
-def fit(nbytes, seconds, small_bytes: int = 4096) -> AlphaBeta:
+def fit(nbytes: Sequence[float], seconds: Sequence[float], small_bytes: int = 4096) -> AlphaBeta:
     """Fit t(S) = α + S/β to measured one-message times.
 
     α comes from the small messages (the median time of those of at most ``small_bytes``:
@@ -153,7 +154,12 @@ def _sync(dev: torch.device) -> None:
 
 
 def measure_point_to_point(
-    sizes, world_size: int = 2, min_seconds: float = 0.1, batches: int = 7, max_iters: int = 200, **run_kwargs
+    sizes: Iterable[int],
+    world_size: int = 2,
+    min_seconds: float = 0.1,
+    batches: int = 7,
+    max_iters: int = 200,
+    **run_kwargs,
 ) -> PointToPoint:
     """Time one send/recv of each size (bytes, float32) between ranks 0 and 1 of a launch."""
     if world_size < 2:

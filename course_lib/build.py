@@ -163,7 +163,7 @@ def defined_names(source: str) -> list[str]:
     return DEFINITION.findall(source)
 
 
-def answer_cells(nb) -> dict[str, int]:
+def answer_cells(nb: nbformat.NotebookNode) -> dict[str, int]:
     """Answer name -> index of the cell carrying that ``answer`` metadata."""
     found = {}
     for index, cell in enumerate(nb.cells):
@@ -186,7 +186,7 @@ def intro_cell_text(name: str) -> str:
     )
 
 
-def exercise_notebook(text: str, path: str = "solutions/exercise.py"):
+def exercise_notebook(text: str, path: str = "solutions/exercise.py") -> nbformat.NotebookNode:
     """The exercise notebook (a NotebookNode) made from a solution's .py text."""
     check_markers(text, path)
     nb = read_py(text, path)
@@ -243,7 +243,7 @@ def make_exercise(text: str, path: str = "solutions/exercise.py") -> str:
 # .py <-> .ipynb
 
 
-def read_py(text: str, path: str = "<notebook>"):
+def read_py(text: str, path: str = "<notebook>") -> nbformat.NotebookNode:
     """Parse a percent-format .py notebook, insisting on the course's header."""
     try:
         nb = jupytext.reads(text, fmt="py:percent")
@@ -259,11 +259,11 @@ def read_py(text: str, path: str = "<notebook>"):
     return nb
 
 
-def write_py(nb) -> str:
+def write_py(nb: nbformat.NotebookNode) -> str:
     return jupytext.writes(nb, fmt=PY_FORMAT)
 
 
-def assign_cell_ids(nb) -> None:
+def assign_cell_ids(nb: nbformat.NotebookNode) -> None:
     """Give every cell an id derived from its content, so rebuilds are byte-stable.
 
     Hashing the content (not the position) keeps the ids of untouched cells
@@ -395,7 +395,7 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m course_lib.build", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--check",

@@ -23,7 +23,9 @@ import functools
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -31,6 +33,9 @@ import torch.distributed as dist
 from course_lib import launch
 from course_lib.traffic import count_traffic
 from course_lib.units import format_bytes
+
+if TYPE_CHECKING:
+    from course_lib.alpha_beta import AlphaBeta
 
 #: Every collective this chapter runs, in the order the lesson meets them.
 COLLECTIVES = ("send/recv", "broadcast", "reduce", "all-reduce", "all-gather", "reduce-scatter", "all-to-all")
@@ -89,7 +94,9 @@ def bandwidth(name: str, nbytes: int, seconds: float, n: int) -> tuple[float, fl
 # the rank side: one collective on this rank's buffers
 
 
-def buffers(name: str, k: int, dtype=torch.float32, fill=None):
+def buffers(
+    name: str, k: int, dtype: torch.dtype = torch.float32, fill: Callable[[int], torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (input, output) tensors for a full array of ``k`` elements.
 
     In-place collectives (broadcast, reduce, all-reduce) return the same tensor twice.
@@ -244,7 +251,7 @@ def sync_device(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def slowest_rank(seconds):
+def slowest_rank(seconds: float | Sequence[float]) -> float | list[float]:
     """The largest value over all ranks: a collective is done when its last rank is.
 
     ``seconds`` is one number, or a list (one per batch: the maximum is taken element-wise).
@@ -257,13 +264,13 @@ def slowest_rank(seconds):
 
 def time_calls(
     calls: dict,
-    make_args,
+    make_args: Callable[[int], tuple],
     sizes: list,
     min_seconds: float,
     batches: int,
     max_iters: int = 100,
     spread: dict | None = None,
-):
+) -> tuple[list[int], dict[str, list[float]], str]:
     """Inside a rank: seconds per call of each ``calls[name](*make_args(k))``, per size.
 
     Per size S: one warm-up call (first calls set up connections), an estimate that sets the
@@ -326,7 +333,7 @@ def _time_rank(name: str, sizes: list, min_seconds: float, max_iters: int, batch
 def time_collective(
     name: str,
     world_size: int,
-    sizes,
+    sizes: Iterable[int],
     min_seconds: float = 0.1,
     max_iters: int = 100,
     batches: int = 7,
@@ -349,7 +356,12 @@ def time_collective(
 
 
 def time_collectives(
-    names, world_size: int, sizes, min_seconds: float = 0.05, batches: int = 7, **run_kwargs
+    names: Sequence[str],
+    world_size: int,
+    sizes: Iterable[int],
+    min_seconds: float = 0.05,
+    batches: int = 7,
+    **run_kwargs,
 ) -> dict:
     """Time several collectives in one launch, taking turns batch by batch: name -> :class:`Timing`."""
     for name in names:
@@ -400,7 +412,7 @@ PREDICTIONS = {
 }
 
 
-def predict(model, timing) -> list | None:
+def predict(model: AlphaBeta, timing: Timing) -> list | None:
     """α–β predicted seconds per size for a :class:`Timing` (None for a collective without one)."""
     if timing.name not in PREDICTIONS:
         return None
@@ -442,7 +454,9 @@ def _wire_rank(names: list, k: int, root: int):
     return out
 
 
-def wire_bytes(names, world_size: int, nbytes: int, root: int = 0, **run_kwargs) -> dict | None:
+def wire_bytes(
+    names: Sequence[str], world_size: int, nbytes: int, root: int = 0, **run_kwargs
+) -> dict | None:
     """Count the TCP bytes every rank moves in one call of each collective: name -> :class:`WireBytes`.
 
     None where they cannot be read (NCCL's traffic, or not Linux).
@@ -499,7 +513,7 @@ BROADCASTS = {
 
 
 @contextlib.contextmanager
-def trace_point_to_point():
+def trace_point_to_point() -> Iterator[list[tuple[str, int, int]]]:
     """Record this rank's send/recv/isend/irecv calls, in order, as ``(op, peer, bytes)``."""
     events, depth = [], [0]  # a call made inside a traced call (recv uses irecv) is not recorded
 
@@ -584,7 +598,9 @@ def _trace_rank(algorithms: list, k: int, src: int):
     return traces
 
 
-def trace_broadcast(algorithm, world_size: int, k: int = 4, src: int = 0, **run_kwargs):
+def trace_broadcast(
+    algorithm: str | Sequence[str], world_size: int, k: int = 4, src: int = 0, **run_kwargs
+) -> list | dict[str, list]:
     """Run a send/recv broadcast ("tree" or "flat") on ``world_size`` ranks and return every rank's
     traced messages (a list per rank). ``algorithm`` may also be a tuple of names, run one after
     the other in the same launch: then a dict name -> traces."""
@@ -609,7 +625,13 @@ def _time_algorithms_rank(calls: dict, sizes: list, min_seconds: float, batches:
 
 
 def time_algorithms(
-    kind: str, calls: dict, world_size: int, sizes, min_seconds: float, batches: int, **run_kwargs
+    kind: str,
+    calls: dict,
+    world_size: int,
+    sizes: Iterable[int],
+    min_seconds: float,
+    batches: int,
+    **run_kwargs,
 ) -> dict:
     """Time several in-place algorithms ``calls[name](tensor)`` for one collective ``kind``, taking
     turns on the same ranks: name -> :class:`Timing`, the median batch with the fastest and slowest
@@ -634,8 +656,8 @@ def time_algorithms(
 
 def time_broadcasts(
     world_size: int,
-    sizes,
-    names=("tree", "flat", "dist.broadcast"),
+    sizes: Iterable[int],
+    names: Iterable[str] = ("tree", "flat", "dist.broadcast"),
     min_seconds: float = 0.05,
     batches: int = 7,
     **run_kwargs,

@@ -38,10 +38,14 @@ Sizes are in bytes; "traffic" is what one rank sends per training step. Times co
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from course_lib.pp import bubble_formula
 from course_lib.units import format_bytes as _format_bytes
 from course_lib.zero import formula_bytes, formula_traffic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: Bytes per element of activations and of messages (fp16/bf16 training, or the course's fp32).
 ELEMENT_BYTES = {"mixed": 2, "fp32": 4}
@@ -253,7 +257,7 @@ def estimate(model: Model, plan: Strategy, gpus: int | None = None) -> Estimate:
 PARTS = ("params", "grads", "optimizer", "activations")
 
 
-def draw_plans(model: Model, plans: dict, gpu_bytes: float = 80e9):
+def draw_plans(model: Model, plans: dict, gpu_bytes: float = 80e9) -> Figure:
     """Stacked bars of memory per GPU, one per ``{label: Strategy}``, against the GPU's memory."""
     from course_lib.viz import plot_plan_memory
 

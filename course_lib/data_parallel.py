@@ -17,14 +17,16 @@ Notation: N ranks, Ψ parameters (4Ψ bytes in fp32).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from course_lib.models import make_mlp, regression_data, shard
-from course_lib.traffic import count_traffic
+from course_lib.traffic import Traffic, count_traffic
 
 #: How the ranks agree on the gradient: ours three ways, and torch's DDP as the reference.
 SYNCS = ("all-reduce", "parameter-server", "sharded-parameter-server", "ddp")
@@ -46,7 +48,7 @@ class SGD:
         self.momentum_buffers = [None] * len(self.params)
 
     @torch.no_grad()
-    def step(self):
+    def step(self) -> None:
         for i, p in enumerate(self.params):
             if p.grad is None:
                 continue
@@ -56,28 +58,30 @@ class SGD:
                 self.momentum_buffers[i].mul_(self.momentum).add_(p.grad)
             p.add_(self.momentum_buffers[i], alpha=-self.lr)
 
-    def zero_grad(self):
+    def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
 
 
-def make_batches(steps: int, batch_size: int, d_model: int = 16, seed: int = 1):
+def make_batches(
+    steps: int, batch_size: int, d_model: int = 16, seed: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``steps`` global batches ``(x, y)`` of ``batch_size`` samples each."""
     x, y = regression_data(steps * batch_size, d_model, seed)
     return list(zip(x.split(batch_size), y.split(batch_size)))
 
 
-def parameters(model) -> dict:
+def parameters(model: nn.Module) -> dict:
     """A copy of every parameter by name, to compare runs with."""
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def flatten(tensors) -> torch.Tensor:
+def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """One contiguous vector: one message instead of one per tensor."""
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def unflatten_into(flat: torch.Tensor, tensors) -> None:
+def unflatten_into(flat: torch.Tensor, tensors: Iterable[torch.Tensor]) -> None:
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -89,7 +93,11 @@ def unflatten_into(flat: torch.Tensor, tensors) -> None:
 
 
 def train_single_process(
-    model, batches, lr: float = LR, momentum: float = MOMENTUM, optimizer=None
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    lr: float = LR,
+    momentum: float = MOMENTUM,
+    optimizer: SGD | torch.optim.Optimizer | None = None,
 ) -> list[float]:
     """Full-batch training, one step per batch; returns the loss of every step.
 
@@ -112,14 +120,14 @@ def train_single_process(
 
 
 @torch.no_grad()
-def broadcast_parameters(model, src: int = 0) -> None:
+def broadcast_parameters(model: nn.Module, src: int = 0) -> None:
     """Give every rank ``src``'s weights: replicas must start identical."""
     for p in model.parameters():
         dist.broadcast(p, src)
 
 
 @torch.no_grad()
-def average_gradients_allreduce(model, group=None) -> None:
+def average_gradients_allreduce(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
     """Every rank ends with the mean gradient: all-reduce (sum), then divide by N.
 
     One all-reduce per parameter keeps it simple; chapter 03 groups them into buckets.
@@ -132,7 +140,9 @@ def average_gradients_allreduce(model, group=None) -> None:
 
 
 @torch.no_grad()
-def parameter_server_step(model, optimizer, root: int = ROOT) -> None:
+def parameter_server_step(
+    model: nn.Module, optimizer: SGD | torch.optim.Optimizer | None, root: int = ROOT
+) -> None:
     """One update through a parameter server on rank ``root``.
 
     Workers send their gradients up; the server averages them, runs the only
@@ -190,7 +200,7 @@ class ShardSGD:
 
 
 @torch.no_grad()
-def sharded_parameter_server_step(model, shard_optimizer, servers: int) -> None:
+def sharded_parameter_server_step(model: nn.Module, shard_optimizer: ShardSGD | None, servers: int) -> None:
     """One update through a parameter server sharded over ranks 0 … servers−1.
 
     Server s owns one range of the flattened parameters (:func:`server_ranges`) and its
@@ -230,10 +240,10 @@ def sharded_parameter_server_step(model, shard_optimizer, servers: int) -> None:
 
 
 def data_parallel_step(
-    model,
-    optimizer,
-    x,
-    y,
+    model: nn.Module,
+    optimizer: SGD | ShardSGD | torch.optim.Optimizer | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
     sync: str = "all-reduce",
     accumulation_steps: int = 1,
     sync_every_micro_batch: bool = False,
@@ -278,8 +288,8 @@ def data_parallel_step(
 
 
 def train_data_parallel(
-    model,
-    batches,
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     sync: str = "all-reduce",
     accumulation_steps: int = 1,
     sync_every_micro_batch: bool = False,
@@ -332,7 +342,7 @@ def measure_sync_traffic(
     accumulation_steps: int = 1,
     sync_every_micro_batch: bool = False,
     servers: int | None = None,
-):
+) -> tuple[Traffic, int]:
     """Inside a rank: count one training step's communication. Returns (Traffic, Ψ bytes)."""
     model = make_mlp(d_model, d_hidden)
     wrapped = DistributedDataParallel(model) if sync == "ddp" else model

@@ -24,7 +24,9 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,7 +37,7 @@ from course_lib import launch
 from course_lib.p2p import global_rank
 
 
-def assign_buckets(sizes, cap_bytes: float) -> list[list[int]]:
+def assign_buckets(sizes: Sequence[float], cap_bytes: float) -> list[list[int]]:
     """Group parameters into buckets, last parameter first; returns their indices per bucket.
 
     ``sizes[i]`` is parameter i's gradient size in bytes, in registration order.
@@ -151,7 +153,7 @@ class BucketedDDP(nn.Module):
             bucket.start_pass()
         self._next_launch, self._grads = 0, []
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> Any:
         if self._in_backward:  # the last backward pass never finished (it raised)
             self._start_pass()
             self._in_backward = False
@@ -257,7 +259,7 @@ def _timelines_rank(caps, depth, d_model, d_hidden, steps):
 
 
 def record_timelines(
-    caps,
+    caps: Iterable[float],
     world_size: int = 2,
     depth: int = 8,
     d_model: int = 256,
@@ -306,14 +308,14 @@ def _torch_buckets_rank(bucket_cap_mb, depth, d_model, d_hidden, steps):
 
 
 def torch_ddp_buckets(
-    bucket_cap_mb=None,
+    bucket_cap_mb: float | None = None,
     depth: int = 8,
     d_model: int = 256,
     d_hidden: int = 1024,
     steps: int = 2,
     world_size: int = 2,
     **run_kwargs,
-):
+) -> tuple[list[list[list[str]]], list[list[str]]]:
     """The buckets torch's ``DistributedDataParallel`` all-reduces, seen from a communication hook.
 
     Returns ``(torch_steps, ours)``: ``torch_steps[i]`` lists, for backward pass

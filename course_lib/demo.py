@@ -49,6 +49,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -64,12 +65,17 @@ STEPS = 3
 D, H = 8, 16  # model width and MLP hidden size: tp needs N | H
 STRATEGIES = {}  # name -> (run, needs(n, options) -> error text or None, what it does)
 
+# What a strategy returns ([(name, got, expected)] for this rank), a strategy, and its needs.
+_Checks = list[tuple[str, torch.Tensor, torch.Tensor]]
+_Demo = Callable[[int, int, torch.device, argparse.Namespace], _Checks]
+_Needs = Callable[[int, argparse.Namespace], str | None]
+
 
 class Unusable(ValueError):
     """This strategy cannot run on this world size (exit code 2)."""
 
 
-def strategy(name, what, needs=lambda n, o: None):
+def strategy(name: str, what: str, needs: _Needs = lambda n, o: None) -> Callable[[_Demo], _Demo]:
     def register(fn):
         STRATEGIES[name] = (fn, needs, what)
         return fn
@@ -81,7 +87,7 @@ def _divisors_from_2(size: int) -> str:
     return ", ".join(str(k) for k in range(2, size + 1) if size % k == 0)
 
 
-def divides(size, what):
+def divides(size: int, what: str) -> _Needs:
     return lambda n, o: (
         None
         if size % n == 0
@@ -106,7 +112,7 @@ def _data(n_samples, seed=1):
 
 
 @strategy("dp", "data parallel: average gradients with all-reduce, momentum SGD")
-def demo_dp(rank, n, dev, opts):
+def demo_dp(rank: int, n: int, dev: torch.device, opts: argparse.Namespace) -> _Checks:
     batches = [(x.to(dev), y.to(dev)) for x, y in dp.make_batches(STEPS, 4 * n, D, seed=2)]
     model = make_mlp(D, H, seed=0).to(dev)
     dp.train_data_parallel(model, batches)
@@ -117,7 +123,7 @@ def demo_dp(rank, n, dev, opts):
 
 
 @strategy("ring", "ring all-reduce from send/recv (reduce-scatter + all-gather)")
-def demo_ring(rank, n, dev, opts):
+def demo_ring(rank: int, n: int, dev: torch.device, opts: argparse.Namespace) -> _Checks:
     def values(r):  # integers: the sum must be exact
         return torch.randint(-50, 50, (1001,), generator=torch.Generator().manual_seed(r)).float()
 
@@ -126,7 +132,7 @@ def demo_ring(rank, n, dev, opts):
 
 
 @strategy("tp", "tensor-parallel MLP (Megatron: fc1 by columns, fc2 by rows)", divides(H, "H"))
-def demo_tp(rank, n, dev, opts):
+def demo_tp(rank: int, n: int, dev: torch.device, opts: argparse.Namespace) -> _Checks:
     dense = make_mlp(D, H, seed=0)
     mlp = tp.TensorParallelMLP.from_dense(copy.deepcopy(dense)).to(dev)
     mine = tp.block_of(H, n, rank)  # fc1's rows and fc2's columns
@@ -151,7 +157,7 @@ def _sp_needs(n, o):
 
 
 @strategy("sp", "sequence-parallel transformer block (TP + sharded LayerNorms)", _sp_needs)
-def demo_sp(rank, n, dev, opts):
+def demo_sp(rank: int, n: int, dev: torch.device, opts: argparse.Namespace) -> _Checks:
     dense = make_block(16, 4, 32, seed=0)
     block = tp.SequenceParallelBlock.from_dense(copy.deepcopy(dense)).to(dev)
     x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(3))
@@ -183,7 +189,7 @@ def demo_sp(rank, n, dev, opts):
         None if n <= 4 else f"needs N <= 4: the model has 4 layers and every stage needs one, got N={n}"
     ),
 )
-def demo_pp(rank, n, dev, opts):
+def demo_pp(rank: int, n: int, dev: torch.device, opts: argparse.Namespace) -> _Checks:
     full = make_stack(4, D, H, seed=0)
     stage = pp.partition(copy.deepcopy(full), rank, n).to(dev)
     x, y = _data(8)
@@ -197,7 +203,7 @@ def demo_pp(rank, n, dev, opts):
 
 
 @strategy("zero", "ZeRO stages 1, 2 and 3 with AdamW")
-def demo_zero(rank, n, dev, opts):
+def demo_zero(rank: int, n: int, dev: torch.device, opts: argparse.Namespace) -> _Checks:
     x, y = _data(4 * n)
     checks = []
     ref = make_mlp(D, H, seed=0)
@@ -221,7 +227,7 @@ def demo_zero(rank, n, dev, opts):
 
 
 @strategy("moe", "expert-parallel MoE layer, top-2 routing, two all-to-alls", divides(4, "E"))
-def demo_moe(rank, n, dev, opts):
+def demo_moe(rank: int, n: int, dev: torch.device, opts: argparse.Namespace) -> _Checks:
     gate, experts = moe.make_moe(D, 4, H, seed=0)
     layer = moe.MoELayer.from_dense(copy.deepcopy(gate), copy.deepcopy(experts), 2, 1.25).to(dev)
     xs = [_data(6, seed=10 + r)[0] for r in range(n)]  # every rank's own tokens
@@ -259,7 +265,7 @@ def _grid(n, opts):
     "DP × TP × PP: a pipeline of tensor-parallel MLPs, replicated over DP",
     lambda n, o: _grid(n, o) and None,
 )
-def demo_3d(rank, n, dev, opts):
+def demo_3d(rank: int, n: int, dev: torch.device, opts: argparse.Namespace) -> _Checks:
     n_dp, n_tp, n_pp = _grid(n, opts)
     # Chapter 09's grid: rank = (pp · DP + dp) · TP + tp, one process group per axis.
     # TP neighbours are adjacent ranks: on a cluster, the GPUs of one node (fastest link).
@@ -295,7 +301,7 @@ def pick_backend(choice: str) -> str:
     return choice
 
 
-def run_strategy(name, opts, backend, dev):
+def run_strategy(name: str, opts: argparse.Namespace, backend: str, dev: torch.device) -> bool:
     rank, n = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(1234)
     dist.barrier()
@@ -331,7 +337,7 @@ def run_strategy(name, opts, backend, dev):
     return ok
 
 
-def parse(argv=None):
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="torchrun --nproc_per_node N -m course_lib.demo",
         description="Run a strategy of the course and compare it with single-process training.",
@@ -345,7 +351,7 @@ def parse(argv=None):
     return parser.parse_intermixed_args(argv)  # options may come between strategies
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     opts = parse(argv)
     unknown = [s for s in opts.strategies if s not in STRATEGIES]
     n = int(os.environ.get("WORLD_SIZE", 1))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
 
 import torch
 
 from course_lib import launch
 
 
-def report(world_sizes=(1, 2, 4, 8)) -> dict:
+def report(world_sizes: Sequence[int] = (1, 2, 4, 8)) -> dict:
     """Print and return what this machine offers the course."""
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     info = {

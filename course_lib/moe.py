@@ -14,6 +14,7 @@ their experts and back by an all-to-all built here from send/recv.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,7 @@ def expert_capacity(num_tokens: int, num_experts: int, k: int, capacity_factor: 
     return max(0, math.ceil(k * capacity_factor * num_tokens / num_experts - 1e-9))
 
 
-def top_k_gate(logits: torch.Tensor, k: int):
+def top_k_gate(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert_index, weight), both T×k: softmax over E, the k most probable experts.
 
     k = 1 keeps the probability itself as the weight (Switch: the gate's
@@ -158,7 +159,12 @@ def _exchange_counts(send_counts: list[int], group=None) -> list[int]:
     return theirs.tolist()
 
 
-def all_to_all(rows: torch.Tensor, send_counts, group=None, recv_counts=None):
+def all_to_all(
+    rows: torch.Tensor,
+    send_counts: Sequence[int] | torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    recv_counts: Sequence[int] | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[int]]:
     """Send ``rows[first send_counts[0]]`` to rank 0, the next ``send_counts[1]`` to rank 1, ...
 
     Returns ``(received, recv_counts)``: the rows from rank 0, then from rank 1,
@@ -197,7 +203,9 @@ def all_to_all(rows: torch.Tensor, send_counts, group=None, recv_counts=None):
     return received, recv_counts
 
 
-def builtin_all_to_all(rows: torch.Tensor, send_counts, group=None):
+def builtin_all_to_all(
+    rows: torch.Tensor, send_counts: Sequence[int] | torch.Tensor, group: dist.ProcessGroup | None = None
+) -> tuple[torch.Tensor, list[int]]:
     """The same as :func:`all_to_all` with torch's ``dist.all_to_all_single`` (the reference)."""
     rank, n = _rank_and_size(group)
     send_counts = [int(c) for c in send_counts]
@@ -233,7 +241,9 @@ class _AllToAll(torch.autograd.Function):
 # the layer
 
 
-def make_moe(d_model: int = 8, num_experts: int = 4, d_hidden: int = 16, seed: int = 0):
+def make_moe(
+    d_model: int = 8, num_experts: int = 4, d_hidden: int = 16, seed: int = 0
+) -> tuple[nn.Linear, nn.ModuleList]:
     """A gate (Linear D→E) and E expert MLPs, identical on every rank for one seed."""
     torch.manual_seed(seed)
     gate = nn.Linear(d_model, num_experts, bias=False)
@@ -257,7 +267,14 @@ class MoELayer(nn.Module):
         self.last_routing: Routing | None = None
 
     @classmethod
-    def from_dense(cls, gate, experts, k: int, capacity_factor: float, group=None) -> MoELayer:
+    def from_dense(
+        cls,
+        gate: nn.Module,
+        experts: Sequence[nn.Module] | nn.ModuleList,
+        k: int,
+        capacity_factor: float,
+        group: dist.ProcessGroup | None = None,
+    ) -> MoELayer:
         """Keep experts [r·E/N, (r+1)·E/N) of the full list ``experts`` on rank r (shared, not copied)."""
         rank, n = _rank_and_size(group)
         num_experts = len(experts)
@@ -308,7 +325,13 @@ class MoELayer(nn.Module):
         return x.new_zeros((x.shape[0], back.shape[1])).index_add(0, token, combined)
 
 
-def dense_moe(x: torch.Tensor, gate, experts, k: int, capacity_factor: float) -> torch.Tensor:
+def dense_moe(
+    x: torch.Tensor,
+    gate: nn.Module,
+    experts: Sequence[nn.Module] | nn.ModuleList,
+    k: int,
+    capacity_factor: float,
+) -> torch.Tensor:
     """The reference: one process, a loop over tokens and their kept choices."""
     routing = route(gate(x), k, capacity_factor)
     rows = []

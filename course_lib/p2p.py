@@ -29,7 +29,7 @@ _DTYPES = (
 )
 
 
-def global_rank(group, group_rank: int) -> int:
+def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:
     """Point-to-point calls name peers by their global rank, even inside a group."""
     return group_rank if group is None else dist.get_global_rank(group, group_rank)
 
@@ -54,7 +54,7 @@ class Ring:
         return self.global_rank((self.rank + 1) % self.size)
 
 
-def ring_of(group=None) -> Ring:
+def ring_of(group: dist.ProcessGroup | None = None) -> Ring:
     """This rank's :class:`Ring` in ``group`` (None: every rank)."""
     rank = dist.get_rank(group)
     if rank < 0:
@@ -69,7 +69,9 @@ def _header(tensor: torch.Tensor) -> torch.Tensor:
     return torch.tensor([code, len(shape)] + dims, dtype=torch.int64, device=tensor.device)
 
 
-def send_header(tensor: torch.Tensor, dst: int, group=None):
+def send_header(
+    tensor: torch.Tensor, dst: int, group: dist.ProcessGroup | None = None
+) -> tuple[dist.Work | None, torch.Tensor]:
     """Start sending ``tensor``'s shape and dtype to ``dst``, so it can allocate a buffer.
 
     Returns (request, header): the header must live until the request completes.
@@ -84,7 +86,9 @@ def send_header(tensor: torch.Tensor, dst: int, group=None):
     return dist.isend(header, dst, group=group), header
 
 
-def recv_header(src: int, group=None, device="cpu") -> tuple[tuple, torch.dtype]:
+def recv_header(
+    src: int, group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu"
+) -> tuple[tuple, torch.dtype]:
     """The (shape, dtype) that :func:`send_header` on ``src`` sent."""
     header = torch.empty(2 + _HEADER_DIMS, dtype=torch.int64, device=device)
     dist.recv(header, src, group=group)

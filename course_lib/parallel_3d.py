@@ -9,7 +9,9 @@ messages one step sends on each axis, for the α–β predictions of the lesson.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -23,6 +25,9 @@ from course_lib.models import shard
 from course_lib.p2p import global_rank
 from course_lib.tensor_parallel import block_of
 from course_lib.zero import ZeroAdam
+
+if TYPE_CHECKING:
+    from course_lib.alpha_beta import AlphaBeta
 
 # ----------------------------------------------------------------------------
 # training a stack of MLPs with all three at once, from the chapters' own pieces
@@ -55,12 +60,12 @@ def train_3d(
     dp: int,
     tp: int,
     pp: int,
-    batches,
-    model_fn,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    model_fn: Callable[[], nn.Sequential],
     microbatches: int = 2,
     zero_stage: int | None = None,
     lr: float = 0.1,
-    average_gradients=None,
+    average_gradients: Callable[[nn.Module, dist.ProcessGroup | None], None] | None = None,
 ) -> dict:
     """Train ``model_fn()`` (an ``nn.Sequential`` of MLPs, the same on every rank) on a grid.
 
@@ -99,7 +104,12 @@ def train_3d(
     return {"coord": grid.coord, "losses": losses if last else None, "params": params, "memory": memory}
 
 
-def train_dense(model, batches, zero_stage: int | None = None, lr: float = 0.1) -> list[float]:
+def train_dense(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    zero_stage: int | None = None,
+    lr: float = 0.1,
+) -> list[float]:
     """The single-process reference for :func:`train_3d`: same optimizer, whole batches."""
 
     if zero_stage is None:
@@ -108,7 +118,9 @@ def train_dense(model, batches, zero_stage: int | None = None, lr: float = 0.1) 
     return data_parallel.train_single_process(model, batches, optimizer=adamw)
 
 
-def compare_with_dense(results: list, dense_params: dict, tp_size: int, rtol=1e-5, atol=1e-5) -> int:
+def compare_with_dense(
+    results: list, dense_params: dict, tp_size: int, rtol: float = 1e-5, atol: float = 1e-5
+) -> int:
     """Check every rank's parameters against its block of the dense model's; return how many."""
     compared = 0
     for rank, result in enumerate(results):
@@ -139,7 +151,7 @@ class StepMessages:
     tp: list
     pp: list
 
-    def seconds(self, model, dp: int, tp: int) -> dict:
+    def seconds(self, model: AlphaBeta, dp: int, tp: int) -> dict:
         """Predicted seconds per axis from an :class:`~course_lib.alpha_beta.AlphaBeta` ``model``:
         a ring all-reduce 2(N−1)α + 2(N−1)/N·S/β for each dp and tp message, α + S/β for each
         pipeline message."""
@@ -187,7 +199,13 @@ def _fastest(fn, repeats: int) -> float:
 
 
 def time_step_messages(
-    dp: int, tp: int, pp: int, model_fn, tokens_per_rank: int, microbatches: int, repeats: int = 5
+    dp: int,
+    tp: int,
+    pp: int,
+    model_fn: Callable[[], nn.Sequential],
+    tokens_per_rank: int,
+    microbatches: int,
+    repeats: int = 5,
 ) -> dict:
     """Inside each rank: one real 3D step, then its messages replayed on their own, per axis.
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -133,7 +134,7 @@ def _all_gather(flat: torch.Tensor, ring: Ring) -> None:
         request.wait()
 
 
-def ring_reduce_scatter(tensor: torch.Tensor, group=None) -> torch.Tensor:
+def ring_reduce_scatter(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum chunk r of every rank's ``tensor`` into chunk r of rank r's ``tensor``, over a ring.
 
     In place; returns that chunk (a view). The other chunks are left holding
@@ -143,7 +144,7 @@ def ring_reduce_scatter(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return _reduce_scatter(tensor.view(-1), ring)
 
 
-def ring_all_gather(tensor: torch.Tensor, group=None) -> torch.Tensor:
+def ring_all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Fill every chunk c of every rank's ``tensor`` with chunk c of rank c's, over a ring.
 
     In place (chunk r of rank r is the input); returns ``tensor``. N-1 steps;
@@ -154,7 +155,7 @@ def ring_all_gather(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
-def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+def ring_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum ``tensor`` over the ranks of ``group``, in place, from send/recv only; returns it.
 
     A reduce-scatter then an all-gather around the ring, 2(N-1) steps; each rank
@@ -167,7 +168,7 @@ def ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
-def unchunked_ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+def unchunked_ring_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum ``tensor`` in place by passing whole tensors around the ring (for contrast).
 
     N-1 steps, each moving all K elements: every rank sends (N-1)·K.
@@ -181,7 +182,9 @@ def unchunked_ring_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
-def naive_all_reduce(tensor: torch.Tensor, group=None, root: int = 0) -> torch.Tensor:
+def naive_all_reduce(
+    tensor: torch.Tensor, group: dist.ProcessGroup | None = None, root: int = 0
+) -> torch.Tensor:
     """Sum ``tensor`` in place: everyone sends to ``root``, which adds and sends the sum back.
 
     The root receives (N-1)·K elements and sends (N-1)·K; the others send and
@@ -209,7 +212,7 @@ def naive_all_reduce(tensor: torch.Tensor, group=None, root: int = 0) -> torch.T
     return tensor
 
 
-def tree_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+def tree_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Sum ``tensor`` in place over a binomial tree: reduce to rank 0, then broadcast back.
 
     Each half takes ⌈log₂N⌉ rounds and every round moves the whole tensor, so
@@ -241,7 +244,7 @@ def tree_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
-def _builtin_all_reduce(tensor: torch.Tensor, group=None) -> torch.Tensor:
+def _builtin_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     dist.all_reduce(tensor, group=group)
     return tensor
 
@@ -381,7 +384,7 @@ class _StampedRecv:
 
 
 @contextlib.contextmanager
-def count_message_rounds():
+def count_message_rounds() -> Iterator[_Rounds]:
     """Inside a rank: number every message with the **round** it is sent in; yields the tally.
 
     The model is the α–β model's: in one round a rank sends at most one message
@@ -425,7 +428,7 @@ def _count_rounds_rank(names):
     return result
 
 
-def count_rounds(world_size: int, names=("ring", "tree"), **run_kwargs) -> dict:
+def count_rounds(world_size: int, names: Iterable[str] = ("ring", "tree"), **run_kwargs) -> dict:
     """name -> rounds one all-reduce (of :data:`ALL_REDUCES`) needs on ``world_size`` ranks.
 
     2(N−1) + 1 for the ring and 2⌈log₂N⌉ + 1 for the tree (the + 1 is the shape
@@ -444,8 +447,8 @@ SpreadTiming = Timing
 
 def time_all_reduce(
     world_size: int,
-    sizes,
-    names=("ring", "dist.all_reduce"),
+    sizes: Iterable[int],
+    names: Sequence[str] = ("ring", "dist.all_reduce"),
     min_seconds: float = 0.1,
     batches: int = 5,
     **run_kwargs,

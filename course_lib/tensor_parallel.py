@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from course_lib.dp import flatten, unflatten_into
+
+if TYPE_CHECKING:
+    from course_lib.models import MLP, SelfAttention, TransformerBlock
 
 SEQ_DIM = 1
 
@@ -147,27 +151,33 @@ class _ScatterToSequence(torch.autograd.Function):
         return _all_gather(grad, ctx.dim, ctx.group), None, None
 
 
-def copy_to_tp_region(x, group=None):
+def copy_to_tp_region(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """f: identity forward; all-reduce of the gradient backward."""
     return _CopyToTPRegion.apply(x, group)
 
 
-def reduce_from_tp_region(x, group=None):
+def reduce_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """g: all-reduce forward (sum of the ranks' partial results); identity backward."""
     return _ReduceFromTPRegion.apply(x, group)
 
 
-def gather_from_sequence_region(x, group=None, dim=SEQ_DIM):
+def gather_from_sequence_region(
+    x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = SEQ_DIM
+) -> torch.Tensor:
     """All-gather the sequence shards forward; reduce-scatter the gradient backward."""
     return _GatherFromSequence.apply(x, group, dim)
 
 
-def reduce_scatter_to_sequence_region(x, group=None, dim=SEQ_DIM):
+def reduce_scatter_to_sequence_region(
+    x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = SEQ_DIM
+) -> torch.Tensor:
     """Sum partial results and keep my sequence shard forward; all-gather the gradient backward."""
     return _ReduceScatterToSequence.apply(x, group, dim)
 
 
-def scatter_to_sequence_region(x, group=None, dim=SEQ_DIM):
+def scatter_to_sequence_region(
+    x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = SEQ_DIM
+) -> torch.Tensor:
     """Keep my sequence shard of a replicated tensor forward; all-gather the gradient backward."""
     return _ScatterToSequence.apply(x, group, dim)
 
@@ -216,7 +226,9 @@ class ColumnParallelLinear(nn.Module):
         self.recompute_gather = recompute_gather
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, group=None, parts: int = 1, **options):
+    def from_dense(
+        cls, linear: nn.Linear, group: dist.ProcessGroup | None = None, parts: int = 1, **options
+    ) -> ColumnParallelLinear:
         """Keep rank r's block of rows of ``linear.weight`` (and of its bias).
 
         ``parts > 1``: the output features are ``parts`` stacked matrices (a fused
@@ -230,7 +242,7 @@ class ColumnParallelLinear(nn.Module):
 
         return cls(mine(linear.weight), mine(linear.bias), group, **options)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel and self.recompute_gather:
             return _GatherThenLinear.apply(x, self.weight, self.bias, self.group, SEQ_DIM)
         if self.sequence_parallel:
@@ -255,13 +267,15 @@ class RowParallelLinear(nn.Module):
         self.group, self.sequence_parallel = group, sequence_parallel
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, group=None, sequence_parallel=False):
+    def from_dense(
+        cls, linear: nn.Linear, group: dist.ProcessGroup | None = None, sequence_parallel: bool = False
+    ) -> RowParallelLinear:
         n, rank = dist.get_world_size(group), dist.get_rank(group)
         cols = block_of(linear.in_features, n, rank, "input features")
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(linear.weight.detach()[:, cols].clone(), bias, group, sequence_parallel)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         partial = F.linear(x, self.weight)
         if self.sequence_parallel:
             out = reduce_scatter_to_sequence_region(partial, self.group)
@@ -282,7 +296,13 @@ class TensorParallelMLP(nn.Module):
         self.fc1, self.fc2 = fc1, fc2
 
     @classmethod
-    def from_dense(cls, mlp, group=None, sequence_parallel=False, recompute_gather=False):
+    def from_dense(
+        cls,
+        mlp: MLP,
+        group: dist.ProcessGroup | None = None,
+        sequence_parallel: bool = False,
+        recompute_gather: bool = False,
+    ) -> TensorParallelMLP:
         n, hidden = dist.get_world_size(group), mlp.fc1.out_features
         if hidden % n:
             raise ValueError(
@@ -296,7 +316,7 @@ class TensorParallelMLP(nn.Module):
             RowParallelLinear.from_dense(mlp.fc2, group, sequence_parallel),
         )
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # GELU acts element by element on this rank's own columns: no sync needed.
         return self.fc2(F.gelu(self.fc1(x)))
 
@@ -310,7 +330,13 @@ class TensorParallelAttention(nn.Module):
         self.n_heads, self.d_head = n_heads, d_head  # this rank's heads
 
     @classmethod
-    def from_dense(cls, attn, group=None, sequence_parallel=False, recompute_gather=False):
+    def from_dense(
+        cls,
+        attn: SelfAttention,
+        group: dist.ProcessGroup | None = None,
+        sequence_parallel: bool = False,
+        recompute_gather: bool = False,
+    ) -> TensorParallelAttention:
         n = dist.get_world_size(group)
         if attn.n_heads % n:
             raise ValueError(
@@ -323,7 +349,7 @@ class TensorParallelAttention(nn.Module):
         proj = RowParallelLinear.from_dense(attn.proj, group, sequence_parallel)
         return cls(qkv, proj, attn.n_heads // n, attn.d_head)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, self.d_head)).unbind(dim=-3)
         b, s = q.shape[:2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, my heads, seq, d_head)
@@ -340,7 +366,9 @@ class TensorParallelBlock(nn.Module):
         self.ln1, self.attn, self.ln2, self.mlp, self.group = ln1, attn, ln2, mlp, group
 
     @classmethod
-    def from_dense(cls, block, group=None, **options):
+    def from_dense(
+        cls, block: TransformerBlock, group: dist.ProcessGroup | None = None, **options
+    ) -> TensorParallelBlock:
         # LayerNorm acts on each token alone and is tiny: every rank keeps all of it.
         return cls(
             copy.deepcopy(block.ln1),
@@ -350,7 +378,7 @@ class TensorParallelBlock(nn.Module):
             group,
         )
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
@@ -364,7 +392,9 @@ class SequenceParallelBlock(TensorParallelBlock):
     """
 
     @classmethod
-    def from_dense(cls, block, group=None, recompute_gather=False):
+    def from_dense(
+        cls, block: TransformerBlock, group: dist.ProcessGroup | None = None, recompute_gather: bool = False
+    ) -> SequenceParallelBlock:
         """``recompute_gather``: keep only the shard of each gathered input, gather it again in backward."""
         return super().from_dense(block, group, sequence_parallel=True, recompute_gather=recompute_gather)
 

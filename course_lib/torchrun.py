@@ -47,6 +47,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -88,13 +89,15 @@ def _start(command: list[str], env: dict) -> subprocess.Popen:
     )
 
 
-def torchrun_command(args, nproc: int = 2, module: str | None = "course_lib.demo") -> list[str]:
+def torchrun_command(
+    args: str | Sequence[str], nproc: int = 2, module: str | None = "course_lib.demo"
+) -> list[str]:
     """The command line ``run_torchrun`` starts (``python -m torch.distributed.run ...``)."""
     return _torchrun_argv(["--standalone", f"--nproc-per-node={nproc}"], args, module, nproc=nproc)
 
 
 def run_torchrun(
-    args,
+    args: str | Sequence[str],
     nproc: int = 2,
     timeout: float = 120.0,
     module: str | None = "course_lib.demo",
@@ -191,7 +194,9 @@ def _tail(output: str) -> str:
 # the arithmetic of a multi-node launch
 
 
-def placement(rank: int, nproc_per_node, cuda_visible_devices=None) -> tuple[int, int, int]:
+def placement(
+    rank: int, nproc_per_node: Sequence[int], cuda_visible_devices: Sequence[str | None] | None = None
+) -> tuple[int, int, int]:
     """Where global rank ``rank`` of a torchrun job runs: ``(node, local_rank, gpu)``.
 
     ``nproc_per_node`` lists the processes of every node in node order (GROUP_RANK
@@ -296,7 +301,7 @@ def nodes_command(
     nnodes: int = 2,
     nproc_per_node: int = 2,
     endpoint: str = "127.0.0.1:29500",
-    args=(),
+    args: str | Sequence[str] = (),
     module: str | None = "course_lib.torchrun",
     run_id: str = "course",
     join_timeout: float = 60,
@@ -324,7 +329,7 @@ def nodes_command(
 
 
 def run_nodes(
-    args=(),
+    args: str | Sequence[str] = (),
     nnodes: int = 2,
     nproc_per_node: int = 2,
     timeout: float = 180.0,
@@ -474,7 +479,7 @@ def _report(output: str) -> dict | None:
 # what every rank of the two-node demo runs: python -m course_lib.torchrun
 
 
-def rank_view(environ=None) -> dict:
+def rank_view(environ: Mapping[str, str] | None = None) -> dict:
     """This rank's torchrun variables (None where unset) and the GPU LOCAL_RANK selects."""
     import torch
 
@@ -545,7 +550,9 @@ def check_global_batch(global_batch: int, micro_batch: int, d_model: int = 8, se
     }
 
 
-def time_pair_all_reduce(sizes, pair, min_seconds: float = 0.05, batches: int = 5) -> dict:
+def time_pair_all_reduce(
+    sizes: Sequence[int], pair: Sequence[int], min_seconds: float = 0.05, batches: int = 5
+) -> dict:
     """Inside a process group: time the course's ring all-reduce between the two ranks of ``pair``.
 
     Every rank must call it (creating the pair's group is collective); the others wait

@@ -26,6 +26,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -131,7 +132,7 @@ def _count_payload_at_the_process_group(traffic: Traffic):
 
 
 @contextlib.contextmanager
-def count_traffic():
+def count_traffic() -> Iterator[Traffic]:
     """Count this rank's communication inside the ``with`` block; yields a :class:`Traffic`."""
     traffic = Traffic()
     wire = _measures_wire()

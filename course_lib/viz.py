@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib
 from matplotlib.figure import Figure
@@ -18,6 +20,17 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from course_lib.collectives import ROOTED, bandwidth, bus_factor, format_bytes, run_collective, sources
+
+if TYPE_CHECKING:
+    import ipywidgets
+    import torch
+    from matplotlib.axes import Axes
+
+    from course_lib.alpha_beta import AlphaBeta, PointToPoint
+    from course_lib.collectives import CollectiveDemo, Timing
+    from course_lib.mesh import GridLayout
+    from course_lib.moe import Routing
+    from course_lib.ring_allreduce import RingSteps
 
 
 class CourseFigure(Figure):
@@ -33,7 +46,7 @@ class CourseFigure(Figure):
         return buffer.getvalue()
 
 
-def rank_color(rank: int, world_size: int = 10):
+def rank_color(rank: int, world_size: int = 10) -> tuple[float, float, float, float]:
     """One distinct color per rank (tab10 up to 10 ranks, tab20 up to 20, then a rainbow)."""
     if world_size <= 10:
         return matplotlib.colormaps["tab10"](rank % 10)
@@ -42,7 +55,14 @@ def rank_color(rank: int, world_size: int = 10):
     return matplotlib.colormaps["hsv"](rank / world_size)
 
 
-def draw_rank_rows(ax, values, masks, n, title, root_label):
+def draw_rank_rows(
+    ax: Axes,
+    values: Sequence[torch.Tensor | None],
+    masks: Sequence[torch.Tensor | None],
+    n: int,
+    title: str,
+    root_label: Callable[[int], str],
+) -> None:
     """One row per rank; each cell striped with the colors of the ranks it came from."""
     width = max((len(v) for v in values if v is not None), default=1)
     for rank, (row, mask_row) in enumerate(zip(values, masks)):
@@ -87,7 +107,7 @@ def draw_rank_rows(ax, values, masks, n, title, root_label):
     ax.tick_params(left=False)
 
 
-def plot_collective(demo) -> Figure:
+def plot_collective(demo: CollectiveDemo) -> Figure:
     """Every rank's data before and after ``demo`` (a :class:`~course_lib.collectives.CollectiveDemo`).
 
     Two axes, "before" and "after", one row per rank. A cell's color says which
@@ -126,7 +146,9 @@ def show_collective(name: str, world_size: int, root: int = 0, k: int | None = N
     return plot_collective(run_collective(name, world_size, k=k, root=root))
 
 
-def plot_timing(timings, predict=None) -> Figure:
+def plot_timing(
+    timings: Sequence[Timing], predict: Callable[[Timing], Sequence[float] | None] | None = None
+) -> Figure:
     """Time per call (left) and bus bandwidth (right) against the array size S.
 
     ``timings`` is a list of :class:`~course_lib.collectives.Timing`; one line per collective
@@ -207,7 +229,7 @@ def plot_timing(timings, predict=None) -> Figure:
 # chapter 01: the α–β model, rounds of a traced program, and the collective explorer
 
 
-def plot_alpha_beta(pp, model) -> Figure:
+def plot_alpha_beta(pp: PointToPoint, model: AlphaBeta) -> Figure:
     """Measured one-way time of one message against its size, beside the fitted t(S) = α + S/β.
 
     ``pp`` is an :class:`~course_lib.alpha_beta.PointToPoint`: dots are the median batch, bars
@@ -296,7 +318,7 @@ def plot_rounds(traces_by_name: dict) -> Figure:
     return fig
 
 
-def collective_explorer(name: str = "all-to-all", world_size: int = 4, max_ranks: int = 8):
+def collective_explorer(name: str = "all-to-all", world_size: int = 4, max_ranks: int = 8) -> ipywidgets.VBox:
     """A widget: pick a collective, N and (for broadcast and reduce only) the root; see the picture.
 
     The root slider's maximum follows N, and it is hidden for collectives without a root. Every
@@ -348,7 +370,14 @@ def collective_explorer(name: str = "all-to-all", world_size: int = 4, max_ranks
 PIPELINE_COLORS = {"F": "#4C78A8", "B": "#F58518"}
 
 
-def plot_pipeline(timeline, title, peaks=None, note=None, time_unit="t_f", width=12) -> Figure:
+def plot_pipeline(
+    timeline: Sequence[Sequence[tuple]],
+    title: str,
+    peaks: Sequence[int] | None = None,
+    note: str | None = None,
+    time_unit: str = "t_f",
+    width: float = 12,
+) -> Figure:
     """Gantt chart of ``timeline`` (per stage: ((kind, i), start, end)), stage 0 on top.
 
     Blue boxes are forwards, orange ones backwards (numbered by micro-batch when the
@@ -421,7 +450,7 @@ def plot_pipeline(timeline, title, peaks=None, note=None, time_unit="t_f", width
     return fig
 
 
-def plot_schedule(name: str, p: int, m: int, t_f: float = 1.0, t_b: float = 2.0, width=12) -> Figure:
+def plot_schedule(name: str, p: int, m: int, t_f: float = 1.0, t_b: float = 2.0, width: float = 12) -> Figure:
     """Simulate schedule ``name`` ("gpipe" or "1f1b") on p stages with m micro-batches and draw it."""
     from course_lib import pp
 
@@ -437,14 +466,16 @@ def plot_schedule(name: str, p: int, m: int, t_f: float = 1.0, t_b: float = 2.0,
     )
 
 
-def plot_measured_pipeline(timelines, title, note=None, width=12) -> Figure:
+def plot_measured_pipeline(
+    timelines: Sequence[Sequence[tuple]], title: str, note: str | None = None, width: float = 12
+) -> Figure:
     """:func:`plot_pipeline` of timelines measured by ``pp.train_step(..., timeline=...)``, in ms."""
     t0 = min(row[0][1] for row in timelines)
     in_ms = [[(a, (s - t0) * 1e3, (e - t0) * 1e3) for a, s, e in row] for row in timelines]
     return plot_pipeline(in_ms, title, note=note, time_unit="ms", width=width)
 
 
-def pipeline_explorer(p: int = 4, m: int = 8, ratio: float = 2.0, schedule: str = "gpipe"):
+def pipeline_explorer(p: int = 4, m: int = 8, ratio: float = 2.0, schedule: str = "gpipe") -> ipywidgets.VBox:
     """Sliders for p, m and t_b/t_f and a schedule picker, the Gantt chart and the formulas.
 
     Everything the callback uses lives inside this function, so no later cell can
@@ -555,7 +586,7 @@ def plot_zero_holdings(n: int = 4, precision: str = "fp32") -> Figure:
     return fig
 
 
-def plot_zero_memory(measured: dict, psi: int, formula=None) -> Figure:
+def plot_zero_memory(measured: dict, psi: int, formula: Callable[[int, int], float] | None = None) -> Figure:
     """Model-state bytes per rank (÷ Ψ), measured (bars by kind) against the formula (black).
 
     ``measured[n][stage]`` holds ``{"params", "grads", "optimizer": bytes}`` for each N.
@@ -635,7 +666,9 @@ def plot_zero_traffic(received: dict, psi: int) -> Figure:
     return fig
 
 
-def plot_zero_calculator(psi_billions=7.0, n=8, stage=2, precision="mixed", device_gb=80.0) -> Figure:
+def plot_zero_calculator(
+    psi_billions: float = 7.0, n: int = 8, stage: int = 2, precision: str = "mixed", device_gb: float = 80.0
+) -> Figure:
     """Model-state memory per rank for a real model: every rank's bars, and every stage's total."""
     from course_lib import zero
 
@@ -694,7 +727,9 @@ def plot_zero_calculator(psi_billions=7.0, n=8, stage=2, precision="mixed", devi
     return fig
 
 
-def zero_memory_calculator(psi_billions=7.0, n=8, stage=2, precision="mixed", device_gb=80.0):
+def zero_memory_calculator(
+    psi_billions: float = 7.0, n: int = 8, stage: int = 2, precision: str = "mixed", device_gb: float = 80.0
+) -> ipywidgets.VBox:
     """A widget: pick Ψ, N, the stage, the precision and a device's memory; the figure redraws."""
     import ipywidgets as widgets
     from IPython.display import display
@@ -746,7 +781,7 @@ def zero_memory_calculator(psi_billions=7.0, n=8, stage=2, precision="mixed", de
     )
 
 
-def draw_rank_grid(layout, highlight=None) -> Figure:
+def draw_rank_grid(layout: GridLayout, highlight: int | None = None) -> Figure:
     """Three panels, one per axis of a dp × tp × pp ``layout``: every rank a box, coloured by its
     group on that axis (tp varies fastest, then dp, then pp)."""
     dp, tp, pp = layout.dp, layout.tp, layout.pp
@@ -860,7 +895,7 @@ def plan_calculator(
     attention: str = "materialised",
     microbatches: int = 8,
     gpu_gb: float = 80.0,
-):
+) -> ipywidgets.VBox:
     """Chapter 09's calculator: a plan's memory per GPU beside plain DP and ZeRO-3, its traffic and
     bubble (``course_lib.cost``), redrawn on every change. Everything it uses is its own."""
     import ipywidgets as widgets
@@ -995,7 +1030,7 @@ def _rank_legend(fig, n):
     )
 
 
-def plot_ring_step(steps, step: int) -> Figure:
+def plot_ring_step(steps: RingSteps, step: int) -> Figure:
     """One step of a recorded ring all-reduce (:func:`course_lib.comm.record_ring_steps`)."""
     n = steps.world_size
     fig = CourseFigure(figsize=(0.9 * n + 4.2, 0.5 * n + 1.7), layout="constrained")
@@ -1004,7 +1039,7 @@ def plot_ring_step(steps, step: int) -> Figure:
     return fig
 
 
-def plot_ring_steps(steps) -> Figure:
+def plot_ring_steps(steps: RingSteps) -> Figure:
     """Small multiples: the state before a recorded ring all-reduce and after each of its 2(N−1) steps."""
     n = steps.world_size
     count = 2 * (n - 1) + 1
@@ -1023,7 +1058,7 @@ def plot_ring_steps(steps) -> Figure:
     return fig
 
 
-def ring_explorer(world_size: int = 4, max_ranks: int = 6):
+def ring_explorer(world_size: int = 4, max_ranks: int = 6) -> ipywidgets.VBox:
     """A widget: choose N, then step through (or play) a real ring all-reduce on N ranks.
 
     Each N is launched once and recorded (:func:`course_lib.comm.record_ring_steps`);
@@ -1055,7 +1090,7 @@ def ring_explorer(world_size: int = 4, max_ranks: int = 6):
     return widgets.VBox([widgets.HBox([n_slider, play, step_slider]), picture])
 
 
-def plot_bytes_per_rank(world_sizes, nbytes, series: dict) -> Figure:
+def plot_bytes_per_rank(world_sizes: Sequence[int], nbytes: float, series: dict) -> Figure:
     """Bytes each all-reduce sends per rank against N: formula lines, measured dots and crosses.
 
     ``series[(algorithm, who)]`` = dict(formula=[…], payload=[…], wire=[…]) per N, in bytes
@@ -1317,7 +1352,9 @@ def plot_saved_activations(measured: dict, formula: dict, title: str) -> Figure:
     return fig
 
 
-def plot_all_reduce_times(timings: dict, predict=None) -> Figure:
+def plot_all_reduce_times(
+    timings: dict, predict: Callable[[str, int, int], float | None] | None = None
+) -> Figure:
     """One panel per N: each all-reduce's time per call against S — the median batch, a bar from
     the best to the worst batch, and (crosses, dashed) the α–β prediction.
 
@@ -1384,7 +1421,7 @@ def plot_all_reduce_times(timings: dict, predict=None) -> Figure:
 # chapter 08: experts' buffers, load per expert and rank, drops, the aux loss in training
 
 
-def plot_expert_buffers(routing, title) -> Figure:
+def plot_expert_buffers(routing: Routing, title: str) -> Figure:
     """One row per expert, one box per slot, filled by token (blue: first choices, orange:
     second, ...); on the right, in red, the assignments that arrived after the buffer was full."""
     num_experts, capacity = routing.tokens_per_expert.numel(), routing.capacity
@@ -1446,7 +1483,7 @@ def plot_expert_buffers(routing, title) -> Figure:
     return fig
 
 
-def plot_expert_load(assigned, kept, capacity, n) -> Figure:
+def plot_expert_load(assigned: torch.Tensor, kept: torch.Tensor, capacity: int, n: int) -> Figure:
     """Left: assignments per expert over all n ranks, kept and dropped, beside the n·C slots.
     Right: the rows each rank's experts process (experts split evenly over the ranks)."""
     num_experts = assigned.numel()
@@ -1486,7 +1523,12 @@ def plot_expert_load(assigned, kept, capacity, n) -> Figure:
     return fig
 
 
-def plot_drop_curves(factors, curves, num_experts, num_tokens) -> Figure:
+def plot_drop_curves(
+    factors: Sequence[float],
+    curves: dict[tuple[str, int], Sequence[float]],
+    num_experts: int,
+    num_tokens: int,
+) -> Figure:
     """Share of assignments dropped against the capacity factor, one panel per k.
 
     ``curves`` maps (router label, k) to one share per factor; the black line is the
@@ -1524,7 +1566,7 @@ def plot_drop_curves(factors, curves, num_experts, num_tokens) -> Figure:
     return fig
 
 
-def plot_balance_training(runs, window=10) -> Figure:
+def plot_balance_training(runs: dict[str, dict[str, list[float]]], window: int = 10) -> Figure:
     """Per run (name -> history of "imbalance", "dropped", "task loss"): each step thin,
     the mean of the last ``window`` steps thick."""
 
@@ -1558,7 +1600,9 @@ def plot_balance_training(runs, window=10) -> Figure:
     return fig
 
 
-def plot_routing(capacity_factor, k, num_experts, skew, num_tokens=512) -> Figure:
+def plot_routing(
+    capacity_factor: float, k: int, num_experts: int, skew: float, num_tokens: int = 512
+) -> Figure:
     """Random gate logits plus a bias toward low-numbered experts (``skew``): assignments per
     expert, kept and dropped, against the capacity C."""
     import torch
@@ -1597,7 +1641,9 @@ def plot_routing(capacity_factor, k, num_experts, skew, num_tokens=512) -> Figur
     return fig
 
 
-def routing_explorer(capacity_factor=1.25, k=2, num_experts=8, skew=0.5):
+def routing_explorer(
+    capacity_factor: float = 1.25, k: int = 2, num_experts: int = 8, skew: float = 0.5
+) -> ipywidgets.VBox:
     """Sliders for cf, k, E and skew above :func:`plot_routing`. Everything the callback uses
     lives inside this function, so no later cell can change what a move draws."""
     import ipywidgets as widgets

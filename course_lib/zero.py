@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -85,7 +86,17 @@ def formula_traffic(
     return halves * psi * bytes_per_element * (world_size - 1) / world_size
 
 
-def adamw_(param, grad, exp_avg, exp_avg_sq, step: int, lr, betas, eps, weight_decay) -> None:
+def adamw_(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+) -> None:
     """One ``torch.optim.AdamW`` update of ``param``, in place; ``step`` counts from 1."""
     beta1, beta2 = betas
     param.mul_(1 - lr * weight_decay)  # decoupled weight decay: AdamW, not Adam + L2
@@ -95,7 +106,7 @@ def adamw_(param, grad, exp_avg, exp_avg_sq, step: int, lr, betas, eps, weight_d
     param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
 
 
-def reduce_scatter(flat: torch.Tensor, group=None) -> torch.Tensor:
+def reduce_scatter(flat: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Chunk r of the sum over ranks of ``flat``, on rank r (a new tensor of len(flat)/N).
 
     Every rank sends its chunk j straight to rank j (an all-to-all) and adds up the N
@@ -220,7 +231,7 @@ class ZeroAdam:
         return units
 
     @contextlib.contextmanager
-    def no_sync(self):
+    def no_sync(self) -> Iterator[None]:
         """Backwards inside accumulate full gradients locally and send nothing (DDP's ``no_sync``).
 
         For gradient accumulation over M micro-batches: run the first M − 1 backwards inside,
@@ -389,7 +400,7 @@ class ZeroAdam:
         }
 
 
-def storage_bytes(tensors, seen: set | None = None) -> int:
+def storage_bytes(tensors: Iterable[torch.Tensor | None], seen: set | None = None) -> int:
     """Bytes of the storages behind ``tensors`` (None skipped), each storage once: views share one."""
     seen = set() if seen is None else seen
     total = 0
