@@ -40,6 +40,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter("03", "ring_allreduce", "Ring all-reduce and bucketed DDP", ("ring_allreduce", "ddp")),
     Chapter("04", "tensor_parallel", "1D tensor parallel (Megatron)", ("tensor_parallel",)),
     Chapter("05", "sequence_parallel", "Sequence parallel", ("tensor_parallel",)),
+    Chapter("05b", "context_parallel", "Context parallel: ring attention and Ulysses", ("context_parallel",)),
     Chapter("06", "pipeline_parallel", "Pipeline parallel: GPipe and 1F1B", ("pipeline_parallel",)),
     Chapter("07", "zero", "ZeRO-1/2/3", ("zero",)),
     Chapter("08", "moe", "Mixture of experts", ("moe",)),
