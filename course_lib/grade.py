@@ -34,26 +34,31 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import copy
+import hashlib
 import importlib
 import json
 import math
 import multiprocessing
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import jupytext
 import nbformat
+import psutil
 from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
 
 from course_lib import build, chapters, checks
+from course_lib.checks import submission
 
 TIME_LIMIT = 600.0
 #: Least time any cell gets, even after the notebook's budget is used up.
@@ -78,7 +83,7 @@ class CellRun:
     ename: str = ""
     reason: str = ""  # why it timed out / was not run
     out_of_time: bool = False  # for "not run": stopped by the time limit
-    results: list = field(default_factory=list)  # check results recorded while it ran
+    submissions: list = field(default_factory=list)  # answers its check calls handed over
 
 
 # ----------------------------------------------------------------------------
@@ -123,37 +128,13 @@ def splice(canonical, learner):
 # running it
 
 
-class _ResultsFile:
-    """Reads the check results appended to $COURSE_RESULTS since the last read."""
+def run_notebook(nb, cwd: Path, time_limit: float, log_path: Path, env: dict | None = None) -> list[CellRun]:
+    """Execute ``nb`` in place, cell by cell, under the time policy of the module doc.
 
-    def __init__(self, path: Path):
-        self.path, self.offset = path, 0
-        path.write_text("")
-
-    def new(self) -> list[dict]:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except OSError:  # the notebook's code removed it: nothing more to read
-            return []
-        end = data.rfind(b"\n") + 1  # leave a half-written line for next time
-        self.offset += end
-        found = []
-        for line in data[:end].decode("utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("id"), str):
-                found.append(record)
-        return found
-
-
-def run_notebook(nb, cwd: Path, time_limit: float, results_path: Path) -> list[CellRun]:
-    """Execute ``nb`` in place, cell by cell, under the time policy of the module doc."""
+    The kernel runs in ``cwd`` with ``env``; its check cells hand their answers over
+    (``$COURSE_SUBMIT``) instead of judging them: see :func:`submissions`.
+    """
     runs = [CellRun(i) for i in range(len(nb.cells))]
-    results = _ResultsFile(results_path)
     floor = min(MIN_CELL_TIME, time_limit)
     replies = {}
     client = NotebookClient(
@@ -168,10 +149,11 @@ def run_notebook(nb, cwd: Path, time_limit: float, results_path: Path) -> list[C
             cell_index, execute_reply
         ),
     )
-    env = dict(os.environ, COURSE_RESULTS=str(results_path))
+    token = uuid.uuid4().hex  # marks every process this kernel starts, to end them all after
+    env = dict(os.environ if env is None else env, **{submission.SUBMIT_ENV: "1", _RUN_TOKEN: token})
+    env.pop("COURSE_RESULTS", None)
     # The kernel process's own stdout/stderr (not the cells' output) go to a log:
     # startup chatter stays off the table, a crash message is kept for the report.
-    log_path = results_path.with_name("kernel.log")
     stop = None  # (reason, out_of_time) once the run has ended early
     pending = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
     try:
@@ -213,18 +195,43 @@ def run_notebook(nb, cwd: Path, time_limit: float, results_path: Path) -> list[C
                     run.error = _first_line(f"{run.ename}: {content.get('evalue', '')}")
                 else:
                     run.state = "ok"
-                run.results = results.new()
+                run.submissions = submissions(nb.cells[index])
     except Exception as exc:  # kernel would not start, or nbclient itself failed
         reason = f"the grader could not run the notebook: {_first_line(str(exc)) or type(exc).__name__}"
         for index in pending:
             if runs[index].state == "skipped":
                 runs[index].state, runs[index].reason = "not run", reason
-    leftover = results.new()
-    if leftover:  # written after the last read (e.g. by an interrupted cell): give to the last cell run
-        ran = [r for r in runs if r.state not in ("skipped", "not run")]
-        if ran:
-            ran[-1].results += leftover
+    finally:
+        _end_processes_of(token)
     return runs
+
+
+#: An environment variable set, with a fresh value, in each graded kernel.
+_RUN_TOKEN = "COURSE_GRADE_RUN"
+
+
+def _end_processes_of(token: str) -> list[int]:
+    """Kill every process that still carries this kernel's token: anything the notebook
+    started and left behind (a forked child that would write files later, a stuck rank)."""
+    killed = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(_RUN_TOKEN) == token:
+                proc.kill()
+                killed.append(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+    return killed
+
+
+def submissions(cell) -> list:
+    """The answers a cell's check calls handed to the grader (outputs of type submission.MIME)."""
+    found = []
+    for output in cell.get("outputs", []):
+        record = output.get("data", {}).get(submission.MIME) if isinstance(output, dict) else None
+        if isinstance(record, dict) and isinstance(record.get("id"), str):
+            found.append(record)
+    return found
 
 
 def _died_reason(log_path: Path) -> str:
@@ -259,26 +266,104 @@ def _first_line(text: str) -> str:
 
 
 def judge(nb, runs: list[CellRun], expected: dict[str, str], spots: dict[str, int]) -> list[dict]:
-    """One {id, title, status, message} per expected exercise."""
+    """One {id, title, status, message} per expected exercise, judged here.
+
+    The answers the check cells handed over are checked in this process (the learner's
+    code runs only in ranks and worker processes, see course_lib.checks.submission);
+    answers handed over by a learner's own cell are ignored.
+    """
     answer_indices = set(spots.values())
-    recorded = {}
+    handed = {}
     for run in runs:
         if run.index in answer_indices:
-            continue  # a result recorded by the learner's own cell proves nothing
-        for record in run.results:
-            recorded.setdefault(record["id"], []).append(record)
+            continue  # an answer cell's output proves nothing
+        for record in run.submissions:
+            handed.setdefault(record["id"], []).append(record)
     rows = []
     for ex_id, title in expected.items():
-        records = recorded.get(ex_id)
-        if records:
-            # Every check of an exercise must pass; report the first that did not.
-            worst = next((r for r in records if r.get("status") != checks.PASSED), records[-1])
-            status = worst.get("status") if worst.get("status") in STATUSES else checks.ERROR
-            message = str(worst.get("message") or "")
+        if ex_id in handed:
+            status, message = _verdict(ex_id, handed[ex_id])
         else:
             status, message = _explain_missing(ex_id, nb, runs, spots)
         rows.append({"id": ex_id, "title": title, "status": status, "message": message})
+    return _point_at_causes(rows)
+
+
+def _verdict(ex_id: str, records: list) -> tuple[str, str]:
+    """Every check call of an exercise must pass; the first that did not is the verdict."""
+    if ex_id not in checks.EXERCISES:
+        return checks.ERROR, "no check function is registered for this exercise"
+    for record in records:
+        answer = submission.read_submission(record)
+        if isinstance(answer, str):
+            return checks.ERROR, answer
+        try:
+            _library_unchanged()
+        except LibraryChanged as exc:
+            return checks.ERROR, str(exc)
+        status, message = checks.verdict(ex_id, *answer)
+        if status != checks.PASSED:
+            return status, message
+    return checks.PASSED, ""
+
+
+def _point_at_causes(rows: list[dict]) -> list[dict]:
+    """An exercise that builds on earlier ones which do not pass says to fix those first."""
+    status_of = {r["id"]: r["status"] for r in rows}
+    for row in rows:
+        if row["status"] in (checks.FAILED, checks.ERROR):
+            before = [
+                e
+                for e in checks.BUILDS_ON.get(row["id"], ())
+                if status_of.get(e, checks.PASSED) != checks.PASSED
+            ]
+            if before:
+                row["message"] = (
+                    f"fix {' and '.join(before)} first (this exercise builds on it) — {row['message']}"
+                )
     return rows
+
+
+#: Digests of the course library's files when the grader started.
+_LIBRARY_DIGESTS: dict[str, str] = {}
+
+
+#: Files of the extra check modules (--checks-module) the grader imported.
+_EXTRA_FILES: list[str] = []
+
+
+def _library_files() -> dict[str, str]:
+    root = Path(checks.__file__).resolve().parents[1]
+    files = [*sorted(root.rglob("*.py")), *map(Path, _EXTRA_FILES)]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
+
+
+def _snapshot_library() -> None:
+    if not _LIBRARY_DIGESTS:
+        _LIBRARY_DIGESTS.update(_library_files())
+
+
+def _library_unchanged() -> None:
+    """Raise if a notebook's code changed the course library (the ranks would import it)."""
+    _snapshot_library()
+    if _library_files() != _LIBRARY_DIGESTS:
+        raise LibraryChanged("the course library's files changed while notebooks ran: no verdict is given")
+
+
+class LibraryChanged(RuntimeError):
+    """Something rewrote course_lib during grading: every later verdict is refused."""
+
+
+def _working_copy(tmp: Path) -> tuple[Path, dict]:
+    """Where a graded kernel runs: an empty folder beside a copy of the library, and the
+    environment that imports that copy. The course's folders (solutions/ among them) are on
+    no path the notebook is given; the checks and ranks of the verdict use the original."""
+    work, lib = tmp / "exercises", tmp / "lib"
+    work.mkdir()
+    package = Path(checks.__file__).resolve().parents[1]
+    shutil.copytree(package, lib / package.name, ignore=shutil.ignore_patterns("__pycache__"))
+    paths = [str(lib), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return work, dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
 
 
 def _explain_missing(ex_id: str, nb, runs: list[CellRun], spots: dict[str, int]) -> tuple[str, str]:
@@ -373,8 +458,11 @@ def grade_notebook(
         nb, spots, answered = splice(canonical, learner)
         entry["answers_found"] = sorted(answered)
         entry["answers_missing"] = sorted(set(spots) - answered)
+        _snapshot_library()
+        submission.CALL_TIMEOUT = min(submission.CALL_TIMEOUT, time_limit)
         with tempfile.TemporaryDirectory(prefix="course-grade-") as tmp:
-            runs = run_notebook(nb, canonical_path.parent.resolve(), time_limit, Path(tmp) / "results.jsonl")
+            work, env = _working_copy(Path(tmp))
+            runs = run_notebook(nb, work, time_limit, Path(tmp) / "kernel.log", env)
         if not expected:  # a chapter without registered checks: go by what was recorded
             for run in runs:
                 for record in run.results:
@@ -440,9 +528,11 @@ def make_report(entries: list[dict], time_limit: float) -> dict:
     return {"time_limit_s": time_limit, "all_passed": all_passed, "totals": totals, "notebooks": entries}
 
 
-def _import_all(modules) -> None:
+def _start_worker(modules, digests, extra_files) -> None:
     for name in modules:
         importlib.import_module(name)
+    _EXTRA_FILES[:] = extra_files
+    _LIBRARY_DIGESTS.update(digests)
 
 
 def main(argv=None) -> int:
@@ -516,9 +606,10 @@ def main(argv=None) -> int:
             raise UsageError(f"--time-limit must be a positive number of seconds, got {args.time_limit:g}")
         for name in args.checks_module:
             try:
-                importlib.import_module(name)
+                module = importlib.import_module(name)
             except ImportError as exc:
                 raise UsageError(f"--checks-module {name}: {exc}") from None
+            _EXTRA_FILES.append(str(Path(module.__file__).resolve()))
         canonicals = [locate(p, args.exercises) for p in args.paths]
     except UsageError as exc:
         print(f"grade: {exc}", file=sys.stderr)
@@ -527,6 +618,7 @@ def main(argv=None) -> int:
         print(f"grade: --jobs must be at least 1, got {args.jobs}", file=sys.stderr)
         return 2
     entries = []
+    _snapshot_library()  # before any notebook runs
     if args.jobs == 1:
         for path, canonical in zip(args.paths, canonicals):
             print(f"grading {path} ...", flush=True)
@@ -539,7 +631,10 @@ def main(argv=None) -> int:
         print(f"grading {len(args.paths)} notebooks, {args.jobs} at a time ...", flush=True)
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(
-            args.jobs, mp_context=context, initializer=_import_all, initargs=(args.checks_module,)
+            args.jobs,
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(args.checks_module, _LIBRARY_DIGESTS, _EXTRA_FILES),
         ) as pool:
             futures = [
                 pool.submit(grade_notebook, path, canonical, args.time_limit, args.save_executed)

@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import datetime
 import functools
+import io
 import linecache
 import math
 import multiprocessing as mp
@@ -72,6 +73,27 @@ COLLECTIVE_CALLS = (
     "gather_object",
     "scatter_object_list",
 )
+#: The process-group methods each collective ends in: every way of reaching a collective from
+#: Python (dist.*, an import by name, group.allreduce(...)) passes through one of these.
+PROCESS_GROUP_METHODS = {
+    "broadcast": ("broadcast",),
+    "all_reduce": ("allreduce",),
+    "all_reduce_coalesced": ("allreduce_coalesced",),
+    "reduce": ("reduce",),
+    "all_gather": ("allgather",),
+    "all_gather_into_tensor": ("_allgather_base", "allgather_into_tensor_coalesced"),
+    "_all_gather_base": ("_allgather_base",),
+    "all_gather_coalesced": ("allgather_coalesced",),
+    "all_gather_single": ("all_gather_single",),
+    "reduce_scatter": ("reduce_scatter",),
+    "reduce_scatter_tensor": ("_reduce_scatter_base", "reduce_scatter_tensor_coalesced"),
+    "_reduce_scatter_base": ("_reduce_scatter_base",),
+    "reduce_scatter_single": ("reduce_scatter_single",),
+    "all_to_all": ("alltoall",),
+    "all_to_all_single": ("alltoall_base",),
+    "scatter": ("scatter",),
+    "gather": ("gather",),
+}
 # Functions whose entry and exit each rank records, so a deadlock report can say where every
 # rank is waiting.
 TRACED_CALLS = tuple(name for name in (*POINT_TO_POINT, *COLLECTIVE_CALLS, "barrier") if hasattr(dist, name))
@@ -163,7 +185,16 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0, debug: bool = False, **kwargs):
+def run(
+    fn,
+    world_size,
+    *args,
+    backend: str = "auto",
+    timeout: float = 120.0,
+    debug: bool = False,
+    safe_results: bool = False,
+    **kwargs,
+):
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return their results.
 
     Each rank is its own process with the default process group initialised
@@ -179,6 +210,10 @@ def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0, de
     same shapes and dtypes, and names the difference. That check is itself
     communication, milliseconds per collective on gloo (chapter 10 measures it),
     so it is off unless you are hunting a bug.
+
+    ``safe_results=True`` brings the results back in a format that cannot carry code
+    (``torch.save`` read with ``weights_only=True``: tensors, numbers, strings and their
+    containers), so a rank running untrusted code cannot run code here; the grader uses it.
     """
     if not callable(fn):
         raise TypeError(f"run() needs a function to run on every rank, got {type(fn).__name__}")
@@ -190,7 +225,27 @@ def run(fn, world_size, *args, backend: str = "auto", timeout: float = 120.0, de
     env = dict(os.environ)
     if debug:
         env["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"
+    env[_SAFE_RESULTS] = "1" if safe_results else ""
     return _Launch(payload, world_size, backend, float(timeout), env).start()
+
+
+#: Set in a rank's environment when its result must come back in the safe format.
+_SAFE_RESULTS = "COURSE_SAFE_RESULTS"
+
+
+def _dump_result(value) -> bytes:
+    if os.environ.get(_SAFE_RESULTS):
+        buffer = io.BytesIO()
+        torch.save(value, buffer)
+        return buffer.getvalue()
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class _NoGlobals(pickle.Unpickler):
+    """Unpickles tuples, strings, bytes and numbers only: a rank's message can carry no code."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"a rank's message may not name {module}.{name}")
 
 
 # ----------------------------------------------------------------------------
@@ -438,15 +493,25 @@ class _Launch:
     @staticmethod
     def _receive(conn):
         try:
-            return pickle.loads(conn.recv_bytes())
+            return _NoGlobals(io.BytesIO(conn.recv_bytes())).load()
         except (EOFError, OSError):
             return None
+        except pickle.UnpicklingError as exc:
+            return (
+                "error",
+                f"the rank sent a message that is not the launcher's: {exc}",
+                False,
+                "RuntimeError",
+            )
 
     def _handle(self, rank, msg):
         kind = msg[0]
         if kind == "ok":
             try:
-                self.results[rank] = pickle.loads(msg[1])
+                if self.env.get(_SAFE_RESULTS):
+                    self.results[rank] = torch.load(io.BytesIO(msg[1]), weights_only=True)
+                else:
+                    self.results[rank] = pickle.loads(msg[1])
             except Exception as exc:  # e.g. a class the kernel cannot import
                 raise RankError(
                     rank, f"rank {rank} returned a value the notebook cannot unpickle: {exc!r}"
@@ -604,7 +669,7 @@ def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn,
         fn, args, kwargs, sources = cloudpickle.loads(payload)
         for filename, lines in sources.items():  # so tracebacks can quote notebook cells
             linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
-        result = pickle.dumps(_to_cpu(fn(*args, **kwargs)), protocol=pickle.HIGHEST_PROTOCOL)
+        result = _dump_result(_to_cpu(fn(*args, **kwargs)))
         output.close()
         send(("ok", result))
         try:  # wait until every rank returned, so nobody leaves a peer mid-talk

@@ -1,5 +1,6 @@
 """course_lib.grade on the fake chapter 99 (tests/fixtures): real kernels, small time limits."""
 
+import base64
 import importlib
 import json
 import os
@@ -13,7 +14,7 @@ import jupytext
 import nbformat
 import pytest
 
-from course_lib import build, checks, grade
+from course_lib import build, checks, grade, launch
 from course_lib.grade import CellRun
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -118,7 +119,7 @@ def test_stubs_edited_checks_and_endless_loop(course):
     assert statuses(untouched) == nothing
     assert statuses(edited) == nothing  # the printed "✔" of an edited check cell earns nothing
     assert statuses(loop) == {
-        "99.1": ("failed", f"time limit of {LOOP_LIMIT} s reached"),
+        "99.1": ("failed", f"your function did not return within {LOOP_LIMIT} s (an endless loop? an exit?)"),
         "99.2": ("passed", ""),
     }
     assert report["totals"]["passed"] == 1 and report["totals"]["not attempted"] == 4
@@ -170,7 +171,8 @@ def test_splice_takes_only_answer_cells(course):
 def demo_checks(monkeypatch):
     """Register the fake chapter 99 in this process, and forget it afterwards."""
     monkeypatch.syspath_prepend(str(FIXTURES))
-    monkeypatch.setattr(checks, "EXERCISES", dict(checks.EXERCISES))
+    monkeypatch.setattr(checks.registry, "EXERCISES", dict(checks.EXERCISES))
+    monkeypatch.setattr(checks, "EXERCISES", checks.registry.EXERCISES)
     monkeypatch.delitem(sys.modules, "demo_checks", raising=False)
     importlib.import_module("demo_checks")
     yield
@@ -183,8 +185,9 @@ def test_judge_explains_missing_results(course, demo_checks):
     add_check = next(i for i, c in enumerate(nb.cells) if "check.add_one(" in c.source)
     double_check = next(i for i, c in enumerate(nb.cells) if "check.double(" in c.source)
     runs = [CellRun(i, state="ok") for i in range(len(nb.cells))]
-    cheat = {"id": "99.1", "title": "add one", "status": "passed", "message": ""}
-    runs[spots["add_one"]].results = [cheat]  # recorded by the learner's own cell: ignored
+    right = base64.b64encode(launch.dumps_by_value((lambda x: x + 1,))).decode()
+    cheat = {"id": "99.1", "args": [right], "kwargs": {}}
+    runs[spots["add_one"]].submissions = [cheat]  # handed over by the learner's own cell: ignored
     runs[add_check] = CellRun(add_check, "error", "NameError: name 'add_one' is not defined", "NameError")
     runs[spots["double"]] = CellRun(spots["double"], "error", "SyntaxError: invalid syntax", "SyntaxError")
     rows = grade.judge(nb, runs, {"99.1": "add one", "99.2": "double"}, spots)

@@ -113,25 +113,77 @@ def _check(ex_id: str, kind: str, learner_fn, what: str = "tensor") -> None:
                 _compare(prefix, result, expected[rank][case], what, rank, returned_new)
 
 
-@exercise("1.1", "broadcast from send/recv")
+@exercise(
+    "1.1",
+    "broadcast from send/recv",
+    refuses=(
+        "course_lib.collectives:flat_broadcast",
+        "course_lib.collectives:tree_broadcast",
+    ),
+)
 def broadcast(learner_fn):
     """Check ``learner_fn(tensor, src)``: afterwards every rank's tensor equals src's."""
     _check("1.1", "broadcast", learner_fn)
 
 
-@exercise("1.2", "ring all-gather from send/recv")
+@exercise(
+    "1.2",
+    "ring all-gather from send/recv",
+    refuses=(
+        "course_lib.ring_allreduce:ring_reduce_scatter",
+        "course_lib.ring_allreduce:ring_all_gather",
+        "course_lib.ring_allreduce:ring_all_reduce",
+        "course_lib.ring_allreduce:unchunked_ring_all_reduce",
+        "course_lib.ring_allreduce:naive_all_reduce",
+        "course_lib.ring_allreduce:tree_all_reduce",
+        "course_lib.ring_allreduce:_reduce_scatter",
+        "course_lib.ring_allreduce:_all_gather",
+        "course_lib.zero:reduce_scatter",
+    ),
+)
 def all_gather(learner_fn):
     """Check ``learner_fn(tensor) -> list``: item j of every rank's list is rank j's tensor."""
     _check("1.2", "all_gather", learner_fn, what="gathered")
 
 
-@exercise("1.3", "tree reduce from send/recv")
+@exercise(
+    "1.3",
+    "tree reduce from send/recv",
+    refuses=(
+        "course_lib.ring_allreduce:ring_reduce_scatter",
+        "course_lib.ring_allreduce:ring_all_gather",
+        "course_lib.ring_allreduce:ring_all_reduce",
+        "course_lib.ring_allreduce:unchunked_ring_all_reduce",
+        "course_lib.ring_allreduce:naive_all_reduce",
+        "course_lib.ring_allreduce:tree_all_reduce",
+        "course_lib.ring_allreduce:_reduce_scatter",
+        "course_lib.ring_allreduce:_all_gather",
+        "course_lib.zero:reduce_scatter",
+    ),
+)
 def reduce(learner_fn):
     """Check ``learner_fn(tensor, dst)``: afterwards dst's tensor is the sum over all ranks."""
     _check("1.3", "reduce", learner_fn)
 
 
-@exercise("1.4", "all-reduce as reduce + broadcast")
+@exercise(
+    "1.4",
+    "all-reduce as reduce + broadcast",
+    builds_on=("1.1", "1.3"),
+    refuses=(
+        "course_lib.ring_allreduce:ring_reduce_scatter",
+        "course_lib.ring_allreduce:ring_all_gather",
+        "course_lib.ring_allreduce:ring_all_reduce",
+        "course_lib.ring_allreduce:unchunked_ring_all_reduce",
+        "course_lib.ring_allreduce:naive_all_reduce",
+        "course_lib.ring_allreduce:tree_all_reduce",
+        "course_lib.ring_allreduce:_reduce_scatter",
+        "course_lib.ring_allreduce:_all_gather",
+        "course_lib.zero:reduce_scatter",
+        "course_lib.collectives:flat_broadcast",
+        "course_lib.collectives:tree_broadcast",
+    ),
+)
 def all_reduce(learner_fn):
     """Check ``learner_fn(tensor)``: afterwards every rank's tensor is the sum over all ranks."""
     _check("1.4", "all_reduce", learner_fn)

@@ -235,7 +235,7 @@ def _rows(t: torch.Tensor) -> str:
     return f"rows {rows}"
 
 
-@exercise("2.1", "shard the batch: this rank's slice")
+@exercise("2.1", "shard the batch: this rank's slice", refuses=("course_lib.models:shard",))
 def shard_batch(learner_fn):
     """Check ``learner_fn(batch) -> tensor``: rank r's contiguous block of B/N rows, in rank order."""
     for n in WORLD_SIZES:
@@ -275,7 +275,14 @@ def shard_batch(learner_fn):
                 )
 
 
-@exercise("2.2", "average gradients with all-reduce")
+@exercise(
+    "2.2",
+    "average gradients with all-reduce",
+    refuses=(
+        "course_lib.data_parallel:average_gradients_allreduce",
+        "course_lib.data_parallel:data_parallel_step",
+    ),
+)
 def average_gradients(learner_fn):
     """Check ``learner_fn(model)``: afterwards every rank's gradients are the full-batch gradient."""
     for n in WORLD_SIZES:
@@ -293,7 +300,14 @@ def average_gradients(learner_fn):
             _first_difference(f"N={n}, rank {rank}: ", grads, full, hint, ".grad")
 
 
-@exercise("2.3", "parameter-server step")
+@exercise(
+    "2.3",
+    "parameter-server step",
+    refuses=(
+        "course_lib.data_parallel:parameter_server_step",
+        "course_lib.data_parallel:sharded_parameter_server_step",
+    ),
+)
 def parameter_server_step(learner_fn):
     """Check ``learner_fn(model, optimizer)``, optimizer only on rank 0: every rank ends with the
     parameters of full-batch training, step after step."""
@@ -329,7 +343,15 @@ def parameter_server_step(learner_fn):
                 _first_difference(where, params, expected[step][rank], hint)
 
 
-@exercise("2.4", "gradient accumulation, one sync per step")
+@exercise(
+    "2.4",
+    "gradient accumulation, one sync per step",
+    refuses=(
+        "course_lib.data_parallel:data_parallel_step",
+        "course_lib.data_parallel:train_data_parallel",
+        "course_lib.data_parallel:average_gradients_allreduce",
+    ),
+)
 def accumulate_and_step(learner_fn):
     """Check ``learner_fn(model, optimizer, micro_batches)``: full-batch parameters after every
     step, and no communication before the last micro-batch."""

@@ -25,7 +25,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from course_lib import launch
 from course_lib import torchrun as torchrun_lib
-from course_lib.checks import BuiltinUsed, Mismatch, builtins_switched_off, compare, exercise, learner_in_rank
+from course_lib.checks import (
+    BuiltinUsed,
+    Mismatch,
+    builtins_switched_off,
+    compare,
+    exercise,
+    learner_in_rank,
+    run_learner,
+)
 from course_lib.models import make_mlp, shard
 
 #: Seconds one launch may take: a deadlock is reported after about this long.
@@ -36,15 +44,11 @@ _SHOWING = []  # non-empty while show() runs: launcher reports pass through whol
 
 
 def _launch(n, rank_fn, learner_fn, *args):
-    """Run on n ranks; a deadlock becomes a one-line Mismatch, a crash a RankError."""
-    payload = launch.dumps_by_value((learner_fn,))
-    try:
-        return launch.run(rank_fn, n, payload, *args, timeout=4.0 if _SHOWING else TIMEOUT)
-    except launch.LaunchTimeout as exc:
-        if _SHOWING:
-            raise
-        first = str(exc).splitlines()[0]
-        raise Mismatch(f"N={n}: deadlock — {first}") from None
+    """Run on n ranks; a deadlock becomes a one-line Mismatch, a crash a RankError. While
+    show() runs, the launcher's own report passes through whole, sooner."""
+    if _SHOWING:
+        return launch.run(rank_fn, n, launch.dumps_by_value((learner_fn,)), *args, timeout=4.0)
+    return run_learner(n, rank_fn, learner_fn, *args, timeout=TIMEOUT)
 
 
 # ----------------------------------------------------------------------------

@@ -361,7 +361,9 @@ def _layer_hint(x, gate, experts, routing, t: int, got_row) -> str:
     return ""
 
 
-@exercise("8.4", "expert-parallel forward: dispatch, experts, return, combine")
+@exercise(
+    "8.4", "expert-parallel forward: dispatch, experts, return, combine", builds_on=("8.1", "8.2", "8.3")
+)
 @_one_thread
 def moe_forward(learner_fn):
     """Check ``learner_fn(x, gate, local_experts, k, capacity_factor) -> T×D`` on N = 1, 2, 4 ranks."""

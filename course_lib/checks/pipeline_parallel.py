@@ -90,13 +90,20 @@ def _hint(name, got, sim, s, p, m) -> str:
     return ""
 
 
-@exercise("6.1", "the GPipe schedule")
+@exercise("6.1", "the GPipe schedule", refuses=("course_lib.pipeline_parallel:gpipe_schedule",))
 def gpipe_schedule(learner_fn):
     """Check ``learner_fn(num_stages, num_microbatches)`` against ``pp.gpipe_schedule``."""
     _check_schedule(learner_fn, pp.gpipe_schedule, "gpipe")
 
 
-@exercise("6.2", "the 1F1B schedule")
+@exercise(
+    "6.2",
+    "the 1F1B schedule",
+    refuses=(
+        "course_lib.pipeline_parallel:one_f_one_b_schedule",
+        "course_lib.pipeline_parallel:gpipe_schedule",
+    ),
+)
 def one_f_one_b_schedule(learner_fn):
     """Check ``learner_fn(num_stages, num_microbatches)`` against ``pp.one_f_one_b_schedule``."""
     _check_schedule(learner_fn, pp.one_f_one_b_schedule, "1f1b")
@@ -225,7 +232,7 @@ def _check_grads(prefix, grads, rank, p, m, expected, last_stage_right):
             raise Mismatch(f"{prefix}: stage {rank}: {exc}{hint}") from None
 
 
-@exercise("6.3", "one stage's send/recv loop")
+@exercise("6.3", "one stage's send/recv loop", refuses=("course_lib.pipeline_parallel:train_step",))
 def run_stage(learner_fn):
     """Check ``learner_fn(stage, actions, micro_inputs, micro_targets, loss_fn, activation_shape)``
     on p = 1..4 ranks: every stage's gradients and the last stage's loss equal one process
@@ -256,7 +263,30 @@ class _CountForwards:
         self.calls += 1
 
 
-@exercise("6.4", "re-materialise a stage in backward")
+def _recompute_rank(payload, depth, x, grad_output):
+    """The learner's re-materialising backward on a stage whose forward ran under no_grad."""
+    learner = learner_in_rank(payload)
+    stage = make_stack(depth, D_MODEL, D_HIDDEN, SEED)
+    with torch.no_grad():
+        stage(x)  # the forward that kept nothing but x
+    counter = _CountForwards(stage)
+    try:
+        grad_x = learner(stage, x.clone(), grad_output.clone())
+    finally:
+        counter.handle.remove()
+    grad_x = grad_x if isinstance(grad_x, torch.Tensor) or grad_x is None else torch.tensor(float("nan"))
+    return grad_x, counter.calls, [(name, q.grad) for name, q in stage.named_parameters()]
+
+
+@exercise(
+    "6.4",
+    "re-materialise a stage in backward",
+    refuses=(
+        "course_lib.pipeline_parallel:checkpointed",
+        "course_lib.pipeline_parallel:_Rematerialize",
+        "torch.utils.checkpoint:checkpoint",
+    ),
+)
 def recompute_backward(learner_fn):
     """Check ``learner_fn(stage, x, grad_output) -> grad of x``: the stage's forward ran under
     ``torch.no_grad()``; afterwards its parameter gradients and the returned input gradient
@@ -269,17 +299,21 @@ def recompute_backward(learner_fn):
         x_ref = x.clone().requires_grad_()
         torch.utils.checkpoint.checkpoint(reference, x_ref, use_reentrant=False).backward(grad_output)
 
-        stage = make_stack(depth, D_MODEL, D_HIDDEN, SEED)
-        with torch.no_grad():
-            stage(x)  # the forward that kept nothing but x
-        counter = _CountForwards(stage)
-        try:
-            grad_x = learner_fn(stage, x.clone(), grad_output.clone())
-        finally:
-            counter.handle.remove()
-        if counter.calls != 1:
+        # On one rank of its own, so the answer never runs in the checking process.
+        ((grad_x, calls, grads),) = run_learner(
+            1,
+            _recompute_rank,
+            learner_fn,
+            depth,
+            x,
+            grad_output,
+            timeout=TIMEOUT,
+            label=prefix,
+            backend="gloo",
+        )
+        if calls != 1:
             raise Mismatch(
-                f"{prefix}: your function ran the stage's forward {counter.calls} times; "
+                f"{prefix}: your function ran the stage's forward {calls} times; "
                 f"re-materialising runs it exactly once more, in backward"
             )
         if grad_x is None:
@@ -288,13 +322,13 @@ def recompute_backward(learner_fn):
                 f"requires_grad_() before the second forward, then x.grad)"
             )
         compare(grad_x, x_ref.grad, "the returned gradient of x")
-        for (name, q), ref in zip(stage.named_parameters(), reference.parameters()):
-            if q.grad is None:
+        for (name, q_grad), ref in zip(grads, reference.parameters()):
+            if q_grad is None:
                 raise Mismatch(
                     f"{prefix}: {name}.grad is None — backpropagate grad_output through the recomputed output"
                 )
-            hint = " — twice too large: backward ran twice" if _close(q.grad, 2 * ref.grad) else ""
+            hint = " — twice too large: backward ran twice" if _close(q_grad, 2 * ref.grad) else ""
             try:
-                compare(q.grad, ref.grad, f"{name}.grad")
+                compare(q_grad, ref.grad, f"{name}.grad")
             except Mismatch as exc:
                 raise Mismatch(f"{prefix}: {exc}{hint}") from None

@@ -175,19 +175,62 @@ def _check(ex_id: str, kind: str, learner_fn) -> None:
                     )
 
 
-@exercise("3.1", "ring reduce-scatter")
+@exercise(
+    "3.1",
+    "ring reduce-scatter",
+    refuses=(
+        "course_lib.ring_allreduce:ring_reduce_scatter",
+        "course_lib.ring_allreduce:ring_all_gather",
+        "course_lib.ring_allreduce:ring_all_reduce",
+        "course_lib.ring_allreduce:unchunked_ring_all_reduce",
+        "course_lib.ring_allreduce:naive_all_reduce",
+        "course_lib.ring_allreduce:tree_all_reduce",
+        "course_lib.ring_allreduce:_reduce_scatter",
+        "course_lib.ring_allreduce:_all_gather",
+        "course_lib.zero:reduce_scatter",
+    ),
+)
 def ring_reduce_scatter(learner_fn):
     """Check ``learner_fn(tensor)``: afterwards chunk r of rank r's tensor is the sum of every rank's chunk r."""
     _check("3.1", "reduce_scatter", learner_fn)
 
 
-@exercise("3.2", "ring all-gather")
+@exercise(
+    "3.2",
+    "ring all-gather",
+    refuses=(
+        "course_lib.ring_allreduce:ring_reduce_scatter",
+        "course_lib.ring_allreduce:ring_all_gather",
+        "course_lib.ring_allreduce:ring_all_reduce",
+        "course_lib.ring_allreduce:unchunked_ring_all_reduce",
+        "course_lib.ring_allreduce:naive_all_reduce",
+        "course_lib.ring_allreduce:tree_all_reduce",
+        "course_lib.ring_allreduce:_reduce_scatter",
+        "course_lib.ring_allreduce:_all_gather",
+        "course_lib.zero:reduce_scatter",
+    ),
+)
 def ring_all_gather(learner_fn):
     """Check ``learner_fn(tensor)``: rank r's chunk r ends up in chunk r of every rank's tensor."""
     _check("3.2", "all_gather", learner_fn)
 
 
-@exercise("3.3", "ring all-reduce")
+@exercise(
+    "3.3",
+    "ring all-reduce",
+    builds_on=("3.1", "3.2"),
+    refuses=(
+        "course_lib.ring_allreduce:ring_reduce_scatter",
+        "course_lib.ring_allreduce:ring_all_gather",
+        "course_lib.ring_allreduce:ring_all_reduce",
+        "course_lib.ring_allreduce:unchunked_ring_all_reduce",
+        "course_lib.ring_allreduce:naive_all_reduce",
+        "course_lib.ring_allreduce:tree_all_reduce",
+        "course_lib.ring_allreduce:_reduce_scatter",
+        "course_lib.ring_allreduce:_all_gather",
+        "course_lib.zero:reduce_scatter",
+    ),
+)
 def ring_all_reduce(learner_fn):
     """Check ``learner_fn(tensor)``: every rank's tensor becomes the sum, sending 2(N−1)/N·K."""
     _check("3.3", "all_reduce", learner_fn)
@@ -209,7 +252,14 @@ BUCKET_CASES = (
 )
 
 
-@exercise("3.4", "buckets in reverse order under a size cap")
+@exercise(
+    "3.4",
+    "buckets in reverse order under a size cap",
+    refuses=(
+        "course_lib.ddp:assign_buckets",
+        "course_lib.ddp:BucketedDDP",
+    ),
+)
 def assign_buckets(learner_fn):
     """Check ``learner_fn(sizes, cap_bytes) -> list of lists of parameter indices``."""
     g = torch.Generator().manual_seed(3)

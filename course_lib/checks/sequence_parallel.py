@@ -200,7 +200,7 @@ def reduce_scatter_to_sequence_region(learner_cls):
             )
 
 
-@exercise("5.4", "sequence-parallel LayerNorm + MLP sublayer")
+@exercise("5.4", "sequence-parallel LayerNorm + MLP sublayer", builds_on=("5.2", "5.3"))
 def sequence_parallel_mlp(learner_fn):
     """Check ``learner_fn(x_shard, norm, mlp) -> x_shard + mlp(norm(x))`` on my shard, and all gradients."""
     with building_on("5.2 and 5.3"):

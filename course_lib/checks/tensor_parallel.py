@@ -391,7 +391,7 @@ def row_parallel(learner_fn):
             )
 
 
-@exercise("4.5", "tensor-parallel MLP: f, column, GELU, row, g")
+@exercise("4.5", "tensor-parallel MLP: f, column, GELU, row, g", builds_on=("4.1", "4.2", "4.3", "4.4"))
 def tensor_parallel_mlp(learner_fn):
     """Check ``learner_fn(x, mlp)``: the dense MLP's output on every rank, and every gradient."""
     with building_on("4.1–4.4"):

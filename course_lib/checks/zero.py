@@ -50,7 +50,14 @@ def _padded_shard(flat: torch.Tensor, rank: int, n: int) -> torch.Tensor:
     return padded[rank * size : (rank + 1) * size]
 
 
-@exercise("7.1", "a rank's shard of a flat buffer, zero-padded")
+@exercise(
+    "7.1",
+    "a rank's shard of a flat buffer, zero-padded",
+    refuses=(
+        "course_lib.zero:padded_size",
+        "course_lib.models:shard",
+    ),
+)
 def shard_of(learner_fn):
     """Check ``learner_fn(flat, rank, world_size)`` for K = 1 … 13 elements and N = 1 … 5."""
     for k in (1, 4, 7, 12, 13):
@@ -75,7 +82,7 @@ def shard_of(learner_fn):
                     raise Mismatch(f"{where}: {exc}") from None
 
 
-@exercise("7.2", "AdamW on one shard")
+@exercise("7.2", "AdamW on one shard", refuses=("course_lib.zero:adamw_",))
 def adamw_step_(learner_fn):
     """Check ``learner_fn(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay)``."""
     g = torch.Generator().manual_seed(7)
@@ -207,7 +214,16 @@ def _launch(n: int, rank_fn, learner_fn):
     return run_learner(n, rank_fn, learner_fn, timeout=TIMEOUT)
 
 
-@exercise("7.3", "the ZeRO-1 step: reduce-scatter, AdamW on a shard, all-gather")
+@exercise(
+    "7.3",
+    "the ZeRO-1 step: reduce-scatter, AdamW on a shard, all-gather",
+    builds_on=("7.1", "7.2"),
+    refuses=(
+        "course_lib.zero:ZeroAdam",
+        "course_lib.zero:adamw_",
+        "course_lib.zero:reduce_scatter",
+    ),
+)
 def zero1_step(learner_fn):
     """Check ``learner_fn(flat_params, flat_grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay)``."""
     for n in WORLD_SIZES:
@@ -292,7 +308,9 @@ def _full_gradients(micro_batches: int) -> dict:
     return {name: p.grad.reshape(-1).clone() for name, p in model.named_parameters()}
 
 
-@exercise("7.4", "the ZeRO-2 gradient hook: keep only this rank's shard")
+@exercise(
+    "7.4", "the ZeRO-2 gradient hook: keep only this rank's shard", refuses=("course_lib.zero:ZeroAdam",)
+)
 def shard_grad_hook(learner_fn):
     """Check ``learner_fn(param)`` registered with ``register_post_accumulate_grad_hook``."""
     for n in WORLD_SIZES:

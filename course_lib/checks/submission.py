@@ -1,0 +1,266 @@
+"""A learner's answer handed to the grader, judged where the learner's code cannot reach.
+
+In a grader's kernel (``$COURSE_SUBMIT`` set) a check cell does not judge: it pickles the
+answer it was given (by value, as the ranks receive it) and shows it as one output of type
+:data:`MIME`. The grader reads those outputs from the check cells and runs each check in its
+own process with a :class:`Submitted` answer: bytes it never unpickles. The ranks unpickle
+them (they run the learner's code and send back tensors and numbers in a format that cannot
+carry code, see ``launch.run(safe_results=True)``); a check that calls the answer as a plain
+function calls it in a separate worker process (``python -m course_lib.checks.submission``),
+with the same built-ins switched off there, and reads its result in the same safe format.
+"""
+
+from __future__ import annotations
+
+import base64
+import builtins
+import contextlib
+import io
+import os
+import pickle
+import select
+import struct
+import subprocess
+import sys
+import time
+
+import torch
+
+from course_lib import launch
+
+SUBMIT_ENV = "COURSE_SUBMIT"
+MIME = "application/vnd.course.submission+json"
+#: Seconds one call of a plain function may take in the worker (an endless loop ends there).
+CALL_TIMEOUT = 60.0
+
+
+def grading() -> bool:
+    return bool(os.environ.get(SUBMIT_ENV))
+
+
+def submit(ex_id: str, title: str, args: tuple, kwargs: dict) -> None:
+    """Show the answer as a submission output, for the grader to read (in the grader's kernel)."""
+    from IPython.display import display
+
+    try:
+        record = {
+            "id": ex_id,
+            "args": [_encode(launch.dumps_by_value((a,))) for a in args],
+            "kwargs": {k: _encode(launch.dumps_by_value((v,))) for k, v in kwargs.items()},
+        }
+        line = f"· {ex_id} {title} — handed to the grader"
+    except Exception as exc:  # noqa: BLE001 - e.g. an answer that holds an open file
+        record = {"id": ex_id, "error": f"your answer cannot be sent to the checks: {exc!r}"[:500]}
+        line = f"✘ {ex_id} {title} — {record['error']}"
+    display({MIME: record, "text/plain": line}, raw=True)
+
+
+def _encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def read_submission(record) -> tuple[list[Submitted], dict[str, Submitted]] | str:
+    """The answer of one submission output; a string saying what is wrong with it otherwise."""
+    if not isinstance(record, dict):
+        return "the submission is not a record"
+    if "error" in record:
+        return str(record["error"])
+    try:
+        args = [Submitted(base64.b64decode(a, validate=True)) for a in record.get("args", [])]
+        kwargs = {str(k): Submitted(base64.b64decode(v, validate=True)) for k, v in record["kwargs"].items()}
+    except (TypeError, ValueError, KeyError, AttributeError):
+        return "the submission is malformed"
+    return args, kwargs
+
+
+class Submitted:
+    """A learner's answer as the grader holds it: the pickled bytes, never unpickled here.
+
+    :func:`course_lib.checks.run_learner` sends the bytes to the ranks as they are. Calling
+    it runs the answer in a worker process; :func:`builtins_switched_off` around the call
+    is applied in that worker.
+    """
+
+    def __init__(self, payload: bytes):
+        self.payload = payload  # cloudpickle of the 1-tuple (answer,)
+        self.refusals: list[tuple] = []
+        self.course_refusals: tuple = ("", ())  # (exercise id, the course code it refuses)
+        self._worker = None
+
+    def in_ranks(self) -> bytes:
+        """The bytes a rank unpickles into the answer (wrapped to refuse the course's own code)."""
+        ex_id, targets = self.course_refusals
+        if not targets:
+            return self.payload
+        from course_lib.checks.refusal import Refusing
+
+        return launch.dumps_by_value((Refusing(None, ex_id, targets, payload=self.payload),))
+
+    def __repr__(self):
+        return f"<submitted answer, {len(self.payload)} bytes>"
+
+    def __call__(self, *args, **kwargs):
+        worker = self._worker or _Worker()
+        self._worker = worker
+        reply = worker.call((self.payload, args, kwargs, list(self.refusals), self.course_refusals))
+        if reply is None:
+            from course_lib.checks.registry import Mismatch
+
+            self._worker = None
+            raise Mismatch(
+                f"your function did not return within {CALL_TIMEOUT:g} s (an endless loop? an exit?)"
+            )
+        if reply[0] == "ok":
+            _copy_back(args, reply[2])
+            return reply[1]
+        _, type_name, message = reply
+        raise _rebuilt(type_name, message)
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+
+def _rebuilt(type_name: str, message: str) -> BaseException:
+    from course_lib.checks.refusal import BuiltinUsed
+
+    if type_name == "BuiltinUsed":
+        return BuiltinUsed(message)
+    cls = getattr(builtins, type_name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        try:
+            return cls(message)
+        except Exception:  # noqa: BLE001 - an exception type with another signature
+            pass
+    return RuntimeError(f"{type_name}: {message}")
+
+
+def _state(obj):
+    """What a call may have changed in place: tensors, and modules' parameters and gradients."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    if isinstance(obj, torch.nn.Module):
+        return {n: (p.detach(), p.grad) for n, p in obj.named_parameters()}
+    if isinstance(obj, (list, tuple)):
+        return [_state(x) for x in obj]
+    return None
+
+
+def _copy_back(args, states) -> None:
+    for obj, state in zip(args, states):
+        if isinstance(obj, torch.Tensor) and isinstance(state, torch.Tensor) and state.shape == obj.shape:
+            with torch.no_grad():
+                obj.copy_(state)
+        elif isinstance(obj, torch.nn.Module) and isinstance(state, dict):
+            for name, p in obj.named_parameters():
+                if name in state:
+                    value, grad = state[name]
+                    with torch.no_grad():
+                        p.copy_(value)
+                    p.grad = None if grad is None else grad.clone()
+        elif isinstance(obj, (list, tuple)) and isinstance(state, list):
+            _copy_back(obj, state)
+
+
+class _Worker:
+    """One worker process serving calls of one answer, over two pipes of length-prefixed messages."""
+
+    def __init__(self):
+        to_worker_r, self.to_worker = os.pipe()
+        self.from_worker, from_worker_w = os.pipe()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "course_lib.checks.submission", str(to_worker_r), str(from_worker_w)],
+            pass_fds=(to_worker_r, from_worker_w),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        os.close(to_worker_r)
+        os.close(from_worker_w)
+
+    def call(self, message):
+        try:
+            _write(self.to_worker, pickle.dumps(message))
+            data = _read(self.from_worker, CALL_TIMEOUT)
+        except OSError:
+            data = None
+        if data is None:
+            self.close()
+            return None
+        try:
+            return torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - anything but the safe format
+            return ("raise", "TypeError", f"your function returned something the check cannot read: {exc}")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.to_worker)
+        with contextlib.suppress(OSError):
+            os.close(self.from_worker)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, 9)
+        self.proc.wait()
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(struct.pack("<Q", len(data)) + data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read(fd: int, timeout: float | None = None) -> bytes | None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    chunks, need, header = [], 8, True
+    while need:
+        if deadline is not None:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return None
+        chunk = os.read(fd, min(need, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        need -= len(chunk)
+        if not need and header:
+            (need,) = struct.unpack("<Q", b"".join(chunks))
+            chunks, header = [], False
+    return b"".join(chunks)
+
+
+def _serve(request_fd: int, reply_fd: int) -> None:
+    """The worker: call the answer on each request; reply in the safe format."""
+    import cloudpickle
+
+    from course_lib.checks.refusal import builtins_switched_off, course_code_switched_off
+
+    torch.set_num_threads(1)
+    answer = None
+    while (data := _read(request_fd)) is not None:
+        payload, args, kwargs, refusals, (ex_id, course_code) = pickle.loads(data)  # from the grader: trusted
+        try:
+            if answer is None:
+                (answer,) = cloudpickle.loads(payload)
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(course_code_switched_off(ex_id, course_code))
+                for names, why, namespaces, shown_as in refusals:
+                    modules = tuple(sys.modules.get(m) or __import__(m, fromlist=["_"]) for m in namespaces)
+                    stack.enter_context(builtins_switched_off(answer, names, why, modules, shown_as))
+                result = answer(*args, **kwargs)
+            reply = ("ok", result, [_state(a) for a in args])
+        except BaseException as exc:  # noqa: B902 - every failure goes back as data
+            reply = ("raise", type(exc).__name__, str(exc)[:2000])
+        buffer = io.BytesIO()
+        try:
+            torch.save(reply, buffer)
+        except Exception as exc:  # noqa: BLE001 - e.g. a generator returned
+            buffer = io.BytesIO()
+            returned = type(reply[1]).__name__
+            message = f"your function returned a {returned} the check cannot read: {exc}"
+            torch.save(("raise", "TypeError", message), buffer)
+        _write(reply_fd, buffer.getvalue())
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), int(sys.argv[2]))
