@@ -155,3 +155,127 @@ def test_cp_block_trains_equal_to_one_process(grid):
             torch.tensor(r["losses"]), torch.tensor(r["dense_losses"]), rtol=1e-5, atol=1e-6
         )
         assert r["max_param_diff"] < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# the checks: right answers pass, untouched stubs read "not attempted", typical mistakes are named
+
+import math  # noqa: E402
+
+from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED  # noqa: E402
+from course_lib.checks import context_parallel as check  # noqa: E402
+
+
+def _stub(*args):
+    raise NotImplementedError
+
+
+def _merge_averaged(out_a, lse_a, out_b, lse_b):
+    return (out_a + out_b) / 2, torch.logaddexp(lse_a, lse_b)
+
+
+def _merge_naive(out_a, lse_a, out_b, lse_b):
+    w_a, w_b = torch.exp(lse_a), torch.exp(lse_b)  # no running max: overflows
+    total = w_a + w_b
+    return (w_a / total).unsqueeze(-1) * out_a + (w_b / total).unsqueeze(-1) * out_b, torch.log(total)
+
+
+def _merge_max_lse(out_a, lse_a, out_b, lse_b):
+    return _merge_reference(out_a, lse_a, out_b, lse_b)[0], torch.maximum(lse_a, lse_b)
+
+
+def _block(q, k, v, q_chunk, k_chunk, mask_when):
+    if k_chunk > q_chunk:
+        return None
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask_when(q_chunk, k_chunk):
+        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    lse = scores.logsumexp(-1)
+    return torch.exp(scores - lse.unsqueeze(-1)) @ v, lse
+
+
+def _zigzag_swapped(rank, n, s):
+    size = s // (2 * n)
+    return [p for c in (2 * n - 1 - rank, rank) for p in range(c * size, (c + 1) * size)]
+
+
+def _ring_step_late(q, k, v, partial):  # computes first, posts after: nothing overlaps
+    rank, n = dist.get_rank(), dist.get_world_size()
+    block = cp.block_attention(q, k, v)
+    partial = block if partial is None else cp.merge_partials(*partial, *block)
+    k_next, v_next = torch.empty_like(k), torch.empty_like(v)
+    reqs = [dist.isend(k.contiguous(), (rank + 1) % n), dist.isend(v.contiguous(), (rank + 1) % n)]
+    reqs += [dist.irecv(k_next, (rank - 1) % n), dist.irecv(v_next, (rank - 1) % n)]
+    for r in reqs:
+        r.wait()
+    return partial, k_next, v_next
+
+
+def _ring_step_library(q, k, v, partial):
+    return cp.ring_attention(q, k, v, causal=False), k, v
+
+
+def _seq_to_heads_wrong_group(x):
+    n = dist.get_world_size()
+    b, a, length, d = x.shape
+    send = x.reshape(b, n, a // n, length, d).transpose(0, 1).flip(0).contiguous()  # group n−1−j to rank j
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send)
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, a // n, n * length, d)
+
+
+def _merge_reference(out_a, lse_a, out_b, lse_b):
+    m = torch.maximum(lse_a, lse_b)
+    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    out = (w_a.unsqueeze(-1) * out_a + w_b.unsqueeze(-1) * out_b) / (w_a + w_b).unsqueeze(-1)
+    return out, m + torch.log(w_a + w_b)
+
+
+def _positions(r, n, s):
+    size = s // (2 * n)
+    return [p for c in (r, 2 * n - 1 - r) for p in range(c * size, (c + 1) * size)]
+
+
+def test_checks_pass_right_answers_and_read_stubs_as_not_attempted():
+    assert check.merge_partials(_merge_reference).status == PASSED
+    assert (
+        check.causal_block(lambda q, k, v, i, j: _block(q, k, v, i, j, lambda a, b: a == b)).status == PASSED
+    )
+    assert check.zigzag_positions(_positions).status == PASSED
+    for name in ("merge_partials", "causal_block", "zigzag_positions", "ring_step", "seq_to_heads"):
+        assert getattr(check, name)(_stub).status == NOT_ATTEMPTED
+
+
+@pytest.mark.parametrize(
+    "name, answer, words",
+    [
+        ("merge_partials", _merge_averaged, "averaged the two outputs"),
+        ("merge_partials", _merge_naive, "subtract the running max"),
+        ("merge_partials", _merge_max_lse, "running max alone"),
+        ("merge_partials", cp.merge_partials, "build this yourself"),
+        (
+            "causal_block",
+            lambda q, k, v, i, j: _block(q, k, v, i, j, lambda a, b: False),
+            "needs the causal mask",
+        ),
+        ("causal_block", lambda q, k, v, i, j: _block(q, k, v, i, j, lambda a, b: True), "entirely visible"),
+        (
+            "causal_block",
+            lambda q, k, v, i, j: (
+                _block(q, k, v, min(i, j), min(i, j), lambda a, b: a == b)
+                if j > i
+                else _block(q, k, v, i, j, lambda a, b: a == b)
+            ),
+            "return None",
+        ),
+        ("zigzag_positions", _zigzag_swapped, "the pair is swapped"),
+        ("zigzag_positions", lambda r, n, s: list(range(r * s // n, (r + 1) * s // n)), "contiguous layout"),
+        ("ring_step", _ring_step_late, "posted after the block was computed"),
+        ("ring_step", _ring_step_library, "build this yourself"),
+        ("seq_to_heads", _seq_to_heads_wrong_group, "you hold head group"),
+    ],
+    ids=lambda x: x if isinstance(x, str) and " " not in x else "",
+)
+def test_checks_name_the_typical_mistakes(name, answer, words):
+    result = getattr(check, name)(answer)
+    assert result.status == FAILED and words in result.message, result.message
