@@ -43,6 +43,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter("05b", "context_parallel", "Context parallel: ring attention and Ulysses", ("context_parallel",)),
     Chapter("06", "pipeline_parallel", "Pipeline parallel: GPipe and 1F1B", ("pipeline_parallel",)),
     Chapter("07", "zero", "ZeRO-1/2/3", ("zero",)),
+    Chapter("07b", "fsdp", "FSDP: per-unit sharding, prefetch, mixed precision", ("fsdp",)),
     Chapter("08", "moe", "Mixture of experts", ("moe",)),
     Chapter("09", "parallel_3d", "3D parallel", ("parallel_3d", "mesh", "cost")),
     Chapter("10", "debugging", "Debugging, torchrun and many nodes", ("torchrun", "demo")),
