@@ -39,6 +39,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter("02", "data_parallel", "Data parallel", ("data_parallel",)),
     Chapter("03", "ring_allreduce", "Ring all-reduce and bucketed DDP", ("ring_allreduce", "ddp")),
     Chapter("04", "tensor_parallel", "1D tensor parallel (Megatron)", ("tensor_parallel",)),
+    Chapter("04b", "tensor_parallel_nd", "Tensor parallel in 2D, 2.5D and 3D", ("tensor_parallel_nd",)),
     Chapter("05", "sequence_parallel", "Sequence parallel", ("tensor_parallel",)),
     Chapter("05b", "context_parallel", "Context parallel: ring attention and Ulysses", ("context_parallel",)),
     Chapter("06", "pipeline_parallel", "Pipeline parallel: GPipe and 1F1B", ("pipeline_parallel",)),

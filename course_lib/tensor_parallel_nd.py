@@ -58,18 +58,33 @@ def _exact_root(n: int, power: int) -> int | None:
     return next((r for r in (root - 1, root, root + 1) if r > 0 and r**power == n), None)
 
 
+def _shape(n: int, mode: str, depth: int | None = None) -> tuple[int, int] | None:
+    if mode == "1d":
+        return n, 1
+    if mode == "2d":
+        q = _exact_root(n, 2)
+        return (q, 1) if q else None
+    if mode == "3d":
+        q = _exact_root(n, 3)
+        return (q, q) if q else None
+    # 2.5D: q·q·d = n with d dividing q (each of the d layers runs q/d of SUMMA's q steps)
+    options = [
+        (q, n // (q * q)) for q in range(1, math.isqrt(n) + 1) if n % (q * q) == 0 and q % (n // (q * q)) == 0
+    ]
+    options = [(q, d) for q, d in options if depth is None or d == depth]
+    return max(options, key=lambda qd: qd[1]) if options else None  # the deepest grid that fits
+
+
 def shapes_that_work(mode: str, up_to: int = 64) -> list[str]:
     """The rank counts ``mode`` accepts up to ``up_to``, written as their grid ("8 = 2·2·2")."""
     found = []
     for n in range(1, up_to + 1):
-        try:
-            q, d = grid_shape(n, mode)
-        except ValueError:
+        if (shape := _shape(n, mode)) is None:
             continue
-        shape = {"1d": f"{n}", "2d": f"{n} = {q}·{q}", "3d": f"{n} = {q}·{q}·{q}"}.get(
-            mode, f"{n} = {q}·{q}·{d}"
+        q, d = shape
+        found.append(
+            {"1d": f"{n}", "2d": f"{n} = {q}·{q}", "3d": f"{n} = {q}·{q}·{q}"}.get(mode, f"{n} = {q}·{q}·{d}")
         )
-        found.append(shape)
     return found
 
 
@@ -79,23 +94,8 @@ def grid_shape(n: int, mode: str, depth: int | None = None) -> tuple[int, int]:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if depth is not None and mode != "2.5d":
         raise ValueError(f"depth is the 2.5D grid's d; mode {mode!r} takes no depth (got depth={depth})")
-    if mode == "1d":
-        return n, 1
-    if mode == "2d" and (q := _exact_root(n, 2)):
-        return q, 1
-    if mode == "3d" and (q := _exact_root(n, 3)):
-        return q, q
-    if mode == "2.5d":
-        # q·q·d = n with d dividing q (each of the d layers runs q/d of SUMMA's q steps)
-        options = [
-            (q, n // (q * q))
-            for q in range(1, math.isqrt(n) + 1)
-            if n % (q * q) == 0 and q % (n // (q * q)) == 0
-        ]
-        if depth is not None:
-            options = [(q, d) for q, d in options if d == depth]
-        if options:
-            return max(options, key=lambda qd: qd[1])
+    if (shape := _shape(n, mode, depth)) is not None:
+        return shape
     need = {
         "2d": "a square number of ranks, N = q·q",
         "3d": "a cube number of ranks, N = q·q·q",
@@ -161,6 +161,20 @@ def owned_3d(x: torch.Tensor, weight: torch.Tensor, q: int, rank: int) -> tuple[
     """
     a, b, c = coords_3d(rank, q)
     return chunk_3d(x, q, a, b, c), chunk_3d(weight, q, b, a, c)
+
+
+def owner_maps(mode: str, q: int, m: int, k: int, f: int) -> dict:
+    """Which rank holds each element of X (m, k) and of a weight (f, k), by :func:`owned_2d` /
+    :func:`owned_3d` — the functions the layers cut their blocks with. "2d" also stands for each
+    layer of the 2.5D grid (layer l's rank is l·q² plus the 2D rank)."""
+    x = torch.arange(m * k, dtype=torch.float64).view(m, k)
+    weight = torch.arange(f * k, dtype=torch.float64).view(f, k)
+    owners = {"x": torch.full((m, k), -1), "weight": torch.full((f, k), -1)}
+    for rank in range(q**3 if mode == "3d" else q * q):
+        x_part, w_part = (owned_3d if mode == "3d" else owned_2d)(x, weight, q, rank)
+        owners["x"].view(-1)[x_part.reshape(-1).long()] = rank
+        owners["weight"].view(-1)[w_part.reshape(-1).long()] = rank
+    return owners
 
 
 # ----------------------------------------------------------------------------
@@ -549,6 +563,17 @@ class ParallelMLP(nn.Module):
         return grads
 
 
+def check_sizes(mode: str, n: int, d_model: int, d_hidden: int, depth: int | None = None) -> None:
+    """ValueError unless an MLP d_model → d_hidden → d_model splits over ``mode``'s grid on ``n`` ranks."""
+    q, d = grid_shape(n, mode, depth)
+    shape = {"1d": f"{n}-rank", "2d": f"{q}×{q}", "2.5d": f"{q}×{q}×{d}", "3d": f"{q}×{q}×{q}"}[mode]
+    # 1D cuts H in N; 2D/2.5D cut h and H in q; 3D cuts them in q·q (the weight's output block in q pieces)
+    parts = {"1d": n, "2d": q, "2.5d": q, "3d": q * q}[mode]
+    if mode != "1d":
+        _split(d_model, parts, "d_model h", shape)
+    _split(d_hidden, parts, "the hidden size H", shape)
+
+
 def parallel_mlp(dense_mlp, mode: str, group=None, depth: int | None = None) -> ParallelMLP:
     """The MLP ``dense_mlp`` (fc1, GELU, fc2) tensor-parallel over the ranks of ``group`` (default all).
 
@@ -557,8 +582,9 @@ def parallel_mlp(dense_mlp, mode: str, group=None, depth: int | None = None) -> 
     the group with the same dense MLP. ValueError names the rank counts that work, or the size
     that does not split over the grid.
     """
-    grid = make_grid(mode, group, depth)
     h, hidden = dense_mlp.fc1.in_features, dense_mlp.fc1.out_features
+    check_sizes(mode, dist.get_world_size(group), h, hidden, depth)
+    grid = make_grid(mode, group, depth)
     if mode == "1d":
         tp = TensorParallelMLP.from_dense(dense_mlp, group)
         return ParallelMLP(tp.fc1, tp.fc2, grid, h, hidden)
