@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from course_lib import launch
+from course_lib import dist_calls, launch
 from course_lib.traffic import count_traffic
 from course_lib.units import format_bytes
 
@@ -532,7 +532,7 @@ def trace_point_to_point() -> Iterator[list[tuple[str, int, int]]]:
 
         return traced
 
-    undo = launch.replace_dist_functions(
+    undo = dist_calls.replace_dist_functions(
         {op: wrap(op, getattr(dist, op)) for op in ("send", "recv", "isend", "irecv")}
     )
     try:

@@ -38,7 +38,15 @@ from multiprocessing.connection import wait
 import cloudpickle
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
+
+# dist's communication calls and the one way of replacing them live in their own module;
+# their names are importable from here too.
+from course_lib.dist_calls import (  # noqa: F401
+    COLLECTIVE_CALLS,
+    POINT_TO_POINT,
+    PROCESS_GROUP_METHODS,
+    replace_dist_functions,
+)
 
 #: Seconds a rank may wait inside one collective before it gives up. Short on
 #: purpose: in a classroom a deadlock should surface in tens of seconds.
@@ -46,54 +54,6 @@ PG_TIMEOUT = float(os.environ.get("COURSE_PG_TIMEOUT", "30"))
 #: Largest world a launch accepts; each rank is a whole process.
 MAX_WORLD_SIZE = 64
 
-# The one table of torch.distributed's communication calls. The launcher traces them (where
-# each rank waits), the traffic counter counts them, the checks switch the collectives off.
-POINT_TO_POINT = ("send", "recv", "isend", "irecv", "batch_isend_irecv")
-#: Every call that moves data between the ranks of a group together (barrier moves none).
-COLLECTIVE_CALLS = (
-    "broadcast",
-    "all_reduce",
-    "reduce",
-    "all_gather",
-    "all_gather_into_tensor",
-    "all_gather_single",
-    "all_gather_coalesced",
-    "all_reduce_coalesced",
-    "_all_gather_base",
-    "reduce_scatter",
-    "reduce_scatter_tensor",
-    "reduce_scatter_single",
-    "_reduce_scatter_base",
-    "all_to_all",
-    "all_to_all_single",
-    "scatter",
-    "gather",
-    "broadcast_object_list",
-    "all_gather_object",
-    "gather_object",
-    "scatter_object_list",
-)
-#: The process-group methods each collective ends in: every way of reaching a collective from
-#: Python (dist.*, an import by name, group.allreduce(...)) passes through one of these.
-PROCESS_GROUP_METHODS = {
-    "broadcast": ("broadcast",),
-    "all_reduce": ("allreduce",),
-    "all_reduce_coalesced": ("allreduce_coalesced",),
-    "reduce": ("reduce",),
-    "all_gather": ("allgather",),
-    "all_gather_into_tensor": ("_allgather_base", "allgather_into_tensor_coalesced"),
-    "_all_gather_base": ("_allgather_base",),
-    "all_gather_coalesced": ("allgather_coalesced",),
-    "all_gather_single": ("all_gather_single",),
-    "reduce_scatter": ("reduce_scatter",),
-    "reduce_scatter_tensor": ("_reduce_scatter_base", "reduce_scatter_tensor_coalesced"),
-    "_reduce_scatter_base": ("_reduce_scatter_base",),
-    "reduce_scatter_single": ("reduce_scatter_single",),
-    "all_to_all": ("alltoall",),
-    "all_to_all_single": ("alltoall_base",),
-    "scatter": ("scatter",),
-    "gather": ("gather",),
-}
 # Functions whose entry and exit each rank records, so a deadlock report can say where every
 # rank is waiting.
 TRACED_CALLS = tuple(name for name in (*POINT_TO_POINT, *COLLECTIVE_CALLS, "barrier") if hasattr(dist, name))
@@ -766,27 +726,6 @@ def _trace_calls(rank, where, calls, on_gpu=False):
             return result
 
         replace_dist_functions({name: traced})
-
-
-def replace_dist_functions(replacements: dict):
-    """Install ``replacements[name]`` as ``dist.<name>``; returns a function that undoes it.
-
-    isend/irecv are replaced in c10d too: ``dist.P2POp`` accepts only the functions
-    that c10d itself calls isend/irecv.
-    """
-    saved = [
-        (module, name, getattr(module, name))
-        for name in replacements
-        for module in ((dist, c10d) if name in ("isend", "irecv") else (dist,))
-    ]
-    for module, name, _ in saved:
-        setattr(module, name, replacements[name])
-
-    def undo():
-        for module, name, original in saved:
-            setattr(module, name, original)
-
-    return undo
 
 
 def _die_with_parent():

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from course_lib import launch
+from course_lib import dist_calls, launch
 from course_lib.collectives import Timing, time_algorithms
 from course_lib.p2p import (  # noqa: F401 - public here before the split
     HEADER_BYTES,
@@ -315,7 +315,7 @@ def _record_ring_steps_rank():
             staging = torch.empty_like(tensor)
             return _LandsOnWait(real_irecv(staging, *args, **kwargs), staging, tensor)
 
-        undo = launch.replace_dist_functions({"isend": recording_isend, "irecv": staged_irecv})
+        undo = dist_calls.replace_dist_functions({"isend": recording_isend, "irecv": staged_irecv})
         try:
             ring_all_reduce(data)
         finally:
@@ -409,7 +409,7 @@ def count_message_rounds() -> Iterator[_Rounds]:
         return _StampedRecv(works, stamp, rounds)
 
     # send and recv call isend and irecv inside torch, so they are stamped too.
-    undo = launch.replace_dist_functions({"isend": isend, "irecv": irecv})
+    undo = dist_calls.replace_dist_functions({"isend": isend, "irecv": irecv})
     try:
         yield rounds
     finally:

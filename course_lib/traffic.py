@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from course_lib import launch
+from course_lib import dist_calls
 
 _P2P = {"send": "sent", "isend": "sent", "recv": "received", "irecv": "received"}
-_COLLECTIVES = (*launch.COLLECTIVE_CALLS, "barrier")  # counted as calls; their bytes on the wire
+_COLLECTIVES = (*dist_calls.COLLECTIVE_CALLS, "barrier")  # counted as calls; their bytes on the wire
 # struct tcp_info (linux/tcp.h): u64 tcpi_bytes_received at byte 128, u64 tcpi_bytes_sent at 200.
 _BYTES_RECEIVED_AT, _BYTES_SENT_AT, _TCP_INFO_SIZE = 128, 200, 232
 
@@ -186,7 +186,7 @@ def count_traffic() -> Iterator[Traffic]:
         if hasattr(dist, name)
     }
     start = tcp_bytes() if wire else None
-    undo = launch.replace_dist_functions(counted)
+    undo = dist_calls.replace_dist_functions(counted)
     undo_payload = _count_payload_at_the_process_group(traffic)
     try:
         yield traffic

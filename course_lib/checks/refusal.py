@@ -10,10 +10,10 @@ import types
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
-from course_lib import launch
+from course_lib import dist_calls, launch
 
 #: Everything in torch.distributed that moves data between ranks except point-to-point.
-COLLECTIVES = tuple(name for name in launch.COLLECTIVE_CALLS if hasattr(c10d, name))
+COLLECTIVES = tuple(name for name in dist_calls.COLLECTIVE_CALLS if hasattr(c10d, name))
 
 
 class BuiltinUsed(RuntimeError):
@@ -107,7 +107,7 @@ def builtins_switched_off(learner_fn, names, why: str, namespaces=(dist, c10d), 
     group_methods = [
         (method, f"{shown_as}.{name}")
         for name in names
-        for method in launch.PROCESS_GROUP_METHODS.get(name, ())
+        for method in dist_calls.PROCESS_GROUP_METHODS.get(name, ())
         if namespaces == (dist, c10d) and hasattr(_GROUP, method)
     ]
     group_saved = [(method, getattr(_GROUP, method)) for method, _ in group_methods]
