@@ -208,6 +208,20 @@ def _exchange(send: torch.Tensor, recv: torch.Tensor, ring, tag: int) -> list:
     ]
 
 
+_OVERLAP = [True]
+
+
+@contextlib.contextmanager
+def transfers_after_compute():
+    """Ring attention's forward posts each transfer *after* its block (no overlap): a baseline
+    for the benchmark; the library's default posts it before."""
+    _OVERLAP[0] = False
+    try:
+        yield
+    finally:
+        _OVERLAP[0] = True
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, group, causal, layout):
@@ -219,7 +233,7 @@ class _RingAttention(torch.autograd.Function):
         kv = torch.stack([k, v])  # one message per step carries both
         for step in range(n):
             src = (r - step) % n  # whose block this rank holds now
-            if step < n - 1:  # post the next transfer first, then compute while it travels
+            if step < n - 1 and _OVERLAP[0]:  # post the next transfer first, compute while it travels
                 incoming = torch.empty_like(kv)
                 requests = _exchange(kv, incoming, ring, _KV_TAG)
             k_ids = _ids(src, n, layout, causal)
@@ -228,6 +242,9 @@ class _RingAttention(torch.autograd.Function):
                 block = block_attention(q_parts[i], k_parts[j], v_parts[j], diagonal)
                 _count(q_parts[i].shape[-2], k_parts[j].shape[-2], diagonal)
                 partial[i] = block if partial[i] is None else merge_partials(*partial[i], *block)
+            if step < n - 1 and not _OVERLAP[0]:  # the benchmark's baseline: transfer after compute
+                incoming = torch.empty_like(kv)
+                requests = _exchange(kv, incoming, ring, _KV_TAG)
             if step < n - 1:
                 for request in requests:
                     request.wait()
