@@ -43,6 +43,12 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter("05", "sequence_parallel", "Sequence parallel", ("tensor_parallel",)),
     Chapter("05b", "context_parallel", "Context parallel: ring attention and Ulysses", ("context_parallel",)),
     Chapter("06", "pipeline_parallel", "Pipeline parallel: GPipe and 1F1B", ("pipeline_parallel",)),
+    Chapter(
+        "06b",
+        "pipeline_schedules",
+        "Pipeline schedules: interleaved, zero bubble, DualPipe-V",
+        ("pipeline_schedules", "pipeline_parallel"),
+    ),
     Chapter("07", "zero", "ZeRO-1/2/3", ("zero",)),
     Chapter("07b", "fsdp", "FSDP: per-unit sharding, prefetch, mixed precision", ("fsdp",)),
     Chapter("08", "moe", "Mixture of experts", ("moe",)),

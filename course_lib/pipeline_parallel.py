@@ -129,7 +129,7 @@ def _per_stage(value, p: int, name: str) -> list:
     return [float(v) for v in values]
 
 
-def simulate(schedule, t_f=1.0, t_b=2.0, t_w=None) -> Simulation:
+def simulate(schedule, t_f=1.0, t_b=2.0, t_w=None, *, fb_pairs_together=False) -> Simulation:
     """Run ``schedule`` on an idealised machine: no communication cost, each stage does one
     action at a time, in its order, as soon as the action's inputs exist.
 
@@ -141,7 +141,7 @@ def simulate(schedule, t_f=1.0, t_b=2.0, t_w=None) -> Simulation:
     from course_lib import pipeline_schedules
 
     if any(isinstance(a, (list, tuple)) and len(a) == 3 for row in schedule or [] for a in row):
-        return pipeline_schedules.simulate(schedule, t_f, t_b, t_w)
+        return pipeline_schedules.simulate(schedule, t_f, t_b, t_w, fb_pairs_together=fb_pairs_together)
     m, p = validate_schedule(schedule), len(schedule)
     t_f, t_b = _per_stage(t_f, p, "t_f"), _per_stage(t_b, p, "t_b")
     with_stage = [[(kind, i, s) for kind, i in actions] for s, actions in enumerate(schedule)]

@@ -612,6 +612,7 @@ def train_step(
     timeline=None,
     split_fns=None,
     fb_pairs_together=False,
+    live=None,
 ):
     """One training step of schedule ``schedule``; call it on every rank of ``group`` with
     its stages (one module, or a list in stage order as :func:`partition` returns).
@@ -625,6 +626,8 @@ def train_step(
     ``split_fns`` = (input_gradient, weight_gradient) for the split backward (default ours);
     ``fb_pairs_together=True`` receives a pair's gradient before its forward, so each
     :func:`fb_pairs` pair starts when both inputs are here (DualPipe's F&B blocks).
+    ``live`` (a list) receives, after each action, how many (micro-batch, stage) activations
+    this rank still holds: forwards whose backward has not run, and I's waiting for their W.
     """
     _check_name(schedule)
     modules = list(stages) if isinstance(stages, (list, tuple)) else [stages]
@@ -724,6 +727,8 @@ def train_step(
             store.run((i, s))
         if timeline is not None:
             timeline.append((action, start, time.perf_counter()))
+        if live is not None:
+            live.append(len(saved) + len(store.pending))
     for request, _ in in_flight:
         request.wait()
     return total_loss if last in mine else None

@@ -233,3 +233,101 @@ def test_timed_chunks_record_every_action():
         assert [[a for a, _, _ in row] for row in timelines] == ps.schedule(name, 2, m, v)
         idle, wall = ps.idle_time(timelines)
         assert 0 <= idle < wall
+
+
+# ----------------------------------------------------------------------------
+# the exercise checks: solutions pass, stubs read "not attempted", typical mistakes are named
+
+
+@pytest.fixture(scope="module")
+def solution():
+    import reference_answers
+
+    return reference_answers.load("06b_pipeline_schedules")
+
+
+def test_solutions_pass_and_stubs_are_not_attempted(solution):
+    from course_lib.checks import NOT_ATTEMPTED, PASSED
+    from course_lib.checks import pipeline_schedules as check
+
+    def stub(*args):
+        raise NotImplementedError("exercise: replace this line with your code")
+
+    assert check.interleaved_order(solution.interleaved_order).status == PASSED
+    assert check.split_backward(solution.input_gradient, solution.weight_gradient).status == PASSED
+    assert check.zb_h1_order(solution.zb_h1_order).status == PASSED
+    assert check.interleaved_order(stub).status == NOT_ATTEMPTED
+    assert check.split_backward(stub, stub).status == NOT_ATTEMPTED
+    assert check.zb_h1_order(stub).status == NOT_ATTEMPTED
+
+
+def test_checks_name_typical_mistakes(solution):
+    from course_lib.checks import FAILED
+    from course_lib.checks import pipeline_schedules as check
+
+    def failed(result, text):
+        assert result.status == FAILED and text in result.message, result.message
+
+    def one_f_one_b_warmup(rank, p, m, v):  # 1F1B's warm-up count in an interleaved order
+        actions = solution.interleaved_order(rank, p, m, v)
+        f, b = [a for a in actions if a[0] == "F"], [a for a in actions if a[0] == "B"]
+        w = min(p - rank - 1, m * v)
+        return f[:w] + [x for k in range(len(f) - w) for x in (f[w + k], b[k])] + b[len(f) - w :]
+
+    failed(check.interleaved_order(one_f_one_b_warmup), "interleaved 1F1B warms up with (p−r−1)·2 + (v−1)·p")
+
+    def no_check_of_m(rank, p, m, v):
+        return (
+            solution.interleaved_order(rank, p, p * max(1, m // p), v)
+            if m % p
+            else solution.interleaved_order(rank, p, m, v)
+        )
+
+    failed(check.interleaved_order(no_check_of_m), "expected a ValueError")
+    failed(
+        check.interleaved_order(lambda r, p, m, v: pp.interleaved_1f1b_schedule(p, m, v)[r]),
+        "not to call the course's own",
+    )
+
+    failed(check.split_backward(lambda g, w: g @ w.t(), solution.weight_gradient), "∂L/∂x = ∂L/∂y · W")
+
+    def transposed(g, x):
+        grad_w, grad_b = solution.weight_gradient(g, x)
+        return grad_w.t(), grad_b
+
+    failed(check.split_backward(solution.input_gradient, transposed), "transposed")
+
+    def no_flatten(g, x):
+        return g.transpose(-1, -2) @ x, g.sum(0)
+
+    failed(check.split_backward(solution.input_gradient, no_flatten), "flatten the leading dimensions")
+    failed(check.split_backward(ps.input_gradient, solution.weight_gradient), "not to call the course's own")
+
+    def w_right_after_i(rank, p, m):
+        return [
+            a
+            for kind, i, s in [(k, i, rank) for k, i in pp.one_f_one_b_schedule(p, m)[rank]]
+            for a in ([(kind, i, s)] if kind == "F" else [("I", i, s), ("W", i, s)])
+        ]
+
+    failed(check.zb_h1_order(w_right_after_i), "every W runs right after its I")
+
+    def all_w_at_the_end(rank, p, m):
+        actions = [
+            ("I", i, s) if kind == "B" else (kind, i, s)
+            for kind, i, s in [(k, i, rank) for k, i in pp.one_f_one_b_schedule(p, m)[rank]]
+        ]
+        return actions + [("W", i, rank) for i in range(m)]
+
+    failed(check.zb_h1_order(all_w_at_the_end), "ZB-H1 keeps 1F1B's peak")
+
+    def w_before_i(rank, p, m):
+        actions = solution.zb_h1_order(rank, p, m)
+        k = actions.index(("W", 0, rank))
+        return [actions[k]] + actions[:k] + actions[k + 1 :]
+
+    failed(check.zb_h1_order(w_before_i), "a W needs its I")
+    failed(
+        check.zb_h1_order(lambda r, p, m: [(k, i, r) for k, i in pp.one_f_one_b_schedule(p, m)[r]]),
+        "use I and W for every backward",
+    )
