@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from matplotlib.patches import Patch
 
-from course_lib.viz import CourseFigure
+from course_lib.figures import CourseFigure
 
 KIND_COLORS = {"F": "#4C78A8", "B": "#F58518", "I": "#E45756", "W": "#54A24B"}
 KIND_LABELS = {"F": "forward F", "B": "full backward B", "I": "input gradient I", "W": "weight gradient W"}
