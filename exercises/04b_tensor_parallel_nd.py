@@ -38,7 +38,6 @@
 import torch
 import torch.distributed as dist
 
-from course_lib import launch
 from course_lib.checks import tensor_parallel_nd as check
 
 # %% [markdown]
@@ -89,8 +88,9 @@ def summa(x_block, b_block, grid):
 check.summa(summa)
 
 # %% [markdown]
-# To debug, run your SUMMA on 4 ranks yourself and print what each rank holds
-# (`tp_nd.make_grid("2d")` builds the grid's row and column groups):
+# To debug, run your SUMMA on 4 ranks yourself and look at what each rank returns
+# (`tp_nd.make_grid("2d")` builds the grid's row and column groups): with B the identity, rank
+# (i, j) must get back its own block of x. Uncomment the last line once `summa` is written.
 
 
 # %%
@@ -104,7 +104,7 @@ def try_summa():
     return grid.coords, mine
 
 
-launch.run(try_summa, 4)
+# launch.run(try_summa, 4)  # (from course_lib import launch)
 
 # %% [markdown]
 # ## Exercise 4b.3 — the 3D index mapping
