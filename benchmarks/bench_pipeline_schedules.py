@@ -1,0 +1,100 @@
+"""Chapter 06b: each schedule's step (course_lib.pipeline_schedules.train_step) against torch's
+pipelining equivalent on gloo, and ZB-H1's measured idle time against 1F1B's at equal memory.
+
+Same model (an 8-layer MLP stack), same batch, same m; steps alternate between ours and torch's
+so both see the same machine load. Goal from issue 17: ours at most 1.2x torch's time per step.
+"""
+
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from course_lib import launch, pp
+from course_lib import pipeline_schedules as ps
+from course_lib.models import make_stack, regression_data
+
+RANKS, DEPTH, D_MODEL, D_HIDDEN, BATCH, MICRO_BATCHES = 2, 8, 256, 1024, 128, 4
+STEPS, WARMUP, GOAL = 10, 2, 1.2
+PAIRS = (
+    ("interleaved-1f1b", 2, "ScheduleInterleaved1F1B"),
+    ("zb-h1", 1, "ScheduleInterleavedZeroBubble"),
+    ("dualpipe-v", 2, "ScheduleDualPipeV"),
+)
+
+
+def compare_steps():
+    from torch.distributed.pipelining import PipelineStage, schedules
+
+    rank, p = dist.get_rank(), dist.get_world_size()
+    x, y = regression_data(BATCH, D_MODEL)
+    results = {}
+    for name, v, kind in PAIRS:
+        ours = pp.partition(make_stack(DEPTH, D_MODEL, D_HIDDEN, seed=0), rank, p, v, name)
+        theirs = pp.partition(make_stack(DEPTH, D_MODEL, D_HIDDEN, seed=0), rank, p, v, name)
+        ours, theirs = (m if isinstance(m, list) else [m] for m in (ours, theirs))
+        ids, count = ps.stages_of_rank(name, rank, p, v), len(ps.stage_ranks(name, p, v))
+        stages = [PipelineStage(m, s, count, torch.device("cpu")) for m, s in zip(theirs, ids)]
+        runner = getattr(schedules, kind)(stages, MICRO_BATCHES, loss_fn=F.mse_loss)
+        steps = {
+            "ours": lambda ours=ours, name=name, v=v: ps.train_step(
+                ours, x, y, F.mse_loss, MICRO_BATCHES, name, num_virtual=v
+            ),
+            "torch": lambda runner=runner, ids=ids, count=count: runner.step(
+                *([x] if 0 in ids else []), **({"target": y} if count - 1 in ids else {})
+            ),
+        }
+        times = {"ours": [], "torch": []}
+        for i in range(WARMUP + STEPS):
+            for who, modules in (("ours", ours), ("torch", theirs)):
+                for m in modules:
+                    m.zero_grad(set_to_none=True)
+                dist.barrier()
+                start = time.perf_counter()
+                steps[who]()
+                dist.barrier()
+                if i >= WARMUP:
+                    times[who].append(time.perf_counter() - start)
+        same = all(
+            torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+            for m, n in zip(ours, theirs)
+            for a, b in zip(m.parameters(), n.parameters())
+        )
+        results[name] = {who: statistics.median(t) for who, t in times.items()}, same
+    return results
+
+
+def main():
+    start = time.perf_counter()
+    per_rank = launch.run(compare_steps, RANKS, backend="gloo", timeout=600)
+    print(
+        f"{RANKS} ranks, {DEPTH}-layer MLP stack (d_model {D_MODEL}, d_hidden {D_HIDDEN}), batch {BATCH}, "
+        f"m = {MICRO_BATCHES}; median of {STEPS} steps"
+    )
+    for name, _, kind in PAIRS:
+        ours = max(r[name][0]["ours"] for r in per_rank)
+        theirs = max(r[name][0]["torch"] for r in per_rank)
+        ratio = ours / theirs
+        verdict = "meets" if ratio <= GOAL else "MISSES"
+        print(
+            f"  {name:>17}: ours {ours * 1e3:7.1f} ms, torch {kind} {theirs * 1e3:7.1f} ms: {ratio:.2f}x "
+            f"({verdict} <= {GOAL}x); gradients equal: {all(r[name][1] for r in per_rank)}"
+        )
+    t_f, m = 0.02, 8
+    configs = [("1f1b", m, 1, t_f, 2 * t_f, t_f, False), ("zb-h1", m, 1, t_f, 2 * t_f, t_f, False)]
+    best = ps.least_idle(launch.run(ps.timed_schedules, 4, configs, repeats=3, backend="gloo"))
+    (idle_1f1b, _), (idle_zb, _) = (ps.idle_time(t) for t in best)
+    sims = [pp.simulate(pp.schedule(n, 4, m), t_f, 2 * t_f, t_f) for n in ("1f1b", "zb-h1")]
+    print(
+        f"  idle per rank, 4 ranks, m = {m}, t_f:t_b:t_w = 20:40:20 ms: 1F1B {idle_1f1b * 1e3:.0f} ms, "
+        f"ZB-H1 {idle_zb * 1e3:.0f} ms ({idle_zb / idle_1f1b:.2f}x; simulated "
+        f"{sims[1].bubble_time / sims[0].bubble_time:.2f}x) at equal peak memory "
+        f"{max(sims[0].peak_activations)} = {max(sims[1].peak_activations)} micro-batches"
+    )
+    print(f"  {time.perf_counter() - start:.0f} s in all")
+
+
+if __name__ == "__main__":
+    main()
