@@ -300,3 +300,89 @@ def test_a_rank_that_runs_the_model_alone_gets_a_clear_error():
     assert info.value.rank == 1
     assert "rank 1 waited 2 s for the all-gather of unit '0' (forward)" in str(info.value)
     assert "every rank must run the model's forward and backward together" in str(info.value)
+
+
+# ----------------------------------------------------------------------------
+# the checks: reference solutions pass, wrong ones get a specific diagnostic, stubs read "not attempted"
+
+
+def real_collective_order():
+    """The all-gathers and reduce-scatters fsdp.fully_shard issues in one step, in issue order."""
+    result = {}
+    for prefetch in (False, True):
+        for reshard in (True, False):
+            model = fsdp.fully_shard(make_stack(**SMALL), prefetch=prefetch, reshard_after_forward=reshard)
+            x, y = regression_data(4, SMALL["d_model"])
+            with fsdp.record_timeline(model) as timeline:
+                F.mse_loss(model(x), y).backward()
+            result[prefetch, reshard] = [
+                (e.kind, e.unit, e.phase) for e in timeline.events if e.kind != "compute"
+            ]
+    return result
+
+
+def test_the_order_exercise_describes_the_library():
+    from course_lib.checks import fsdp as check
+
+    for (prefetch, reshard), order in launch.run(real_collective_order, 2)[0].items():
+        assert order == check.reference_collective_order(["0", "1", "2"], prefetch, reshard)
+
+
+def test_checks_pass_solutions_and_name_wrong_answers():
+    import reference_answers
+
+    from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
+    from course_lib.checks import fsdp as check
+    from course_lib.zero import adamw_
+
+    sol = reference_answers.load("07b_fsdp")
+    assert check.shard_ranges(sol.shard_ranges).status == PASSED
+    assert check.gather_unit(sol.gather).status == PASSED
+    assert check.reduce_and_update(sol.reduce_and_update).status == PASSED
+    assert check.collective_order(sol.collective_order).status == PASSED
+
+    result = check.shard_ranges(lambda numels, rank, n: check._floor_ranges(numels, rank, n))
+    assert result.status == FAILED and "pad the unit to a multiple of N first" in result.message
+
+    def replaces(unit):
+        full = torch.empty(unit.padded)
+        dist.all_gather_single(full, unit.shard.clone())
+        unit.full = full
+
+    def no_resize(unit):
+        dist.all_gather_single(unit.full, unit.shard.clone())
+
+    result = check.gather_unit(replaces)
+    assert result.status == FAILED and "you replaced unit.full; gather INTO its storage" in result.message
+    result = check.gather_unit(no_resize)
+    assert result.status == FAILED and "storage still 0 bytes: resize it back" in result.message
+
+    def reduce_in_bf16(grad, master, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay):
+        n = dist.get_world_size()
+        mine = torch.empty(grad.numel() // n, dtype=torch.bfloat16)
+        dist.reduce_scatter_single(mine, grad)
+        adamw_(master, mine.float() / n, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay)
+        return master.bfloat16()
+
+    update = sol.reduce_and_update
+
+    def rounds_master(grad, master, *args, **kwargs):
+        out = update(grad, master, *args, **kwargs)
+        master.copy_(out)
+        return out
+
+    result = check.reduce_and_update(reduce_in_bf16)
+    assert result.status == FAILED and "looks like a reduction in bf16" in result.message
+    result = check.reduce_and_update(rounds_master)
+    assert result.status == FAILED and "looks like a master rounded to bf16" in result.message
+
+    result = check.collective_order(check._forward_order_backward)
+    assert result.status == FAILED and "prefetch the unit BEFORE the current one" in result.message
+    result = check.collective_order(lambda units, prefetch, reshard: fsdp.fully_shard(nn.Linear(1, 1)))
+    assert result.status == FAILED and "you called fsdp.fully_shard" in result.message
+
+    def stub(*args, **kwargs):
+        raise NotImplementedError("exercise: replace this line with your code")
+
+    for check_fn in (check.shard_ranges, check.gather_unit, check.reduce_and_update, check.collective_order):
+        assert check_fn(stub).status == NOT_ATTEMPTED
