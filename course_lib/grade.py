@@ -50,6 +50,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jupytext
 import nbformat
@@ -59,6 +60,9 @@ from nbclient.exceptions import DeadKernelError
 
 from course_lib import build, chapters, checks
 from course_lib.checks import submission
+
+if TYPE_CHECKING:
+    from typing import TextIO
 
 TIME_LIMIT = 600.0
 #: Least time any cell gets, even after the notebook's budget is used up.
@@ -90,13 +94,15 @@ class CellRun:
 # preparing the notebook
 
 
-def read_learner_notebook(path: Path):
+def read_learner_notebook(path: Path) -> nbformat.NotebookNode:
     if path.suffix == ".py":
         return jupytext.read(path, fmt="py:percent")
     return nbformat.read(path, as_version=4)
 
 
-def splice(canonical, learner):
+def splice(
+    canonical: nbformat.NotebookNode, learner: nbformat.NotebookNode
+) -> tuple[nbformat.NotebookNode, dict[str, int], set[str]]:
     """A copy of ``canonical`` with the learner's answer cells in place of its stubs.
 
     Returns (notebook, {answer name: cell index}, set of names the learner answered).
@@ -128,7 +134,9 @@ def splice(canonical, learner):
 # running it
 
 
-def run_notebook(nb, cwd: Path, time_limit: float, log_path: Path, env: dict | None = None) -> list[CellRun]:
+def run_notebook(
+    nb: nbformat.NotebookNode, cwd: Path, time_limit: float, log_path: Path, env: dict | None = None
+) -> list[CellRun]:
     """Execute ``nb`` in place, cell by cell, under the time policy of the module doc.
 
     The kernel runs in ``cwd`` with ``env``; its check cells hand their answers over
@@ -224,7 +232,7 @@ def _end_processes_of(token: str) -> list[int]:
     return killed
 
 
-def submissions(cell) -> list:
+def submissions(cell: nbformat.NotebookNode) -> list:
     """The answers a cell's check calls handed to the grader (outputs of type submission.MIME)."""
     found = []
     for output in cell.get("outputs", []):
@@ -265,7 +273,9 @@ def _first_line(text: str) -> str:
 # judging
 
 
-def judge(nb, runs: list[CellRun], expected: dict[str, str], spots: dict[str, int]) -> list[dict]:
+def judge(
+    nb: nbformat.NotebookNode, runs: list[CellRun], expected: dict[str, str], spots: dict[str, int]
+) -> list[dict]:
     """One {id, title, status, message} per expected exercise, judged here.
 
     The answers the check cells handed over are checked in this process (the learner's
@@ -491,7 +501,7 @@ def grade_notebook(
     return entry
 
 
-def print_table(entry: dict, out=None) -> None:
+def print_table(entry: dict, out: TextIO | None = None) -> None:
     """One row per exercise; the detail is printed whole (the hint is the point), wrapped between
     words on lines of its own under the row."""
     out = sys.stdout if out is None else out
@@ -535,7 +545,7 @@ def _start_worker(modules, digests, extra_files) -> None:
     _LIBRARY_DIGESTS.update(digests)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m course_lib.grade",
         description="Grade exercise notebooks headless (see the module doc).",

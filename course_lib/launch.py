@@ -34,6 +34,7 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import wait
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import cloudpickle
 import torch
@@ -47,6 +48,9 @@ from course_lib.dist_calls import (  # noqa: F401
     PROCESS_GROUP_METHODS,
     replace_dist_functions,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: Seconds a rank may wait inside one collective before it gives up. Short on
 #: purpose: in a classroom a deadlock should surface in tens of seconds.
@@ -146,15 +150,15 @@ def device() -> torch.device:
 
 
 def run(
-    fn,
-    world_size,
+    fn: Callable[..., Any],
+    world_size: int,
     *args,
     backend: str = "auto",
     timeout: float = 120.0,
     debug: bool = False,
     safe_results: bool = False,
     **kwargs,
-):
+) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return their results.
 
     Each rank is its own process with the default process group initialised
@@ -204,7 +208,7 @@ def _dump_result(value) -> bytes:
 class _NoGlobals(pickle.Unpickler):
     """Unpickles tuples, strings, bytes and numbers only: a rank's message can carry no code."""
 
-    def find_class(self, module, name):
+    def find_class(self, module: str, name: str) -> NoReturn:
         raise pickle.UnpicklingError(f"a rank's message may not name {module}.{name}")
 
 
@@ -228,7 +232,7 @@ def _check_world_size(world_size) -> int:
     return n
 
 
-def dumps_by_value(obj) -> bytes:
+def dumps_by_value(obj: Any) -> bytes:
     """cloudpickle ``obj``, sending the caller's own modules by value.
 
     Functions from a notebook (``__main__``) always travel by value. Functions
@@ -340,7 +344,7 @@ class _Launch:
         self.returned = [False] * world_size
         self.partial = [""] * world_size
 
-    def start(self):
+    def start(self) -> list[Any]:
         ctx = _context()
         # The ranks meet in a file of a fresh temporary folder: concurrent
         # launches never collide, and no DNS lookup of a TCP rendezvous can
@@ -671,7 +675,7 @@ class _CapturedOutput:
         sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
         sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
 
-    def close(self):
+    def close(self) -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()

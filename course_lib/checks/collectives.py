@@ -11,12 +11,16 @@ collectives are swapped for functions that raise, so only send/recv/isend/irecv
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from course_lib import launch
 from course_lib.checks import Mismatch, compare, exercise, learner_in_rank, run_learner, send_recv_only
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 WORLD_SIZES = (1, 2, 3, 4)
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
@@ -121,7 +125,7 @@ def _check(ex_id: str, kind: str, learner_fn, what: str = "tensor") -> None:
         "course_lib.collectives:tree_broadcast",
     ),
 )
-def broadcast(learner_fn):
+def broadcast(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(tensor, src)``: afterwards every rank's tensor equals src's."""
     _check("1.1", "broadcast", learner_fn)
 
@@ -141,7 +145,7 @@ def broadcast(learner_fn):
         "course_lib.zero:reduce_scatter",
     ),
 )
-def all_gather(learner_fn):
+def all_gather(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(tensor) -> list``: item j of every rank's list is rank j's tensor."""
     _check("1.2", "all_gather", learner_fn, what="gathered")
 
@@ -161,7 +165,7 @@ def all_gather(learner_fn):
         "course_lib.zero:reduce_scatter",
     ),
 )
-def reduce(learner_fn):
+def reduce(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(tensor, dst)``: afterwards dst's tensor is the sum over all ranks."""
     _check("1.3", "reduce", learner_fn)
 
@@ -184,6 +188,6 @@ def reduce(learner_fn):
         "course_lib.collectives:tree_broadcast",
     ),
 )
-def all_reduce(learner_fn):
+def all_reduce(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(tensor)``: afterwards every rank's tensor is the sum over all ranks."""
     _check("1.4", "all_reduce", learner_fn)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from course_lib.checks.registry import Mismatch
 
 
 def compare(
-    got,
-    expected,
+    got: Any,
+    expected: torch.Tensor | list | tuple,
     what: str = "result",
     rank: int | None = None,
     exact: bool = False,

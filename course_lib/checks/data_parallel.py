@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -34,6 +35,9 @@ from course_lib.checks import (
 )
 from course_lib.models import make_mlp, shard
 from course_lib.traffic import count_traffic
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 WORLD_SIZES = (1, 2, 3, 4)
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
@@ -236,7 +240,7 @@ def _rows(t: torch.Tensor) -> str:
 
 
 @exercise("2.1", "shard the batch: this rank's slice", refuses=("course_lib.models:shard",))
-def shard_batch(learner_fn):
+def shard_batch(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(batch) -> tensor``: rank r's contiguous block of B/N rows, in rank order."""
     for n in WORLD_SIZES:
         got = _launch(n, _shard_rank, learner_fn)
@@ -283,7 +287,7 @@ def shard_batch(learner_fn):
         "course_lib.data_parallel:data_parallel_step",
     ),
 )
-def average_gradients(learner_fn):
+def average_gradients(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(model)``: afterwards every rank's gradients are the full-batch gradient."""
     for n in WORLD_SIZES:
         got = _launch(n, _gradient_rank, learner_fn)
@@ -308,7 +312,7 @@ def average_gradients(learner_fn):
         "course_lib.data_parallel:sharded_parameter_server_step",
     ),
 )
-def parameter_server_step(learner_fn):
+def parameter_server_step(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(model, optimizer)``, optimizer only on rank 0: every rank ends with the
     parameters of full-batch training, step after step."""
     for n in WORLD_SIZES:
@@ -352,7 +356,7 @@ def parameter_server_step(learner_fn):
         "course_lib.data_parallel:average_gradients_allreduce",
     ),
 )
-def accumulate_and_step(learner_fn):
+def accumulate_and_step(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(model, optimizer, micro_batches)``: full-batch parameters after every
     step, and no communication before the last micro-batch."""
     m = MICRO_BATCHES

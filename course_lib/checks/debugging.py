@@ -17,6 +17,8 @@ off while the learner's function runs.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -35,6 +37,9 @@ from course_lib.checks import (
     run_learner,
 )
 from course_lib.models import make_mlp, shard
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: Seconds one launch may take: a deadlock is reported after about this long.
 TIMEOUT = 8.0
@@ -67,7 +72,7 @@ def _mean_rank(payload, n):
 
 
 @exercise("10.1", "a collective every rank must join")
-def global_mean(learner_fn):
+def global_mean(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(losses) -> float``: the mean over every rank's samples, even with empty shards."""
     for n in (2, 3, 4):
         got = _launch(n, _mean_rank, learner_fn, n)
@@ -94,7 +99,7 @@ def _right_rank(payload):
 
 
 @exercise("10.2", "the ring wraps around: no rank off the end")
-def pass_right(learner_fn):
+def pass_right(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(t) -> tensor``: every rank returns its left neighbour's t (rank 0 gets N-1's)."""
     for n in (2, 3, 4):  # gloo cannot send a rank a message from itself: N=1 is left out
         got = _launch(n, _right_rank, learner_fn)
@@ -128,7 +133,7 @@ def _row_parallel_data(replica, width):
 
 
 @exercise("10.3", "all-reduce over the tensor-parallel group")
-def row_parallel_output(learner_fn):
+def row_parallel_output(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(x_shard, w_shard, tp_group) -> y``: y = x @ w.T summed over the TP group only."""
     for replicas, width in GRIDS:
         n = replicas * width
@@ -185,7 +190,7 @@ def _reference_grads(x, y) -> dict:
 
 
 @exercise("10.4", "no_sync on all but the last micro-batch")
-def accumulate_with_no_sync(learner_fn):
+def accumulate_with_no_sync(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(ddp_model, micro_batches)``: full-batch mean gradients on every rank, one sync."""
     for n in (1, 2, 3):
         got = _launch(n, _accumulate_rank, learner_fn)
@@ -290,7 +295,7 @@ def _placement_hint(got, rank, counts, visible, expected) -> str:
 
 
 @exercise("10.5", "where a rank runs: node, local rank, GPU")
-def placement(learner_fn):
+def placement(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(rank, nproc_per_node, cuda_visible_devices) -> (node, local_rank, gpu)``."""
     for counts, visible in PLACEMENTS:
         for rank in range(sum(counts)):
@@ -338,7 +343,7 @@ BAD_BATCHES = (
 
 
 @exercise("10.6", "accumulation steps for a global batch")
-def accumulation_steps(learner_fn):
+def accumulation_steps(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(global_batch, micro_batch, world_size, tp, pp) -> M`` (ValueError when it does not fit)."""
     for b_global, micro, world, tp, pp in BATCHES:
         expected = torchrun_lib.accumulation_steps(b_global, micro, world, tp, pp)
@@ -372,7 +377,7 @@ def accumulation_steps(learner_fn):
 # for the lesson: what a broken version does
 
 
-def show(check, broken_fn) -> None:
+def show(check: Callable[..., Any], broken_fn: Callable[..., Any]) -> None:
     """Run ``check``'s harness on a broken function and print what comes back; never raises."""
     body = check.__wrapped__
     _SHOWING.append(True)

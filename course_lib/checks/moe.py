@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,9 @@ from course_lib.checks import (
     run_learner,
     send_recv_only,
 )
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
 TIMEOUT = 20.0
@@ -105,7 +109,7 @@ def _gate_cases():
 
 @exercise("8.1", "top-k gate: experts and combine weights")
 @_one_thread
-def top_k_gate(learner_fn):
+def top_k_gate(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(logits, k) -> (expert_index, weight)``, both T×k."""
     for logits, k in _gate_cases():
         num_tokens, num_experts = logits.shape
@@ -180,7 +184,7 @@ def _name_slot(value: int) -> str:
 
 @exercise("8.2", "capacity: buffer slots and drops")
 @_one_thread
-def assign_slots(learner_fn):
+def assign_slots(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(expert_index, num_experts, capacity) -> slot`` (T×k, -1 where dropped)."""
     for expert_index, num_experts, capacity in _slot_cases():
         num_tokens, k = expert_index.shape
@@ -259,7 +263,7 @@ def _describe_row(row: list) -> str:
 
 
 @exercise("8.3", "all-to-all with uneven splits from send/recv")
-def all_to_all(learner_fn):
+def all_to_all(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(rows, send_counts) -> (received, recv_counts)`` on N = 1..4 ranks."""
     for n in A2A_WORLD_SIZES:
         results = _launch(n, _a2a_rank, learner_fn)
@@ -365,7 +369,7 @@ def _layer_hint(x, gate, experts, routing, t: int, got_row) -> str:
     "8.4", "expert-parallel forward: dispatch, experts, return, combine", builds_on=("8.1", "8.2", "8.3")
 )
 @_one_thread
-def moe_forward(learner_fn):
+def moe_forward(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(x, gate, local_experts, k, capacity_factor) -> T×D`` on N = 1, 2, 4 ranks."""
     gate, experts = moe.make_moe(D_MODEL, NUM_EXPERTS, D_HIDDEN, SEED)
     for k, capacity_factor in LAYER_CASES:

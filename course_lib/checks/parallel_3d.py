@@ -9,6 +9,7 @@ The references are ``course_lib.mesh.GridLayout`` and ``course_lib.cost``.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,9 @@ from course_lib import cost, dp, mesh
 from course_lib.checks import Mismatch, exercise, learner_in_rank
 from course_lib.checks.tensor_parallel import run_ranks
 from course_lib.models import make_stack
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 SHAPES = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 2), (2, 4, 1), (3, 2, 2), (2, 2, 3)]
 #: Wrong rank orders learners often write, as (name, coordinates function).
@@ -35,7 +39,7 @@ torch.serialization.add_safe_globals([mesh.Coord])
 
 
 @exercise("9.1", "rank → (dp, tp, pp) coordinates", refuses=("course_lib.mesh:GridLayout.coordinates",))
-def coordinates(learner_fn):
+def coordinates(learner_fn: Callable[..., Any]) -> None:
     for d, t, p in SHAPES:
         layout = mesh.GridLayout(d, t, p)
         for rank in range(layout.world_size):
@@ -60,7 +64,7 @@ def coordinates(learner_fn):
 
 
 @exercise("9.2", "the ranks of every group along one axis", refuses=("course_lib.mesh:GridLayout.groups",))
-def group_ranks(learner_fn):
+def group_ranks(learner_fn: Callable[..., Any]) -> None:
     for d, t, p in SHAPES:
         layout = mesh.GridLayout(d, t, p)
         for axis in ("tp", "dp", "pp"):
@@ -95,7 +99,7 @@ def group_ranks(learner_fn):
         "course_lib.cost:estimate",
     ),
 )
-def model_state_bytes(learner_fn):
+def model_state_bytes(learner_fn: Callable[..., Any]) -> None:
     cases = [
         (1e9, zero, d, t, p)
         for zero in (0, 1, 2, 3)
@@ -167,7 +171,7 @@ def _average_in_rank(payload, d, t, batches):
     "a DP×TP step: average gradients over the dp group only",
     refuses=("course_lib.data_parallel:average_gradients_allreduce",),
 )
-def average_gradients(learner_fn):
+def average_gradients(learner_fn: Callable[..., Any]) -> None:
     batches = dp.make_batches(STEPS, BATCH, d_model=D_MODEL, seed=5)
     reference = make_stack(DEPTH, D_MODEL, D_HIDDEN, 3)
     mesh.train_dense(reference, batches)

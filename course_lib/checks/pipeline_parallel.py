@@ -13,6 +13,7 @@ backward and with ``torch.utils.checkpoint``.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ import torch.utils.checkpoint
 from course_lib import pp
 from course_lib.checks import Mismatch, compare, exercise, learner_in_rank, run_learner
 from course_lib.models import make_stack, regression_data
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 STAGES = range(1, 6)
 MICRO_BATCHES = range(1, 9)
@@ -91,7 +95,7 @@ def _hint(name, got, sim, s, p, m) -> str:
 
 
 @exercise("6.1", "the GPipe schedule", refuses=("course_lib.pipeline_parallel:gpipe_schedule",))
-def gpipe_schedule(learner_fn):
+def gpipe_schedule(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(num_stages, num_microbatches)`` against ``pp.gpipe_schedule``."""
     _check_schedule(learner_fn, pp.gpipe_schedule, "gpipe")
 
@@ -104,7 +108,7 @@ def gpipe_schedule(learner_fn):
         "course_lib.pipeline_parallel:gpipe_schedule",
     ),
 )
-def one_f_one_b_schedule(learner_fn):
+def one_f_one_b_schedule(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(num_stages, num_microbatches)`` against ``pp.one_f_one_b_schedule``."""
     _check_schedule(learner_fn, pp.one_f_one_b_schedule, "1f1b")
 
@@ -233,7 +237,7 @@ def _check_grads(prefix, grads, rank, p, m, expected, last_stage_right):
 
 
 @exercise("6.3", "one stage's send/recv loop", refuses=("course_lib.pipeline_parallel:train_step",))
-def run_stage(learner_fn):
+def run_stage(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(stage, actions, micro_inputs, micro_targets, loss_fn, activation_shape)``
     on p = 1..4 ranks: every stage's gradients and the last stage's loss equal one process
     training on the whole batch."""
@@ -287,7 +291,7 @@ def _recompute_rank(payload, depth, x, grad_output):
         "torch.utils.checkpoint:checkpoint",
     ),
 )
-def recompute_backward(learner_fn):
+def recompute_backward(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(stage, x, grad_output) -> grad of x``: the stage's forward ran under
     ``torch.no_grad()``; afterwards its parameter gradients and the returned input gradient
     equal ``torch.utils.checkpoint``'s, with exactly one more forward."""

@@ -6,11 +6,17 @@ import contextlib
 import importlib
 import sys
 import types
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
 from course_lib import dist_calls, launch
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+    from course_lib.checks.submission import Submitted
 
 #: Everything in torch.distributed that moves data between ranks except point-to-point.
 COLLECTIVES = tuple(name for name in dist_calls.COLLECTIVE_CALLS if hasattr(c10d, name))
@@ -20,7 +26,7 @@ class BuiltinUsed(RuntimeError):
     """A learner's function called a built-in that its exercise asks them to build."""
 
 
-def learner_functions(fn) -> list:
+def learner_functions(fn: Callable[..., Any]) -> list:
     """``fn`` and the learner's functions it reaches through globals and closures (not libraries')."""
     module_dicts = {id(vars(m)) for m in list(sys.modules.values()) if m is not None}
     fn = getattr(fn, "__wrapped__", fn)  # a Refusing wrapper: the learner's function inside
@@ -47,7 +53,9 @@ def _cell_is_set(cell) -> bool:
         return False
 
 
-def send_recv_only(ex_id: str, learner_fn):
+def send_recv_only(
+    ex_id: str, learner_fn: Callable[..., Any] | Submitted
+) -> contextlib.AbstractContextManager[None]:
     """Make every built-in collective raise while the learner's function runs."""
     return builtins_switched_off(
         learner_fn, COLLECTIVES, f"exercise {ex_id} must be built from send/recv only"
@@ -55,7 +63,13 @@ def send_recv_only(ex_id: str, learner_fn):
 
 
 @contextlib.contextmanager
-def builtins_switched_off(learner_fn, names, why: str, namespaces=(dist, c10d), shown_as: str = "dist"):
+def builtins_switched_off(
+    learner_fn: Callable[..., Any] | Submitted,
+    names: Sequence[str],
+    why: str,
+    namespaces: Sequence[types.ModuleType] = (dist, c10d),
+    shown_as: str = "dist",
+) -> Iterator[None]:
     """Make ``dist.<name>`` for each of ``names`` raise :class:`BuiltinUsed` saying ``why``.
 
     Also where the learner imported one by name (``from torch.distributed import
@@ -187,7 +201,7 @@ def _functions_of(obj) -> list:
 
 
 @contextlib.contextmanager
-def course_code_switched_off(ex_id: str, targets: tuple[str, ...]):
+def course_code_switched_off(ex_id: str, targets: tuple[str, ...]) -> Iterator[None]:
     """While the block runs, the course's functions and classes named by ``targets``
     ("module:qualname") raise :class:`BuiltinUsed` from the inside, however the learner's
     code reached them: a name, an import by name, a default argument, a partial, an attribute."""

@@ -10,11 +10,15 @@ import pkgutil
 import textwrap
 import traceback
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 from course_lib.chapters import chapter_of_exercise, exercise_key
 from course_lib.checks import submission
 from course_lib.checks.refusal import BuiltinUsed, Refusing
 from course_lib.launch import DeadlockError, LaunchTimeout, RankError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 PASSED, FAILED, NOT_ATTEMPTED, ERROR = "passed", "failed", "not attempted", "error"
 _MARKS = {PASSED: "✔", FAILED: "✘", NOT_ATTEMPTED: "·", ERROR: "✘"}
@@ -53,7 +57,9 @@ BUILDS_ON: dict[str, tuple[str, ...]] = {}
 RESULTS: list[Result] = []
 
 
-def exercise(ex_id: str, title: str, builds_on: tuple[str, ...] = (), refuses: tuple[str, ...] = ()):
+def exercise(
+    ex_id: str, title: str, builds_on: tuple[str, ...] = (), refuses: tuple[str, ...] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Result | None]]:
     """Declare a check function for exercise ``ex_id``; see the module doc.
 
     ``builds_on``: the earlier exercises whose answers this one's answer uses; when one of

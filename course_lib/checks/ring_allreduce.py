@@ -15,6 +15,7 @@ Chunk c of a tensor is ``tensor.view(-1).tensor_split(N)[c]``.
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -22,6 +23,9 @@ import torch.distributed as dist
 from course_lib import ddp, launch
 from course_lib.checks import Mismatch, exercise, learner_in_rank, run_learner, send_recv_only
 from course_lib.traffic import count_traffic
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 WORLD_SIZES = (1, 2, 3, 4)
 #: (shape, dtype) of the tensors every check runs on.
@@ -190,7 +194,7 @@ def _check(ex_id: str, kind: str, learner_fn) -> None:
         "course_lib.zero:reduce_scatter",
     ),
 )
-def ring_reduce_scatter(learner_fn):
+def ring_reduce_scatter(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(tensor)``: afterwards chunk r of rank r's tensor is the sum of every rank's chunk r."""
     _check("3.1", "reduce_scatter", learner_fn)
 
@@ -210,7 +214,7 @@ def ring_reduce_scatter(learner_fn):
         "course_lib.zero:reduce_scatter",
     ),
 )
-def ring_all_gather(learner_fn):
+def ring_all_gather(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(tensor)``: rank r's chunk r ends up in chunk r of every rank's tensor."""
     _check("3.2", "all_gather", learner_fn)
 
@@ -231,7 +235,7 @@ def ring_all_gather(learner_fn):
         "course_lib.zero:reduce_scatter",
     ),
 )
-def ring_all_reduce(learner_fn):
+def ring_all_reduce(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(tensor)``: every rank's tensor becomes the sum, sending 2(N−1)/N·K."""
     _check("3.3", "all_reduce", learner_fn)
 
@@ -260,7 +264,7 @@ BUCKET_CASES = (
         "course_lib.ddp:BucketedDDP",
     ),
 )
-def assign_buckets(learner_fn):
+def assign_buckets(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(sizes, cap_bytes) -> list of lists of parameter indices``."""
     g = torch.Generator().manual_seed(3)
     random_cases = [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import cloudpickle
 
 from course_lib import launch
@@ -10,18 +12,21 @@ from course_lib.checks.registry import Mismatch, _last_line
 from course_lib.checks.submission import Submitted
 from course_lib.launch import DeadlockError, LaunchTimeout, RankError
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 
 def run_learner(
     n: int,
-    rank_fn,
-    learner_fn,
+    rank_fn: Callable[..., Any],
+    learner_fn: Callable[..., Any] | type | Submitted,
     *args,
     timeout: float = 20.0,
-    refusals=(),
+    refusals: tuple[type[BaseException], ...] = (),
     deadlock_hint: str = "",
     label: str | None = None,
     **launch_options,
-):
+) -> list[Any]:
     """Run ``rank_fn(payload, *args)`` on n ranks, ``payload`` carrying the learner's function
     by value (:func:`learner_in_rank` unpacks it); a deadlock, an endless loop or a refused
     built-in becomes a one-line Mismatch that starts with ``label`` (default "N=n")."""
@@ -52,7 +57,7 @@ def run_learner(
         raise
 
 
-def learner_in_rank(payload):
+def learner_in_rank(payload: bytes) -> Any:
     """The learner's function or class that :func:`run_learner` packed, unpickled inside a rank."""
     (learner,) = cloudpickle.loads(payload)
     launch.count_calls_from_here()

@@ -10,6 +10,8 @@ gradients differ from rank to rank, so a missing sum in backward shows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -34,6 +36,9 @@ from course_lib.checks.tensor_parallel import (
     run_ranks,
 )
 from course_lib.models import make_mlp
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 SHAPE = (BATCH, SEQ, D_MODEL)
 
@@ -100,7 +105,7 @@ def _sublayer_rank(payload, x, upstream):
 
 
 @exercise("5.1", "my shard of the sequence")
-def sequence_shard(learner_fn):
+def sequence_shard(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(x) -> x[:, block r]`` along the sequence dimension (dim 1)."""
     x, upstream = rank_data(1, SHAPE, 51)[0], rank_data(1, SHAPE, 52)[0]
     for n in WORLD_SIZES:
@@ -123,7 +128,7 @@ def sequence_shard(learner_fn):
 
 
 @exercise("5.2", "all-gather forward, reduce-scatter backward")
-def gather_from_sequence_region(learner_cls):
+def gather_from_sequence_region(learner_cls: type) -> None:
     """Check ``G.apply(x_shard)``: every rank gets the whole sequence; backward sums and keeps my block."""
     for n in WORLD_SIZES:
         shards = rank_data(n, (BATCH, SEQ // n, D_MODEL), 53)
@@ -161,7 +166,7 @@ def gather_from_sequence_region(learner_cls):
 
 
 @exercise("5.3", "reduce-scatter forward, all-gather backward")
-def reduce_scatter_to_sequence_region(learner_cls):
+def reduce_scatter_to_sequence_region(learner_cls: type) -> None:
     """Check ``R.apply(x)``: the sum over ranks, my block of the sequence; backward all-gathers."""
     for n in WORLD_SIZES:
         xs = rank_data(n, SHAPE, 55)
@@ -201,13 +206,13 @@ def reduce_scatter_to_sequence_region(learner_cls):
 
 
 @exercise("5.4", "sequence-parallel LayerNorm + MLP sublayer", builds_on=("5.2", "5.3"))
-def sequence_parallel_mlp(learner_fn):
+def sequence_parallel_mlp(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(x_shard, norm, mlp) -> x_shard + mlp(norm(x))`` on my shard, and all gradients."""
     with building_on("5.2 and 5.3"):
         _check_sublayer(learner_fn)
 
 
-def _check_sublayer(learner_fn):
+def _check_sublayer(learner_fn: Callable[..., Any]) -> None:
     x, upstream = rank_data(1, SHAPE, 57)[0], rank_data(1, SHAPE, 58)[0]
     norm, mlp = _norm_and_mlp()
     dense_x = x.clone().requires_grad_()

@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -59,7 +60,7 @@ def _encode(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def read_submission(record) -> tuple[list[Submitted], dict[str, Submitted]] | str:
+def read_submission(record: object) -> tuple[list[Submitted], dict[str, Submitted]] | str:
     """The answer of one submission output; a string saying what is wrong with it otherwise."""
     if not isinstance(record, dict):
         return "the submission is not a record"
@@ -180,7 +181,7 @@ class _Worker:
         os.close(to_worker_r)
         os.close(from_worker_w)
 
-    def call(self, message):
+    def call(self, message: object) -> Any:
         try:
             _write(self.to_worker, pickle.dumps(message))
             data = _read(self.from_worker, CALL_TIMEOUT)

@@ -11,6 +11,7 @@ answer. Chapter 05's checks reuse the machinery here.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 from course_lib.checks import Mismatch, compare, exercise, learner_in_rank, run_learner
 from course_lib.models import make_mlp
 from course_lib.tp import block_of
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
 
 WORLD_SIZES = (1, 2, 4)
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
@@ -51,7 +55,7 @@ class _Refused:
 
 
 @contextlib.contextmanager
-def course_tp_switched_off(ex_id: str, learner):
+def course_tp_switched_off(ex_id: str, learner: Callable[..., Any] | type) -> Iterator[None]:
     """Every public function and class of course_lib.tp raises while the learner's code runs."""
     from course_lib import tp
 
@@ -76,7 +80,7 @@ def course_tp_switched_off(ex_id: str, learner):
         namespace.update(imported)
 
 
-def run_ranks(n: int, rank_fn, learner, *args):
+def run_ranks(n: int, rank_fn: Callable[..., Any], learner: Callable[..., Any] | type, *args) -> list[Any]:
     """Run ``rank_fn(payload, *args)`` on n ranks; turn a hang or a refusal into a one-line Mismatch."""
     # gloo on the CPU even where GPUs exist: the checks' tensors are tiny and built on the CPU.
     return run_learner(
@@ -84,7 +88,7 @@ def run_ranks(n: int, rank_fn, learner, *args):
     )
 
 
-def backprop(out, upstream) -> dict:
+def backprop(out: Any, upstream: torch.Tensor) -> dict:
     """Backpropagate ``(out * upstream).sum()`` when ``out`` can be; say why not otherwise."""
     result = {"out": out}
     if isinstance(out, torch.Tensor) and out.shape == upstream.shape:
@@ -95,11 +99,18 @@ def backprop(out, upstream) -> dict:
     return result
 
 
-def grad_of(t):
+def grad_of(t: torch.Tensor) -> torch.Tensor | None:
     return None if t.grad is None else t.grad.clone()
 
 
-def check_close(n: int, rank: int | None, got, expected, what: str, hints=()) -> None:
+def check_close(
+    n: int,
+    rank: int | None,
+    got: Any,
+    expected: torch.Tensor,
+    what: str,
+    hints: Sequence[tuple[torch.Tensor, str]] = (),
+) -> None:
     """compare(), prefixed with N, plus a hint when ``got`` equals a known wrong answer."""
     if got is None and isinstance(expected, torch.Tensor):
         where = "" if rank is None else f"rank {rank}: "
@@ -123,7 +134,14 @@ def check_close(n: int, rank: int | None, got, expected, what: str, hints=()) ->
         raise Mismatch(f"N={n}: {exc}" + (f" — {hint}" if hint else "")) from None
 
 
-def check_output(n: int, rank: int, result: dict, expected, what: str = "output", hints=()) -> None:
+def check_output(
+    n: int,
+    rank: int,
+    result: dict,
+    expected: torch.Tensor,
+    what: str = "output",
+    hints: Sequence[tuple[torch.Tensor, str]] = (),
+) -> None:
     check_close(n, rank, result["out"], expected, what, hints)
     if result.get("no_grad"):
         raise Mismatch(
@@ -132,7 +150,7 @@ def check_output(n: int, rank: int, result: dict, expected, what: str = "output"
         )
 
 
-def rank_data(n: int, shape, salt: int) -> list:
+def rank_data(n: int, shape: tuple[int, ...], salt: int) -> list:
     """One seeded tensor per rank."""
     g = torch.Generator().manual_seed(1000 * salt + n)
     return [torch.randn(shape, generator=g) for _ in range(n)]
@@ -151,7 +169,9 @@ def only_block(grad: torch.Tensor, dim: int, rows: slice) -> torch.Tensor:
     return out
 
 
-def dense_mlp_grads(x, upstream):
+def dense_mlp_grads(
+    x: torch.Tensor, upstream: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """The dense MLP's output and gradients: out, x.grad, {name: grad}, gelu output, fc1 output's grad."""
     mlp = make_mlp(D_MODEL, D_HIDDEN, SEED)
     x = x.clone().requires_grad_()
@@ -225,7 +245,7 @@ def _inputs(salt: int):
 
 
 @exercise("4.1", "column-parallel linear: my block of output features")
-def column_parallel(learner_fn):
+def column_parallel(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(x, weight, bias) -> x @ W_r.T + b_r`` (rank r's block of outputs)."""
     x = rank_data(1, (BATCH, SEQ, D_MODEL), 41)[0]
     mlp = make_mlp(D_MODEL, D_HIDDEN, SEED)
@@ -256,7 +276,7 @@ def column_parallel(learner_fn):
 
 
 @exercise("4.2", "f: identity forward, all-reduce backward")
-def copy_to_tp_region(learner_cls):
+def copy_to_tp_region(learner_cls: type) -> None:
     """Check the autograd Function f: ``f.apply(x)`` is x; the gradient is summed over ranks."""
     x = rank_data(1, (BATCH, SEQ, D_MODEL), 43)[0]
     for n in WORLD_SIZES:
@@ -288,7 +308,7 @@ def copy_to_tp_region(learner_cls):
 
 
 @exercise("4.3", "g: all-reduce forward, identity backward")
-def reduce_from_tp_region(learner_cls):
+def reduce_from_tp_region(learner_cls: type) -> None:
     """Check the autograd Function g: ``g.apply(x_r)`` sums over ranks; the gradient passes unchanged."""
     for n in WORLD_SIZES:
         xs = rank_data(n, (BATCH, SEQ, D_MODEL), 45)
@@ -336,7 +356,7 @@ def reduce_from_tp_region(learner_cls):
 
 
 @exercise("4.4", "row-parallel linear: partial products, one all-reduce, bias once")
-def row_parallel(learner_fn):
+def row_parallel(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(y_r, weight, bias)``: every rank returns the dense ``y @ W.T + b``."""
     x, upstream = _inputs(47)
     out, _, grads, hidden, _ = dense_mlp_grads(x, upstream)
@@ -392,14 +412,14 @@ def row_parallel(learner_fn):
 
 
 @exercise("4.5", "tensor-parallel MLP: f, column, GELU, row, g", builds_on=("4.1", "4.2", "4.3", "4.4"))
-def tensor_parallel_mlp(learner_fn):
+def tensor_parallel_mlp(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(x, mlp)``: the dense MLP's output on every rank, and every gradient."""
     with building_on("4.1–4.4"):
         _check_mlp(learner_fn)
 
 
 @contextlib.contextmanager
-def building_on(earlier: str):
+def building_on(earlier: str) -> Iterator[None]:
     """Point at the earlier exercises when a composite one fails without a specific hint."""
     try:
         yield
@@ -409,7 +429,7 @@ def building_on(earlier: str):
         raise Mismatch(f"{exc} — this builds on your {earlier}: make those pass first") from None
 
 
-def _check_mlp(learner_fn):
+def _check_mlp(learner_fn: Callable[..., Any]) -> None:
     x, upstream = _inputs(48)
     out, x_grad, grads, _, pre_grad = dense_mlp_grads(x, upstream)
     mlp = make_mlp(D_MODEL, D_HIDDEN, SEED)

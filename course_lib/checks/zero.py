@@ -14,6 +14,7 @@ the gradient's scale), so the checks use a large eps, where it does.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,9 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from course_lib import zero
 from course_lib.checks import Mismatch, builtins_switched_off, compare, exercise, learner_in_rank, run_learner
 from course_lib.models import make_mlp, regression_data, shard
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 WORLD_SIZES = (1, 2, 3, 4)
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
@@ -58,7 +62,7 @@ def _padded_shard(flat: torch.Tensor, rank: int, n: int) -> torch.Tensor:
         "course_lib.models:shard",
     ),
 )
-def shard_of(learner_fn):
+def shard_of(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(flat, rank, world_size)`` for K = 1 … 13 elements and N = 1 … 5."""
     for k in (1, 4, 7, 12, 13):
         for n in (1, 2, 3, 4, 5):
@@ -83,7 +87,7 @@ def shard_of(learner_fn):
 
 
 @exercise("7.2", "AdamW on one shard", refuses=("course_lib.zero:adamw_",))
-def adamw_step_(learner_fn):
+def adamw_step_(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(param, grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay)``."""
     g = torch.Generator().manual_seed(7)
     hyper = dict(HYPER, eps=1e-8)  # the usual eps: here only the formula is checked
@@ -224,7 +228,7 @@ def _launch(n: int, rank_fn, learner_fn):
         "course_lib.zero:reduce_scatter",
     ),
 )
-def zero1_step(learner_fn):
+def zero1_step(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(flat_params, flat_grad, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay)``."""
     for n in WORLD_SIZES:
         got = _launch(n, _zero1_rank, learner_fn)
@@ -311,7 +315,7 @@ def _full_gradients(micro_batches: int) -> dict:
 @exercise(
     "7.4", "the ZeRO-2 gradient hook: keep only this rank's shard", refuses=("course_lib.zero:ZeroAdam",)
 )
-def shard_grad_hook(learner_fn):
+def shard_grad_hook(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(param)`` registered with ``register_post_accumulate_grad_hook``."""
     for n in WORLD_SIZES:
         got = _launch(n, _hook_rank, learner_fn)
