@@ -9,8 +9,16 @@ into it in place of the stubs and runs it in a fresh ``python3`` kernel.
 Answer cells are found by their ``answer`` metadata, or else by the top-level
 ``def``/``class`` they define; everything else, the check cells included,
 comes from the canonical notebook, so editing or deleting a check earns
-nothing. The checks report to a JSON-lines file named by ``$COURSE_RESULTS``;
-only results recorded while a canonical (non-answer) cell runs count.
+nothing.
+
+Where the verdict is decided. The kernel runs in an empty temporary folder, importing a copy
+of the library; its check cells judge nothing: each hands its answer over as a cell output
+(``course_lib.checks.submission``). After the notebook ran, this process runs every check on
+the answers handed over by canonical cells: the learner's code runs only in rank processes
+and worker processes, whose results come back in a format that cannot carry code. Nothing
+the notebook does to its kernel changes a verdict; processes it leaves behind are ended; a
+change to the library's files during grading turns later verdicts into errors. A plain
+function's call in the worker may take at most min(60 s, T) (``CALL_TIMEOUT``).
 
 Time limit. A notebook gets T seconds (``--time-limit``, default 600), counted
 from when its kernel is up. Each cell may run for whatever is left of T, but
@@ -159,7 +167,6 @@ def run_notebook(
     )
     token = uuid.uuid4().hex  # marks every process this kernel starts, to end them all after
     env = dict(os.environ if env is None else env, **{submission.SUBMIT_ENV: "1", _RUN_TOKEN: token})
-    env.pop("COURSE_RESULTS", None)
     # The kernel process's own stdout/stderr (not the cells' output) go to a log:
     # startup chatter stays off the table, a crash message is kept for the report.
     stop = None  # (reason, out_of_time) once the run has ended early

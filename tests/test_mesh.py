@@ -3,6 +3,7 @@
 import functools
 
 import pytest
+import reference_answers
 import torch
 import torch.distributed as dist
 
@@ -135,31 +136,36 @@ def test_tp_x_pp_with_zero1_equals_adamw_on_four_ranks():
 # the checks
 
 
-def test_checks_pass_for_correct_answers():
+@pytest.fixture(scope="module")
+def solution():
+    return reference_answers.load("09_parallel_3d")
+
+
+def test_checks_pass_for_correct_answers(solution):
     assert check.coordinates(lambda r, d, t, p: (r // t % d, r % t, r // (t * d))).status == PASSED
-    assert check.group_ranks(lambda axis, d, t, p: mesh.GridLayout(d, t, p).groups(axis)).status == PASSED
+    assert check.group_ranks(solution.group_ranks).status == PASSED
+    refused = check.group_ranks(lambda axis, d, t, p: mesh.GridLayout(d, t, p).groups(axis))
+    assert refused.status == FAILED and "you called mesh.GridLayout.groups" in refused.message
 
 
-def test_checks_diagnose_wrong_answers():
+def test_checks_diagnose_wrong_answers(solution):
     result = check.coordinates(lambda r, d, t, p: (r % d, r // d % t, r // (d * t)))
     assert result.status == FAILED and "dp varies fastest" in result.message
-    result = check.group_ranks(
-        lambda axis, d, t, p: mesh.GridLayout(d, t, p).groups({"tp": "dp", "dp": "tp", "pp": "pp"}[axis])
-    )
+    swapped = {"tp": "dp", "dp": "tp", "pp": "pp"}
+    result = check.group_ranks(lambda axis, d, t, p: solution.group_ranks(swapped[axis], d, t, p))
     assert result.status == FAILED and "those are the dp groups" in result.message
     result = check.model_state_bytes(lambda psi, zero, d, t, p: 16 * psi / (t * p) / (d if zero else 1))
     assert result.status == FAILED and "ZeRO-3's memory" in result.message  # shards all at every stage
 
 
 def _world_average(model, dp_group):
-    dp.average_gradients_allreduce(model)  # over everyone: mixes the tp blocks
+    for p in model.parameters():  # over everyone: mixes the tp blocks
+        dist.all_reduce(p.grad)
+        p.grad /= dist.get_world_size()
 
 
-def test_average_gradients_check_names_the_wrong_group():
-    assert (
-        check.average_gradients(lambda model, g: dp.average_gradients_allreduce(model, group=g)).status
-        == PASSED
-    )
+def test_average_gradients_check_names_the_wrong_group(solution):
+    assert check.average_gradients(solution.average_gradients).status == PASSED
     result = check.average_gradients(_world_average)
     assert result.status == FAILED and "dp_group only" in result.message
 

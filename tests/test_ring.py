@@ -292,7 +292,8 @@ def test_reference_solutions_pass(solution):
     assert check.ring_all_gather(solution.ring_all_gather).status == PASSED
     assert check.ring_all_reduce(solution.ring_all_reduce).status == PASSED
     assert check.assign_buckets(solution.assign_buckets).status == PASSED
-    assert check.assign_buckets(ddp.assign_buckets).status == PASSED
+    refused = check.assign_buckets(ddp.assign_buckets)  # the course's own rule earns nothing
+    assert refused.status == FAILED and "you called ddp.assign_buckets" in refused.message
 
 
 def test_a_ring_that_imports_isend_and_recv_by_name_passes():
@@ -412,9 +413,9 @@ def test_not_implemented_reads_not_attempted():
     assert check.assign_buckets(lambda sizes, cap: stub(sizes)).status == NOT_ATTEMPTED
 
 
-def test_buckets_in_forward_order_are_diagnosed():
+def test_buckets_in_forward_order_are_diagnosed(solution):
     def forward_order(sizes, cap):
-        return [sorted(b) for b in ddp.assign_buckets(sizes, cap)]
+        return [sorted(b) for b in solution.assign_buckets(sizes, cap)]
 
     result = check.assign_buckets(forward_order)
     assert result.status == FAILED

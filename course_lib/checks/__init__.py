@@ -13,8 +13,14 @@ Calling a check prints exactly one line:
     ✘ 1.1 broadcast from send/recv — rank 2: element [3] expected 7.0, got 0.0
     · 1.1 broadcast from send/recv — not attempted
 
-and records the result: in :data:`RESULTS`, and as a JSON line appended to the
-file named by ``$COURSE_RESULTS`` when that is set (the grader reads it).
+and records the result in :data:`RESULTS`. In the grader's kernel (``$COURSE_SUBMIT`` set)
+a check cell judges nothing: it hands the answer to the grader, which runs the same check in
+its own process (:mod:`course_lib.checks.submission`).
+
+The pieces: :mod:`~course_lib.checks.registry` (exercises, results, one-line verdicts),
+:mod:`~course_lib.checks.compare`, :mod:`~course_lib.checks.running` (answers on ranks),
+:mod:`~course_lib.checks.refusal` (built-ins and the course's own code switched off) and
+:mod:`~course_lib.checks.submission`.
 """
 
 from __future__ import annotations

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
-import os
 import pkgutil
 import textwrap
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from course_lib.chapters import chapter_of_exercise, exercise_key
@@ -160,10 +158,6 @@ def _last_line(text: str) -> str:
 
 def _record(result: Result) -> None:
     RESULTS.append(result)
-    path = os.environ.get("COURSE_RESULTS")
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(asdict(result)) + "\n")
 
 
 def exercises_for_chapter(chapter: str | int) -> dict[str, str]:
