@@ -86,7 +86,9 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    x = x.clone()  # never change a tensor autograd handed us
+    # A copy (never change a tensor autograd handed us), and a contiguous one: gloo sums a
+    # transposed (non-contiguous) tensor's storage in the wrong order, without an error.
+    x = x.clone(memory_format=torch.contiguous_format)
     if dist.get_world_size(group) > 1:
         dist.all_reduce(x, group=group)
     return x

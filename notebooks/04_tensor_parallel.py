@@ -325,15 +325,16 @@ assert max(vs_torch.values()) < 1e-5, vs_torch
 # columns into the same contiguous blocks, and keeps `fc2.bias` replicated: the layouts agree
 # shard for shard.
 #
-# ## Beyond 1D: 2D, 2.5D and 3D tensor parallelism (described, not built)
+# ## Beyond 1D: 2D, 2.5D and 3D tensor parallelism (built in chapter 04b)
 #
 # Colossal-AI calls Megatron's split **1D**: each weight is cut along one dimension, and the
 # activations between layers stay whole on every rank. Two consequences you measured above: each
 # all-reduce sends 2(N−1)/N·b·s·h numbers per rank, which does not fall as N grows, and the
-# activations at the layer boundaries do not shrink with N. This course builds and measures 1D
-# only. Three methods that also cut the activations — by arranging the P devices in a grid and
-# splitting *both* the input and the weight into blocks — are described here, each resting on a
-# parallel matrix-multiplication algorithm:
+# activations at the layer boundaries do not shrink with N. This chapter builds and measures 1D.
+# Three methods that also cut the activations — by arranging the P devices in a grid and
+# splitting *both* the input and the weight into blocks — are outlined here, each resting on a
+# parallel matrix-multiplication algorithm; chapter 04b (`04b_tensor_parallel_nd`) builds all
+# three on CPU ranks and measures their memory and traffic beside these formulas:
 #
 # * **2D** (Optimus, Xu et al. 2021), P = q×q, on **SUMMA** (van de Geijn and Watts, 1997): X and
 #   A are q×q block matrices; the product takes q steps, in each of which a column of X's blocks
@@ -356,7 +357,7 @@ assert max(vs_torch.values()) < 1e-5, vs_torch
 # | 2.5D (Solomonik–Demmel) | P = q²·d | d/P | 1/P | 2D's divided by about √d | O(q) |
 # | 3D (Agarwal et al.) | P = q³ | 1/P | 1/P | ∝ (activation + weight)/P^(2/3) | O(q) |
 #
-# (Orders of growth from those papers, not measured here.) In practice large models use 1D
+# (Orders of growth from those papers; chapter 04b measures them.) In practice large models use 1D
 # inside one server: Narayanan et al. (2021) recommend tensor parallelism up to the number of GPUs
 # in a server (typically 8, joined by NVLink) and other kinds of parallelism across servers. The
 # grid methods pay off only for large P, and pay for it with many more, smaller messages and a
