@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from course_lib.dp import flatten, unflatten_into
+from course_lib.models import attention
 
 if TYPE_CHECKING:
     from course_lib.models import MLP, SelfAttention, TransformerBlock
@@ -326,10 +327,18 @@ class TensorParallelMLP(nn.Module):
 class TensorParallelAttention(nn.Module):
     """Self-attention with the heads split across ranks: each rank runs n_heads/N whole heads."""
 
-    def __init__(self, qkv: ColumnParallelLinear, proj: RowParallelLinear, n_heads: int, d_head: int):
+    def __init__(
+        self,
+        qkv: ColumnParallelLinear,
+        proj: RowParallelLinear,
+        n_heads: int,
+        d_head: int,
+        causal: bool = False,
+    ):
         super().__init__()
         self.qkv, self.proj = qkv, proj
         self.n_heads, self.d_head = n_heads, d_head  # this rank's heads
+        self.causal = causal  # the dense attention's mask (a decoder's: position i sees j <= i)
 
     @classmethod
     def from_dense(
@@ -349,14 +358,17 @@ class TensorParallelAttention(nn.Module):
             attn.qkv, group, parts=3, sequence_parallel=sequence_parallel, recompute_gather=recompute_gather
         )
         proj = RowParallelLinear.from_dense(attn.proj, group, sequence_parallel)
-        return cls(qkv, proj, attn.n_heads // n, attn.d_head)
+        return cls(qkv, proj, attn.n_heads // n, attn.d_head, getattr(attn, "causal", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, self.d_head)).unbind(dim=-3)
         b, s = q.shape[:2]
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, my heads, seq, d_head)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)
-        out = scores.softmax(dim=-1) @ v
+        if self.causal:
+            out = attention(q, k, v, causal=True)  # the whole sequence is here: the usual mask
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)
+            out = scores.softmax(dim=-1) @ v
         return self.proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
