@@ -246,8 +246,11 @@ class _ActivationMeter(pipeline.ActivationMeter):
 def _check_config(dp, tp, pp, cp, ep, sharding, steps, batch_size, microbatches, seq_len, moe):
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
-    if ep > 1 and not moe:
-        raise ValueError("ep > 1 splits experts: it needs moe=True")
+    if moe and tp > 1:
+        raise ValueError(
+            "moe with tp > 1 is not supported: chapter 04's tensor-parallel block splits a dense MLP, "
+            "not a mixture of experts; use tp=1 with ep"
+        )
     if ep > 1 and sharding == "fsdp":
         raise ValueError(
             "sharding='fsdp' with ep > 1 is not supported (the experts would need their own FSDP group); "

@@ -1,0 +1,147 @@
+"""Chapter 09b: the GPT, its data, and train_gpt's loss curves on several axes equal to one process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from course_lib import gpt, launch, mesh, train
+
+TINY = dict(n_layers=2, d_model=16, n_heads=2, seq_len=8, progress=False)
+STEPS = 4
+
+
+# ----------------------------------------------------------------------------
+# data and model, no ranks
+
+
+def test_tokenizer_round_trip_and_fixed_split():
+    tok = gpt.CharTokenizer()
+    ids = tok.encode(gpt.TEXT)
+    assert tok.decode(ids) == gpt.TEXT and tok.vocab_size == len(set(gpt.TEXT))
+    train_ids, val_ids = gpt.split(ids)
+    assert len(train_ids) == int(0.9 * len(ids)) and torch.equal(torch.cat([train_ids, val_ids]), ids)
+    with pytest.raises(ValueError, match="not in the tokenizer"):
+        tok.encode("€")
+
+
+def test_global_batch_is_deterministic_and_shards_cover_it():
+    ids = gpt.CharTokenizer().encode(gpt.TEXT)
+    x, y = gpt.global_batch(ids, 3, 8, 16, seed=0)
+    x2, y2 = gpt.global_batch(ids, 3, 8, 16, seed=0)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and torch.equal(x[:, 1:], y[:, :-1])
+    assert not torch.equal(x, gpt.global_batch(ids, 4, 8, 16, seed=0)[0])
+    shards = [gpt.data_shard(x, r, 4) for r in range(4)]
+    assert torch.equal(torch.cat(shards), x) and all(s.shape == (2, 16) for s in shards)
+
+
+def test_grid_with_an_expert_axis_keeps_every_older_grid():
+    old = mesh.GridLayout(dp=2, tp=2, pp=2)
+    assert old.coordinates(5) == mesh.Coord(dp=0, tp=1, pp=1) and old.groups("tp")[1] == [2, 3]
+    layout = mesh.GridLayout(dp=2, tp=2, ep=2)
+    assert layout.coordinates(6) == mesh.Coord(dp=1, tp=0, pp=0, cp=0, ep=1)
+    assert layout.groups("ep") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert layout.groups(("dp", "ep")) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert layout.rank_at(dp=1, ep=1, tp=1) == 7
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sharding="zero4"), "sharding must be one of"),
+        (dict(ep=2, moe=True, sharding="fsdp"), "fsdp' with ep > 1 is not supported"),
+        (dict(tp=2, moe=True), "moe with tp > 1 is not supported"),
+        (dict(dp=3), "must split into dp·ep = 3"),
+        (dict(cp=3, seq_len=8), "2·cp = 6 zig-zag chunks"),
+        (dict(steps=0), "steps must be a positive integer"),
+    ],
+)
+def test_bad_configurations_are_refused_before_any_rank_talks(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train.train_gpt(**{**TINY, **kwargs})
+
+
+# ----------------------------------------------------------------------------
+# loss curves
+
+
+def _causal_tp_attention(seed):
+    from course_lib.models import SelfAttention
+    from course_lib.tensor_parallel import TensorParallelAttention
+
+    torch.manual_seed(seed)
+    attn = SelfAttention(8, 2, causal=True)
+    x = torch.randn(2, 6, 8)
+    return (TensorParallelAttention.from_dense(attn)(x) - attn(x)).abs().max().item()
+
+
+def test_tensor_parallel_attention_keeps_the_causal_mask():
+    assert max(launch.run(_causal_tp_attention, 2, 0, backend="gloo")) < 1e-6
+
+
+CONFIGS = {
+    "1": {},
+    "dp2·tp2 zero3": dict(dp=2, tp=2, sharding="zero3"),
+    "pp2·cp2": dict(pp=2, cp=2),
+    "fsdp2·pp2": dict(dp=2, pp=2, sharding="fsdp"),
+    "tp2·cp2 zero1": dict(tp=2, cp=2, sharding="zero1"),
+}
+MOE_CONFIGS = {"1 (moe)": dict(moe=True), "dp2·ep2 zero2": dict(dp=2, ep=2, sharding="zero2")}
+
+
+def test_loss_curves_of_many_axes_equal_one_process():
+    curves = {name: r["loss"] for name, r in train.run_configs(CONFIGS, steps=STEPS, **TINY).items()}
+    worst = train.compare_curves(curves["1"], curves, CONFIGS, rtol=1e-5)
+    assert worst < 1e-5 and curves["1"][-1] < curves["1"][0]  # it learns, and every axis agrees
+    moe = {name: r for name, r in train.run_configs(MOE_CONFIGS, steps=STEPS, **TINY).items()}
+    assert train.compare_curves(moe["1 (moe)"]["loss"], {n: r["loss"] for n, r in moe.items()}) < 1e-5
+    assert moe["dp2·ep2 zero2"]["peak_bytes"] < moe["1 (moe)"]["peak_bytes"]
+
+
+def _planted(bug, kwargs):
+    """train_gpt with one gradient reduction taken out, inside the rank."""
+    from course_lib import train as t
+
+    if bug == "tp":  # SP's replicated LayerNorms, biases and head: no sum over the tp group
+        summed = t.gradient_sums
+        t.gradient_sums = lambda stage, grid: {
+            n: [s for s in v if s[0] != "tp"] for n, v in summed(stage, grid).items()
+        }
+    else:  # the data-parallel average over a group of one rank: no dp all-reduce at all
+        adam = t.ZeroAdam
+
+        def alone(model, stage, lr, group):
+            import torch.distributed as dist
+
+            mine, _ = dist.new_subgroups_by_enumeration([[r] for r in range(dist.get_world_size())])
+            return adam(model, stage, lr=lr, group=mine)
+
+        t.ZeroAdam = alone
+    return t._train_in_rank(kwargs)
+
+
+@pytest.mark.parametrize("bug", ["dp", "tp"])
+def test_a_missing_gradient_reduction_is_named_by_its_axis(bug):
+    configs = {"dp2": dict(dp=2), "tp2": dict(tp=2)}
+    reference = train.run_configs({"1": {}}, steps=STEPS, **TINY)["1"]["loss"]
+    curves = {
+        name: launch.run(_planted, 2, bug, {**TINY, **c, "steps": STEPS, "seed": 0}, backend="gloo")[0][
+            "loss"
+        ]
+        for name, c in configs.items()
+    }
+    with pytest.raises(train.CurveMismatch, match=rf"'{bug}2' \(axes {bug}2\) diverged first"):
+        train.compare_curves(reference, curves, configs)
+
+
+def test_the_same_code_under_torchrun_gives_the_same_curve(tmp_path):
+    from course_lib.torchrun import run_torchrun
+
+    out = tmp_path / "result.json"
+    args = ["--dp", "2", "--steps", str(STEPS), "--n-layers", "2", "--d-model", "16", "--seq-len", "8"]
+    run_torchrun([*args, "--json", str(out)], nproc=2, module="course_lib.train", echo=False, timeout=120)
+    got = json.loads(out.read_text())["loss"]
+    reference = train.run_configs({"1": {}}, steps=STEPS, **{**TINY, "n_heads": 4})["1"]["loss"]
+    assert train.compare_curves(reference, {"torchrun dp2": got}) < 1e-5
