@@ -50,7 +50,8 @@ from course_lib import fsdp as fsdp_lib
 from course_lib import gpt
 from course_lib import pipeline_parallel as pipeline
 from course_lib import tensor_parallel as tp_lib
-from course_lib.mesh import RankGrid
+from course_lib.mesh import GridLayout, RankGrid
+from course_lib.models import TransformerBlock
 from course_lib.moe import MoELayer
 from course_lib.zero import ZeroAdam, storage_bytes
 
@@ -237,6 +238,65 @@ class _ActivationMeter(pipeline.ActivationMeter):
     def _pack(self, tensor):
         self._param_storages = {p.untyped_storage().data_ptr() for p in self._params}
         return super()._pack(tensor)
+
+
+# ----------------------------------------------------------------------------
+# the arithmetic of a configuration: a rank's rows, a block's bytes
+
+
+def micro_batch_rows(rank: int, sizes: dict, global_batch: int, microbatches: int) -> list:
+    """The rows of a global batch that ``rank`` computes, one ``(start, stop)`` per micro-batch.
+
+    Only the dp·ep data ranks split the batch (data rank dp_index·ep + ep_index takes the r-th
+    contiguous share); the tp, cp and pp ranks of one replica see the same rows. So
+    global batch = micro-batch × micro-batches × dp·ep.
+    """
+    layout = GridLayout(**sizes)
+    c = layout.coordinates(rank)
+    data_ranks, data_rank = layout.dp * layout.ep, c.dp * layout.ep + c.ep
+    if global_batch % (data_ranks * microbatches):
+        raise ValueError(
+            f"a global batch of {global_batch} does not split into dp·ep·m = "
+            f"{data_ranks}·{microbatches} equal micro-batches"
+        )
+    micro = global_batch // (data_ranks * microbatches)
+    start = data_rank * micro * microbatches
+    return [(start + i * micro, start + (i + 1) * micro) for i in range(microbatches)]
+
+
+def block_state_bytes(
+    d_model: int, d_hidden: int, tp: int = 1, dp: int = 1, sharding: str = "none", element_bytes: int = 4
+) -> int:
+    """Bytes of parameters, gradients and Adam's two moments that one rank holds for one
+    sequence-parallel transformer block (chapter 05's), trained with ``sharding`` over dp ranks.
+
+    Split over tp: qkv (3d² + 3d), proj's weight (d²), fc1 (h·d + h), fc2's weight (d·h);
+    whole on every rank: both LayerNorms (2·2d) and the row-parallel biases (d + d). ZeRO then
+    shards the optimizer states (zero1), also the gradients (zero2), also the parameters
+    (zero3, fsdp) over the dp ranks. Assumes every unit splits evenly (no padding)."""
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    d, h = d_model, d_hidden
+    psi = (3 * d * d + 3 * d + d * d + h * d + h + d * h) / tp + 2 * 2 * d + 2 * d
+    stage = ZERO_STAGE.get(sharding, 3)
+    params = element_bytes * psi / (dp if stage >= 3 else 1)
+    grads = element_bytes * psi / (dp if stage >= 2 else 1)
+    moments = 2 * element_bytes * psi / (dp if stage >= 1 else 1)
+    return round(params + grads + moments)
+
+
+def measure_block_state_bytes(d_model: int, d_hidden: int, tp: int, dp: int, sharding: str) -> int:
+    """Inside each of tp·dp ranks: one training step of one sequence-parallel block with this
+    sharding; the bytes of model states this rank holds after the update, from the tensors."""
+    grid = RankGrid(dp=dp, tp=tp)
+    torch.manual_seed(0)
+    dense = TransformerBlock(d_model, 4, d_hidden, causal=True)
+    stage = nn.Sequential(OrderedDict([("0", tp_lib.SequenceParallelBlock.from_dense(dense, grid.tp_group))]))
+    optimizer = _Optimizer(stage, grid, sharding, 1e-3, gradient_sums(stage, grid), grid.dp_group)
+    x = torch.randn(2, 4 * tp, d_model)[:, tp_lib.block_of(4 * tp, tp, grid.tp_rank)]
+    stage(x).square().mean().backward()
+    optimizer.step()
+    return optimizer.state_bytes()
 
 
 # ----------------------------------------------------------------------------

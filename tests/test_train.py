@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+import reference_answers
 import torch
 
 from course_lib import gpt, launch, mesh, train
+from course_lib.checks import train as check
+from course_lib.checks.registry import FAILED, NOT_ATTEMPTED, PASSED
 
 TINY = dict(n_layers=2, d_model=16, n_heads=2, seq_len=8, progress=False)
 STEPS = 4
@@ -145,3 +149,116 @@ def test_the_same_code_under_torchrun_gives_the_same_curve(tmp_path):
     got = json.loads(out.read_text())["loss"]
     reference = train.run_configs({"1": {}}, steps=STEPS, **{**TINY, "n_heads": 4})["1"]["loss"]
     assert train.compare_curves(reference, {"torchrun dp2": got}) < 1e-5
+
+
+# ----------------------------------------------------------------------------
+# the checks of exercises 9b.1–9b.3
+
+
+@pytest.fixture(scope="module")
+def solution():
+    return reference_answers.load("09b_train")
+
+
+def _not_attempted(*args):
+    raise NotImplementedError
+
+
+def test_checks_pass_the_solutions_and_read_stubs_as_not_attempted(solution):
+    for name in ("group_of", "micro_batch_rows", "block_state_bytes"):
+        assert getattr(check, name)(getattr(solution, name)).status == PASSED
+        assert getattr(check, name)(_not_attempted).status == NOT_ATTEMPTED
+
+
+def test_checks_refuse_the_course_s_own_answers():
+    result = check.group_of(lambda r, axis, s: next(g for g in mesh.GridLayout(**s).groups(axis) if r in g))
+    assert result.status == FAILED and "you called mesh.GridLayout.groups" in result.message
+    assert "train.micro_batch_rows" in check.micro_batch_rows(train.micro_batch_rows).message
+    assert "train.block_state_bytes" in check.block_state_bytes(train.block_state_bytes).message
+
+
+def _order_group(order):
+    def group_of(rank, axis, sizes):
+        def coords(r):
+            out = {}
+            for a in order:
+                r, out[a] = divmod(r, sizes[a])
+            return out
+
+        mine, world = coords(rank), math.prod(sizes.values())
+        return [r for r in range(world) if all(c == mine[a] for a, c in coords(r).items() if a != axis)]
+
+    return group_of
+
+
+def _rows(data_rank_of, data_ranks_of, parts_of=lambda m: m):
+    def rows(rank, sizes, batch, m):
+        data_ranks, parts = data_ranks_of(sizes), parts_of(m)
+        micro = batch // (data_ranks * parts)
+        start = data_rank_of(rank, sizes) * micro * parts
+        return [(start + i * micro, start + (i + 1) * micro) for i in range(parts)]
+
+    return rows
+
+
+def _coord(rank, sizes, axis):
+    for a in ("tp", "cp", "ep", "dp", "pp"):
+        rank, index = divmod(rank, sizes[a])
+        if a == axis:
+            return index
+
+
+def _bytes(psi_of, shard_of=lambda dp, tp: dp, moment_bytes=8):
+    def block_state_bytes(d, h, tp, dp, sharding):
+        psi = psi_of(d, h, tp)
+        stage = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}[sharding]
+        n = shard_of(dp, tp)
+        return sum(b * psi / (n if stage >= s else 1) for b, s in ((4, 3), (4, 2), (moment_bytes, 1)))
+
+    return block_state_bytes
+
+
+RIGHT_PSI = lambda d, h, tp: (4 * d * d + 3 * d + 2 * h * d + h) / tp + 6 * d  # noqa: E731
+
+WRONG_ANSWERS = [
+    (check.group_of, _order_group(("tp", "cp", "dp", "ep", "pp")), "ep varies slower than dp"),
+    (check.group_of, _order_group(("dp", "tp", "cp", "ep", "pp")), "dp varies fastest"),
+    (check.group_of, lambda rank, axis, sizes: [rank], "only the rank itself"),
+    (
+        check.micro_batch_rows,
+        _rows(lambda r, s: r, lambda s: math.prod(s.values())),
+        "only the dp·ep data ranks split the batch",
+    ),
+    (
+        check.micro_batch_rows,
+        _rows(lambda r, s: _coord(r, s, "dp"), lambda s: s["dp"]),
+        "the ep ranks are data ranks too",
+    ),
+    (
+        check.micro_batch_rows,
+        _rows(lambda r, s: _coord(r, s, "ep") * s["dp"] + _coord(r, s, "dp"), lambda s: s["dp"] * s["ep"]),
+        "ep varies faster",
+    ),
+    (
+        check.micro_batch_rows,
+        _rows(
+            lambda r, s: _coord(r, s, "dp") * s["ep"] + _coord(r, s, "ep"),
+            lambda s: s["dp"] * s["ep"],
+            lambda m: 1,
+        ),
+        "cut your share into m",
+    ),
+    (
+        check.block_state_bytes,
+        _bytes(lambda d, h, tp: (4 * d * d + 3 * d + 2 * h * d + h + 6 * d) / tp),
+        "not split over tp",
+    ),
+    (check.block_state_bytes, _bytes(RIGHT_PSI, shard_of=lambda dp, tp: dp * tp), "dp ranks only"),
+    (check.block_state_bytes, _bytes(RIGHT_PSI, moment_bytes=4), "two moments"),
+]
+
+
+@pytest.mark.parametrize("check_fn, answer, hint", WRONG_ANSWERS, ids=[w[2] for w in WRONG_ANSWERS])
+def test_checks_name_typical_mistakes(check_fn, answer, hint):
+    result = check_fn(answer)
+    assert result.status == FAILED and hint in result.message, result.message
