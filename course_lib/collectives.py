@@ -446,11 +446,17 @@ def _wire_rank(names: list, k: int, root: int):
     for name in names:
         inp, o = buffers(name, k)
         collective(name, inp, o, root)  # the first call sets up connections: not counted
-        dist.barrier()
-        with count_traffic() as traffic:
-            collective(name, inp, o, root)
-        dist.barrier()
-        out[name] = (traffic.sent, traffic.received)
+        counts = []
+        for _ in range(2):  # the fewer bytes of two calls: a stray late packet is not the algorithm's
+            dist.barrier()
+            with count_traffic() as traffic:
+                collective(name, inp, o, root)
+            dist.barrier()
+            counts.append((traffic.sent, traffic.received))
+        out[name] = (
+            None if counts[0][0] is None else min(c[0] for c in counts),
+            None if counts[0][1] is None else min(c[1] for c in counts),
+        )
     return out
 
 
