@@ -20,6 +20,7 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,9 @@ import torch.nn.functional as F
 
 from course_lib.models import attention
 from course_lib.p2p import ring_of
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Sequence
 
 LAYOUTS = ("zigzag", "contiguous")
 # Point-to-point tags: the k/v blocks and the dk/dv accumulators travel the same links.
@@ -76,7 +80,9 @@ def positions(rank: int, world_size: int, seq_len: int, layout: str = "zigzag") 
     return torch.cat([torch.arange(c * size, (c + 1) * size) for c in chunks_of(rank, world_size, layout)])
 
 
-def shard_sequence(x: torch.Tensor, rank: int, world_size: int, dim: int, layout: str = "zigzag"):
+def shard_sequence(
+    x: torch.Tensor, rank: int, world_size: int, dim: int, layout: str = "zigzag"
+) -> torch.Tensor:
     """Rank's shard of ``x`` along ``dim``: zig-zag, chunks r and 2N−1−r of 2N; contiguous, chunk r of N."""
     dim = dim % x.dim()
     size = _chunk_size(x.shape[dim], world_size, layout)
@@ -85,7 +91,7 @@ def shard_sequence(x: torch.Tensor, rank: int, world_size: int, dim: int, layout
     return mine[0] if len(mine) == 1 else torch.cat(mine, dim)
 
 
-def unshard_sequence(shards, dim: int, layout: str = "zigzag") -> torch.Tensor:
+def unshard_sequence(shards: Sequence[torch.Tensor], dim: int, layout: str = "zigzag") -> torch.Tensor:
     """Every rank's shard (a list in rank order) back into the whole sequence along ``dim``."""
     _check_layout(layout)
     if not shards:
@@ -107,7 +113,9 @@ def unshard_sequence(shards, dim: int, layout: str = "zigzag") -> torch.Tensor:
 # attention on blocks, and the online softmax that merges them
 
 
-def block_attention(q, k, v, diagonal: bool = False):
+def block_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, diagonal: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q over one block of k/v: (out, lse), out normalised over this block only.
 
     ``lse`` = log Σ_j exp(score_j), the log-sum-exp of each query's scores in this block
@@ -126,7 +134,9 @@ def _above_diagonal(scores):
     return torch.ones(s_q, s_k, dtype=torch.bool, device=scores.device).triu(1)
 
 
-def merge_partials(out_a, lse_a, out_b, lse_b):
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two blocks' (out, lse) → the attention over both blocks: the online softmax's merge.
 
     Each output is weighted by its share of the total softmax mass, exp(lse − lse_total);
@@ -170,7 +180,7 @@ _COUNTERS: list[Work] = []
 
 
 @contextlib.contextmanager
-def count_work():
+def count_work() -> Iterator[Work]:
     """Count ring attention's block computations on this rank; yields a :class:`Work`."""
     work = Work()
     _COUNTERS.append(work)
@@ -212,7 +222,7 @@ _OVERLAP = [True]
 
 
 @contextlib.contextmanager
-def transfers_after_compute():
+def transfers_after_compute() -> Iterator[None]:
     """Ring attention's forward posts each transfer *after* its block (no overlap): a baseline
     for the benchmark; the library's default posts it before."""
     _OVERLAP[0] = False
@@ -319,7 +329,14 @@ def _check_qkv(q, k, v):
         )
 
 
-def ring_attention(q, k, v, group=None, causal: bool = True, layout: str = "zigzag"):
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = True,
+    layout: str = "zigzag",
+) -> torch.Tensor:
     """This rank's shard of attention over the whole sequence, from its shards of q, k, v.
 
     q, k, v: (batch, heads, local_seq, d_head), this rank's positions in ``layout``
@@ -339,7 +356,7 @@ def ring_attention(q, k, v, group=None, causal: bool = True, layout: str = "zigz
 # Ulysses: all-to-all from a sequence split to a head split and back
 
 
-def seq_to_heads(x, group=None):
+def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """(b, a, s/N, d) sequence shard → (b, a/N, s, d): the whole sequence of my a/N heads."""
     n = dist.get_world_size(group)
     b, a, length, d = x.shape
@@ -349,7 +366,7 @@ def seq_to_heads(x, group=None):
     return recv.permute(1, 2, 0, 3, 4).reshape(b, a // n, n * length, d)
 
 
-def heads_to_seq(y, group=None):
+def heads_to_seq(y: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """(b, a/N, s, d) head shard → (b, a, s/N, d): every head, my contiguous positions."""
     n = dist.get_world_size(group)
     b, h, s, d = y.shape
@@ -381,7 +398,13 @@ class _HeadsToSeq(torch.autograd.Function):
         return seq_to_heads(grad.contiguous(), ctx.group), None
 
 
-def ulysses_attention(q, k, v, group=None, causal: bool = True):
+def ulysses_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
     """DeepSpeed-Ulysses: this rank's (contiguous) shard of attention over the whole sequence.
 
     Three all-to-alls turn the sequence-sharded q, k, v into head-sharded ones (every
@@ -437,7 +460,7 @@ class ContextParallelBlock(nn.Module):
             self.mlp = tp.TensorParallelMLP.from_dense(block.mlp, tp_group)
         self.d_head = attn.d_head
 
-    def attention(self, x):
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
         b, length, _ = x.shape
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, self.d_head)).unbind(dim=-3)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, local_seq, d_head)
@@ -447,7 +470,8 @@ class ContextParallelBlock(nn.Module):
             out = ulysses_attention(q, k, v, self.cp_group, self.causal)
         return self.proj(out.transpose(1, 2).reshape(b, length, -1))
 
-    def forward(self, x):  # x: (batch, local_seq, d_model), this rank's positions
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (batch, local_seq, d_model), this rank's positions
         x = x + self.attention(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
@@ -461,7 +485,9 @@ class ContextParallelBlock(nn.Module):
                 g.copy_(part.view_as(g))
 
 
-def train_context_parallel(dp: int, tp: int, cp: int, steps: int = 2, layout="zigzag", method="ring", seed=0):
+def train_context_parallel(
+    dp: int, tp: int, cp: int, steps: int = 2, layout: str = "zigzag", method: str = "ring", seed: int = 0
+) -> dict[str, Any]:
     """Inside each of dp·tp·cp ranks: train a causal block on a (dp, tp, cp) grid and the same
     block in one process on the whole batch; returns the losses and the largest parameter
     difference (each rank compares its own part with the same part of the dense block)."""

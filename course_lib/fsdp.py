@@ -41,6 +41,7 @@ import contextlib
 import datetime
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -48,6 +49,10 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from course_lib.zero import padded_size, storage_bytes
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
 
 SHARD_NAME = "fsdp_shard"
 #: Seconds a rank waits for one gather or reduce-scatter before it says the other ranks are missing.
@@ -76,7 +81,7 @@ class MixedPrecision:
     reduce_dtype: torch.dtype = torch.float32
 
 
-def hsdp_groups(shard_size: int):
+def hsdp_groups(shard_size: int) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
     """(shard group, replicate group) of this rank for HSDP: ranks [k·S, (k+1)·S) shard one copy.
 
     Every rank must call it (creating groups is collective). Rank r shards with the ranks of its
@@ -165,12 +170,12 @@ class Timeline:
     def now(self) -> float:
         return time.perf_counter() - self.origin
 
-    def begin(self, kind, unit, phase):
+    def begin(self, kind: str, unit: str, phase: str) -> _Event:
         event = _Event(kind, unit, self.now(), phase=phase)
         self.events.append(event)
         return event
 
-    def finish_on(self, event, work) -> None:
+    def finish_on(self, event: _Event, work: dist.Work) -> None:
         """Record ``event``'s end when ``work`` completes (gloo runs it on its own thread)."""
         work.get_future().then(lambda _: setattr(event, "end", self.now()))
 
@@ -356,9 +361,9 @@ class _State:
 
 def fully_shard(
     module: nn.Module,
-    group=None,
+    group: dist.ProcessGroup | tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None,
     *,
-    units=None,
+    units: Iterable[nn.Module] | None = None,
     reshard_after_forward: bool = True,
     prefetch: bool = True,
     mixed_precision: MixedPrecision | None = None,
@@ -480,7 +485,7 @@ def _state(module) -> _State:
 
 
 @contextlib.contextmanager
-def no_sync(module):
+def no_sync(module: nn.Module) -> Iterator[None]:
     """Backwards inside add each unit's gradient to an unsharded ``reduce_dtype`` buffer and send
     nothing; the first backward outside reduces the sum (gradient accumulation)."""
     state = _state(module)
@@ -492,7 +497,7 @@ def no_sync(module):
 
 
 @torch.no_grad()
-def full_state_dict(module) -> dict:
+def full_state_dict(module: nn.Module) -> dict:
     """{original name: the full fp32 (master) parameter} on every rank; a collective."""
     state = _state(module)
     out = {}
@@ -504,7 +509,7 @@ def full_state_dict(module) -> dict:
     return out
 
 
-def units_of(module) -> list:
+def units_of(module: nn.Module) -> list:
     """(unit name, its parameters' names, elements, padded elements, shard elements) per unit."""
     return [
         dict(name=u.name, names=list(u.names), numel=u.numel, padded=u.padded, shard=u.shard_size)
@@ -537,7 +542,7 @@ class MemoryTracker:
     def activation_bytes(self) -> int:
         return sum(b for b, _ in self.saved.values())
 
-    def sample(self, label, state):
+    def sample(self, label: str, state: _State) -> None:
         units = state.units
         opt = self.optimizer
         optimizer = storage_bytes(t for s in opt.state.values() for t in s.values()) if opt else 0
@@ -559,7 +564,7 @@ class MemoryTracker:
             )
         )
 
-    def peak(self, kinds=None) -> int:
+    def peak(self, kinds: Iterable[str] | None = None) -> int:
         kinds = kinds or self.KINDS
         return max(sum(d[k] for k in kinds) for _, d in self.samples)
 
@@ -583,7 +588,9 @@ class _Saved:
 
 
 @contextlib.contextmanager
-def track_memory(module, optimizer=None):
+def track_memory(
+    module: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> Iterator[MemoryTracker]:
     """Sample this rank's bytes at every hook of ``module`` while the block runs; yields the tracker."""
     state = _state(module)
     tracker = MemoryTracker(optimizer)
@@ -606,7 +613,7 @@ def track_memory(module, optimizer=None):
 
 
 @contextlib.contextmanager
-def record_timeline(module):
+def record_timeline(module: nn.Module) -> Iterator[Timeline]:
     """Time every gather, compute and reduce-scatter of ``module`` while the block runs."""
     state = _state(module)
     state.timeline = Timeline()

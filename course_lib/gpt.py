@@ -16,12 +16,18 @@ sees the same characters.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from course_lib import moe
 from course_lib.models import MLP, TransformerBlock, shard
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
 
 #: The course's own text (written for it, free to use): a few kilobytes of plain English.
 TEXT = """\
@@ -85,7 +91,7 @@ class CharTokenizer:
             raise ValueError(f"characters {unknown[:5]} are not in the tokenizer's vocabulary")
         return torch.tensor([self.ids[c] for c in text], dtype=torch.long)
 
-    def decode(self, ids) -> str:
+    def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
         return "".join(self.chars[int(i)] for i in ids)
 
 

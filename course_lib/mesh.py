@@ -37,8 +37,12 @@ importable from here too, as before.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 #: Axes from the fastest-varying to the slowest.
 AXES = ("tp", "cp", "ep", "dp", "pp")
@@ -107,7 +111,7 @@ class GridLayout:
         ep = f", ep={self.ep}" if self.ep > 1 else ""
         return f"{type(self).__name__}(dp={self.dp}, tp={self.tp}, pp={self.pp}{cp}{ep})"
 
-    def draw(self, highlight: int | None = None):
+    def draw(self, highlight: int | None = None) -> Figure:
         """Three panels, one per axis: every rank as a box, colored by its group on that axis."""
         if self.cp > 1 or self.ep > 1:
             raise ValueError(f"draw() shows dp × tp × pp grids; this one also has cp={self.cp}, ep={self.ep}")

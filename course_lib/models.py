@@ -26,11 +26,11 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(d_model, d_hidden, bias=bias)
         self.fc2 = nn.Linear(d_hidden, d_model, bias=bias)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-def attention(q, k, v, causal: bool = False):
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """softmax(q·kᵀ/√d)·v over the last two dims of (batch, heads, seq, d_head) tensors.
 
     ``causal=True``: position i attends to positions j ≤ i only (the scores above the
@@ -57,7 +57,7 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.proj = nn.Linear(d_model, d_model, bias=bias)
 
-    def forward(self, x):  # x: (batch, seq, d_model)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, seq, d_model)
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.d_head).unbind(dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (batch, heads, seq, d_head)
@@ -75,7 +75,7 @@ class TransformerBlock(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = MLP(d_model, d_hidden or 4 * d_model)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
@@ -88,7 +88,7 @@ def make_mlp(d_model: int = 16, d_hidden: int = 64, seed: int = 0) -> MLP:
 
 def make_block(
     d_model: int = 16, n_heads: int = 4, d_hidden: int | None = None, seed: int = 0, causal: bool = False
-):
+) -> TransformerBlock:
     torch.manual_seed(seed)
     return TransformerBlock(d_model, n_heads, d_hidden, causal)
 
@@ -99,7 +99,7 @@ def make_stack(depth: int = 4, d_model: int = 16, d_hidden: int = 32, seed: int 
     return nn.Sequential(*[MLP(d_model, d_hidden) for _ in range(depth)])
 
 
-def regression_data(num_samples: int, d_model: int = 16, seed: int = 1):
+def regression_data(num_samples: int, d_model: int = 16, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs ``x`` and targets ``y`` from a fixed random "teacher" plus a little noise."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(num_samples, d_model, generator=g)
@@ -134,7 +134,7 @@ class MaskDropout(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
         return torch.native_dropout(x, self.p, True)[0]
@@ -147,7 +147,7 @@ class DropoutSelfAttention(SelfAttention):
         super().__init__(d_model, n_heads, bias)
         self.dropout = MaskDropout(p)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.n_heads, self.d_head).unbind(dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -166,7 +166,7 @@ class DropoutTransformerBlock(TransformerBlock):
         self.attn = DropoutSelfAttention(d_model, n_heads, p)
         self.attn_out_dropout, self.mlp_out_dropout = MaskDropout(p), MaskDropout(p)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn_out_dropout(self.attn(self.ln1(x)))
         return x + self.mlp_out_dropout(self.mlp(self.ln2(x)))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -26,6 +27,9 @@ from torch.utils.flop_counter import flop_registry
 
 from course_lib import launch
 from course_lib.p2p import global_rank, recv_header, send_header
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Sequence
 
 # ----------------------------------------------------------------------------
 # schedules: the order in which each stage runs its forwards (F) and backwards (B)
@@ -72,7 +76,7 @@ def bubble_formula(num_stages: int, num_microbatches: int) -> float:
     return (p - 1) / (m + p - 1)
 
 
-def validate_schedule(schedule) -> int:
+def validate_schedule(schedule: Sequence[Sequence[tuple[str, int]]]) -> int:
     """Return m, or raise ValueError unless every stage runs F 0..m-1 and B 0..m-1 once each."""
     if not isinstance(schedule, (list, tuple)) or not schedule:
         raise ValueError("a schedule is a non-empty list with one list of actions per stage")
@@ -129,7 +133,14 @@ def _per_stage(value, p: int, name: str) -> list:
     return [float(v) for v in values]
 
 
-def simulate(schedule, t_f=1.0, t_b=2.0, t_w=None, *, fb_pairs_together=False) -> Simulation:
+def simulate(
+    schedule: Sequence[Sequence[tuple]],
+    t_f: float | Sequence[float] = 1.0,
+    t_b: float | Sequence[float] = 2.0,
+    t_w: float | Sequence[float] | None = None,
+    *,
+    fb_pairs_together: bool = False,
+) -> Simulation:
     """Run ``schedule`` on an idealised machine: no communication cost, each stage does one
     action at a time, in its order, as soon as the action's inputs exist.
 
@@ -171,7 +182,7 @@ def _peak_alive(actions) -> int:
 # splitting a model into stages
 
 
-def partition_bounds(costs, world_size: int) -> list[tuple[int, int]]:
+def partition_bounds(costs: Sequence[float], world_size: int) -> list[tuple[int, int]]:
     """Contiguous [start, end) layer ranges, one per rank, with nearly equal total cost.
 
     Cut k goes where the running cost is closest to k/world_size of the total, keeping
@@ -196,7 +207,9 @@ def partition_bounds(costs, world_size: int) -> list[tuple[int, int]]:
     return list(zip(cuts[:-1], cuts[1:]))
 
 
-def partition(model: nn.Sequential, rank: int, world_size: int, num_virtual: int = 1, schedule: str = "1f1b"):
+def partition(
+    model: nn.Sequential, rank: int, world_size: int, num_virtual: int = 1, schedule: str = "1f1b"
+) -> nn.Sequential | list[nn.Sequential]:
     """Rank ``rank``'s contiguous slice of ``model``, balanced by **parameter count**.
 
     For stacks of linear layers a layer's compute is proportional to its
@@ -325,17 +338,17 @@ def _split(batch, m: int, what: str):
 
 
 def train_step(
-    stage,
-    inputs,
-    targets,
-    loss_fn,
-    num_microbatches,
-    schedule="gpipe",
-    group=None,
+    stage: nn.Module | Sequence[nn.Module],
+    inputs: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    num_microbatches: int,
+    schedule: str = "gpipe",
+    group: dist.ProcessGroup | None = None,
     *,
-    checkpoint=False,
-    timeline=None,
-):
+    checkpoint: bool = False,
+    timeline: list | None = None,
+) -> torch.Tensor | None:
     """One training step of a pipeline; call it on every rank of ``group`` with its own stage.
 
     ``inputs`` are used by the first stage, ``targets`` by the last (other ranks may pass
@@ -415,7 +428,9 @@ def train_step(
 # measuring: how long a forward and a backward take, and a pipeline's idle time
 
 
-def time_forward_backward(stage: nn.Module, x: torch.Tensor, repeats: int = 30, threads: int = 1):
+def time_forward_backward(
+    stage: nn.Module, x: torch.Tensor, repeats: int = 30, threads: int = 1
+) -> tuple[float, float]:
     """(t_f, t_b): the fastest of ``repeats`` forwards and of as many backwards of ``stage`` on ``x``.
 
     ``x`` gets ``requires_grad`` like the input of any stage but the first, so the
@@ -493,12 +508,12 @@ class SleepInBackward(torch.autograd.Function):
     """Identity whose backward sleeps: a backward of known duration."""
 
     @staticmethod
-    def forward(ctx, x, seconds):
+    def forward(ctx: Any, x: torch.Tensor, seconds: float) -> torch.Tensor:
         ctx.seconds = seconds
         return x.clone()
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         time.sleep(ctx.seconds)
         return grad, None
 
@@ -515,12 +530,12 @@ class TimedStage(nn.Module):
         self.work, self.t_f, self.t_b = work, t_f, t_b
         self.linear = nn.Linear(width, width)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(self.work * self.t_f)
         return SleepInBackward.apply(self.linear(x), self.work * self.t_b)
 
 
-def measured_bubble(timelines) -> tuple[float, float]:
+def measured_bubble(timelines: Sequence[Sequence[tuple]]) -> tuple[float, float]:
     """(bubble, wall seconds) of one step from every rank's ``train_step`` timeline.
 
     bubble = 1 - Σ busy / (p × wall): the idle share of all stage-time, as the simulator's.
@@ -531,7 +546,9 @@ def measured_bubble(timelines) -> tuple[float, float]:
     return 1 - busy / (len(timelines) * (end - start)), end - start
 
 
-def timed_steps(configs, t_f: float, t_b: float, repeats: int = 3):
+def timed_steps(
+    configs: Iterable[tuple[str, int, Sequence[float]]], t_f: float, t_b: float, repeats: int = 3
+) -> list[list[list[tuple]]]:
     """Run on every rank: per (schedule, m, work of each stage) in ``configs``, ``repeats``
     steps of :class:`TimedStage` stages; returns this rank's timeline of each repeat."""
     rank, device = dist.get_rank(), launch.device()
@@ -553,7 +570,7 @@ def timed_steps(configs, t_f: float, t_b: float, repeats: int = 3):
     return results
 
 
-def least_disturbed(per_rank) -> list:
+def least_disturbed(per_rank: Sequence[Sequence[Sequence[list[tuple]]]]) -> list:
     """From :func:`timed_steps`' per-rank results: per configuration, every rank's
     timeline in the repeat with the smallest bubble (a rank that got no core when
     its input arrived only ever adds idle time)."""

@@ -21,6 +21,7 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,9 @@ import torch.nn.functional as F
 
 from course_lib import pipeline_parallel as _pp
 from course_lib.p2p import global_rank, recv_header, send_header
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 
 NAMES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "dualpipe-v")
 KINDS = ("F", "B", "I", "W")
@@ -244,7 +248,7 @@ def _show_event(event, ranks) -> str:
     return f"{what} of micro-batch {i} on stage {s} (rank {ranks[s]})"
 
 
-def validate(schedule) -> tuple[int, list[int]]:
+def validate(schedule: Sequence[Sequence[tuple[str, int, int]]]) -> tuple[int, list[int]]:
     """(m, the rank of each stage), or ValueError naming the first action that breaks a rule.
 
     Every stage lives on one rank; each (micro-batch, stage) runs one F and either one B or
@@ -307,7 +311,7 @@ def validate(schedule) -> tuple[int, list[int]]:
     return m, stage_rank
 
 
-def fb_pairs(actions) -> set[int]:
+def fb_pairs(actions: Sequence[tuple[str, int, int]]) -> set[int]:
     """Positions k in one rank's actions where a forward is followed by the backward (B or I) of
     another of the rank's stages: the "F&B" blocks DualPipe overlaps on a GPU."""
     return {
@@ -378,7 +382,14 @@ def _per_stage(value, count: int, name: str) -> list:
     return [float(x) for x in values]
 
 
-def simulate(schedule, t_f=1.0, t_b=2.0, t_w=None, *, fb_pairs_together=False) -> ScheduleSimulation:
+def simulate(
+    schedule: Sequence[Sequence[tuple[str, int, int]]],
+    t_f: float | Sequence[float] = 1.0,
+    t_b: float | Sequence[float] = 2.0,
+    t_w: float | Sequence[float] | None = None,
+    *,
+    fb_pairs_together: bool = False,
+) -> ScheduleSimulation:
     """Play ``schedule`` out on an idealised machine (no communication cost; each rank does one
     action at a time, in its order, as soon as the action's inputs exist).
 
@@ -410,7 +421,7 @@ def simulate(schedule, t_f=1.0, t_b=2.0, t_w=None, *, fb_pairs_together=False) -
     )
 
 
-def peak_alive(actions) -> int:
+def peak_alive(actions: Iterable[tuple]) -> int:
     """Most (micro-batch, stage) activations alive at once on a rank: a forward adds one, a
     full backward or a weight-gradient pass frees one (an I keeps what its W will need)."""
     alive = peak = 0
@@ -420,7 +431,9 @@ def peak_alive(actions) -> int:
     return peak
 
 
-def messages_per_rank(schedule, stage_rank) -> list[int]:
+def messages_per_rank(
+    schedule: Sequence[Sequence[tuple[str, int, int]]], stage_rank: Sequence[int]
+) -> list[int]:
     """Point-to-point messages each rank sends per step: a forward's output when the next
     stage lives on another rank, an input gradient when the previous stage does."""
     last = len(stage_rank) - 1
@@ -436,7 +449,7 @@ def messages_per_rank(schedule, stage_rank) -> list[int]:
     return counts
 
 
-def bubble_formula(name: str, p: int, t_f=1.0, t_b=2.0, t_w=None) -> float:
+def bubble_formula(name: str, p: int, t_f: float = 1.0, t_b: float = 2.0, t_w: float | None = None) -> float:
     """The idle time per rank the sources state, in one stage's times t_f, t_b, t_w
     (for interleaving and DualPipe-V, one virtual stage's):
 
@@ -457,7 +470,9 @@ def bubble_formula(name: str, p: int, t_f=1.0, t_b=2.0, t_w=None) -> float:
 # splitting a model into (virtual) stages
 
 
-def partition(model: nn.Sequential, rank: int, world_size: int, num_virtual: int = 1, schedule: str = "1f1b"):
+def partition(
+    model: nn.Sequential, rank: int, world_size: int, num_virtual: int = 1, schedule: str = "1f1b"
+) -> nn.Sequential | list[nn.Sequential]:
     """Rank ``rank``'s stages of ``model``: one ``nn.Sequential`` for one stage per rank (as
     chapter 06), else a list of them in stage order. The model is cut into S = p·v contiguous
     stages of nearly equal parameter count; rank r holds the stages :func:`stages_of_rank` names.
@@ -489,7 +504,7 @@ def input_gradient(grad_output: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     return grad_output @ weight
 
 
-def weight_gradient(grad_output: torch.Tensor, x: torch.Tensor):
+def weight_gradient(grad_output: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(∂L/∂W, ∂L/∂b) = (∂L/∂yᵀ · x, Σ over rows of ∂L/∂y), rows being every leading dim."""
     g, x = grad_output.reshape(-1, grad_output.shape[-1]), x.reshape(-1, x.shape[-1])
     return g.t() @ x, g.sum(0)
@@ -508,7 +523,7 @@ class WeightGradients:
         self.pending = {}
 
     @contextlib.contextmanager
-    def deferring(self, key):
+    def deferring(self, key: Hashable) -> Iterator[WeightGradients]:
         self.pending.setdefault(key, [])
         WeightGradients._active.append((self, key))
         try:
@@ -517,7 +532,7 @@ class WeightGradients:
             WeightGradients._active.pop()
 
     @staticmethod
-    def defer(work) -> bool:
+    def defer(work: Callable[[], Any]) -> bool:
         """Queue ``work`` (no arguments) for the active key; False when nothing is deferring."""
         if not WeightGradients._active:
             return False
@@ -525,7 +540,7 @@ class WeightGradients:
         store.pending[key].append(work)
         return True
 
-    def run(self, key) -> int:
+    def run(self, key: Hashable) -> int:
         """Do the weight-gradient work queued for ``key``; returns how many pieces ran."""
         if key not in self.pending:
             raise KeyError(f"no input-gradient pass (I) ran for {key}: its W has nothing to do")
@@ -600,20 +615,20 @@ def _tag(kind: str, i: int, s: int, num_stages: int) -> int:
 
 
 def train_step(
-    stages,
-    inputs,
-    targets,
-    loss_fn,
-    num_microbatches,
-    schedule="1f1b",
-    group=None,
+    stages: nn.Module | Sequence[nn.Module],
+    inputs: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    num_microbatches: int,
+    schedule: str = "1f1b",
+    group: dist.ProcessGroup | None = None,
     *,
-    num_virtual=None,
-    timeline=None,
-    split_fns=None,
-    fb_pairs_together=False,
-    live=None,
-):
+    num_virtual: int | None = None,
+    timeline: list | None = None,
+    split_fns: tuple[Callable[..., Any], Callable[..., Any]] | None = None,
+    fb_pairs_together: bool = False,
+    live: list | None = None,
+) -> torch.Tensor | None:
     """One training step of schedule ``schedule``; call it on every rank of ``group`` with
     its stages (one module, or a list in stage order as :func:`partition` returns).
 
@@ -766,12 +781,12 @@ class TimedChunk(nn.Module):
         self.t_f, self.t_b, self.t_w = t_f, t_b, t_w
         self.linear = nn.Linear(width, width)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         time.sleep(self.t_f)
         return _SleepInBackward.apply(self.linear(x), self.t_b, self.t_w)
 
 
-def idle_time(timelines) -> tuple[float, float]:
+def idle_time(timelines: Sequence[Sequence[tuple]]) -> tuple[float, float]:
     """(mean idle seconds per rank, wall seconds) of one step from every rank's timeline."""
     start = min(row[0][1] for row in timelines)
     end = max(row[-1][2] for row in timelines)
@@ -779,7 +794,7 @@ def idle_time(timelines) -> tuple[float, float]:
     return (end - start) - sum(busy) / len(busy), end - start
 
 
-def timed_schedules(configs, repeats: int = 2):
+def timed_schedules(configs: Iterable[tuple], repeats: int = 2) -> list[list[list[tuple]]]:
     """Run on every rank: per (name, m, v, t_f, t_b, t_w, pairs) in ``configs``, ``repeats``
     steps of :class:`TimedChunk` stages; returns this rank's timeline of each repeat."""
     rank, p = dist.get_rank(), dist.get_world_size()
@@ -805,7 +820,7 @@ def timed_schedules(configs, repeats: int = 2):
     return results
 
 
-def least_idle(per_rank) -> list:
+def least_idle(per_rank: Sequence[Sequence[Sequence[list[tuple]]]]) -> list:
     """Per configuration of :func:`timed_schedules`, every rank's timelines in the repeat with the
     least idle time (a rank that got no core when its input arrived only ever adds idle time)."""
     best = []

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,10 @@ from course_lib.tensor_parallel import (
     reduce_from_tp_region,
 )
 
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from course_lib.models import MLP
 MODES = ("1d", "2d", "2.5d", "3d")
 
 
@@ -202,10 +207,10 @@ class Grid:
     def size(self) -> int:
         return self.q if self.mode == "1d" else self.q * self.q * self.d  # 3D: d = q
 
-    def group(self, axis):
+    def group(self, axis: str | int) -> dist.ProcessGroup:
         return self.axes[axis][0]
 
-    def ranks(self, axis) -> list[int]:
+    def ranks(self, axis: str | int) -> list[int]:
         return self.axes[axis][1]
 
     def coords_of(self, rank: int) -> tuple:
@@ -239,7 +244,7 @@ def _group(global_ranks: list[int]):
     return _GROUPS[key]
 
 
-def make_grid(mode: str, group=None, depth: int | None = None) -> Grid:
+def make_grid(mode: str, group: dist.ProcessGroup | None = None, depth: int | None = None) -> Grid:
     """This rank's :class:`Grid` for ``mode`` over the ranks of ``group`` (default: all)."""
     n, rank = dist.get_world_size(group), dist.get_rank(group)
     q, d = grid_shape(n, mode, depth)
@@ -270,7 +275,9 @@ def make_grid(mode: str, group=None, depth: int | None = None) -> Grid:
 # 2D: SUMMA, forward and backward
 
 
-def summa_step_blocks(x, b, grid: Grid, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def summa_step_blocks(
+    x: torch.Tensor, b: torch.Tensor, grid: Grid, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The two blocks SUMMA's step k brings to rank (i, j): X_ik along grid row i (from rank
     (i, k)) and B_kj along grid column j (from rank (k, j))."""
     i, j = grid.coords[:2]
@@ -281,7 +288,7 @@ def summa_step_blocks(x, b, grid: Grid, k: int) -> tuple[torch.Tensor, torch.Ten
     return x_k, b_k
 
 
-def summa(x, b, grid: Grid, steps=None) -> torch.Tensor:
+def summa(x: torch.Tensor, b: torch.Tensor, grid: Grid, steps: Iterable[int] | None = None) -> torch.Tensor:
     """C_ij = Σ_k X_ik·B_kj on rank (i, j), holding X_ij and B_ij; ``steps`` (default all q) picks the k's."""
     out = x.new_zeros(x.shape[0], b.shape[1])
     for k in range(grid.q) if steps is None else steps:
@@ -290,7 +297,9 @@ def summa(x, b, grid: Grid, steps=None) -> torch.Tensor:
     return out
 
 
-def summa_backward(x, b, grad, grid: Grid, steps=None) -> tuple[torch.Tensor, torch.Tensor]:
+def summa_backward(
+    x: torch.Tensor, b: torch.Tensor, grad: torch.Tensor, grid: Grid, steps: Iterable[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """dX_ik = Σ_j dC_ij·B_kjᵀ and dB_kj = Σ_i X_ikᵀ·dC_ij, step by step like the forward.
 
     Step k broadcasts the same blocks as the forward did; rank (i, j) multiplies them with its
@@ -343,7 +352,7 @@ class Linear2D(nn.Module):
         self.steps = range(layer * per_layer, (layer + 1) * per_layer)
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, grid: Grid):
+    def from_dense(cls, linear: nn.Linear, grid: Grid) -> Linear2D:
         q, (i, j) = grid.q, grid.coords[:2]
         _split(linear.in_features, q, "in_features", grid_name(grid))
         _split(linear.out_features, q, "out_features", grid_name(grid))
@@ -360,7 +369,7 @@ class Linear2D(nn.Module):
             "bias": (_blk(out_features, q, j),),
         }
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         grid, weight = self.grid, self.weight
         if grid.d > 1:  # every layer holds a copy of X_ij and B_ij: their gradients add up along the depth
             x, weight = (
@@ -414,7 +423,7 @@ class Linear3D(nn.Module):
         self.grid, self.k_axis, self.n_axis = grid, k_axis, n_axis
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, grid: Grid, k_axis: int, n_axis: int):
+    def from_dense(cls, linear: nn.Linear, grid: Grid, k_axis: int, n_axis: int) -> Linear3D:
         q, c = grid.q, grid.coords
         _split(linear.in_features, q, "in_features", grid_name(grid))
         _split(linear.out_features, q * q, "out_features", grid_name(grid))
@@ -434,7 +443,7 @@ class Linear3D(nn.Module):
             "bias": (_blk(out_features, q, c[self.n_axis]),),
         }
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _Linear3D.apply(x, self.weight, self.grid, self.k_axis, self.n_axis)
         if self.bias is None:
             return y
@@ -508,7 +517,7 @@ class ParallelMLP(nn.Module):
         #: the hidden block between fc1 and fc2, and the output block.
         self.held_activation_bytes: dict = {}
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The whole input (the same on every rank) in, the whole output on every rank out."""
         if self.grid.mode == "1d":  # chapter 04: the activations are whole on every rank already
             return self.forward_sharded(x)
@@ -520,7 +529,7 @@ class ParallelMLP(nn.Module):
         out = _Gather.apply(self.forward_sharded(mine), self.grid, blocks, rows.shape)
         return out.view(x.shape)
 
-    def forward_sharded(self, x):
+    def forward_sharded(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's block of the input in, its block of the output out: the layer itself."""
         hidden = F.gelu(self.fc1(x))  # element by element: no communication
         out = self.fc2(hidden)
@@ -574,7 +583,9 @@ def check_sizes(mode: str, n: int, d_model: int, d_hidden: int, depth: int | Non
     _split(d_hidden, parts, "the hidden size H", shape)
 
 
-def parallel_mlp(dense_mlp, mode: str, group=None, depth: int | None = None) -> ParallelMLP:
+def parallel_mlp(
+    dense_mlp: MLP, mode: str, group: dist.ProcessGroup | None = None, depth: int | None = None
+) -> ParallelMLP:
     """The MLP ``dense_mlp`` (fc1, GELU, fc2) tensor-parallel over the ranks of ``group`` (default all).
 
     ``mode``: "1d" (chapter 04's Megatron split), "2d" (SUMMA, N = q·q), "2.5d" (N = q·q·d;

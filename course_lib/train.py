@@ -40,6 +40,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -54,6 +55,9 @@ from course_lib.mesh import GridLayout, RankGrid
 from course_lib.models import TransformerBlock
 from course_lib.moe import MoELayer
 from course_lib.zero import ZeroAdam, storage_bytes
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 SHARDINGS = ("none", "zero1", "zero2", "zero3", "fsdp")
 #: ZeroAdam's stage for each sharding ("none" is plain data parallelism: stage 0, all-reduce).
@@ -447,14 +451,16 @@ def axes_of(config: dict) -> list:
     return used
 
 
-def relative_deviation(curve, reference) -> list:
+def relative_deviation(curve: Sequence[float], reference: Sequence[float]) -> list:
     """|loss − reference| / |reference| at every step."""
     if len(curve) != len(reference):
         raise ValueError(f"curves of {len(curve)} and {len(reference)} steps cannot be compared")
     return [abs(a - b) / abs(b) for a, b in zip(curve, reference)]
 
 
-def compare_curves(reference, curves: dict, configs: dict | None = None, rtol: float = 1e-4) -> float:
+def compare_curves(
+    reference: Sequence[float], curves: dict, configs: dict | None = None, rtol: float = 1e-4
+) -> float:
     """The largest relative deviation of any curve from ``reference``; raises :class:`CurveMismatch`
     naming the configuration (and its axes, from ``configs``) whose curve left it first."""
     worst, first = 0.0, None
@@ -500,7 +506,7 @@ def _train_in_rank(kwargs):
 # the same code under torchrun
 
 
-def parse(argv=None) -> argparse.Namespace:
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m course_lib.train", description=__doc__.split("\n")[0])
     for axis in ("dp", "tp", "pp", "cp", "ep"):
         p.add_argument(f"--{axis}", type=int, default=1)
@@ -517,7 +523,7 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     opts = parse(argv)
     if "RANK" in os.environ:
         dist.init_process_group("gloo")  # env://: torchrun set RANK, WORLD_SIZE, MASTER_ADDR/PORT

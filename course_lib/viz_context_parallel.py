@@ -3,10 +3,15 @@ work per rank, and ring vs Ulysses traffic time. Plain data in, a figure out."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Polygon, Rectangle
 
 from course_lib.viz import CourseFigure, _bare, rank_color
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 
 def _owner(chunks: dict) -> dict:
@@ -120,7 +125,13 @@ def plot_work_balance(work: dict, formula: dict, title: str) -> Figure:
     return fig
 
 
-def plot_ring_vs_ulysses(world_sizes, ring_seconds, ulysses_seconds, heads: int, title: str) -> Figure:
+def plot_ring_vs_ulysses(
+    world_sizes: Sequence[int],
+    ring_seconds: Sequence[float],
+    ulysses_seconds: Sequence[float],
+    heads: int,
+    title: str,
+) -> Figure:
     """Predicted communication time of one forward attention, ring vs Ulysses, over N; the
     N where heads % N ≠ 0 (Ulysses cannot run) are marked with a cross."""
     fig = CourseFigure(figsize=(8.5, 3.8), layout="constrained")

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from matplotlib.patches import Patch
 
 from course_lib.figures import CourseFigure
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    import ipywidgets
 
 KIND_COLORS = {"F": "#4C78A8", "B": "#F58518", "I": "#E45756", "W": "#54A24B"}
 KIND_LABELS = {"F": "forward F", "B": "full backward B", "I": "input gradient I", "W": "weight gradient W"}
@@ -17,7 +24,9 @@ TITLES = {
 }
 
 
-def plot_schedules(rows, width: float = 9.5) -> CourseFigure:
+def plot_schedules(
+    rows: Sequence[tuple[str, Sequence[Sequence[tuple]], str]], width: float = 9.5
+) -> CourseFigure:
     """One Gantt panel per ``(title, timeline, note)`` in ``rows``, on a shared time axis.
 
     ``timeline`` is per rank ``[((kind, i, stage), start, end), ...]``; a box's shade tells the
@@ -59,7 +68,9 @@ def plot_schedules(rows, width: float = 9.5) -> CourseFigure:
     return fig
 
 
-def schedules_explorer(p: int = 4, m: int = 8, v: int = 2, ratio_b: float = 2.0, ratio_w: float = 1.0):
+def schedules_explorer(
+    p: int = 4, m: int = 8, v: int = 2, ratio_b: float = 2.0, ratio_w: float = 1.0
+) -> ipywidgets.VBox:
     """Sliders for p, m, v and t_B : t_W (t_F = 1); every schedule's Gantt chart, its bubble and
     its memory printed under it. Returns the widget."""
     import ipywidgets as widgets

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -17,6 +18,9 @@ from torch.overrides import TorchFunctionMode
 
 from course_lib import context_parallel as cp
 from course_lib.checks import Mismatch, builtins_switched_off, compare, exercise, learner_in_rank, run_learner
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 WORLD_SIZES = (2, 4)
 TIMEOUT = 20.0
@@ -62,7 +66,7 @@ def _pair(result, what: str):
 
 
 @exercise("5b.1", "merge two partial softmax results (online softmax)")
-def merge_partials(learner_fn):
+def merge_partials(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(out_a, lse_a, out_b, lse_b) -> (out, lse)`` against the whole softmax."""
     q = _data((2, 3, 5, 4), 1)
     k, v = _data((2, 3, 7, 4), 2), _data((2, 3, 7, 4), 3)
@@ -122,7 +126,7 @@ def _compare_with_hints(got, expected, what: str, hints=()) -> None:
 
 
 @exercise("5b.2", "one block of causal attention")
-def causal_block(learner_fn):
+def causal_block(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(q, k, v, q_chunk, k_chunk)``: (out, lse) of this chunk pair, or None."""
     c = 4
     q, k, v = (_data((1, 2, c, 8), salt) for salt in (4, 5, 6))
@@ -171,7 +175,7 @@ def causal_block(learner_fn):
 
 
 @exercise("5b.3", "zig-zag shard positions")
-def zigzag_positions(learner_fn):
+def zigzag_positions(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(rank, world_size, seq_len)`` -> the positions rank holds, in shard order."""
     for n, s in ((1, 4), (2, 8), (4, 16), (3, 12)):
         chunk = s // (2 * n)
@@ -272,7 +276,7 @@ def _ring_rank(payload, q, k, v):
 
 
 @exercise("5b.4", "one ring step, transfer posted before computing")
-def ring_step(learner_fn):
+def ring_step(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(q, k, v, partial) -> (partial, k_next, v_next)`` run N times on N ranks."""
     q, k, v = (_data((1, 2, 8, 4), salt) for salt in (7, 8, 9))
     expected = cp.block_attention(q, k, v)[0]
@@ -334,7 +338,7 @@ def _ulysses_rank(payload, x):
 
 
 @exercise("5b.5", "Ulysses: sequence shard to head shard (all-to-all)")
-def seq_to_heads(learner_fn):
+def seq_to_heads(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(x_shard) -> (b, a/N, s, d)``: every position of this rank's a/N heads."""
     b, a, s, d = 2, 4, 8, 3
     x = _data((b, a, s, d), 10)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,9 @@ from course_lib.checks import (
     run_learner,
 )
 from course_lib.models import make_mlp, regression_data, shard
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 WORLD_SIZES = (1, 2, 4)  # N = 4 pads two of the three units
 TIMEOUT = 20.0
@@ -58,7 +62,7 @@ def _call(ex_id, learner_fn, *args):
 # 7b.1 shard ranges
 
 
-def reference_shard_ranges(numels, rank, world_size):
+def reference_shard_ranges(numels: Sequence[int], rank: int, world_size: int) -> list[tuple[int, int, int]]:
     """(parameter index, first, end) of each parameter's elements inside shard ``rank``."""
     size = zero.padded_size(sum(numels), world_size) // world_size
     start, end, offset, out = rank * size, (rank + 1) * size, 0, []
@@ -90,7 +94,7 @@ SHARD_CASES = ([42, 138, 24], [35, 7], [1], [5, 5, 5], [3, 1, 4, 1, 5], [10, 70]
 
 
 @exercise("7b.1", "a rank's pieces of a unit's flat, padded buffer")
-def shard_ranges(learner_fn):
+def shard_ranges(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(numels, rank, world_size) -> [(parameter index, first, end), ...]``."""
     for numels in SHARD_CASES:
         for n in (1, 2, 3, 4, 5):
@@ -230,7 +234,7 @@ def _gather_reference(n):
 
 
 @exercise("7b.2", "the pre-forward gather of a unit")
-def gather_unit(learner_fn):
+def gather_unit(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(unit)`` as every unit's pre-forward (and pre-backward) gather."""
     for n in WORLD_SIZES:
         got = run_learner(n, _gather_rank, learner_fn, timeout=TIMEOUT, refusals=(Mismatch,))
@@ -311,7 +315,7 @@ def _reduce_reference(n, mode="right"):
 
 
 @exercise("7b.3", "reduce-scatter in fp32, update the fp32 master")
-def reduce_and_update(learner_fn):
+def reduce_and_update(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(grad, master, exp_avg, exp_avg_sq, step, lr, betas, eps, weight_decay)``."""
     for n in WORLD_SIZES:
         got = run_learner(n, _reduce_rank, learner_fn, timeout=TIMEOUT)
@@ -351,7 +355,9 @@ def _reduce_hint(n, rank, master) -> str:
 # 7b.4 the order of one step's collectives
 
 
-def reference_collective_order(units, prefetch, reshard_after_forward):
+def reference_collective_order(
+    units: Sequence[str], prefetch: bool, reshard_after_forward: bool
+) -> list[tuple[str, str, str]]:
     """[(op, unit, phase)] in the order one forward + backward of fsdp.fully_shard issues them."""
     out, gathered = [], set()
 
@@ -400,7 +406,7 @@ def _forward_order_backward(units, prefetch, reshard):
 
 
 @exercise("7b.4", "the order of one step's collectives, with prefetch")
-def collective_order(learner_fn):
+def collective_order(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(units, prefetch, reshard_after_forward) -> [(op, unit, phase), ...]``."""
     for units in (["a", "b", "c"], ["0", "1", "2", "3"], ["x"], ["emb", "block0", "block1", "head", "out"]):
         for prefetch in (False, True):

@@ -12,11 +12,16 @@ peak memory is 1F1B's.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn as nn
 
 from course_lib import pipeline_schedules as ps
 from course_lib.checks import Mismatch, compare, exercise
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _PS = "course_lib.pipeline_schedules:"
 _SCHEDULES = (
@@ -42,7 +47,7 @@ def _orders(learner_fn, p, *args):
 
 
 @exercise("6b.1", "the interleaved 1F1B order of one rank", refuses=_SCHEDULES)
-def interleaved_order(learner_fn):
+def interleaved_order(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(rank, p, m, v)`` against Megatron's interleaved 1F1B order."""
     for p in (2, 3, 4):
         for m in (p, 2 * p, 3 * p):
@@ -164,7 +169,7 @@ def _shape_checked(weight_gradient, prefix):
     "a linear layer's split backward",
     refuses=(_PS + "input_gradient", _PS + "weight_gradient", _PS + "SplitBackward"),
 )
-def split_backward(input_gradient, weight_gradient):
+def split_backward(input_gradient: Callable[..., Any], weight_gradient: Callable[..., Any]) -> None:
     """Check ``input_gradient(grad_output, weight)`` and ``weight_gradient(grad_output, x) ->
     (grad_weight, grad_bias)`` inside a split backward: input gradients in the I, weight
     gradients in the W, both equal to a plain backward."""
@@ -216,7 +221,7 @@ def split_backward(input_gradient, weight_gradient):
 
 
 @exercise("6b.3", "the ZB-H1 order", refuses=_SCHEDULES)
-def zb_h1_order(learner_fn):
+def zb_h1_order(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(rank, p, m)``: together the ranks' orders are a valid schedule of F, I
     and W actions whose idle time is (p−1)(F+B−2W) with 1F1B's peak memory."""
     for p in range(1, 6):

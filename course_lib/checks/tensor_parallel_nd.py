@@ -11,12 +11,15 @@ own module (``course_lib.tp_nd``) is switched off: it is the answer.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from course_lib.checks import Mismatch, compare, exercise, learner_in_rank, run_learner
 from course_lib.checks.tensor_parallel import CourseCodeUsed
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
 TIMEOUT = 20.0
 GRIDS_2D = (2, 3, 1)  # q = 1 last: there every mistake of orientation gives the same block
@@ -39,7 +42,7 @@ class _Refused:
 
 
 @contextlib.contextmanager
-def course_nd_switched_off(ex_id: str, learner):
+def course_nd_switched_off(ex_id: str, learner: Callable[..., Any]) -> Iterator[None]:
     """Every public function and class of course_lib.tp_nd raises while the learner's code runs
     (also where the learner imported one by name). A Grid made before keeps working."""
     from course_lib import tensor_parallel_nd as nd
@@ -104,7 +107,7 @@ def _blocks_2d(x, weight, q, i, j):
 
 
 @exercise("4b.1", "the blocks rank (i, j) owns on the q×q grid")
-def owned_blocks(learner_fn):
+def owned_blocks(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(x, weight, q, rank) -> (X_ij, B_ij)`` with B = weight.T, rank = i·q + j."""
     for q in GRIDS_2D:
         x, weight = _numbered(4 * q, 2 * q), _numbered(6 * q, 2 * q, start=1000)  # X (M, K), weight (F, K)
@@ -230,7 +233,7 @@ def _summa_hints(x, b, q, i, j) -> list:
 
 
 @exercise("4b.2", "SUMMA: q steps of row and column broadcasts")
-def summa(learner_fn):
+def summa(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(x_block, b_block, grid) -> C_ij`` on a real 2×2 grid (4 ranks)."""
     q = SUMMA_Q
     g = torch.Generator().manual_seed(42)
@@ -318,7 +321,7 @@ def _wrong_3d(x, weight, q, rank):
 
 
 @exercise("4b.3", "the 3D index mapping: which chunks rank (a, b, c) holds")
-def owned_chunks_3d(learner_fn):
+def owned_chunks_3d(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(x, weight, q, rank) -> (x chunk, weight chunk)`` on q×q×q cubes."""
     for q in GRIDS_3D:
         x, weight = (
