@@ -257,3 +257,48 @@ def _refusing_method(message: str):
         raise BuiltinUsed(message)
 
     return refuse
+
+
+class CourseCodeUsed(BuiltinUsed):
+    """A learner's function used one of the course's own names that its exercise builds."""
+
+
+class _Refused:
+    """Stands in for a name of a course module: calling it, or any attribute (from_dense), raises."""
+
+    def __init__(self, ex_id: str, shown: str):
+        self.ex_id, self.shown = ex_id, shown
+
+    def __call__(self, *args, **kwargs):
+        raise CourseCodeUsed(f"exercise {self.ex_id} asks you to build this yourself: you used {self.shown}")
+
+    def __getattr__(self, attribute):
+        self()
+
+
+@contextlib.contextmanager
+def module_names_switched_off(
+    ex_id: str, learner: Callable[..., Any] | type, module: types.ModuleType, shown_as: str
+) -> Iterator[None]:
+    """Every public function and class defined in ``module`` is replaced, by name, with one that
+    raises while the block runs, in the module and where the learner imported it by name.
+    Objects made before the block (a process grid, a layer) keep working, unlike
+    :func:`course_code_switched_off`, which refuses from the inside."""
+    originals = {
+        name: obj
+        for name, obj in vars(module).items()
+        if not name.startswith("_") and callable(obj) and getattr(obj, "__module__", "") == module.__name__
+    }
+    namespace = getattr(getattr(learner, "forward", learner), "__globals__", {})
+    by_id = {id(obj): name for name, obj in originals.items()}
+    imported = {key: value for key, value in namespace.items() if id(value) in by_id}
+    try:
+        for name in originals:
+            setattr(module, name, _Refused(ex_id, f"{shown_as}.{name}"))
+        for key, value in imported.items():
+            namespace[key] = _Refused(ex_id, f"{shown_as}.{by_id[id(value)]}")
+        yield
+    finally:
+        for name, obj in originals.items():
+            setattr(module, name, obj)
+        namespace.update(imported)

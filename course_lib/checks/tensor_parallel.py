@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from course_lib.checks import Mismatch, compare, exercise, learner_in_rank, run_learner
+from course_lib.checks.refusal import CourseCodeUsed, module_names_switched_off
 from course_lib.models import make_mlp
 from course_lib.tp import block_of
 
@@ -31,27 +32,8 @@ D_MODEL, D_HIDDEN, SEED = 8, 16, 4
 BATCH, SEQ = 2, 4  # activations are (batch, seq, features); SEQ splits over every N above
 
 
-class CourseCodeUsed(RuntimeError):
-    """A learner's function called the course's own implementation of the exercise."""
-
-
 # ----------------------------------------------------------------------------
 # machinery shared with chapter 05
-
-
-class _Refused:
-    """Stands in for a name of course_lib.tp: calling it, or any attribute (from_dense), raises."""
-
-    def __init__(self, ex_id: str, name: str):
-        self.ex_id, self.name = ex_id, name
-
-    def __call__(self, *args, **kwargs):
-        raise CourseCodeUsed(
-            f"exercise {self.ex_id} asks you to build this yourself: you used course_lib.tp.{self.name}"
-        )
-
-    def __getattr__(self, attribute):
-        self()
 
 
 @contextlib.contextmanager
@@ -59,25 +41,8 @@ def course_tp_switched_off(ex_id: str, learner: Callable[..., Any] | type) -> It
     """Every public function and class of course_lib.tp raises while the learner's code runs."""
     from course_lib import tp
 
-    originals = {
-        name: obj
-        for name, obj in vars(tp).items()
-        if not name.startswith("_") and callable(obj) and getattr(obj, "__module__", "") == tp.__name__
-    }
-    # A name imported from course_lib.tp into the notebook is the original object there.
-    namespace = getattr(getattr(learner, "forward", learner), "__globals__", {})
-    by_id = {id(obj): name for name, obj in originals.items()}
-    imported = {key: value for key, value in namespace.items() if id(value) in by_id}
-    try:
-        for name in originals:
-            setattr(tp, name, _Refused(ex_id, name))
-        for key, value in imported.items():
-            namespace[key] = _Refused(ex_id, by_id[id(value)])
+    with module_names_switched_off(ex_id, learner, tp, "course_lib.tp"):
         yield
-    finally:
-        for name, obj in originals.items():
-            setattr(tp, name, obj)
-        namespace.update(imported)
 
 
 def run_ranks(n: int, rank_fn: Callable[..., Any], learner: Callable[..., Any] | type, *args) -> list[Any]:

@@ -16,29 +16,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from course_lib.checks import Mismatch, compare, exercise, learner_in_rank, run_learner
-from course_lib.checks.tensor_parallel import CourseCodeUsed
+from course_lib.checks.refusal import CourseCodeUsed, module_names_switched_off
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
+
 #: Seconds one launch may take; a learner's deadlock is reported after about this long.
 TIMEOUT = 20.0
 GRIDS_2D = (2, 3, 1)  # q = 1 last: there every mistake of orientation gives the same block
 GRIDS_3D = (2, 3, 1)
-
-
-class _Refused:
-    """Stands in for a name of course_lib.tp_nd while a learner's code runs."""
-
-    def __init__(self, ex_id: str, name: str):
-        self.ex_id, self.name = ex_id, name
-
-    def __call__(self, *args, **kwargs):
-        raise CourseCodeUsed(
-            f"exercise {self.ex_id} asks you to build this yourself: you used course_lib.tp_nd.{self.name}"
-        )
-
-    def __getattr__(self, attribute):
-        self()
 
 
 @contextlib.contextmanager
@@ -47,24 +33,8 @@ def course_nd_switched_off(ex_id: str, learner: Callable[..., Any]) -> Iterator[
     (also where the learner imported one by name). A Grid made before keeps working."""
     from course_lib import tensor_parallel_nd as nd
 
-    originals = {
-        name: obj
-        for name, obj in vars(nd).items()
-        if not name.startswith("_") and callable(obj) and getattr(obj, "__module__", "") == nd.__name__
-    }
-    namespace = getattr(learner, "__globals__", {})
-    by_id = {id(obj): name for name, obj in originals.items()}
-    imported = {key: value for key, value in namespace.items() if id(value) in by_id}
-    try:
-        for name in originals:
-            setattr(nd, name, _Refused(ex_id, name))
-        for key, value in imported.items():
-            namespace[key] = _Refused(ex_id, by_id[id(value)])
+    with module_names_switched_off(ex_id, learner, nd, "course_lib.tp_nd"):
         yield
-    finally:
-        for name, obj in originals.items():
-            setattr(nd, name, obj)
-        namespace.update(imported)
 
 
 def _numbered(rows: int, cols: int, start: int = 0) -> torch.Tensor:

@@ -195,10 +195,12 @@ def run_lesson(page, lesson):
         page,
         """() => {
         const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
-        return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
+        const failed = document.querySelector(
+            ".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']");
+        return !!failed || (prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent)));
     }""",
         timeout=420,
-    )
+    )  # a cell that raises stops Run All: stop waiting there and show its error below
     assert not tracebacks(page), f"{lesson}: a cell raised:\n{tracebacks(page)}"
 
     cell = page.evaluate("""() => [...document.querySelectorAll('.jp-Notebook .jp-Cell')]
