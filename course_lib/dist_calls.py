@@ -78,3 +78,24 @@ def replace_dist_functions(replacements: dict[str, Callable]) -> Callable[[], No
             setattr(module, name, original)
 
     return undo
+
+
+#: The functional collectives (``torch.distributed._functional_collectives``, DTensor) each
+#: collective also has: ops in ``torch.ops._c10d_functional``, below the process group's methods.
+FUNCTIONAL_OPS = {
+    "all_reduce": ("all_reduce", "all_reduce_", "all_reduce_coalesced", "all_reduce_coalesced_"),
+    "all_reduce_coalesced": ("all_reduce_coalesced", "all_reduce_coalesced_"),
+    "all_gather_into_tensor": (
+        "all_gather_into_tensor",
+        "all_gather_into_tensor_coalesced",
+        "all_gather_into_tensor_out",
+    ),
+    "_all_gather_base": ("all_gather_into_tensor", "all_gather_into_tensor_out"),
+    "all_gather": ("all_gather_into_tensor", "all_gather_into_tensor_coalesced"),
+    "reduce_scatter_tensor": ("reduce_scatter_tensor", "reduce_scatter_tensor_coalesced"),
+    "_reduce_scatter_base": ("reduce_scatter_tensor",),
+    "reduce_scatter": ("reduce_scatter_tensor", "reduce_scatter_tensor_coalesced"),
+    "all_to_all_single": ("all_to_all_single",),
+    "all_to_all": ("all_to_all_single",),
+    "broadcast": ("broadcast", "broadcast_"),
+}

@@ -224,7 +224,8 @@ def test_library_functions_refuse_however_reached():
 
 
 def test_collectives_refuse_at_the_process_group():
-    """A collective reached through the process group object itself is refused too."""
+    """A collective reached through the process group object itself, or as a functional
+    collective (its op), is refused too; everything works again afterwards."""
     from conftest import run_gloo
 
     assert run_gloo(_collective_by_group, 2) == ["refused", "refused"]
@@ -233,15 +234,23 @@ def test_collectives_refuse_at_the_process_group():
 def _collective_by_group():
     import torch
     import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
 
     group = dist.group.WORLD
+    refused = []
     with refusal.send_recv_only("1.4", lambda: None):
-        try:
-            group.allreduce([torch.ones(2)]).wait()
-        except checks.BuiltinUsed as exc:
-            assert "process group .allreduce" in str(exc)
-            return "refused"
-    return "not refused"
+        for call, words in (
+            (lambda: group.allreduce([torch.ones(2)]).wait(), "process group .allreduce"),
+            (lambda: funcol.all_reduce(torch.ones(2), "sum", group), "functional collective all_reduce"),
+            (lambda: torch.ops._c10d_functional.all_reduce.default(torch.ones(2), "sum", "0"), "all_reduce"),
+        ):
+            try:
+                call()
+            except checks.BuiltinUsed as exc:
+                refused.append(words in str(exc))
+    total = funcol.all_reduce(torch.ones(2), "sum", group)  # restored afterwards
+    assert float(funcol.wait_tensor(total)[0]) == dist.get_world_size()
+    return "refused" if refused == [True, True, True] else f"not refused: {refused}"
 
 
 def test_the_library_digest_notices_a_change(monkeypatch):

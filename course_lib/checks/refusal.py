@@ -8,6 +8,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
@@ -125,6 +126,16 @@ def builtins_switched_off(
         if namespaces == (dist, c10d) and hasattr(_GROUP, method)
     ]
     group_saved = [(method, getattr(_GROUP, method)) for method, _ in group_methods]
+    # ...and the functional collectives' ops, which reach the backend without those methods.
+    functional = sorted(
+        {
+            (op, f"{shown_as}.{name}")
+            for name in names
+            for op in dist_calls.FUNCTIONAL_OPS.get(name, ())
+            if namespaces == (dist, c10d) and hasattr(_FUNCTIONAL, op)
+        }
+    )
+    functional_saved = [(op, getattr(_FUNCTIONAL, op)) for op, _ in functional]
     try:
         for ns, name, _ in saved:
             setattr(ns, name, refusing(name))
@@ -136,6 +147,8 @@ def builtins_switched_off(
             fn.__code__ = stub
         for method, shown in group_methods:
             setattr(_GROUP, method, _refusing_method(f"{why}: you called {shown} (process group .{method})"))
+        for op, shown in functional:
+            setattr(_FUNCTIONAL, op, _refusing_op(f"{why}: you called {shown} (functional collective {op})"))
         yield
     finally:
         for ns, name, fn in saved:
@@ -148,9 +161,12 @@ def builtins_switched_off(
             fn.__code__ = code
         for method, original in group_saved:
             setattr(_GROUP, method, original)
+        for op, original in functional_saved:
+            setattr(_FUNCTIONAL, op, original)
 
 
 _GROUP = dist.ProcessGroup
+_FUNCTIONAL = torch.ops._c10d_functional
 
 
 def _is_course_code(fn) -> bool:
@@ -250,6 +266,25 @@ class Refusing:
     def __reduce__(self):
         payload = self._payload if self._payload is not None else launch.dumps_by_value((self._fn,))
         return Refusing, (None, self.ex_id, self.targets, payload)
+
+
+class _RefusingOp:
+    """Stands in for a functional-collective op: calling it, or its overloads (.default), raises."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __call__(self, *args, **kwargs):
+        raise BuiltinUsed(self.message)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+
+def _refusing_op(message: str) -> _RefusingOp:
+    return _RefusingOp(message)
 
 
 def _refusing_method(message: str):
