@@ -391,3 +391,23 @@ def test_deadlock_is_reported_quickly(monkeypatch):
     assert result.status == FAILED
     assert result.message.startswith("N=2: deadlock")
     assert "rank 0: waiting in dist.recv" in result.message
+
+
+def chain_reduce(tensor, dst):
+    """Right sum, wrong shape: every partial sum travels one rank further, N−1 rounds."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    me = (rank - dst) % n  # dst is me = 0; the chain runs n−1 → n−2 → … → 0
+    if me < n - 1:
+        incoming = torch.empty_like(tensor)
+        dist.recv(incoming, (me + 1 + dst) % n)
+        tensor += incoming
+    if me > 0:
+        dist.send(tensor, (me - 1 + dst) % n)
+
+
+def test_a_chain_reduce_is_right_but_not_a_tree(solution):
+    assert check.reduce(solution.reduce).status == PASSED
+    result = check.reduce(chain_reduce)
+    assert result.status == FAILED, result
+    assert "N=4, dst=0: the sum is right, but its messages take 3 rounds" in result.message
+    assert "a chain" in result.message and "⌈log₂N⌉ = 2" in result.message

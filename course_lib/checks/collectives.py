@@ -11,12 +11,13 @@ collectives are swapped for functions that raise, so only send/recv/isend/irecv
 from __future__ import annotations
 
 import functools
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from course_lib import launch
+from course_lib import collectives, launch
 from course_lib.checks import Mismatch, compare, exercise, learner_in_rank, run_learner, send_recv_only
 
 if TYPE_CHECKING:
@@ -74,8 +75,12 @@ def _learner_rank(payload, ex_id, kind):
             if kind == "all_gather":
                 gathered = learner(tensor)
                 results.append((list(gathered) if isinstance(gathered, tuple) else gathered, False))
+            elif kind == "reduce":  # its shape counts too: record who sends to whom, in order
+                with collectives.trace_point_to_point() as events:
+                    returned_new = _in_place(learner, tensor, root)
+                results.append((tensor, returned_new, list(events)))
             else:
-                args = (root,) if kind in ("broadcast", "reduce") else ()
+                args = (root,) if kind == "broadcast" else ()
                 results.append((tensor, _in_place(learner, tensor, *args)))
     return results
 
@@ -113,8 +118,30 @@ def _check(ex_id: str, kind: str, learner_fn, what: str = "tensor") -> None:
             # A reduce defines the result on dst only; the others may use their tensor as scratch.
             ranks = [root] if kind == "reduce" else range(n)
             for rank in ranks:
-                result, returned_new = got[rank][case]
+                result, returned_new = got[rank][case][:2]
                 _compare(prefix, result, expected[rank][case], what, rank, returned_new)
+            if kind == "reduce":
+                _check_tree_shape(prefix, n, [got[rank][case][2] for rank in range(n)])
+
+
+def _check_tree_shape(prefix: str, n: int, traces: list) -> None:
+    """A tree reduce takes ⌈log₂N⌉ rounds of messages; a chain or a star into dst takes N−1.
+
+    Judged only where both differ (N = 4 here) and the trace is whole (every send has its recv:
+    a send or recv made under another name is not traced, and a right sum is never blamed)."""
+    tree = math.ceil(math.log2(n)) if n > 1 else 0
+    sends = sum(op in ("send", "isend") for trace in traces for op, _, _ in trace)
+    recvs = sum(op in ("recv", "irecv") for trace in traces for op, _, _ in trace)
+    if n - 1 <= tree or sends == 0 or sends != recvs:
+        return
+    rounds = collectives.count_rounds(traces)
+    if rounds > tree:
+        shape = "a chain" if rounds == n - 1 and sends == n - 1 else "not a tree"
+        raise Mismatch(
+            f"{prefix}: the sum is right, but its messages take {rounds} rounds one after another "
+            f"({shape}: every rank's partial sum waits for the previous one); a tree reduce needs "
+            f"⌈log₂N⌉ = {tree}: in round step = 1, 2, 4, … pair ranks `step` apart, so half the senders drop out"
+        )
 
 
 @exercise(
