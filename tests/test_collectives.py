@@ -411,3 +411,24 @@ def test_a_chain_reduce_is_right_but_not_a_tree(solution):
     assert result.status == FAILED, result
     assert "N=4, dst=0: the sum is right, but its messages take 3 rounds" in result.message
     assert "a chain" in result.message and "⌈log₂N⌉ = 2" in result.message
+
+
+def everyone_to_everyone(tensor):
+    """Right result, not a ring: every rank sends its tensor straight to every other rank."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    gathered = [torch.empty_like(tensor) for _ in range(n)]
+    gathered[rank] = tensor.clone()
+    requests = [dist.isend(tensor, peer) for peer in range(n) if peer != rank]
+    for peer in range(n):
+        if peer != rank:
+            dist.recv(gathered[peer], peer)
+    for request in requests:
+        request.wait()
+    return gathered
+
+
+def test_an_all_gather_that_is_not_a_ring_is_named(solution):
+    assert check.all_gather(solution.all_gather).status == PASSED
+    result = check.all_gather(everyone_to_everyone)
+    assert result.status == FAILED, result
+    assert "N=3: the result is right, but it is not a ring: rank 0 sent to ranks [1, 2]" in result.message

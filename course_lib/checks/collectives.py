@@ -72,9 +72,12 @@ def _learner_rank(payload, ex_id, kind):
     with send_recv_only(ex_id, learner):
         for root in _roots(kind, dist.get_world_size()):
             tensor = _rank_data(root)
-            if kind == "all_gather":
-                gathered = learner(tensor)
-                results.append((list(gathered) if isinstance(gathered, tuple) else gathered, False))
+            if kind == "all_gather":  # a ring: record who sends to whom
+                with collectives.trace_point_to_point() as events:
+                    gathered = learner(tensor)
+                results.append(
+                    (list(gathered) if isinstance(gathered, tuple) else gathered, False, list(events))
+                )
             elif kind == "reduce":  # its shape counts too: record who sends to whom, in order
                 with collectives.trace_point_to_point() as events:
                     returned_new = _in_place(learner, tensor, root)
@@ -122,6 +125,26 @@ def _check(ex_id: str, kind: str, learner_fn, what: str = "tensor") -> None:
                 _compare(prefix, result, expected[rank][case], what, rank, returned_new)
             if kind == "reduce":
                 _check_tree_shape(prefix, n, [got[rank][case][2] for rank in range(n)])
+            if kind == "all_gather":
+                _check_ring_shape(prefix, n, [got[rank][case][2] for rank in range(n)])
+
+
+def _check_ring_shape(prefix: str, n: int, traces: list) -> None:
+    """In a ring every rank sends only to one neighbour, the same side for all (N > 2: with two
+    ranks every pattern is a ring). A right result whose sends were not traced is not judged."""
+    sent_to = [{peer for op, peer, _ in trace if op in ("send", "isend")} for trace in traces]
+    if n <= 2 or not any(sent_to):
+        return
+    for side in (1, -1):
+        if all(peers <= {(rank + side) % n} for rank, peers in enumerate(sent_to)):
+            return
+    mixed = (r for r, peers in enumerate(sent_to) if len(peers) > 1 or peers - {(r + 1) % n, (r - 1) % n})
+    rank = next(mixed, 0)
+    raise Mismatch(
+        f"{prefix}: the result is right, but it is not a ring: rank {rank} sent to ranks "
+        f"{sorted(sent_to[rank])}; in a ring every rank sends only to its neighbour (rank + 1) and "
+        f"passes on what it received, N−1 times"
+    )
 
 
 def _check_tree_shape(prefix: str, n: int, traces: list) -> None:
