@@ -40,7 +40,7 @@ import inspect
 
 import torch
 
-from course_lib import launch, tp_nd
+from course_lib import alpha_beta, launch, tp_nd
 from course_lib import viz_tensor_parallel_nd as viz
 from course_lib.models import make_mlp
 from course_lib.traffic import count_traffic
@@ -377,6 +377,30 @@ calls_2d = dict(zip(curves["2d"][0], curves["2d"][2]))
 assert calls_2d[4096] > 100 * 2  # 2D's calls grow with q; 1D makes 2, 3D 16, at every N
 
 # %% [markdown]
+# ### The latency side, in seconds
+#
+# Calls and bytes become time with the α–β model of chapter 01, fitted here to this machine's own
+# send/recv: t ≈ calls·α + bytes/β per rank (each collective call pays at least one α; a tree or
+# ring inside it pays more, so this is a lower bound on the latency term). For this MLP:
+
+# %%
+ping = alpha_beta.measure_point_to_point([64, 4096, 256 * 1024, 4 << 20], min_seconds=0.02, batches=3)
+model = alpha_beta.fit(ping.nbytes, ping.fastest)
+print(model.describe())
+print(f"{'mode':>5} {'N':>5} {'calls·α':>10} {'bytes/β':>10}   which dominates")
+seconds = {}
+for mode, n in (("1d", 64), ("2d", 64), ("3d", 64), ("1d", 4096), ("2d", 4096), ("3d", 4096)):
+    ns, nbytes, ncalls = curves[mode]
+    i = ns.index(n)
+    latency, transfer = ncalls[i] * model.alpha, nbytes[i] / model.beta
+    seconds[mode, n] = (latency, transfer)
+    print(
+        f"{mode:>5} {n:>5} {latency * 1e3:>8.2f}ms {transfer * 1e3:>8.2f}ms   {'α' if latency > transfer else 'β'}"
+    )
+# SUMMA's latency term grows with q = √N while 3D's stays at 16 calls: at N = 4096, 2D pays more α than 3D.
+assert seconds["2d", 4096][0] > seconds["3d", 4096][0] and seconds["2d", 4096][0] > seconds["2d", 64][0]
+
+# %% [markdown]
 # For this small MLP — M = 144 rows is only twice h — 1D's all-reduce of the activation is cheap
 # and the grid methods pay mostly for moving weight blocks, so 2D overtakes 1D only at tens of
 # ranks and 3D already at 27. In a large model M = b·s runs into the thousands and the activation
@@ -443,6 +467,16 @@ for (mode, n), m in measured.items():
 rows += [
     ("2D beats 1D in bytes from N =", "formula", f"{first_2d}"),
     ("3D beats 1D in bytes from N =", "formula", f"{first_3d}"),
+    (
+        "α per call, β (fitted on this machine)",
+        "α–β model",
+        f"{model.alpha * 1e6:.0f} µs, {model.beta / 1e9:.2g} GB/s",
+    ),
+    (
+        "calls·α at N = 4096: 2D / 3D",
+        "(12q+2)·α / 16·α",
+        f"{seconds['2d', 4096][0] * 1e3:.1f} / {seconds['3d', 4096][0] * 1e3:.1f} ms",
+    ),
 ]
 print(f"{'quantity':<44}  {'formula':<22}  {'measured':>22}")
 for quantity, formula_text, value in rows:
