@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from course_lib import collectives, launch
 from course_lib.checks import Mismatch, compare, exercise, learner_in_rank, run_learner, send_recv_only
+from course_lib.checks.ring_allreduce import COURSE_RINGS
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -183,17 +184,7 @@ def broadcast(learner_fn: Callable[..., Any]) -> None:
 @exercise(
     "1.2",
     "ring all-gather from send/recv",
-    refuses=(
-        "course_lib.ring_allreduce:ring_reduce_scatter",
-        "course_lib.ring_allreduce:ring_all_gather",
-        "course_lib.ring_allreduce:ring_all_reduce",
-        "course_lib.ring_allreduce:unchunked_ring_all_reduce",
-        "course_lib.ring_allreduce:naive_all_reduce",
-        "course_lib.ring_allreduce:tree_all_reduce",
-        "course_lib.ring_allreduce:_reduce_scatter",
-        "course_lib.ring_allreduce:_all_gather",
-        "course_lib.zero:reduce_scatter",
-    ),
+    refuses=COURSE_RINGS,
 )
 def all_gather(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(tensor) -> list``: item j of every rank's list is rank j's tensor."""
@@ -203,17 +194,7 @@ def all_gather(learner_fn: Callable[..., Any]) -> None:
 @exercise(
     "1.3",
     "tree reduce from send/recv",
-    refuses=(
-        "course_lib.ring_allreduce:ring_reduce_scatter",
-        "course_lib.ring_allreduce:ring_all_gather",
-        "course_lib.ring_allreduce:ring_all_reduce",
-        "course_lib.ring_allreduce:unchunked_ring_all_reduce",
-        "course_lib.ring_allreduce:naive_all_reduce",
-        "course_lib.ring_allreduce:tree_all_reduce",
-        "course_lib.ring_allreduce:_reduce_scatter",
-        "course_lib.ring_allreduce:_all_gather",
-        "course_lib.zero:reduce_scatter",
-    ),
+    refuses=COURSE_RINGS,
 )
 def reduce(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(tensor, dst)``: afterwards dst's tensor is the sum over all ranks."""
@@ -225,15 +206,7 @@ def reduce(learner_fn: Callable[..., Any]) -> None:
     "all-reduce as reduce + broadcast",
     builds_on=("1.1", "1.3"),
     refuses=(
-        "course_lib.ring_allreduce:ring_reduce_scatter",
-        "course_lib.ring_allreduce:ring_all_gather",
-        "course_lib.ring_allreduce:ring_all_reduce",
-        "course_lib.ring_allreduce:unchunked_ring_all_reduce",
-        "course_lib.ring_allreduce:naive_all_reduce",
-        "course_lib.ring_allreduce:tree_all_reduce",
-        "course_lib.ring_allreduce:_reduce_scatter",
-        "course_lib.ring_allreduce:_all_gather",
-        "course_lib.zero:reduce_scatter",
+        *COURSE_RINGS,
         "course_lib.collectives:flat_broadcast",
         "course_lib.collectives:tree_broadcast",
     ),

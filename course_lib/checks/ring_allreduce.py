@@ -179,20 +179,24 @@ def _check(ex_id: str, kind: str, learner_fn) -> None:
                     )
 
 
+#: The course's own all-reduce building blocks: no send/recv exercise may call them.
+COURSE_RINGS = (
+    "course_lib.ring_allreduce:ring_reduce_scatter",
+    "course_lib.ring_allreduce:ring_all_gather",
+    "course_lib.ring_allreduce:ring_all_reduce",
+    "course_lib.ring_allreduce:unchunked_ring_all_reduce",
+    "course_lib.ring_allreduce:naive_all_reduce",
+    "course_lib.ring_allreduce:tree_all_reduce",
+    "course_lib.ring_allreduce:_reduce_scatter",
+    "course_lib.ring_allreduce:_all_gather",
+    "course_lib.zero:reduce_scatter",
+)
+
+
 @exercise(
     "3.1",
     "ring reduce-scatter",
-    refuses=(
-        "course_lib.ring_allreduce:ring_reduce_scatter",
-        "course_lib.ring_allreduce:ring_all_gather",
-        "course_lib.ring_allreduce:ring_all_reduce",
-        "course_lib.ring_allreduce:unchunked_ring_all_reduce",
-        "course_lib.ring_allreduce:naive_all_reduce",
-        "course_lib.ring_allreduce:tree_all_reduce",
-        "course_lib.ring_allreduce:_reduce_scatter",
-        "course_lib.ring_allreduce:_all_gather",
-        "course_lib.zero:reduce_scatter",
-    ),
+    refuses=COURSE_RINGS,
 )
 def ring_reduce_scatter(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(tensor)``: afterwards chunk r of rank r's tensor is the sum of every rank's chunk r."""
@@ -202,17 +206,7 @@ def ring_reduce_scatter(learner_fn: Callable[..., Any]) -> None:
 @exercise(
     "3.2",
     "ring all-gather",
-    refuses=(
-        "course_lib.ring_allreduce:ring_reduce_scatter",
-        "course_lib.ring_allreduce:ring_all_gather",
-        "course_lib.ring_allreduce:ring_all_reduce",
-        "course_lib.ring_allreduce:unchunked_ring_all_reduce",
-        "course_lib.ring_allreduce:naive_all_reduce",
-        "course_lib.ring_allreduce:tree_all_reduce",
-        "course_lib.ring_allreduce:_reduce_scatter",
-        "course_lib.ring_allreduce:_all_gather",
-        "course_lib.zero:reduce_scatter",
-    ),
+    refuses=COURSE_RINGS,
 )
 def ring_all_gather(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(tensor)``: rank r's chunk r ends up in chunk r of every rank's tensor."""
@@ -223,17 +217,7 @@ def ring_all_gather(learner_fn: Callable[..., Any]) -> None:
     "3.3",
     "ring all-reduce",
     builds_on=("3.1", "3.2"),
-    refuses=(
-        "course_lib.ring_allreduce:ring_reduce_scatter",
-        "course_lib.ring_allreduce:ring_all_gather",
-        "course_lib.ring_allreduce:ring_all_reduce",
-        "course_lib.ring_allreduce:unchunked_ring_all_reduce",
-        "course_lib.ring_allreduce:naive_all_reduce",
-        "course_lib.ring_allreduce:tree_all_reduce",
-        "course_lib.ring_allreduce:_reduce_scatter",
-        "course_lib.ring_allreduce:_all_gather",
-        "course_lib.zero:reduce_scatter",
-    ),
+    refuses=COURSE_RINGS,
 )
 def ring_all_reduce(learner_fn: Callable[..., Any]) -> None:
     """Check ``learner_fn(tensor)``: every rank's tensor becomes the sum, sending 2(N−1)/N·K."""
