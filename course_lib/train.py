@@ -370,7 +370,7 @@ def train_gpt(
     (default: pp) micro-batches. Optimizer: AdamW (lr, β = (0.9, 0.999), no weight decay).
     Returns, on every rank, {"loss": the global mean loss of every step, "tokens_per_s": global
     tokens per second of wall time, "peak_bytes": the most bytes of model states plus saved
-    activations this rank held, "coord", "sharding"}.
+    activations this rank held, "step_s": this rank's wall seconds of every step, "coord", "sharding"}.
     """
     kw = {**MODEL_DEFAULTS, **model_kw}
     kw["moe"] = bool(kw.get("moe", False) or ep > 1)
@@ -402,9 +402,10 @@ def train_gpt(
     # Copies of the same loss: the tp ranks of a context-parallel run all compute the whole head.
     copies = data_ranks * (tp if (tp > 1 and cp > 1) else 1)
     bar = _progress(steps, grid.rank == 0 and progress)
-    losses, peak = [], 0
+    losses, peak, step_s = [], 0, []
     start = time.perf_counter()
     for step in range(steps):
+        step_start = time.perf_counter()
         x, y = gpt.global_batch(train_ids, step, batch_size, seq_len, seed)
         x, y = gpt.data_shard(x, data_rank, data_ranks), gpt.data_shard(y, data_rank, data_ranks)
         inputs = (my_columns(x) if cp > 1 else x) if first else None  # SP scatters after embedding
@@ -417,6 +418,7 @@ def train_gpt(
         total = loss.detach().clone() if last else torch.zeros(())
         dist.all_reduce(total)
         losses.append(total.item() / copies)
+        step_s.append(time.perf_counter() - step_start)
         if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.update(1)
@@ -430,6 +432,7 @@ def train_gpt(
         "loss": losses,
         "tokens_per_s": steps * batch_size * seq_len / wall,
         "peak_bytes": peak,
+        "step_s": step_s,
         "coord": grid.coord,
         "sharding": sharding,
     }
