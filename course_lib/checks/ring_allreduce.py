@@ -274,4 +274,36 @@ def assign_buckets(learner_fn: Callable[..., Any]) -> None:
                 if where < min(len(got), len(want))
                 else f"{len(want)} buckets expected, got {len(got)}"
             )
-            raise Mismatch(f"sizes={sizes}, cap={cap}: {detail} (expected {want}, got {got})")
+            raise Mismatch(
+                f"sizes={sizes}, cap={cap}: {detail} (expected {want}, got {got}){_bucket_hint(sizes, cap, got)}"
+            )
+
+
+def _greedy_buckets(order, sizes: list, cap: float, never_over: bool) -> list[list[int]]:
+    """Buckets filled walking ``order``; closed at ``cap`` or more, or (never_over) before going over it."""
+    buckets, current, filled = [], [], 0
+    for i in order:
+        if never_over and current and filled + sizes[i] > cap:
+            buckets.append(current)
+            current, filled = [], 0
+        current.append(i)
+        filled += sizes[i]
+        if not never_over and filled >= cap:
+            buckets.append(current)
+            current, filled = [], 0
+    return [*buckets, current] if current else buckets
+
+
+def _bucket_hint(sizes: list, cap: float, got: list) -> str:
+    """Name the rule a wrong answer followed, when it is a typical one."""
+    if len(sizes) > 1 and got == _greedy_buckets(range(len(sizes)), sizes, cap, never_over=False):
+        return (
+            " — you filled them from the first parameter: fill from the LAST one, the order in which "
+            "backward produces the gradients"
+        )
+    if got == _greedy_buckets(reversed(range(len(sizes))), sizes, cap, never_over=True):
+        return (
+            " — no bucket of yours goes over the cap: a bucket closes only once it holds cap bytes or "
+            "more, so its last parameter may take it over (as in torch's DDP)"
+        )
+    return ""
