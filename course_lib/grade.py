@@ -311,6 +311,8 @@ def _verdict(ex_id: str, records: list) -> tuple[str, str]:
     if ex_id not in checks.EXERCISES:
         return checks.ERROR, "no check function is registered for this exercise"
     for record in records:
+        if isinstance(record, dict) and record.get("untouched") is True:
+            return checks.NOT_ATTEMPTED, ""
         answer = submission.read_submission(record)
         if isinstance(answer, str):
             return checks.ERROR, answer

@@ -15,6 +15,7 @@ import nbformat
 import pytest
 
 from course_lib import build, checks, grade, launch
+from course_lib.checks import submission
 from course_lib.grade import CellRun
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -119,7 +120,7 @@ def test_stubs_edited_checks_and_endless_loop(course):
     assert statuses(untouched) == nothing
     assert statuses(edited) == nothing  # the printed "✔" of an edited check cell earns nothing
     assert statuses(loop) == {
-        "99.1": ("failed", f"your function did not return within {LOOP_LIMIT} s (an endless loop? an exit?)"),
+        "99.1": ("failed", f"your function did not return within {LOOP_LIMIT} s (an endless loop?)"),
         "99.2": ("passed", ""),
     }
     assert report["totals"]["passed"] == 1 and report["totals"]["not attempted"] == 4
@@ -200,6 +201,74 @@ def test_judge_explains_missing_results(course, demo_checks):
     )
     runs[spots["double"]] = CellRun(spots["double"], "ok")
     assert grade.judge(nb, runs, {"99.2": "double"}, spots)[0]["status"] == "failed"
+
+
+def _stub(x):
+    """Docstring and comments do not count."""
+    # YOUR CODE HERE
+    raise NotImplementedError("exercise: replace this line with your code")
+
+
+class _StubFunction:
+    @staticmethod
+    def forward(ctx, x):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx, g):
+        raise NotImplementedError("exercise")
+
+
+class _HalfDone(_StubFunction):
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+
+def _conditional(x):
+    if x:
+        raise NotImplementedError
+    return x
+
+
+def _prints_first(x):
+    print(x)
+    raise NotImplementedError
+
+
+def test_untouched_stubs_are_told_from_attempts():
+    assert submission.untouched(_stub) and submission.untouched(_StubFunction)
+    for attempt in (_HalfDone, _conditional, _prints_first, lambda x: x + 1, 3, None):
+        assert not submission.untouched(attempt), attempt
+
+
+def test_an_untouched_claim_is_not_attempted_without_running_anything(course, demo_checks):
+    # The kernel's claim only ever costs the learner, so the grader takes it as it is: even
+    # beside a right answer it reads "not attempted", and no rank or worker is started.
+    nb = nbformat.read(course / "exercises" / "99_demo.ipynb", as_version=4)
+    spots = build.answer_cells(nb)
+    add_check = next(i for i, c in enumerate(nb.cells) if "check.add_one(" in c.source)
+    runs = [CellRun(i, state="ok") for i in range(len(nb.cells))]
+    right = base64.b64encode(launch.dumps_by_value((lambda x: x + 1,))).decode()
+    runs[add_check].submissions = [{"id": "99.1", "args": [right], "kwargs": {}, "untouched": True}]
+    (row,) = grade.judge(nb, runs, {"99.1": "add one"}, spots)
+    assert (row["status"], row["message"]) == ("not attempted", "")
+    runs[add_check].submissions = [{"id": "99.1", "args": [right], "kwargs": {}, "untouched": "yes"}]
+    assert grade.judge(nb, runs, {"99.1": "add one"}, spots)[0]["status"] == "passed"
+
+
+def test_a_worker_that_exits_is_named_and_a_right_call_after_it_works():
+    def leaves(x):
+        import os
+
+        os._exit(3)
+
+    answer = submission.Submitted(launch.dumps_by_value((leaves,)))
+    with pytest.raises(checks.Mismatch, match=r"ended its process \(exit code 3\) instead of returning"):
+        answer(1)
+    right = submission.Submitted(launch.dumps_by_value((lambda x: x + 1,)))
+    assert right(1) == 2
+    right.close()
 
 
 def test_table_prints_the_whole_diagnosis_wrapped_between_words(capsys):

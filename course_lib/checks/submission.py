@@ -6,7 +6,7 @@ answer it was given (by value, as the ranks receive it) and shows it as one outp
 own process with a :class:`Submitted` answer: bytes it never unpickles. The ranks unpickle
 them (they run the learner's code and send back tensors and numbers in a format that cannot
 carry code, see ``launch.run(safe_results=True)``); a check that calls the answer as a plain
-function calls it in a separate worker process (``python -m course_lib.checks.submission``),
+function calls it in a separate worker process (forked from the launcher's forkserver),
 with the same built-ins switched off there, and reads its result in the same safe format.
 """
 
@@ -15,14 +15,12 @@ from __future__ import annotations
 import base64
 import builtins
 import contextlib
+import dis
 import io
 import os
 import pickle
-import select
-import struct
-import subprocess
 import sys
-import time
+import types
 from typing import Any
 
 import torch
@@ -49,11 +47,37 @@ def submit(ex_id: str, title: str, args: tuple, kwargs: dict) -> None:
             "args": [_encode(launch.dumps_by_value((a,))) for a in args],
             "kwargs": {k: _encode(launch.dumps_by_value((v,))) for k, v in kwargs.items()},
         }
+        answers = (*args, *kwargs.values())
+        if answers and all(untouched(a) for a in answers):
+            # Only ever a claim against the learner (it earns nothing), so the grader may take
+            # the kernel's word for it and skip launching ranks or a worker to find it out.
+            record["untouched"] = True
         line = f"· {ex_id} {title} — handed to the grader"
     except Exception as exc:  # noqa: BLE001 - e.g. an answer that holds an open file
         record = {"id": ex_id, "error": f"your answer cannot be sent to the checks: {exc!r}"[:500]}
         line = f"✘ {ex_id} {title} — {record['error']}"
     display({MIME: record, "text/plain": line}, raw=True)
+
+
+_STUB_OPS = {"RESUME", "NOP", "CACHE", "PUSH_NULL", "LOAD_GLOBAL", "LOAD_CONST", "PRECALL", "CALL"}
+
+
+def untouched(answer: object) -> bool:
+    """Whether an answer is still the exercise's stub: every function it defines only raises
+    NotImplementedError (a function, or a class all of whose own methods are such functions)."""
+    if isinstance(answer, type):
+        functions = [getattr(f, "__func__", f) for f in vars(answer).values()]
+        functions = [f for f in functions if isinstance(f, types.FunctionType)]
+        return bool(functions) and all(_raises_not_implemented_only(f) for f in functions)
+    return isinstance(answer, types.FunctionType) and _raises_not_implemented_only(answer)
+
+
+def _raises_not_implemented_only(fn: types.FunctionType) -> bool:
+    code = fn.__code__
+    if code.co_names != ("NotImplementedError",) or code.co_freevars:
+        return False
+    ops = [ins.opname for ins in dis.get_instructions(code)]
+    return ops[-1:] == ["RAISE_VARARGS"] and set(ops[:-1]) <= _STUB_OPS
 
 
 def _encode(data: bytes) -> str:
@@ -104,13 +128,13 @@ class Submitted:
         worker = self._worker or _Worker()
         self._worker = worker
         reply = worker.call((self.payload, args, kwargs, list(self.refusals), self.course_refusals))
-        if reply is None:
+        if reply[0] in ("timeout", "ended"):
             from course_lib.checks.registry import Mismatch
 
             self._worker = None
-            raise Mismatch(
-                f"your function did not return within {CALL_TIMEOUT:g} s (an endless loop? an exit?)"
-            )
+            if reply[0] == "ended":
+                raise Mismatch(f"your function ended its process (exit code {reply[1]}) instead of returning")
+            raise Mismatch(f"your function did not return within {CALL_TIMEOUT:g} s (an endless loop?)")
         if reply[0] == "ok":
             _copy_back(args, reply[2])
             return reply[1]
@@ -165,80 +189,77 @@ def _copy_back(args, states) -> None:
 
 
 class _Worker:
-    """One worker process serving calls of one answer, over two pipes of length-prefixed messages."""
+    """One worker process serving calls of one answer, over a pair of one-way pipes.
+
+    It is forked from the launcher's forkserver, which has torch imported and never runs a
+    learner's code: a worker starts in tens of milliseconds, not the seconds a fresh
+    ``import torch`` takes (one per plain-function exercise adds up over a class).
+    """
 
     def __init__(self):
-        to_worker_r, self.to_worker = os.pipe()
-        self.from_worker, from_worker_w = os.pipe()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "course_lib.checks.submission", str(to_worker_r), str(from_worker_w)],
-            pass_fds=(to_worker_r, from_worker_w),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        os.close(to_worker_r)
-        os.close(from_worker_w)
+        ctx = launch._context()
+        requests, self.to_worker = ctx.Pipe(duplex=False)
+        self.from_worker, replies = ctx.Pipe(duplex=False)
+        with launch._main_module_not_rerun():
+            self.proc = ctx.Process(target=_serve_pipes, args=(requests, replies), daemon=True)
+            self.proc.start()
+        requests.close()
+        replies.close()
 
     def call(self, message: object) -> Any:
+        """The worker's reply; ("timeout",) or ("ended", exit code) when there is none."""
         try:
-            _write(self.to_worker, pickle.dumps(message))
-            data = _read(self.from_worker, CALL_TIMEOUT)
-        except OSError:
-            data = None
-        if data is None:
+            self.to_worker.send_bytes(pickle.dumps(message))
+            if not self.from_worker.poll(CALL_TIMEOUT):
+                self.close()
+                return ("timeout",)
+            # recv_bytes, never recv: what the worker sends is read only as torch's safe format.
+            data = self.from_worker.recv_bytes()
+        except (OSError, EOFError):
+            self.proc.join(2)
+            code = self.proc.exitcode
             self.close()
-            return None
+            return ("ended", code)
         try:
             return torch.load(io.BytesIO(data), weights_only=True)
         except Exception as exc:  # noqa: BLE001 - anything but the safe format
             return ("raise", "TypeError", f"your function returned something the check cannot read: {exc}")
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.to_worker)
-        with contextlib.suppress(OSError):
-            os.close(self.from_worker)
+        for conn in (self.to_worker, self.from_worker):
+            with contextlib.suppress(OSError):
+                conn.close()
+        # The worker leads its own session: its group holds whatever the answer started too.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, 9)
-        self.proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(self.proc.pid, 9)
+        self.proc.join(5)
 
 
-def _write(fd: int, data: bytes) -> None:
-    view = memoryview(struct.pack("<Q", len(data)) + data)
-    while view:
-        view = view[os.write(fd, view) :]
+def _serve_pipes(requests, replies) -> None:
+    """The worker, forked from the launcher's forkserver: its own session, dies with its parent."""
+    os.setsid()
+    launch._die_with_parent()
 
-
-def _read(fd: int, timeout: float | None = None) -> bytes | None:
-    deadline = None if timeout is None else time.monotonic() + timeout
-    chunks, need, header = [], 8, True
-    while need:
-        if deadline is not None:
-            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                return None
-        chunk = os.read(fd, min(need, 1 << 20))
-        if not chunk:
+    def receive():
+        try:
+            return requests.recv_bytes()
+        except EOFError:
             return None
-        chunks.append(chunk)
-        need -= len(chunk)
-        if not need and header:
-            (need,) = struct.unpack("<Q", b"".join(chunks))
-            chunks, header = [], False
-    return b"".join(chunks)
+
+    _serve(receive, replies.send_bytes)
 
 
-def _serve(request_fd: int, reply_fd: int) -> None:
-    """The worker: call the answer on each request; reply in the safe format."""
+def _serve(receive, reply_with) -> None:
+    """Call the answer on each request; reply in the safe format."""
     import cloudpickle
 
     from course_lib.checks.refusal import builtins_switched_off, course_code_switched_off
 
     torch.set_num_threads(1)
     answer = None
-    while (data := _read(request_fd)) is not None:
+    while (data := receive()) is not None:
         payload, args, kwargs, refusals, (ex_id, course_code) = pickle.loads(data)  # from the grader: trusted
         try:
             if answer is None:
@@ -260,8 +281,4 @@ def _serve(request_fd: int, reply_fd: int) -> None:
             returned = type(reply[1]).__name__
             message = f"your function returned a {returned} the check cannot read: {exc}"
             torch.save(("raise", "TypeError", message), buffer)
-        _write(reply_fd, buffer.getvalue())
-
-
-if __name__ == "__main__":
-    _serve(int(sys.argv[1]), int(sys.argv[2]))
+        reply_with(buffer.getvalue())

@@ -107,15 +107,38 @@ def lab(tmp_path_factory):
         log.close()
 
 
-def wait_until(page, js, timeout=60.0, arg=None):
-    """Poll a JavaScript predicate from Python (page.wait_for_function stalled here)."""
+def wait_until(page, js, timeout=60.0, arg=None, describe=None):
+    """Poll a JavaScript predicate from Python (page.wait_for_function stalled here).
+
+    On time-out the error says what it waited for and, when ``describe`` is given, what
+    ``describe(page)`` found (e.g. the cell still running and the last lines it printed)."""
     deadline = time.monotonic() + timeout
     while True:
         value = page.evaluate(js, arg)
         if value:
             return value
-        assert time.monotonic() < deadline, f"timed out after {timeout:g} s waiting for: {js[:200]}"
+        if time.monotonic() >= deadline:
+            found = f"\n{describe(page)}" if describe else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for: {js[:200]}{found}")
         time.sleep(0.5)
+
+
+def running_cell(page):
+    """The first cell not yet run to its end ([*] or [ ]): its number, first lines and last output."""
+    return page.evaluate("""() => {
+        const cells = [...document.querySelectorAll('.jp-Notebook .jp-Cell')];
+        const i = cells.findIndex(c => {
+            const p = c.querySelector('.jp-CodeCell .jp-InputPrompt, .jp-InputPrompt');
+            return c.classList.contains('jp-CodeCell') && p && !/\\[\\d+\\]/.test(p.textContent);
+        });
+        if (i < 0) return 'every code cell shows an execution count';
+        const cell = cells[i];
+        const prompt = cell.querySelector('.jp-InputPrompt').textContent.trim();
+        const source = (cell.querySelector('.jp-InputArea-editor') || cell).innerText.split('\\n').slice(0, 6);
+        const output = (cell.querySelector('.jp-OutputArea') || {innerText: ''}).innerText.split('\\n');
+        return `cell ${i + 1} ${prompt} still waiting:\\n  ` + source.join('\\n  ') +
+            '\\n  last output: ' + output.slice(-8).join('\\n  ');
+    }""")
 
 
 def widget_output(page, cell_index):
@@ -200,6 +223,7 @@ def run_lesson(page, lesson):
         return !!failed || (prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent)));
     }""",
         timeout=420,
+        describe=running_cell,
     )  # a cell that raises stops Run All: stop waiting there and show its error below
     assert not tracebacks(page), f"{lesson}: a cell raised:\n{tracebacks(page)}"
 
