@@ -1,0 +1,358 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 09d · A time model that predicts the step
+#
+# Chapter 09b trained one GPT in many layouts and checked they learn the same model; it also
+# printed tokens per second, and they fell as ranks were added. This chapter says **why**, with
+# numbers made before the clock runs: the time of one training step predicted from what each
+# rank does (counted in one traced step) and five figures measured on this machine, set beside
+# the measured step for every capstone layout. Then the same arithmetic, with datasheet figures
+# for GPUs, answers a question the source notes ask: should someone with a few gaming GPUs in two
+# machines run ZeRO-3 across a 10 Gbit/s Ethernet link, or 3D parallelism?
+#
+# The model adds three kinds of work per rank and the pipeline's idle time:
+#
+# **step ≈ FLOPs / R  +  ops · t_op  +  Σ messages (α + S/β)  +  bubble**
+#
+# * **compute**: the FLOPs of the rank's matrix products (6·Ψ·T plus attention for the whole
+#   model) over R, one core's measured matmul rate;
+# * **overhead**: every op costs t_op before it does any arithmetic — Python, the dispatcher,
+#   autograd's bookkeeping; measured on an op that does almost nothing;
+# * **communication**: every collective and send priced by the α–β model of chapter 01;
+# * **bubble**: the pipeline's idle time, from chapter 06b's simulator.
+#
+# And one thing a laptop adds that a GPU cluster does not: **ranks share cores**. Eight ranks on
+# two cores each get a quarter of a core, and a message waits until its receiver gets one.
+
+# %%
+import inspect
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from course_lib import cost, gpt, step_time, viz_step_time
+from course_lib.units import format_bytes
+
+T0 = time.perf_counter()
+
+# %% [markdown]
+# ## 1. The FLOPs of one step
+#
+# A matrix product of a (T × d) input with a (d × k) weight does 2·T·d·k FLOPs (a multiply and an
+# add per term). The backward does two such products — the input's gradient and the weight's —
+# so a weight costs 2 FLOPs per token forward and 4 backward: **6·Ψ·T** for the whole model, Ψ
+# the weights of its matrix products, T the tokens of the step (Kaplan et al. 2020, "Scaling Laws
+# for Neural Language Models", §2.1). Attention adds two products that have no weights, q·kᵀ and
+# scores·v, each 2·s·d FLOPs per token forward: **12·L·s·d·T** with the backward (the PaLM paper's
+# appendix B counts the same, Chowdhery et al. 2022). Embedding look-ups, biases, LayerNorms and
+# the softmax do no matrix products and are not counted.
+#
+# This chapter's model is 09b's GPT, four times wider and with a four times longer sequence, so
+# that arithmetic shows up next to everything else:
+
+# %%
+MODEL = dict(n_layers=2, d_model=128, n_heads=4, seq_len=64)
+BATCH = 8  # train_gpt's default global batch
+vocab = gpt.CharTokenizer().vocab_size
+flops = step_time.model_flops(vocab, batch_size=BATCH, **MODEL)
+print(inspect.getsource(step_time.model_flops).split('"""')[0] + "...")
+print(
+    f"Ψ = {flops['psi']:,} weights, T = {flops['tokens']} tokens: 6ΨT = {flops['matmul'] / 1e9:.3f} GFLOP, "
+    f"attention {flops['attention'] / 1e9:.3f} GFLOP, total {flops['total'] / 1e9:.3f} GFLOP per step"
+)
+
+model = gpt.make_gpt(vocab, **MODEL)
+x = torch.randint(0, vocab, (BATCH, MODEL["seq_len"]))
+with FlopCounterMode(display=False) as counter:
+    gpt.token_loss_sum(model(x), x).backward()
+print(f"torch's FlopCounterMode, one forward and backward: {counter.get_total_flops() / 1e9:.3f} GFLOP")
+assert counter.get_total_flops() == flops["total"]
+
+# %% [markdown]
+# The formula and torch's own counter agree to the FLOP.
+#
+# ## 2. The machine, measured
+#
+# Five figures, each measured here in one launch (`step_time.measure_machine`):
+#
+# * R, the FLOP/s of one 256 × 256 fp32 matmul on one core (one thread, the other ranks idle);
+# * the **peak**: the same matmul on every core at once, added up. This is what MFU divides by —
+#   measured, not a number from a CPU's data sheet;
+# * t_op, the time per op of a chain of 64 multiplications of a 4-element tensor, forward and
+#   backward: what an op costs when it does (almost) no arithmetic;
+# * α and β, chapter 01's ping-pong fitted by `alpha_beta.fit` — once with 2 ranks, and again
+#   with 4 and 8 ranks bouncing messages in pairs at once: with more ranks than cores, a message
+#   also waits until its receiver gets a core, and the fit takes that in.
+#
+# Every figure is the fastest of several batches: another program on the machine only ever
+# makes a batch slower.
+
+# %%
+machine = step_time.measure_machine(worlds=(2, 4, 8))
+print(machine.describe())
+assert machine.core_flops > 0 and machine.peak_flops > 0 and machine.op_seconds > 0
+assert all(ab.alpha > 0 and ab.beta > 0 for ab in machine.links.values())
+
+# %% [markdown]
+# ## 3. What one rank does in a step
+#
+# The capstone's layouts, as in 09b (the same seven, same model for all):
+
+# %%
+CONFIGS = {
+    "1 rank": {},
+    "dp2·tp2·pp2 zero1": dict(dp=2, tp=2, pp=2, sharding="zero1"),
+    "fsdp2·tp2": dict(dp=2, tp=2, sharding="fsdp"),
+    "dp2·pp2 zero3": dict(dp=2, pp=2, sharding="zero3"),
+    "tp2·cp2": dict(tp=2, cp=2),
+    "1 rank (moe)": dict(moe=True),
+    "dp2·ep2 (moe) zero2": dict(dp=2, ep=2, sharding="zero2"),
+}
+
+# %% [markdown]
+# `measure_configs` launches each layout once. Every rank first runs one step of
+# `train.train_gpt` under `step_time.trace_step()`, which **counts** and does not time: the FLOPs
+# of its matrix products (torch's `FlopCounterMode`), every op it dispatches, and every
+# collective and send with its group size and bytes. Then it trains four more steps and
+# `train_gpt` returns each step's wall time (`step_s`); the first is a warm-up.
+
+# %%
+runs = step_time.measure_configs(CONFIGS, steps=4, **MODEL)
+
+name = "dp2·tp2·pp2 zero1"
+trace = runs[name].traces[0]
+print(f"{name}, rank 0: {trace.flops / 1e9:.3f} GFLOP, {trace.ops:,} ops, {len(trace.calls)} calls")
+kinds = {}
+for call in trace.calls:
+    kinds.setdefault((call.op, call.group), []).append(call.nbytes)
+for (op, group), sizes in sorted(kinds.items()):
+    print(f"  {op:18s} over {group} ranks: {len(sizes):3d} calls, {format_bytes(sum(sizes)):>10s} in all")
+
+# %% [markdown]
+# Each rank does about 1/N of the model's FLOPs — the layouts split the work, they do not add to
+# it — but the number of ops does not shrink with N: a tensor-parallel rank runs every op of its
+# layers on half-width matrices, and a pipeline stage runs its layers' ops once per micro-batch.
+# Over all ranks the FLOPs add up to the model's (for the MoE layouts: a token's FLOPs count the
+# gate and the k = 2 experts it visits, `model_flops(..., moe=True)`):
+
+# %%
+moe_flops = step_time.model_flops(vocab, batch_size=BATCH, moe=True, **MODEL)
+for name, run in runs.items():
+    expected = moe_flops if "moe" in name else flops
+    total = sum(t.flops for t in run.traces)
+    ops = max(t.ops for t in run.traces)
+    print(
+        f"{name:22s} N={run.world}  Σ FLOPs {total / 1e9:.3f} GFLOP (formula {expected['total'] / 1e9:.3f}), "
+        f"per rank {max(t.flops for t in run.traces) / 1e9:.3f} GFLOP, {ops:,} ops"
+    )
+    assert abs(total / expected["total"] - 1) < 0.03
+
+# %% [markdown]
+# ## 4. The model
+#
+# Per rank, from its trace: compute = FLOPs/R, overhead = ops·t_op, communication = Σ α–β over
+# its calls (`step_time.call_seconds`: a message α + S/β, a ring all-reduce over n ranks
+# 2(n−1)(α + S/(nβ)), an all-gather, reduce-scatter or all-to-all (n−1)(α + S/(nβ))).
+#
+# Sharing cores. Compute and overhead are CPU work: with N ranks on C < N cores, each runs at
+# C/N of a core. The messages are priced with the α–β measured with as many ranks exchanging,
+# which already includes waiting for a core. A step then takes the larger of two bounds:
+#
+# * the **path**: each pipeline stage's busiest rank, its work cut into m forwards (⅓) and m
+#   backwards (⅔) and played through the 1F1B schedule by `pipeline_schedules.simulate` — the
+#   bubble is what the schedule adds; without a pipeline, the busiest rank's work;
+# * the **machine**: all ranks' CPU work over all cores (plus the busiest rank's messages). When
+#   this is larger, a stage waiting in the bubble lends its core to the other stage, and the
+#   bubble costs nothing.
+
+# %%
+print(inspect.getsource(step_time.predict))
+
+# %% [markdown]
+# ## 5. Predicted against measured, every layout
+#
+# The measured step is the fastest of the three timed steps after the warm-up (a step ends for
+# all ranks at once, at the loss's all-reduce, so a step's time is its slowest rank's).
+
+# %%
+rows = {}
+print(
+    f"{'layout':22s} {'N':>2s} {'compute':>8s} {'overhead':>8s} {'comm':>7s} {'bubble':>7s} "
+    f"{'predicted':>9s} {'measured':>9s} {'pred/meas':>9s}  bound"
+)
+for name, run in runs.items():
+    p = step_time.predict(run, machine)
+    rows[name] = dict(
+        compute=p.compute, overhead=p.overhead, comm=p.comm, bubble=p.bubble, measured=run.measured
+    )
+    print(
+        f"{name:22s} {run.world:2d} {p.compute * 1e3:8.1f} {p.overhead * 1e3:8.1f} {p.comm * 1e3:7.1f} "
+        f"{p.bubble * 1e3:7.1f} {p.total * 1e3:9.1f} {run.measured * 1e3:9.1f} {p.total / run.measured:9.2f}  {p.bound}"
+    )
+ratios = {
+    n: sum(r[k] for k in ("compute", "overhead", "comm", "bubble")) / r["measured"] for n, r in rows.items()
+}
+errors = sorted(abs(q - 1) for q in ratios.values())
+within = sum(e <= 0.3 for e in errors)
+print(
+    f"\n(all times in ms) within 30 %: {within} of {len(errors)}; median error {errors[len(errors) // 2]:.0%}"
+)
+
+# %%
+viz_step_time.predicted_vs_measured(rows)
+
+# %% [markdown]
+# The claim checked here is deliberately looser than the goal of 30 %, so that it holds on a
+# shared CI machine where other jobs steal the cores unevenly between the measurements of the
+# machine and those of the steps: every prediction within a factor of 2 of the measured step,
+# and the model ranks the layouts from fastest to slowest about right (the one-process step is
+# the fastest predicted and measured).
+
+# %%
+assert all(0.5 <= q <= 2.0 for q in ratios.values()), ratios
+fastest = min(rows, key=lambda n: rows[n]["measured"])
+assert fastest == min(
+    ratios, key=lambda n: sum(rows[n][k] for k in ("compute", "overhead", "comm", "bubble"))
+)
+
+# %% [markdown]
+# ### Why they differ
+#
+# (filled in from the measurements)
+#
+# ## 6. MFU
+#
+# Model FLOPs utilisation (PaLM, Chowdhery et al. 2022, §4.1): the model's FLOPs per step —
+# 6ΨT + attention, not the FLOPs the hardware did — per second, over the peak of the hardware
+# the run occupied. Here that is min(N, cores) cores at the peak measured in section 2.
+
+# %%
+mfus = {}
+for name, run in runs.items():
+    model_flops = (moe_flops if "moe" in name else flops)["total"]
+    mfus[name] = step_time.mfu(model_flops, run.measured, machine, run.world)
+    print(f"{name:22s} MFU {mfus[name]:6.1%}")
+assert all(0 < u < 1 for u in mfus.values())
+assert mfus["1 rank"] == max(v for k, v in mfus.items() if "moe" not in k)
+
+# %% [markdown]
+# ## 7. GPUs: ZeRO-3 over 10 GbE, or 3D parallelism?
+#
+# The source notes ask whether an ordinary person ("平民") should try 3D parallelism, or go
+# straight to ZeRO-3 over several machines joined by 10 Gbit/s Ethernet ("多机多卡的Zero3万兆网"),
+# and answer with cost and difficulty. The time model gives a sharper answer. Take two machines
+# with four RTX 4090s each — 24 GB per GPU, the GPUs of a machine joined by PCIe 4.0 (no NVLink on
+# this card), the machines by one 10 GbE link — and train a 7B model, and a 1.3B one, on 64 Ki
+# tokens per step.
+#
+# The figures, each from a stated source (`step_time.GPUS`, `step_time.LINKS`):
+
+# %%
+for gpu in step_time.GPUS.values():
+    print(
+        f"{gpu.name:14s} {gpu.bf16_flops / 1e12:6.1f} TFLOP/s bf16, {gpu.memory / 1e9:3.0f} GB — {gpu.source}"
+    )
+for link in step_time.LINKS.values():
+    print(f"{link.name:14s} {link.bandwidth / 1e9:6.2f} GB/s one way — {link.source}")
+
+# %% [markdown]
+# The GPU side of the model is chapter 09's cost model (`cost.estimate`: memory per GPU and bytes
+# per GPU per axis, bf16 with Adam's fp32 states, 16 bytes per parameter) with each axis's bytes
+# sent over the link it crosses: ZeRO-3's gathers and reduce-scatters go round a ring of all 8
+# GPUs, and a ring is as fast as its slowest hop, the Ethernet link; in the 3D layout tensor
+# parallelism stays inside a machine (PCIe) and only the pipeline's activations cross the
+# Ethernet (each GPU sends its 1/t share of them, Narayanan et al. 2021's scatter/gather). Compute
+# runs at an assumed 50 % of the bf16 peak (an assumption: PaLM reports an MFU of 46.2 % for its
+# 540B model, Chowdhery et al. 2022), with full activation recomputation (4/3 of the FLOPs) so that the
+# activations fit in 24 GB. Two totals: nothing overlapped (every part added), and communication
+# fully hidden under compute where it can be (the larger of compute and the slowest axis) — a
+# real run lands between them.
+
+# %%
+GPU, L = step_time.GPUS["RTX 4090"], step_time.LINKS
+TWO_BOXES = dict(dp=L["10 GbE"], tp=L["PCIe 4.0 x16"], pp=L["10 GbE"])
+TOKENS = 65536
+
+
+def plans(size):
+    seqs = TOKENS // cost.PRESETS[size].seq_len
+    common = dict(recompute=True, attention="flash")
+    return {
+        "ZeRO-3, dp8 over 10 GbE": cost.Strategy(dp=8, zero=3, micro_batch_size=seqs // 8, **common),
+        "3D: tp4 (PCIe) × pp2 (10 GbE)": cost.Strategy(tp=4, pp=2, sp=True, microbatches=seqs, **common),
+        "tp4 (PCIe) × dp2 ZeRO-1 (10 GbE)": cost.Strategy(
+            tp=4, dp=2, zero=1, sp=True, microbatches=seqs // 2, **common
+        ),
+    }
+
+
+gpu_rows = {}
+print(
+    f"{'model':5s} {'plan':34s} {'GB/GPU':>6s} {'fits':>4s} {'compute':>7s} {'bubble':>6s} {'dp':>6s} "
+    f"{'tp':>5s} {'pp':>5s} {'serial':>7s} {'overlap':>7s}  (seconds per step)"
+)
+for size in ("7B", "1.3B"):
+    for label, plan in plans(size).items():
+        r = step_time.cluster_step(cost.PRESETS[size], plan, GPU, TWO_BOXES)
+        assert r["tokens"] == TOKENS
+        gpu_rows[(size, label)] = r
+        print(
+            f"{size:5s} {label:34s} {r['memory'] / 1e9:6.1f} {'yes' if r['fits'] else 'no':>4s} {r['compute']:7.2f} "
+            f"{r['bubble']:6.2f} {r['dp']:6.2f} {r['tp']:5.2f} {r['pp']:5.2f} {r['serial']:7.2f} {r['overlapped']:7.2f}"
+        )
+reference = step_time.cluster_step(
+    cost.PRESETS["7B"],
+    plans("7B")["ZeRO-3, dp8 over 10 GbE"],
+    step_time.GPUS["H100 SXM"],
+    dict(dp=L["NVLink 4"], tp=L["NVLink 4"], pp=L["NVLink 4"]),
+)
+print(
+    f"\nfor comparison, 7B ZeRO-3 on 8 H100 in one NVLink box: compute {reference['compute']:.2f} s, "
+    f"ZeRO-3 traffic {reference['dp']:.2f} s per step"
+)
+
+# %%
+viz_step_time.plan_times(
+    {f"{size} {label}": gpu_rows[(size, label)] for size, label in gpu_rows},
+    "two boxes of 4 × RTX 4090, 10 GbE between them: one step of 64 Ki tokens",
+)
+
+# %% [markdown]
+# The answer the numbers give: **not ZeRO-3 across the Ethernet.** For 7B every step must gather
+# every parameter twice and reduce-scatter every gradient, 3Ψ·(N−1)/N bf16 values per GPU — about
+# 35 GB — and a 10 GbE ring moves 1.25 GB/s: about 28 s of traffic against about 6 s of compute,
+# so even perfect overlap leaves the GPUs idle four fifths of the time. The 3D layout keeps the
+# heavy traffic (tensor parallelism's all-reduces) on PCIe inside each machine and sends only
+# activations across the link; its step is 3–4× shorter, at about the same memory per GPU. For
+# 1.3B the same holds at a smaller scale. In one NVLink box ZeRO-3's traffic is a tenth of a
+# second: ZeRO-3 is a good plan where the links are fast, and a poor one where they are not.
+# The caveats: the efficiency (50 %) is assumed; with NVIDIA's stock driver an RTX 4090 has no
+# GPU-to-GPU peer-to-peer over PCIe (NVIDIA/nccl issue #1127), so its traffic goes through host
+# memory and the tp column is optimistic; and the notes' other points — cost, and the skill to
+# run it — stand.
+
+# %%
+for size in ("7B", "1.3B"):
+    zero3 = gpu_rows[(size, "ZeRO-3, dp8 over 10 GbE")]
+    three_d = gpu_rows[(size, "3D: tp4 (PCIe) × pp2 (10 GbE)")]
+    assert zero3["fits"] and three_d["fits"]
+    assert zero3["overlapped"] > 2 * three_d["overlapped"] and zero3["serial"] > 2 * three_d["serial"]
+assert reference["dp"] < 0.1 * reference["compute"]
+
+# %% [markdown]
+# ## What you measured
+#
+# (filled in from the measurements)
+
+# %%
+print(f"lesson: {time.perf_counter() - T0:.1f} s")
