@@ -290,6 +290,7 @@ def test_wrong_broadcast_names_world_size_rank_and_element():
     assert result.message.startswith("N=2, src=0: rank 1: tensor[0, 0] expected ")
 
 
+@pytest.mark.mistake("1.1")
 def test_broadcast_that_returns_a_new_tensor_is_told_to_work_in_place(solution):
     broadcast = solution.broadcast  # closures carry the function, not the module
 
@@ -321,11 +322,13 @@ def test_reduce_that_ignores_dst_fails_on_dst_1(solution):
     assert result.message.startswith("N=2, dst=1: rank 1: tensor[")
 
 
+@pytest.mark.mistake("1.4")
 def test_all_reduce_without_broadcast_fails_on_rank_1(solution):
     reduce = solution.reduce
     result = check.all_reduce(lambda tensor: reduce(tensor, 0))
     assert result.status == FAILED
     assert result.message.startswith("N=2: rank 1: tensor[")
+    assert "rank 0 holds the sum, rank 1 does not: broadcast it" in result.message
 
 
 def test_not_implemented_reads_not_attempted():
@@ -405,6 +408,7 @@ def chain_reduce(tensor, dst):
         dist.send(tensor, (me - 1 + dst) % n)
 
 
+@pytest.mark.mistake("1.3")
 def test_a_chain_reduce_is_right_but_not_a_tree(solution):
     assert check.reduce(solution.reduce).status == PASSED
     result = check.reduce(chain_reduce)
@@ -427,6 +431,7 @@ def everyone_to_everyone(tensor):
     return gathered
 
 
+@pytest.mark.mistake("1.2")
 def test_an_all_gather_that_is_not_a_ring_is_named(solution):
     assert check.all_gather(solution.all_gather).status == PASSED
     result = check.all_gather(everyone_to_everyone)

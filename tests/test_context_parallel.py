@@ -249,17 +249,29 @@ def test_checks_pass_right_answers_and_read_stubs_as_not_attempted():
 @pytest.mark.parametrize(
     "name, answer, words",
     [
-        ("merge_partials", _merge_averaged, "averaged the two outputs"),
-        ("merge_partials", _merge_naive, "subtract the running max"),
-        ("merge_partials", _merge_max_lse, "running max alone"),
+        pytest.param(
+            "merge_partials", _merge_averaged, "averaged the two outputs", marks=pytest.mark.mistake("5b.1")
+        ),
+        pytest.param(
+            "merge_partials", _merge_naive, "subtract the running max", marks=pytest.mark.mistake("5b.1")
+        ),
+        pytest.param(
+            "merge_partials", _merge_max_lse, "running max alone", marks=pytest.mark.mistake("5b.1")
+        ),
         ("merge_partials", cp.merge_partials, "build this yourself"),
-        (
+        pytest.param(
             "causal_block",
             lambda q, k, v, i, j: _block(q, k, v, i, j, lambda a, b: False),
             "needs the causal mask",
+            marks=pytest.mark.mistake("5b.2"),
         ),
-        ("causal_block", lambda q, k, v, i, j: _block(q, k, v, i, j, lambda a, b: True), "entirely visible"),
-        (
+        pytest.param(
+            "causal_block",
+            lambda q, k, v, i, j: _block(q, k, v, i, j, lambda a, b: True),
+            "entirely visible",
+            marks=pytest.mark.mistake("5b.2"),
+        ),
+        pytest.param(
             "causal_block",
             lambda q, k, v, i, j: (
                 _block(q, k, v, min(i, j), min(i, j), lambda a, b: a == b)
@@ -267,12 +279,30 @@ def test_checks_pass_right_answers_and_read_stubs_as_not_attempted():
                 else _block(q, k, v, i, j, lambda a, b: a == b)
             ),
             "return None",
+            marks=pytest.mark.mistake("5b.2"),
         ),
-        ("zigzag_positions", _zigzag_swapped, "the pair is swapped"),
-        ("zigzag_positions", lambda r, n, s: list(range(r * s // n, (r + 1) * s // n)), "contiguous layout"),
-        ("ring_step", _ring_step_late, "posted after the block was computed"),
+        pytest.param(
+            "zigzag_positions", _zigzag_swapped, "the pair is swapped", marks=pytest.mark.mistake("5b.3")
+        ),
+        pytest.param(
+            "zigzag_positions",
+            lambda r, n, s: list(range(r * s // n, (r + 1) * s // n)),
+            "contiguous layout",
+            marks=pytest.mark.mistake("5b.3"),
+        ),
+        pytest.param(
+            "ring_step",
+            _ring_step_late,
+            "posted after the block was computed",
+            marks=pytest.mark.mistake("5b.4"),
+        ),
         ("ring_step", _ring_step_library, "build this yourself"),
-        ("seq_to_heads", _seq_to_heads_wrong_group, "you hold head group"),
+        pytest.param(
+            "seq_to_heads",
+            _seq_to_heads_wrong_group,
+            "you hold head group",
+            marks=pytest.mark.mistake("5b.5"),
+        ),
     ],
     ids=lambda x: x if isinstance(x, str) and " " not in x else "",
 )

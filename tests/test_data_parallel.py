@@ -273,31 +273,47 @@ def forgets_to_scale(model, optimizer, micro_batches):
 @pytest.mark.parametrize(
     "name, wrong, words",
     [
-        ("shard_batch", strided, ["N=2", "rank 0 got rows [0, 2, 4", "expected rows 0–5", "contiguous"]),
-        (
+        pytest.param(
+            "shard_batch",
+            strided,
+            ["N=2", "rank 0 got rows [0, 2, 4", "expected rows 0–5", "contiguous"],
+            marks=pytest.mark.mistake("2.1"),
+        ),
+        pytest.param(
             "average_gradients",
             summed,
             ["N=2, rank 0: that is the SUM over the 2 ranks", "; fc1.weight.grad[", "expected"],
+            marks=pytest.mark.mistake("2.2"),
         ),
-        ("average_gradients", nothing, ["N=2, rank 0:", "own gradient"]),
+        pytest.param(
+            "average_gradients", nothing, ["N=2, rank 0:", "own gradient"], marks=pytest.mark.mistake("2.2")
+        ),
         ("average_gradients", wraps_in_ddp, ["DistributedDataParallel", "switched off"]),
-        (
+        pytest.param(
             "parameter_server_step",
             server_keeps_parameters,
             ["N=2, step 1, rank 1:", "send the updated parameters back", "; fc1.weight["],
+            marks=pytest.mark.mistake("2.3"),
         ),
-        (
+        pytest.param(
             "parameter_server_step",
             server_overwrites_its_gradient,
             ["N=2, step 1, rank 0:", "server's own gradient is missing"],
+            marks=pytest.mark.mistake("2.3"),
         ),
         ("parameter_server_step", server_all_reduces, ["parameter server", "you called dist.all_reduce"]),
-        (
+        pytest.param(
             "accumulate_and_step",
             syncs_every_micro_batch,
             ["rank 0 communicated (dist.all_reduce) after micro-batch 1 of 3"],
+            marks=pytest.mark.mistake("2.4"),
         ),
-        ("accumulate_and_step", forgets_to_scale, ["N=1, step 1, rank 0:", "3× too large"]),
+        pytest.param(
+            "accumulate_and_step",
+            forgets_to_scale,
+            ["N=1, step 1, rank 0:", "3× too large"],
+            marks=pytest.mark.mistake("2.4"),
+        ),
     ],
 )
 def test_wrong_answers_get_a_specific_diagnosis(name, wrong, words):

@@ -15,7 +15,7 @@ import pytest
 from conftest import run_gloo, wait_for_no_ranks
 
 from course_lib import torchrun
-from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
+from course_lib.checks import ERROR, FAILED, NOT_ATTEMPTED, PASSED
 from course_lib.checks import debugging as check
 from course_lib.torchrun import TorchrunError, accumulation_steps, nodes_command, placement, run_nodes
 
@@ -134,9 +134,10 @@ def _correct_placement(rank, counts, visible):
         ),
     ],
 )
+@pytest.mark.mistake("10.5")
 def test_placement_mistakes_are_named(wrong, words):
     result = check.placement(wrong)
-    assert result.status != PASSED and words in result.message, result.message
+    assert result.status == FAILED and words in result.message, result.message
 
 
 @pytest.mark.parametrize(
@@ -149,12 +150,17 @@ def test_placement_mistakes_are_named(wrong, words):
             lambda B, b, w, tp, pp: max(1, B // (b * w // (tp * pp))),
             "expected ValueError (30 is not a multiple",
         ),
-        (lambda B, b, w, tp, pp: 1 / 0, "ZeroDivisionError"),
     ],
 )
+@pytest.mark.mistake("10.6")
 def test_accumulation_mistakes_are_named(wrong, words):
     result = check.accumulation_steps(wrong)
-    assert result.status != PASSED and words in result.message, result.message
+    assert result.status == FAILED and words in result.message, result.message
+
+
+def test_a_crash_is_an_error_not_a_wrong_answer():
+    result = check.accumulation_steps(lambda B, b, w, tp, pp: 1 / 0)
+    assert result.status == ERROR and "ZeroDivisionError" in result.message, result.message
 
 
 # ----------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import sys
 
 import jupytext
 import pytest
+import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from conftest import wait_for_no_ranks
 
@@ -132,8 +134,18 @@ def test_solution_passes(solution, name):
     "name, broken, words",
     [
         ("global_mean", "global_mean_broken", "deadlock"),
-        ("row_parallel_output", "row_parallel_output_broken", "pass group=tp_group"),
-        ("accumulate_with_no_sync", "accumulate_broken", "never averaged"),
+        pytest.param(
+            "row_parallel_output",
+            "row_parallel_output_broken",
+            "pass group=tp_group",
+            marks=pytest.mark.mistake("10.3"),
+        ),
+        pytest.param(
+            "accumulate_with_no_sync",
+            "accumulate_broken",
+            "never averaged",
+            marks=pytest.mark.mistake("10.4"),
+        ),
     ],
 )
 def test_broken_versions_are_diagnosed(solution, monkeypatch, name, broken, words):
@@ -148,6 +160,7 @@ def test_a_crash_names_the_last_rank(solution):
     assert "rank 1 raised IndexError" in result.message, result.message
 
 
+@pytest.mark.mistake("10.4")
 def test_syncing_every_micro_batch_is_flagged():
     def every_time(ddp_model, micro_batches):
         for x, y in micro_batches:
@@ -155,6 +168,56 @@ def test_syncing_every_micro_batch_is_flagged():
 
     result = check.accumulate_with_no_sync(every_time)
     assert result.status == FAILED and "all-reduced 3 times" in result.message, result.message
+
+
+def own_mean(losses):
+    return losses.mean().item()
+
+
+def mean_of_means(losses):
+    mean = torch.tensor([losses.mean().item() if len(losses) else 0.0])
+    dist.all_reduce(mean)
+    return mean.item() / dist.get_world_size()
+
+
+def pass_left(t):
+    rank, n = dist.get_rank(), dist.get_world_size()
+    received = torch.empty_like(t)
+    request = dist.isend(t, (rank - 1) % n)
+    dist.recv(received, (rank + 1) % n)
+    request.wait()
+    return received
+
+
+@pytest.mark.parametrize(
+    "name, wrong, words",
+    [
+        pytest.param(
+            "global_mean",
+            own_mean,
+            "N=2, rank 1: expected the global mean 1, got nan (this rank's own mean: nothing was combined",
+            marks=pytest.mark.mistake("10.1"),
+            id="own mean",
+        ),
+        pytest.param(
+            "global_mean",
+            mean_of_means,
+            "(a mean of the ranks' means: the shards differ in size",
+            marks=pytest.mark.mistake("10.1"),
+            id="mean of means",
+        ),
+        pytest.param(
+            "pass_right",
+            pass_left,
+            "that is rank 1's tensor, the RIGHT neighbour's: send to (r + 1) mod N",
+            marks=pytest.mark.mistake("10.2"),
+            id="sends left",
+        ),
+    ],
+)
+def test_typical_wrong_fixes_are_named(name, wrong, words):
+    result = getattr(check, name)(wrong)
+    assert result.status == FAILED and words in result.message, result.message
 
 
 def test_not_attempted():

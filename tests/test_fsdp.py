@@ -328,6 +328,7 @@ def test_the_order_exercise_describes_the_library():
         assert order == check.reference_collective_order(["0", "1", "2"], prefetch, reshard)
 
 
+@pytest.mark.mistake("7b.1", "7b.2", "7b.3", "7b.4")
 def test_checks_pass_solutions_and_name_wrong_answers():
     import reference_answers
 

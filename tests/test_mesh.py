@@ -148,6 +148,7 @@ def test_checks_pass_for_correct_answers(solution):
     assert refused.status == FAILED and "you called mesh.GridLayout.groups" in refused.message
 
 
+@pytest.mark.mistake("9.1", "9.2", "9.3")
 def test_checks_diagnose_wrong_answers(solution):
     result = check.coordinates(lambda r, d, t, p: (r % d, r // d % t, r // (d * t)))
     assert result.status == FAILED and "dp varies fastest" in result.message
@@ -164,6 +165,7 @@ def _world_average(model, dp_group):
         p.grad /= dist.get_world_size()
 
 
+@pytest.mark.mistake("9.4")
 def test_average_gradients_check_names_the_wrong_group(solution):
     assert check.average_gradients(solution.average_gradients).status == PASSED
     result = check.average_gradients(_world_average)

@@ -310,6 +310,7 @@ def test_stubs_read_not_attempted(name):
     assert getattr(check, name)(stub).status == NOT_ATTEMPTED
 
 
+@pytest.mark.mistake("8.1")
 def test_gate_without_renormalisation_is_told_so():
     def raw_probabilities(logits, k):
         p, i = logits.softmax(-1).topk(k)
@@ -321,6 +322,7 @@ def test_gate_without_renormalisation_is_told_so():
     assert "divide the chosen probabilities by their sum" in result.message
 
 
+@pytest.mark.mistake("8.2")
 def test_token_major_slots_are_named():
     def token_major(expert_index, num_experts, capacity):
         slot, filled = torch.full_like(expert_index, -1), [0] * num_experts
@@ -342,6 +344,7 @@ def test_library_route_is_switched_off_in_the_check():
     assert result.status == FAILED and "you called moe.assign_slots" in result.message
 
 
+@pytest.mark.mistake("8.3")
 def test_all_to_all_diagnostics(solution):
     all_to_all = solution.all_to_all  # closures carry the function, not the module
 
@@ -352,6 +355,9 @@ def test_all_to_all_diagnostics(solution):
     result = check.all_to_all(reversed_rows)
     assert result.status == FAILED and result.message.startswith(
         "N=2, rank 0: received row 0 expected [0, 0, 0]"
+    )
+    assert "row 2 that rank 0 sent to rank 0); keep each sender's rows in the order it sent them" in (
+        result.message
     )
 
     def built_in(rows, send_counts):
@@ -366,6 +372,7 @@ def test_all_to_all_diagnostics(solution):
     assert result.status == FAILED and "you called moe.all_to_all" in result.message
 
 
+@pytest.mark.mistake("8.4")
 def test_forward_without_weights_and_with_global_capacity_are_located(solution):
     source = reference_answers.sources("08_moe")["moe_forward"]
 

@@ -176,12 +176,15 @@ def test_reference_solutions_pass(solution):
     assert check.sequence_parallel_mlp(solution.sequence_parallel_mlp).status == PASSED
 
 
+@pytest.mark.mistake("5.1")
 def test_shard_of_the_features_instead_of_the_sequence_is_named():
     result = check.sequence_shard(lambda x: x.chunk(dist.get_world_size(), dim=-1)[dist.get_rank()])
     assert result.status == FAILED
     assert result.message.startswith("N=2: rank 0: output has shape (2, 4, 4), expected (2, 2, 8)")
+    assert "that is a split of the features (last dim): split dim 1, the sequence" in result.message
 
 
+@pytest.mark.mistake("5.2")
 def test_gather_whose_backward_does_not_sum_is_diagnosed(solution):
     class GatherWithoutSum(solution.GatherFromSequenceRegion):
         @staticmethod
@@ -194,6 +197,20 @@ def test_gather_whose_backward_does_not_sum_is_diagnosed(solution):
     assert "sum over the ranks" in result.message
 
 
+@pytest.mark.mistake("5.3")
+def test_reduce_scatter_that_keeps_its_own_block_without_summing_is_diagnosed(solution):
+    class ScatterWithoutSum(solution.ReduceScatterToSequenceRegion):
+        @staticmethod
+        def forward(ctx, x):
+            return x.chunk(dist.get_world_size(), dim=1)[dist.get_rank()].clone()
+
+    result = check.reduce_scatter_to_sequence_region(ScatterWithoutSum)
+    assert result.status == FAILED
+    assert result.message.startswith("N=2: rank 0: output[0, 0, 0] expected ")
+    assert "this is my block of my own input: sum over the ranks first" in result.message
+
+
+@pytest.mark.mistake("5.4")
 def test_sublayer_without_residual_is_diagnosed_and_a_stub_is_not_attempted(solution):
     sublayer = solution.sequence_parallel_mlp  # closures carry the function, not the module
 

@@ -171,6 +171,7 @@ def test_reference_solutions_pass(solution):
     assert check.tensor_parallel_mlp(solution.tensor_parallel_mlp).status == PASSED
 
 
+@pytest.mark.mistake("4.1")
 def test_column_parallel_that_returns_everything_is_told_to_keep_its_rows():
     result = check.column_parallel(lambda x, weight, bias: F.linear(x, weight, bias))
     assert result.status == FAILED
@@ -178,6 +179,7 @@ def test_column_parallel_that_returns_everything_is_told_to_keep_its_rows():
     assert "keep only rank r's rows" in result.message
 
 
+@pytest.mark.mistake("4.2")
 def test_f_without_all_reduce_names_the_gradient(solution):
     class FWithoutAllReduce(solution.CopyToTPRegion):
         @staticmethod
@@ -190,6 +192,7 @@ def test_f_without_all_reduce_names_the_gradient(solution):
     assert "backward must all-reduce it" in result.message
 
 
+@pytest.mark.mistake("4.3")
 def test_g_that_all_reduces_in_backward_is_n_times_too_large(solution):
     class GReducingTwice(solution.ReduceFromTPRegion):
         @staticmethod
@@ -204,6 +207,7 @@ def test_g_that_all_reduces_in_backward_is_n_times_too_large(solution):
     assert "N times too large" in result.message
 
 
+@pytest.mark.mistake("4.4")
 def test_bias_added_before_the_sum_is_counted_n_times(solution):
     g = solution.ReduceFromTPRegion  # closures carry the class, not the module
 
@@ -216,6 +220,7 @@ def test_bias_added_before_the_sum_is_counted_n_times(solution):
     assert result.message.startswith("N=2: rank 0: output[") and "bias was added 2 times" in result.message
 
 
+@pytest.mark.mistake("4.5")
 def test_mlp_without_f_gets_a_partial_input_gradient(solution):
     column_parallel, row_parallel = solution.column_parallel, solution.row_parallel
 

@@ -172,6 +172,7 @@ def test_an_untouched_exercise_reads_not_attempted():
     assert check.owned_chunks_3d(stub).status == NOT_ATTEMPTED
 
 
+@pytest.mark.mistake("4b.1")
 def test_owned_blocks_names_swapped_coordinates_and_transposed_blocks(solution):
     def swapped(x, weight, q, rank):
         return solution.owned_blocks(x, weight, q, (rank % q) * q + rank // q)
@@ -197,6 +198,7 @@ def test_owned_blocks_names_swapped_coordinates_and_transposed_blocks(solution):
     assert result.status == FAILED and "you used course_lib.tp_nd.owned_2d" in result.message
 
 
+@pytest.mark.mistake("4b.3")
 def test_owned_3d_names_the_wrong_axis(solution):
     def reversed_order(x, weight, q, rank):
         a, b, c = rank % q, rank // q % q, rank // (q * q)
@@ -208,8 +210,10 @@ def test_owned_3d_names_the_wrong_axis(solution):
             x, weight, q, rank
         )[1]
 
-    assert "the rank order is reversed" in check.owned_chunks_3d(reversed_order).message
-    assert "X's rows are split along the wrong axis" in check.owned_chunks_3d(rows_split_along_c).message
+    result = check.owned_chunks_3d(reversed_order)
+    assert result.status == FAILED and "the rank order is reversed" in result.message
+    result = check.owned_chunks_3d(rows_split_along_c)
+    assert result.status == FAILED and "X's rows are split along the wrong axis" in result.message
 
 
 def summa_groups_swapped(x_block, b_block, grid):
@@ -249,11 +253,18 @@ def summa_by_all_gather(x_block, b_block, grid):
 @pytest.mark.parametrize(
     "wrong, words",
     [
-        (summa_groups_swapped, "row and column groups swapped"),
-        (summa_before_the_broadcast_arrives, "accumulating before the broadcast arrived?"),
-        (
+        pytest.param(
+            summa_groups_swapped, "row and column groups swapped", marks=pytest.mark.mistake("4b.2")
+        ),
+        pytest.param(
+            summa_before_the_broadcast_arrives,
+            "accumulating before the broadcast arrived?",
+            marks=pytest.mark.mistake("4b.2"),
+        ),
+        pytest.param(
             summa_by_all_gather,
             "expected 4 broadcasts and nothing else, you made 0 broadcasts and called all_gather",
+            marks=pytest.mark.mistake("4b.2"),
         ),
         (
             lambda x_block, b_block, grid: tp_nd.summa(x_block, b_block, grid),

@@ -295,12 +295,15 @@ def test_reference_solutions_pass(solution):
     assert check.shard_grad_hook(solution.shard_grad_hook).status == PASSED
 
 
+@pytest.mark.mistake("7.1")
 def test_unpadded_shard_names_k_n_and_rank():
     result = check.shard_of(lambda flat, rank, n: flat.tensor_split(n)[rank].clone())
     assert result.status == FAILED
     assert result.message.startswith("K=1, N=2, rank 1: expected a shard of shape (1,)")
+    assert "(K=1 padded with zeros to 2, cut into 2 equal shards), got shape (0,)" in result.message
 
 
+@pytest.mark.mistake("7.2")
 def test_adam_without_bias_correction_is_named(solution):
     def no_bias_correction(param, grad, m, v, step, lr, betas, eps, weight_decay):
         solution.adamw_step_(param, grad, m, v, 10**6, lr, betas, eps, weight_decay)  # β^step ≈ 0
@@ -311,6 +314,7 @@ def test_adam_without_bias_correction_is_named(solution):
     assert "— param[0] expected " in result.message
 
 
+@pytest.mark.mistake("7.3")
 def test_zero1_without_all_gather_is_told_so(solution):
     adamw = solution.adamw_step_
 
@@ -348,6 +352,7 @@ def test_zero1_with_all_reduce_is_refused(solution):
     assert result.status == FAILED and "you called dist.all_reduce" in result.message
 
 
+@pytest.mark.mistake("7.4")
 def test_hook_that_keeps_the_full_gradient_or_sums_is_diagnosed(solution):
     hook = solution.shard_grad_hook
 

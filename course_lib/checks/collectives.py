@@ -123,11 +123,27 @@ def _check(ex_id: str, kind: str, learner_fn, what: str = "tensor") -> None:
             ranks = [root] if kind == "reduce" else range(n)
             for rank in ranks:
                 result, returned_new = got[rank][case][:2]
-                _compare(prefix, result, expected[rank][case], what, rank, returned_new)
+                try:
+                    _compare(prefix, result, expected[rank][case], what, rank, returned_new)
+                except Mismatch as exc:
+                    if kind == "all_reduce":
+                        raise Mismatch(f"{exc}{_sum_not_spread(n, rank, got, expected, case)}") from None
+                    raise
             if kind == "reduce":
                 _check_tree_shape(prefix, n, [got[rank][case][2] for rank in range(n)])
             if kind == "all_gather":
                 _check_ring_shape(prefix, n, [got[rank][case][2] for rank in range(n)])
+
+
+def _sum_not_spread(n: int, rank: int, got: list, expected: list, case: int) -> str:
+    """The hint for an all-reduce that stopped after its reduce: another rank holds the sum."""
+    holders = [r for r in range(n) if r != rank and torch.equal(got[r][case][0], expected[r][case])]
+    if not holders:
+        return ""
+    return (
+        f" — rank {holders[0]} holds the sum, rank {rank} does not: broadcast it from the reduce's dst "
+        "to every rank (all-reduce = reduce, then broadcast)"
+    )
 
 
 def _check_ring_shape(prefix: str, n: int, traces: list) -> None:

@@ -80,13 +80,24 @@ def global_mean(learner_fn: Callable[..., Any]) -> None:
         expected = everything.mean().item()
         for rank, value in enumerate(got):
             value = float(value) if isinstance(value, (int, float, torch.Tensor)) else value
-            if not isinstance(value, float) or abs(value - expected) > 1e-5:
+            if not isinstance(value, float) or not abs(value - expected) <= 1e-5:  # NaN fails too
                 hint = ""
                 if value == float(_samples(n)[rank].mean()) or value != value:
                     hint = " (this rank's own mean: nothing was combined across ranks)"
+                elif isinstance(value, float) and _a_mean_of_means(value, n):
+                    hint = (
+                        " (a mean of the ranks' means: the shards differ in size, so add up the "
+                        "losses and the counts over the ranks, then divide)"
+                    )
                 raise Mismatch(
                     f"N={n}, rank {rank}: expected the global mean {expected:g}, got {value}{hint}"
                 )
+
+
+def _a_mean_of_means(value: float, n: int) -> bool:
+    """``value`` is the ranks' means summed over N, or averaged over the ranks that have samples."""
+    means = [float(s.mean()) for s in _samples(n) if len(s)]
+    return any(abs(value - m) <= 1e-5 for m in (sum(means) / n, sum(means) / len(means)))
 
 
 # ----------------------------------------------------------------------------
@@ -104,8 +115,19 @@ def pass_right(learner_fn: Callable[..., Any]) -> None:
     for n in (2, 3, 4):  # gloo cannot send a rank a message from itself: N=1 is left out
         got = _launch(n, _right_rank, learner_fn)
         for rank, value in enumerate(got):
-            left = (rank - 1) % n
-            compare(value, torch.full((3,), float(left)), f"N={n}: the tensor from rank {left}", rank)
+            left, right = (rank - 1) % n, (rank + 1) % n
+            try:
+                compare(value, torch.full((3,), float(left)), f"N={n}: the tensor from rank {left}", rank)
+            except Mismatch as exc:
+                hint = ""
+                if isinstance(value, torch.Tensor) and torch.equal(value, torch.full((3,), float(right))):
+                    hint = (
+                        f" — that is rank {right}'s tensor, the RIGHT neighbour's: send to (r + 1) mod N "
+                        "and receive from (r − 1) mod N"
+                    )
+                elif isinstance(value, torch.Tensor) and torch.equal(value, torch.full((3,), float(rank))):
+                    hint = " — that is this rank's own t: return what arrived from the left neighbour"
+                raise Mismatch(f"{exc}{hint}") from None
 
 
 # ----------------------------------------------------------------------------
