@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -90,7 +91,85 @@ def _scratch(numel: int, like: torch.Tensor) -> torch.Tensor:
     return buffer[:numel]
 
 
-def _reduce_scatter(flat: torch.Tensor, ring: Ring) -> torch.Tensor:
+#: Largest message the ring sends: a longer chunk goes as pieces of this size, so that the
+#: first piece is added while the next ones are still arriving (and no single write holds the
+#: connection for long). Small tensors send each chunk whole.
+PIECE_BYTES = 4 << 20
+
+_signatures = {}
+
+
+def _signature(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(header, tag) for this shape and dtype, made once and kept: the tag, a number from 1 to
+    2**31 − 2 computed from the header, marks every chunk message of the ring."""
+    key = (tensor.shape, tensor.dtype, tensor.device)
+    found = _signatures.get(key)
+    if found is None:
+        header = _header(tensor)
+        tag = 1 + zlib.crc32(header.cpu().numpy().tobytes()) % (2**31 - 2)
+        found = _signatures[key] = (header, tag)
+    return found
+
+
+class _RingCall:
+    """One call of the ring: this rank's neighbours, and the shape check riding along.
+
+    The header goes to the right neighbour *beside* the first chunk, not a round trip
+    before it. What keeps a neighbour holding another tensor from writing into our
+    chunks meanwhile is the **tag**: every chunk message carries one computed from the
+    shape and dtype, and a receive only takes a message with its own tag. ``check()``,
+    called before the first wait for a chunk, compares the left neighbour's header.
+    """
+
+    def __init__(self, tensor: torch.Tensor, group: dist.ProcessGroup | None, name: str):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} needs a tensor, got {type(tensor).__name__}")
+        if not tensor.is_contiguous():
+            raise ValueError(
+                f"{name} works in place on a contiguous tensor; this one is a strided view "
+                "(call it on tensor.contiguous() and copy the result back)"
+            )
+        ring = ring_of(group)
+        self.name, self.rank, self.size, self.group = name, ring.rank, ring.size, ring.group
+        self.left, self.right = ring.left, ring.right
+        self.piece = max(1, PIECE_BYTES // tensor.element_size())
+        self.header, self.tag = _signature(tensor)
+        self._arriving = None
+        if ring.size > 1:
+            self._theirs = torch.empty_like(self.header)
+            self._arriving = dist.irecv(self._theirs, self.left, group=self.group)
+            self._leaving = dist.isend(self.header, self.right, group=self.group)
+
+    def pieces(self, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
+        return tensor.split(self.piece) if tensor.numel() > self.piece else (tensor,)
+
+    def send(self, tensor: torch.Tensor) -> list:
+        """Start sending ``tensor`` (in pieces when large) to the right neighbour."""
+        return [dist.isend(p, self.right, group=self.group, tag=self.tag) for p in self.pieces(tensor)]
+
+    def recv(self, tensor: torch.Tensor) -> list:
+        """Start receiving ``tensor`` (in the same pieces) from the left neighbour."""
+        return [dist.irecv(p, self.left, group=self.group, tag=self.tag) for p in self.pieces(tensor)]
+
+    def check(self) -> None:
+        """Wait for the left neighbour's header (once per call) and compare it with ours."""
+        if self._arriving is None:
+            return
+        self._arriving.wait()
+        self._arriving = None
+        self._leaving.wait()
+        if not torch.equal(self.header, self._theirs):
+            # A ring only ever talks to its neighbours, so comparing with the left one is
+            # enough: any difference anywhere makes some rank's left neighbour differ.
+            # (gloo itself would silently produce wrong sums for different sizes.)
+            raise ValueError(
+                f"{self.name}: rank {self.rank} holds a tensor of {_describe(self.header)} but its "
+                f"left neighbour (rank {(self.rank - 1) % self.size}) holds {_describe(self._theirs)}; "
+                "every rank must pass the same shape and dtype"
+            )
+
+
+def _reduce_scatter(flat: torch.Tensor, ring: _RingCall) -> torch.Tensor:
     r, n = ring.rank, ring.size
     parts = flat.tensor_split(n)
     if n == 1:
@@ -103,20 +182,22 @@ def _reduce_scatter(flat: torch.Tensor, ring: Ring) -> torch.Tensor:
     width = parts[0].numel()
     slots = _scratch(width * (n - 1), flat)
     incoming = [slots[s * width : s * width + parts[(r - s - 2) % n].numel()] for s in range(n - 1)]
-    receives = [dist.irecv(slot, ring.left, group=ring.group) for slot in incoming]
-    sends = [dist.isend(parts[(r - 1) % n], ring.right, group=ring.group)]
+    receives = [ring.recv(slot) for slot in incoming]
+    sends = ring.send(parts[(r - 1) % n])
+    ring.check()  # before the first wait: a neighbour holding another tensor raises here
     for step in range(n - 1):
-        receives[step].wait()
         chunk = parts[(r - step - 2) % n]
-        chunk += incoming[step]
-        if step < n - 2:  # the partial sum moves on: the right neighbour adds to it next
-            sends.append(dist.isend(chunk, ring.right, group=ring.group))
+        for piece, arrived, request in zip(ring.pieces(chunk), ring.pieces(incoming[step]), receives[step]):
+            request.wait()
+            piece += arrived  # in place, straight from the scratch slot
+            if step < n - 2:  # the partial sum moves on: the right neighbour adds to it next
+                sends += ring.send(piece)
     for request in sends:
         request.wait()
     return parts[r]
 
 
-def _all_gather(flat: torch.Tensor, ring: Ring) -> None:
+def _all_gather(flat: torch.Tensor, ring: _RingCall) -> None:
     r, n = ring.rank, ring.size
     parts = flat.tensor_split(n)
     if n == 1:
@@ -124,12 +205,14 @@ def _all_gather(flat: torch.Tensor, ring: Ring) -> None:
     # At step s this rank sends chunk r-s (its own, then the one it received
     # last) and receives chunk r-s-1 straight into place. Each chunk arrives
     # once, so all receives can be posted up front.
-    sends = [dist.isend(parts[r], ring.right, group=ring.group)]
-    receives = [dist.irecv(parts[(r - s - 1) % n], ring.left, group=ring.group) for s in range(n - 1)]
+    receives = [ring.recv(parts[(r - s - 1) % n]) for s in range(n - 1)]
+    sends = ring.send(parts[r])
+    ring.check()
     for step in range(n - 1):
-        receives[step].wait()
-        if step < n - 2:
-            sends.append(dist.isend(parts[(r - step - 1) % n], ring.right, group=ring.group))
+        for piece, request in zip(ring.pieces(parts[(r - step - 1) % n]), receives[step]):
+            request.wait()
+            if step < n - 2:
+                sends += ring.send(piece)
     for request in sends:
         request.wait()
 
@@ -138,9 +221,10 @@ def ring_reduce_scatter(tensor: torch.Tensor, group: dist.ProcessGroup | None = 
     """Sum chunk r of every rank's ``tensor`` into chunk r of rank r's ``tensor``, over a ring.
 
     In place; returns that chunk (a view). The other chunks are left holding
-    partial sums. N-1 steps; each rank sends (N-1)/N·K elements.
+    partial sums. N-1 steps; each rank sends (N-1)/N·K elements (plus a
+    HEADER_BYTES header).
     """
-    ring = _checked_ring(tensor, group, "ring_reduce_scatter")
+    ring = _RingCall(tensor, group, "ring_reduce_scatter")
     return _reduce_scatter(tensor.view(-1), ring)
 
 
@@ -148,9 +232,9 @@ def ring_all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None
     """Fill every chunk c of every rank's ``tensor`` with chunk c of rank c's, over a ring.
 
     In place (chunk r of rank r is the input); returns ``tensor``. N-1 steps;
-    each rank sends (N-1)/N·K elements.
+    each rank sends (N-1)/N·K elements (plus a HEADER_BYTES header).
     """
-    ring = _checked_ring(tensor, group, "ring_all_gather")
+    ring = _RingCall(tensor, group, "ring_all_gather")
     _all_gather(tensor.view(-1), ring)
     return tensor
 
@@ -161,7 +245,7 @@ def ring_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None
     A reduce-scatter then an all-gather around the ring, 2(N-1) steps; each rank
     sends 2(N-1)/N·K elements (plus a HEADER_BYTES header), however large N is.
     """
-    ring = _checked_ring(tensor, group, "ring_all_reduce")
+    ring = _RingCall(tensor, group, "ring_all_reduce")
     flat = tensor.view(-1)
     _reduce_scatter(flat, ring)
     _all_gather(flat, ring)
