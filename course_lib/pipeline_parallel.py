@@ -29,7 +29,7 @@ from course_lib import launch
 from course_lib.p2p import global_rank, recv_header, send_header
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
 
 # ----------------------------------------------------------------------------
 # schedules: the order in which each stage runs its forwards (F) and backwards (B)
@@ -140,6 +140,8 @@ def simulate(
     t_w: float | Sequence[float] | None = None,
     *,
     fb_pairs_together: bool = False,
+    latency: float = 0.0,
+    durations: Mapping[tuple, float] | None = None,
 ) -> Simulation:
     """Run ``schedule`` on an idealised machine: no communication cost, each stage does one
     action at a time, in its order, as soon as the action's inputs exist.
@@ -147,12 +149,17 @@ def simulate(
     ``t_f``/``t_b`` are one micro-batch's forward/backward time on a stage: a number, or one
     per stage (an unbalanced partition). Raises ValueError when the schedule deadlocks.
     Actions with a stage, ``(kind, i, stage)`` (chapter 06b: virtual stages, split backward
-    with ``t_w``), go to :func:`course_lib.pipeline_schedules.simulate`.
+    with ``t_w``, a message ``latency``, measured ``durations``), go to
+    :func:`course_lib.pipeline_schedules.simulate`.
     """
     from course_lib import pipeline_schedules
 
     if any(isinstance(a, (list, tuple)) and len(a) == 3 for row in schedule or [] for a in row):
-        return pipeline_schedules.simulate(schedule, t_f, t_b, t_w, fb_pairs_together=fb_pairs_together)
+        return pipeline_schedules.simulate(
+            schedule, t_f, t_b, t_w, fb_pairs_together=fb_pairs_together, latency=latency, durations=durations
+        )
+    if latency or durations:
+        raise ValueError("latency and durations need actions with a stage, (kind, i, stage): see chapter 06b")
     m, p = validate_schedule(schedule), len(schedule)
     t_f, t_b = _per_stage(t_f, p, "t_f"), _per_stage(t_b, p, "t_b")
     with_stage = [[(kind, i, s) for kind, i in actions] for s, actions in enumerate(schedule)]

@@ -18,6 +18,7 @@ of a split backward takes t_b − t_w).
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from course_lib import pipeline_parallel as _pp
 from course_lib.p2p import global_rank, recv_header, send_header
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+    from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 NAMES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "dualpipe-v")
 KINDS = ("F", "B", "I", "W")
@@ -321,11 +322,12 @@ def fb_pairs(actions: Sequence[tuple[str, int, int]]) -> set[int]:
     }
 
 
-def _play(schedule, stage_rank, duration, describe=None, pairs=None):
+def _play(schedule, stage_rank, duration, describe=None, pairs=None, latency=0.0):
     """Every rank runs its actions in order, each as soon as what it needs has finished.
 
     Returns (per rank: [(action, start, end)], total time); a deadlock raises ValueError with
-    ``describe(rank, action, missing events)`` for each waiting rank."""
+    ``describe(rank, action, missing events)`` for each waiting rank. ``latency``: what comes
+    from another rank arrives that many seconds after the action that made it ends."""
     describe = describe or (
         lambda r, action, missing: (
             f"rank {r} waits at {action} for " + " and ".join(_show_event(n, stage_rank) for n in missing)
@@ -345,7 +347,9 @@ def _play(schedule, stage_rank, duration, describe=None, pairs=None):
                 needs = [n for a in block for n in _needs(a, last) if n != _event(block[0])]
                 if any(n not in finished for n in needs):
                     break
-                start = max([clock[r]] + [finished[n] for n in needs])
+                start = max(
+                    [clock[r]] + [finished[n] + (latency if stage_rank[n[2]] != r else 0.0) for n in needs]
+                )
                 for action in block:  # a pair starts when both its inputs are here
                     clock[r] = finished[_event(action)] = start + duration(action)
                     timeline[r].append((action, start, clock[r]))
@@ -389,16 +393,23 @@ def simulate(
     t_w: float | Sequence[float] | None = None,
     *,
     fb_pairs_together: bool = False,
+    latency: float = 0.0,
+    durations: Mapping[tuple[str, int, int], float] | None = None,
 ) -> ScheduleSimulation:
-    """Play ``schedule`` out on an idealised machine (no communication cost; each rank does one
-    action at a time, in its order, as soon as the action's inputs exist).
+    """Play ``schedule`` out on an idealised machine (by default no communication cost; each
+    rank does one action at a time, in its order, as soon as the action's inputs exist).
 
     ``t_f``, ``t_b`` (full backward) and ``t_w`` (weight gradient) are one micro-batch's times
     on one stage: a number, or a list with one per stage. An I takes t_b − t_w; ``t_w=None``
     means t_b / 2. Raises ValueError when the schedule is not valid (see :func:`validate`).
     ``fb_pairs_together=True`` starts each :func:`fb_pairs` pair only when both of its inputs
     are here, as DualPipe's overlapped F&B blocks do (run one after the other, t_f + t_b).
+    ``latency`` (seconds): a message between two ranks arrives that long after the action that
+    sends it ends. ``durations`` maps actions to the seconds they take, overriding t_f, t_b,
+    t_w for those (e.g. the times a run on real ranks measured: :func:`measured_durations`).
     """
+    if not (isinstance(latency, (int, float)) and latency >= 0):
+        raise ValueError(f"latency must be a time >= 0 in seconds, got {latency!r}")
     m, stage_rank = validate(schedule)
     num_stages = len(stage_rank)
     t_f, t_b = _per_stage(t_f, num_stages, "t_f"), _per_stage(t_b, num_stages, "t_b")
@@ -407,7 +418,12 @@ def simulate(
         raise ValueError(f"t_w (the weight part of the backward) cannot exceed t_b: {t_w} > {t_b}")
     times = {"F": t_f, "B": t_b, "I": [b - w for b, w in zip(t_b, t_w)], "W": t_w}
     pairs = [fb_pairs(actions) for actions in schedule] if fb_pairs_together else None
-    timeline, total = _play(schedule, stage_rank, lambda a: times[a[0]][a[2]], pairs=pairs)
+    durations = durations or {}
+
+    def duration(a):
+        return durations[a] if a in durations else times[a[0]][a[2]]
+
+    timeline, total = _play(schedule, stage_rank, duration, pairs=pairs, latency=float(latency))
     busy = [sum(end - start for _, start, end in row) for row in timeline]
     p = len(schedule)
     return ScheduleSimulation(
@@ -675,11 +691,38 @@ def train_step(
     total_loss = torch.zeros((), device=device)
     pairs = fb_pairs(actions) if fb_pairs_together else set()
 
-    def receive_gradient(i, s, like):
+    # Every receive is posted ahead (irecv): a message that arrives before its action is needed
+    # lands in its buffer at once, and the action finds it there. A receive posted only when
+    # the action starts costs a round through gloo's own thread even for a message that arrived
+    # long before (milliseconds on a busy machine; measured in the lesson).
+    posted = {}  # ("act" | "grad", i, s) -> (request, buffer) of a receive posted ahead
+    next_forward = {}  # (i, s) -> the micro-batch of this rank's next forward of stage s
+    for s in mine:
+        order = [i for kind, i, t in actions if kind == "F" and t == s]
+        next_forward.update(zip(((i, s) for i in order), order[1:]))
+
+    def post(kind, i, s, buffer, src):
+        request = dist.irecv(buffer, src, group=group, tag=_tag(kind, i, s, last + 1))
+        posted[kind, i, s] = request, buffer
+
+    def receive_input(i, s):  # forward (i, s)'s input, s > 0
+        if stage_rank[s - 1] == rank:
+            return local.pop(("act", i, s)).detach().requires_grad_()
+        if s - 1 not in shapes:
+            shapes[s - 1] = recv_header(peer[s - 1], group, device)
+        for j in (i, next_forward.get((i, s))):  # this input and the next one, ahead
+            if j is not None and ("act", j, s) not in posted:
+                shape, dtype = shapes[s - 1]
+                post("act", j, s, torch.empty(shape, dtype=dtype, device=device), peer[s - 1])
+        request, x = posted.pop(("act", i, s))
+        request.wait()
+        return x.requires_grad_()
+
+    def receive_gradient(i, s):  # the gradient of stage s's output for micro-batch i, s < last
         if stage_rank[s + 1] == rank:
             return local.pop(("grad", i, s))
-        grad = torch.empty_like(like)
-        dist.recv(grad, peer[s + 1], group=group, tag=_tag("grad", i, s, last + 1))
+        request, grad = posted.pop(("grad", i, s))
+        request.wait()
         return grad
 
     early = {}  # (i, s) -> an output gradient received before a pair's forward
@@ -687,18 +730,9 @@ def train_step(
         kind, i, s = action
         if k in pairs and actions[k + 1][2] < last:
             _, j, t = actions[k + 1]
-            early[j, t] = receive_gradient(j, t, saved[j, t][1])
+            early[j, t] = receive_gradient(j, t)
         if kind == "F":
-            if s == 0:
-                x = micro_inputs[i]
-            elif stage_rank[s - 1] == rank:
-                x = local.pop(("act", i, s)).detach().requires_grad_()
-            else:
-                if s - 1 not in shapes:
-                    shapes[s - 1] = recv_header(peer[s - 1], group, device)
-                x = torch.empty(shapes[s - 1][0], dtype=shapes[s - 1][1], device=device)
-                dist.recv(x, peer[s - 1], group=group, tag=_tag("act", i, s, last + 1))
-                x.requires_grad_()
+            x = micro_inputs[i] if s == 0 else receive_input(i, s)
             start = time.perf_counter()
             with SplitBackward(split_fns) if (i, s) in split else contextlib.nullcontext():
                 y = module_of[s](x)
@@ -716,12 +750,13 @@ def train_step(
                 in_flight.append(
                     (dist.isend(out, peer[s + 1], group=group, tag=_tag("act", i, s + 1, last + 1)), out)
                 )
+                post("grad", i, s, torch.empty_like(out), peer[s + 1])  # its gradient, ahead
             saved[i, s] = (x, y)
         elif kind in "BI":
             x, y = saved.pop((i, s))
             grad = None
             if s < last:
-                grad = early.pop((i, s)) if (i, s) in early else receive_gradient(i, s, y)
+                grad = early.pop((i, s)) if (i, s) in early else receive_gradient(i, s)
             start = time.perf_counter()
             with store.deferring((i, s)) if kind == "I" else contextlib.nullcontext():
                 y.backward(grad)
@@ -828,3 +863,55 @@ def least_idle(per_rank: Sequence[Sequence[Sequence[list[tuple]]]]) -> list:
         repeats = [[rank_result[c][k] for rank_result in per_rank] for k in range(len(per_rank[0][c]))]
         best.append(min(repeats, key=lambda timelines: idle_time(timelines)[0]))
     return best
+
+
+def measured_durations(timelines: Sequence[Sequence[tuple]]) -> dict:
+    """Every action's measured seconds (end − start), from every rank's timeline of one step:
+    feed them to :func:`simulate` (``durations=``) to play the schedule out with real times."""
+    return {action: end - start for row in timelines for action, start, end in row}
+
+
+def _readiness(timelines, fb_pairs_together):
+    """Per action of every rank: (rank, start, when the rank was free, when its latest input from
+    another rank was sent, when its latest input from this rank was made); None when unknown."""
+    actions = [[tuple(a) for a, _, _ in row] for row in timelines]
+    _, stage_rank = validate(actions)
+    last = len(stage_rank) - 1
+    end = {_event(a): e for row in timelines for a, _, e in row}
+    for r, row in enumerate(timelines):
+        pairs = fb_pairs(actions[r]) if fb_pairs_together else set()
+        free = None
+        for k, (_, start, stop) in enumerate(row):
+            block = actions[r][k : k + 2] if k in pairs else actions[r][k : k + 1]
+            needs = [n for a in block for n in _needs(a, last) if n != _event(block[0])]
+            remote = max((end[n] for n in needs if stage_rank[n[2]] != r), default=None)
+            local = max((end[n] for n in needs if stage_rank[n[2]] == r), default=None)
+            yield r, start, free, remote, local
+            free = stop
+
+
+def message_latency(timelines: Sequence[Sequence[tuple]], fb_pairs_together: bool = False) -> float:
+    """α: the median time from the end of the action that sent a message to the start of the
+    action waiting for it, over every message its receiver was already waiting for (from every
+    rank's timeline of one step)."""
+    waits = [
+        start - remote
+        for _, start, free, remote, local in _readiness(timelines, fb_pairs_together)
+        if remote is not None and free is not None and remote > max(free, local or free)
+    ]
+    return max(0.0, statistics.median(waits)) if waits else 0.0
+
+
+def delays(
+    timelines: Sequence[Sequence[tuple]], latency: float = 0.0, fb_pairs_together: bool = False
+) -> list[float]:
+    """Per rank, the longest time one of its actions started after it could have: after the
+    rank's previous action ended and its inputs had arrived (``latency`` after the action that
+    made them, when that ran on another rank). Near zero when the ranks had a core whenever
+    they were ready; milliseconds when another program held the cores."""
+    longest = [0.0] * len(timelines)
+    for r, start, free, remote, local in _readiness(timelines, fb_pairs_together):
+        ready = [t for t in (free, local, None if remote is None else remote + latency) if t is not None]
+        if ready:
+            longest[r] = max(longest[r], start - max(ready))
+    return longest

@@ -112,6 +112,34 @@ def test_bad_inputs_and_broken_dependencies_are_named():
         pp.partition(make_stack(6, 4, 8), 0, 4, 2, "interleaved-1f1b")
 
 
+@pytest.mark.parametrize("name", ps.NAMES)
+def test_the_model_of_a_real_machine_latency_and_measured_durations(name):
+    actions = ps.schedule(name, 4, 8, virtual(name))
+    ideal = pp.simulate(actions, 1.0, 2.0, 1.0)
+    assert pp.simulate(actions, 1.0, 2.0, 1.0, latency=0.0, durations={}).timeline == ideal.timeline
+    # durations replace the per-kind times action by action: all of them given = the same play
+    measured = ps.measured_durations(ideal.timeline)
+    assert pp.simulate(actions, 9.0, 9.0, 9.0, durations=measured).bubble_time == pytest.approx(
+        ideal.bubble_time
+    )
+    slow = {**measured, actions[0][0]: measured[actions[0][0]] + 0.5}
+    assert pp.simulate(actions, 1.0, 2.0, 1.0, durations=slow).total_time > ideal.total_time
+    # a message latency only delays; the latency and the delays are read back from a timeline
+    late = pp.simulate(actions, 1.0, 2.0, 1.0, latency=0.1)
+    assert late.total_time > ideal.total_time
+    assert ps.message_latency(late.timeline) == pytest.approx(0.1)
+    assert max(ps.delays(late.timeline, 0.1)) == pytest.approx(0.0, abs=1e-9)
+    assert max(ps.delays(late.timeline, 0.0)) == pytest.approx(0.1)
+    # a rank that starts an action 0.5 late (another program had its core) shows it
+    shifted = [list(row) for row in late.timeline]
+    shifted[1] = [(a, s + 0.5 * (k >= 3), e + 0.5 * (k >= 3)) for k, (a, s, e) in enumerate(shifted[1])]
+    assert ps.delays(shifted, 0.1)[1] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="latency must be a time >= 0"):
+        pp.simulate(actions, latency=-1.0)
+    with pytest.raises(ValueError, match="latency and durations need actions with a stage"):
+        pp.simulate(pp.one_f_one_b_schedule(2, 2), latency=0.1)
+
+
 def test_partition_interleaves_and_folds():
     model = make_stack(8, 4, 8)
     chunks = pp.partition(model, 1, 2, 2, "interleaved-1f1b")
@@ -233,6 +261,17 @@ def test_timed_chunks_record_every_action():
         assert [[a for a, _, _ in row] for row in timelines] == ps.schedule(name, 2, m, v)
         idle, wall = ps.idle_time(timelines)
         assert 0 <= idle < wall
+        pairs = name == "dualpipe-v"
+        alpha = ps.message_latency(timelines, pairs)
+        delays = ps.delays(timelines, alpha, pairs)
+        assert alpha >= 0 and len(delays) == 2 and min(delays) >= 0
+        model = pp.simulate(
+            ps.schedule(name, 2, m, v),
+            fb_pairs_together=pairs,
+            latency=alpha,
+            durations=ps.measured_durations(timelines),
+        )
+        assert model.bubble_time >= 0
 
 
 # ----------------------------------------------------------------------------
@@ -261,6 +300,7 @@ def test_solutions_pass_and_stubs_are_not_attempted(solution):
     assert check.zb_h1_order(stub).status == NOT_ATTEMPTED
 
 
+@pytest.mark.mistake("6b.1", "6b.2", "6b.3")
 def test_checks_name_typical_mistakes(solution):
     from course_lib.checks import FAILED
     from course_lib.checks import pipeline_schedules as check
