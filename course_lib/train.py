@@ -34,6 +34,7 @@ tokens and is divided by ep). Not supported, with a ValueError: moe with tp > 1,
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -46,6 +47,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from course_lib import checkpoint as checkpoint_lib
 from course_lib import context_parallel as cp_lib
 from course_lib import fsdp as fsdp_lib
 from course_lib import gpt
@@ -62,6 +64,10 @@ if TYPE_CHECKING:
 SHARDINGS = ("none", "zero1", "zero2", "zero3", "fsdp")
 #: ZeroAdam's stage for each sharding ("none" is plain data parallelism: stage 0, all-reduce).
 ZERO_STAGE = {"none": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+#: ``precision``: "fp32" throughout, or "bf16" mixed precision — the parameters stay fp32 (the master
+#: copy Adam updates), every matmul computes in bf16 (``torch.autocast``), and each gradient comes
+#: back to fp32 before any gradient sum: chapter 07b's ``MixedPrecision(bf16, fp32)`` policy.
+PRECISIONS = ("fp32", "bf16")
 #: The default model: small enough for a laptop's CPU, large enough to learn the text's words.
 MODEL_DEFAULTS = dict(seq_len=32, d_model=64, n_heads=4, n_layers=4)
 
@@ -307,9 +313,25 @@ def measure_block_state_bytes(d_model: int, d_hidden: int, tp: int, dp: int, sha
 # the training loop
 
 
-def _check_config(dp, tp, pp, cp, ep, sharding, steps, batch_size, microbatches, seq_len, moe):
+def _model_description(vocab_size: int, kw: dict) -> dict:
+    """make_gpt's arguments with every default filled in: what a checkpoint must match."""
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(gpt.make_gpt).parameters.items()
+        if name not in ("vocab_size", "seed")
+    }
+    out = {"vocab_size": vocab_size, **defaults, **{k: v for k, v in kw.items() if k in defaults}}
+    out["d_hidden"] = out["d_hidden"] or 4 * out["d_model"]
+    return out
+
+
+def _check_config(
+    dp, tp, pp, cp, ep, sharding, steps, batch_size, microbatches, seq_len, moe, precision="fp32"
+):
     if sharding not in SHARDINGS:
         raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if moe and tp > 1:
         raise ValueError(
             "moe with tp > 1 is not supported: chapter 04's tensor-parallel block splits a dense MLP, "
@@ -360,6 +382,10 @@ def train_gpt(
     schedule: str = "1f1b",
     lr: float = 3e-3,
     progress: bool = True,
+    precision: str = "fp32",
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = True,
     **model_kw,
 ) -> dict:
     """Train :func:`course_lib.gpt.make_gpt` on the course's text; call it on every rank.
@@ -368,6 +394,11 @@ def train_gpt(
     global batch of ``batch_size`` windows in every configuration (:func:`course_lib.gpt.global_batch`),
     data rank dp_index·ep + ep_index takes its rows, and the pipeline cuts them into ``microbatches``
     (default: pp) micro-batches. Optimizer: AdamW (lr, β = (0.9, 0.999), no weight decay).
+    ``precision="bf16"``: bf16 compute on fp32 master weights (see :data:`PRECISIONS`).
+    ``checkpoint_dir``: every ``checkpoint_every`` steps and at the last step each rank saves its
+    slices there (:mod:`course_lib.checkpoint`); with ``resume`` the run first loads the latest checkpoint in
+    it, whatever layout wrote it, and continues from its step (its "loss" then holds the whole
+    curve, the steps before the checkpoint from the checkpoint; "resumed_from" is that step).
     Returns, on every rank, {"loss": the global mean loss of every step, "tokens_per_s": global
     tokens per second of wall time, "peak_bytes": the most bytes of model states plus saved
     activations this rank held, "step_s": this rank's wall seconds of every step, "coord", "sharding"}.
@@ -375,7 +406,9 @@ def train_gpt(
     kw = {**MODEL_DEFAULTS, **model_kw}
     kw["moe"] = bool(kw.get("moe", False) or ep > 1)
     m = microbatches or pp
-    _check_config(dp, tp, pp, cp, ep, sharding, steps, batch_size, m, kw["seq_len"], kw["moe"])
+    _check_config(dp, tp, pp, cp, ep, sharding, steps, batch_size, m, kw["seq_len"], kw["moe"], precision)
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be a non-negative integer, got {checkpoint_every!r}")
     grid = RankGrid(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep)
     data_group = grid.new_group(("dp", "ep"))
     tok = gpt.CharTokenizer()
@@ -385,6 +418,25 @@ def train_gpt(
     stage = build_stage(grid, model)
     sums = gradient_sums(stage, grid)
     optimizer = _Optimizer(stage, grid, sharding, lr, sums, data_group)
+    ckpt, begin, losses = None, 0, []
+    if checkpoint_dir is not None:
+        index = checkpoint_lib.index_model(gpt.make_gpt(tok.vocab_size, seed=seed, **kw))
+        layout = checkpoint_lib.global_layout(index)
+        index_optimizer = _Optimizer(build_stage(grid, index), grid, sharding, lr, {}, data_group)
+        ckpt = checkpoint_lib.Checkpointer(
+            optimizer,
+            index_optimizer,
+            layout,
+            _model_description(tok.vocab_size, kw),
+            {"seed": seed, "batch_size": batch_size},
+            {**dict(dp=dp, tp=tp, pp=pp, cp=cp, ep=ep), "sharding": sharding, "precision": precision},
+        )
+        found = checkpoint_lib.latest(checkpoint_dir) if resume else None
+        if found is not None:
+            meta = ckpt.load(found)
+            begin, losses = meta["step"], list(meta["loss"])
+            if grid.rank == 0 and progress:
+                print(f"resumed at step {begin} from {found} (written by {meta['layout']})", flush=True)
     first, last = grid.pp_rank == 0, grid.pp_rank == pp - 1
     sp = tp > 1 and cp == 1
     data_rank, data_ranks = grid.coord.dp * ep + grid.coord.ep, dp * ep
@@ -402,15 +454,18 @@ def train_gpt(
     # Copies of the same loss: the tp ranks of a context-parallel run all compute the whole head.
     copies = data_ranks * (tp if (tp > 1 and cp > 1) else 1)
     bar = _progress(steps, grid.rank == 0 and progress)
-    losses, peak, step_s = [], 0, []
+    if bar is not None and begin:
+        bar.update(min(begin, steps))
+    peak, step_s = 0, []
     start = time.perf_counter()
-    for step in range(steps):
+    for step in range(begin, steps):
         step_start = time.perf_counter()
         x, y = gpt.global_batch(train_ids, step, batch_size, seq_len, seed)
         x, y = gpt.data_shard(x, data_rank, data_ranks), gpt.data_shard(y, data_rank, data_ranks)
         inputs = (my_columns(x) if cp > 1 else x) if first else None  # SP scatters after embedding
         targets = my_columns(y) if last else None
-        with _ActivationMeter(stage, optimizer.params) as meter:
+        bf16 = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+        with _ActivationMeter(stage, optimizer.params) as meter, bf16:
             loss = pipeline.train_step(stage, inputs, targets, loss_fn, m, schedule, group=grid.pp_group)
         optimizer.step()
         peak = max(peak, optimizer.state_bytes() + meter.peak_bytes)
@@ -419,20 +474,29 @@ def train_gpt(
         dist.all_reduce(total)
         losses.append(total.item() / copies)
         step_s.append(time.perf_counter() - step_start)
+        if (
+            ckpt is not None
+            and checkpoint_every
+            and ((step + 1) % checkpoint_every == 0 or step + 1 == steps)
+        ):
+            ckpt.save(checkpoint_dir, step + 1, losses)
         if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             bar.update(1)
         elif grid.rank == 0 and progress and (step + 1) % max(1, steps // 10) == 0:
-            speed = (step + 1) * batch_size * seq_len / (time.perf_counter() - start)
+            speed = (step + 1 - begin) * batch_size * seq_len / (time.perf_counter() - start)
             print(f"step {step + 1}/{steps}  loss {losses[-1]:.4f}  tokens/s {speed:,.0f}", flush=True)
+    if ckpt is not None and checkpoint_every and begin >= steps:  # nothing left to train: save in this layout
+        ckpt.save(checkpoint_dir, begin, losses)
     wall = time.perf_counter() - start
     if bar is not None:
         bar.close()
     return {
         "loss": losses,
-        "tokens_per_s": steps * batch_size * seq_len / wall,
+        "tokens_per_s": max(steps - begin, 0) * batch_size * seq_len / wall,
         "peak_bytes": peak,
         "step_s": step_s,
+        "resumed_from": begin,
         "coord": grid.coord,
         "sharding": sharding,
     }
@@ -489,20 +553,30 @@ def _world(config: dict) -> int:
 
 
 def run_configs(configs: dict, steps: int = 50, seed: int = 0, timeout: float = 300.0, **common) -> dict:
-    """{name: rank 0's result} of :func:`train_gpt` for every configuration, each on its own launch
-    of dp·tp·pp·cp·ep ranks (``common`` keyword arguments go to every one)."""
+    """{name: rank 0's result} of :func:`train_gpt` for every configuration (``common`` keyword
+    arguments go to every one; a configuration's own "steps" or "seed" wins). Configurations of
+    the same world size dp·tp·pp·cp·ep share one launch: its ranks train them one after another
+    (a launch's start-up is paid once per size)."""
     from course_lib.launch import run
 
-    results = {}
+    by_world: dict = {}
     for name, config in configs.items():
-        kwargs = {**common, **config, "steps": steps, "seed": seed}
-        results[name] = run(_train_in_rank, _world(config), kwargs, backend="gloo", timeout=timeout)[0]
-    return results
+        by_world.setdefault(_world(config), []).append(name)
+    results = {}
+    for world, names in by_world.items():
+        runs = [{**common, "steps": steps, "seed": seed, **configs[name]} for name in names]
+        outs = run(_train_many_in_rank, world, runs, backend="gloo", timeout=timeout * len(runs))[0]
+        results.update(zip(names, outs))
+    return {name: results[name] for name in configs}
 
 
 def _train_in_rank(kwargs):
     torch.set_num_threads(1)
     return train_gpt(**kwargs)
+
+
+def _train_many_in_rank(runs):
+    return [_train_in_rank(kwargs) for kwargs in runs]
 
 
 # ----------------------------------------------------------------------------
@@ -520,16 +594,28 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--schedule", default="1f1b")
     p.add_argument("--n-layers", type=int, default=MODEL_DEFAULTS["n_layers"])
     p.add_argument("--d-model", type=int, default=MODEL_DEFAULTS["d_model"])
+    p.add_argument("--n-heads", type=int, default=MODEL_DEFAULTS["n_heads"])
     p.add_argument("--seq-len", type=int, default=MODEL_DEFAULTS["seq_len"])
     p.add_argument("--moe", action="store_true")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     p.add_argument("--json", help="write rank 0's result to this file")
+    p.add_argument("--checkpoint-dir", help="save checkpoints here (and resume from the latest one)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save every this many steps")
+    p.add_argument("--no-resume", action="store_true", help="start from step 0 even if a checkpoint exists")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     opts = parse(argv)
-    if "RANK" in os.environ:
-        dist.init_process_group("gloo")  # env://: torchrun set RANK, WORLD_SIZE, MASTER_ADDR/PORT
+    if "RANK" in os.environ:  # torchrun set RANK, WORLD_SIZE, MASTER_ADDR/PORT (env://)
+        store, rank, world = next(dist.rendezvous("env://"))
+        # After a restart (--max-restarts) the restarted ranks sometimes waited forever inside
+        # init_process_group (measured: about one restart in four, torch 2.13): the store can still
+        # hold the killed attempt's keys (pytorch/pytorch#135712 describes the same for NCCL).
+        # Each attempt's keys get their own prefix (none hung in the runs since).
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        store = dist.PrefixStore(f"course_lib.train/attempt{attempt}", store)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     else:  # plain `python -m course_lib.train`: a world of one
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -546,8 +632,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             schedule=opts.schedule,
             n_layers=opts.n_layers,
             d_model=opts.d_model,
+            n_heads=opts.n_heads,
             seq_len=opts.seq_len,
             moe=opts.moe,
+            precision=opts.precision,
+            checkpoint_dir=opts.checkpoint_dir,
+            checkpoint_every=opts.checkpoint_every,
+            resume=not opts.no_resume,
         )
         if dist.get_rank() == 0:
             print(
@@ -556,7 +647,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             if opts.json:
                 with open(opts.json, "w") as f:
-                    json.dump({k: result[k] for k in ("loss", "tokens_per_s", "peak_bytes")}, f)
+                    json.dump(
+                        {k: result[k] for k in ("loss", "tokens_per_s", "peak_bytes", "resumed_from")}, f
+                    )
     finally:
         dist.destroy_process_group()
     return 0

@@ -7,11 +7,12 @@ from matplotlib.figure import Figure
 from course_lib.figures import CourseFigure, rank_color
 
 
-def loss_curves(curves: dict, references: dict) -> Figure:
+def loss_curves(curves: dict, references: dict, bf16_tolerance: float | None = None) -> Figure:
     """Left: every configuration's loss per step, the one-process curves thick and grey beneath.
     Right: each configuration's relative deviation |loss − reference| / reference per step (log).
 
-    ``curves``: name -> losses; ``references``: name -> the name of its one-process curve."""
+    ``curves``: name -> losses; ``references``: name -> the name of its one-process curve;
+    ``bf16_tolerance``: a second dashed line, the tolerance of the bf16 curves."""
     fig = CourseFigure(figsize=(10, 3.8), layout="constrained")
     left, right = fig.subplots(1, 2)
     names = [n for n in curves if references.get(n, n) != n]
@@ -28,6 +29,9 @@ def loss_curves(curves: dict, references: dict) -> Figure:
     left.legend(fontsize=8)
     right.set(xlabel="step", ylabel="|loss − one process| / one process", title="relative deviation")
     right.axhline(1e-4, color="black", lw=0.8, ls="--")
-    right.text(0, 1.2e-4, "tolerance 1e-4", fontsize=8)
+    right.text(0, 1.2e-4, "tolerance 1e-4 (fp32)", fontsize=8)
+    if bf16_tolerance is not None:
+        right.axhline(bf16_tolerance, color="black", lw=0.8, ls=":")
+        right.text(0, bf16_tolerance * 1.2, f"tolerance {bf16_tolerance:.1e} (bf16)", fontsize=8)
     right.set_ylim(1e-10, 1e-2)
     return fig
