@@ -1,35 +1,36 @@
 """Chapter 09d: predict how long one training step of the capstone takes, before timing it.
 
     machine = measure_machine()                   # cores, a core's matmul FLOP/s, all cores' peak,
-                                                  # the time of one (empty) op, α–β (chapter 01)
+                                                  # element-wise bytes/s, one op's cost, α–β
     runs = measure_configs({"tp2": dict(tp=2)}, steps=4, **MODEL)   # trace one step, time the rest
-    p = predict(runs["tp2"], machine)            # p.compute, p.overhead, p.comm, p.bubble, p.total
-    runs["tp2"].measured                          # the fastest step, seconds
-    mfu(model_flops(**MODEL)["total"], runs["tp2"].measured, machine, runs["tp2"].world)
+    p = predict(runs["tp2"], machine)            # p.compute, .memory, .overhead, .comm, .bubble, .total
+    runs["tp2"].measured                          # the fastest timed step, seconds
+    mfu(model_flops(vocab, **MODEL)["total"], runs["tp2"].measured, machine, runs["tp2"].world)
 
-The model, per rank r (what a rank does in one step, read from one traced step: the FLOPs its
-matrix products do, counted by ``torch.utils.flop_counter.FlopCounterMode``; the ops it
-dispatches; every collective and send with its group size and bytes):
+The model, per rank r, from one traced step (counted, not timed: the FLOPs and shapes of its
+matrix products, the bytes its other ops read and write, the ops it dispatches, every collective
+and send with its group size and bytes):
 
-    work_r = FLOPs_r / R  +  ops_r · t_op  +  Σ_calls α–β(call)
+    work_r = its products timed alone on one core  +  bytes_r / B  +  ops_r · t_op  +  Σ α–β(call)
 
-R is one core's measured matmul rate, t_op the measured cost of one nearly empty op (its
-dispatch and autograd bookkeeping), α and β chapter 01's fit. A step then takes the larger of
-two bounds (the usual pair for a machine with fewer cores than workers, Graham 1969):
+B is the rate of an element-wise op, t_op the cost of one nearly empty op (dispatch and autograd
+bookkeeping), α and β chapter 01's ping-pong fit — measured with as many ranks exchanging at once
+as the layout has, each doing a few small ops between messages, so that with more ranks than
+cores the wait for a core is in it. CPU work is slowed by max(1, ranks sharing the cores / cores).
+A step takes the larger of two bounds (the usual pair for more workers than processors):
 
-* the path: the pipeline played by :func:`course_lib.pipeline_schedules.simulate` with each
-  stage's work split into m forwards (⅓) and m backwards (⅔), every stage slowed by
-  max(1, ranks of a stage / cores) — its ranks share the cores; without a pipeline, the
-  busiest rank's work times max(1, N / cores);
-* the machine: Σ_r work_r / cores — N ranks on C < N cores cannot finish before the cores have
-  done all the ranks' work. When it is the larger, a stage waiting in the pipeline's bubble
-  lends its core to the other stage, and the bubble costs nothing.
+* the path: the pipeline played by :func:`course_lib.pipeline_schedules.simulate`, each stage's
+  busiest rank's work cut into m forwards (⅓) and m backwards (⅔); without a pipeline, the
+  busiest rank's work;
+* the machine: every rank's CPU work over all cores, plus the busiest rank's messages. When it is
+  the larger, a stage waiting in the pipeline's bubble lends its core to the other stage, and the
+  bubble costs nothing.
 
-The whole-model FLOPs are 6·Ψ·T + 12·L·s·d·T (T tokens, Ψ the weights of the matrix products,
-L layers, s the sequence, d the width; Kaplan et al. 2020 and PaLM's appendix B, Chowdhery et
-al. 2022); :func:`model_flops`. For GPUs, :func:`cluster_step` prices a plan of chapter 09's
-cost model (:mod:`course_lib.cost`) with datasheet peaks and link bandwidths (:data:`GPUS`,
-:data:`LINKS`, sources in each entry).
+The whole model's FLOPs are 6·Ψ·T + 12·L·s·d·T (T tokens, Ψ the weights of the matrix products,
+L layers, s the sequence, d the width; Kaplan et al. 2020, and the PaLM paper's appendix B,
+Chowdhery et al. 2022): :func:`model_flops`. For GPUs, :func:`cluster_step` prices a plan of
+chapter 09's cost model (:mod:`course_lib.cost`) with datasheet peaks and link bandwidths
+(:data:`GPUS`, :data:`LINKS`, each with its source).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class Machine:
     core_flops: float  # matmul FLOP/s of one core (one thread, the others idle)
     peak_flops: float  # matmul FLOP/s of all cores at once (one rank per core): MFU's peak
     op_seconds: float  # one nearly empty op, forward and backward: dispatch and autograd
+    memory_bandwidth: float  # bytes/s an element-wise op reads and writes on one core
     links: dict  # {N: AlphaBeta}: chapter 01's ping-pong fit with N ranks exchanging at once
 
     def link(self, ranks: int) -> AlphaBeta:
@@ -120,7 +122,8 @@ class Machine:
     def describe(self) -> str:
         lines = [
             f"{self.cores} cores; one core {self.core_flops / 1e9:.1f} GFLOP/s (fp32 matmul), "
-            f"all {self.cores} at once {self.peak_flops / 1e9:.1f} GFLOP/s; one op {self.op_seconds * 1e6:.1f} µs"
+            f"all {self.cores} at once {self.peak_flops / 1e9:.1f} GFLOP/s; one op {self.op_seconds * 1e6:.1f} µs; "
+            f"element-wise {self.memory_bandwidth / 1e9:.1f} GB/s"
         ]
         lines += [f"{n} ranks exchanging at once: {ab.describe()}" for n, ab in sorted(self.links.items())]
         return "\n".join(lines)
@@ -145,25 +148,76 @@ def _best_seconds(fn, batches: int) -> float:
     return best
 
 
-def matmul_flops(n: int = 256, batches: int = 40) -> float:
-    """FLOP/s of one n × n fp32 matmul on this process's threads, the fastest of ``batches``."""
+def matmul_flops(n: int = 256, batches: int = 20, repeats: int = 4) -> float:
+    """FLOP/s of n × n fp32 matmuls on this process's threads: the fastest of ``batches``
+    batches of ``repeats`` products, each into a new output as in training."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     a, b = torch.randn(n, n), torch.randn(n, n)
     a @ b  # the first call allocates and chooses a kernel
-    return 2 * n**3 / _best_seconds(lambda: a @ b, batches)
+    return 2 * n**3 * repeats / _best_seconds(lambda: [a @ b for _ in range(repeats)], batches)
+
+
+#: The ops whose time is their FLOPs (counted by FlopCounterMode), not the bytes they touch.
+MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def _nbytes(tree) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, (list, tuple)):
+        return sum(_nbytes(t) for t in tree)
+    return 0
+
+
+def _matmul_shape(name: str, args) -> tuple:
+    """(batch, m, k, n) of a matrix product's operands: (m × k)·(k × n), ``batch`` of them."""
+    a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
+    if a.dim() == 3:
+        return (a.shape[0], a.shape[1], a.shape[2], b.shape[2])
+    return (1, a.shape[0], a.shape[1], b.shape[1])
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts every op dispatched inside it (forward and backward alike)."""
+    """Counts every op dispatched inside it (forward and backward alike), the bytes the ops
+    other than matrix products read and write (their tensors in and out; a view moves no data
+    and counts none), and the shapes of the matrix products: {(batch, m, k, n): count}."""
 
     def __init__(self):
         super().__init__()
         self.ops = 0
+        self.bytes = 0
+        self.matmuls = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in MATMUL_OPS:
+            shape = _matmul_shape(name, args)
+            self.matmuls[shape] = self.matmuls.get(shape, 0) + 1
+        elif not getattr(func, "is_view", False):
+            self.bytes += _nbytes(args) + _nbytes(list((kwargs or {}).values())) + _nbytes(out)
+        return out
+
+
+def matmul_seconds(shapes: dict, batches: int = 5, _cache: dict = {}) -> float:  # noqa: B006
+    """Seconds of the matrix products ``shapes`` ({(batch, m, k, n): count}) on one core: each
+    shape timed alone, fp32, one thread, the fastest of ``batches`` (remembered per shape)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        total = 0.0
+        for shape, count in shapes.items():
+            if shape not in _cache:
+                batch, m, k, n = shape
+                a, b = torch.randn(batch, m, k), torch.randn(batch, k, n)
+                torch.bmm(a, b)
+                _cache[shape] = _best_seconds(lambda a=a, b=b: torch.bmm(a, b), batches)
+            total += count * _cache[shape]
+        return total
+    finally:
+        torch.set_num_threads(threads)
 
 
 def op_seconds(chain: int = 64, batches: int = 30) -> float:
@@ -183,63 +237,106 @@ def op_seconds(chain: int = 64, batches: int = 30) -> float:
     return _best_seconds(run, batches) / counter.ops
 
 
-def _pairs_ping_pong(sizes, batches: int, active: int) -> list:
-    """Ranks 0 … active−1 bounce messages in pairs (0↔1, 2↔3, …) all at once, the rest wait;
-    returns rank 0's one-way seconds per size, the fastest batch (as chapter 01 fits them)."""
+def memory_bandwidth(numel: int = 1 << 20, batches: int = 20) -> float:
+    """Bytes per second of an element-wise multiplication of ``numel`` fp32 values (read once,
+    written once): the rate at which ops without matrix products move data. The fastest batch."""
+    x, out = torch.ones(numel), torch.empty(numel)
+    torch.mul(x, 1.0001, out=out)
+    return 2 * 4 * numel / _best_seconds(lambda: torch.mul(x, 1.0001, out=out), batches)
+
+
+def _burst(ops: int) -> None:
+    """``ops`` multiplications of a small tensor: a rank's work between two messages."""
+    y = torch.ones(64)
+    for _ in range(ops):
+        y = y * 1.0001
+
+
+def _pairs_ping_pong(sizes, batches: int, active: int, burst_ops: int, burst_s: float) -> list:
+    """Ranks 0 … active−1 bounce messages in pairs (0↔1, 2↔3, …) all at once, each doing
+    ``burst_ops`` small ops before every message (as ranks of a training step compute between
+    their calls); the rest wait. Returns rank 0's one-way seconds per size: the fastest batch,
+    less the burst at this many ranks' share of the cores."""
     rank = dist.get_rank()
     peer = rank ^ 1
+    share = max(1.0, active / available_cores())
     best = []
     for nbytes in sizes:
         buf = torch.zeros(max(1, nbytes // 4))
-        iters = max(1, min(20, (1 << 20) // max(nbytes, 1)))
+        iters = max(2, min(8, (4 << 20) // max(nbytes, 1)))
         fastest = math.inf
         for _ in range(batches):
             dist.barrier()
             if rank < active:
                 start = time.perf_counter()
                 for _ in range(iters):
+                    _burst(burst_ops)
                     if rank % 2 == 0:
                         dist.send(buf, peer)
                         dist.recv(buf, peer)
                     else:
                         dist.recv(buf, peer)
                         dist.send(buf, peer)
-                fastest = min(fastest, (time.perf_counter() - start) / iters / 2)
-        best.append(fastest)
+                    _burst(burst_ops)
+                fastest = min(fastest, (time.perf_counter() - start) / iters)
+        best.append(max((fastest - 2 * share * burst_s) / 2, 1e-7))
     return best
 
 
-def _measure_in_rank(sizes, worlds, matmul_n, batches):
+def _measure_in_rank(sizes, worlds, matmul_n, batches, burst_ops):
     torch.set_num_threads(1)
     rank, cores = dist.get_rank(), available_cores()
-    alone = op_time = None
+    alone = op_time = bandwidth = None
     if rank == 0:  # one core, the other ranks waiting in the barrier below
-        alone, op_time = matmul_flops(matmul_n), op_seconds()
-    dist.barrier()
+        alone, op_time, bandwidth = matmul_flops(matmul_n), op_seconds(), memory_bandwidth()
+    burst_s = torch.tensor(_best_seconds(lambda: _burst(burst_ops), 20) if rank == 0 else 0.0)
+    dist.broadcast(burst_s, 0)
     together = matmul_flops(matmul_n) if rank < cores else 0.0  # one rank per core, all at once
     dist.barrier()
-    seconds = {n: _pairs_ping_pong(sizes, batches, n) for n in worlds}
-    return alone, op_time, together, seconds
+    seconds = {n: _pairs_ping_pong(sizes, batches, n, burst_ops, float(burst_s)) for n in worlds}
+    return alone, op_time, bandwidth, together, seconds
+
+
+def _fit(sizes: list, seconds: list) -> AlphaBeta:
+    """:func:`course_lib.alpha_beta.fit`; where waiting for a core drowned the bandwidth (the
+    largest message was no slower than the smallest), α alone: the median time, β infinite."""
+    try:
+        return alpha_beta.fit(sizes, seconds)
+    except ValueError:
+        return AlphaBeta(statistics.median(seconds), math.inf)
 
 
 def measure_machine(
-    worlds=(2, 4, 8), sizes=(4, 4096, 65536, 1 << 20, 4 << 20), matmul_n: int = 256, batches: int = 5
+    worlds=(2, 4, 8),
+    sizes=(4, 4096, 1 << 18, 1 << 22),
+    matmul_n: int = 256,
+    batches: int = 3,
+    burst_ops: int = 32,
 ) -> Machine:
     """Measure this machine in one launch of max(``worlds``) ranks: one core's matmul rate (the
-    others idle), every core's at once, one op's cost, and chapter 01's ping-pong with N ranks
-    exchanging in pairs at once for each N in ``worlds``, fitted by
-    :func:`course_lib.alpha_beta.fit` on the fastest batches."""
+    others idle), every core's at once, one op's cost, and for each N in ``worlds`` chapter
+    01's ping-pong with N ranks bouncing messages in pairs at once, each doing ``burst_ops``
+    small ops between messages, fitted by :func:`course_lib.alpha_beta.fit` on the fastest
+    batches (with N ≤ cores that is chapter 01's α and β; with more ranks than cores a message
+    also waits until its receiver gets a core back from the others' work)."""
     worlds = sorted({int(n) for n in worlds})
     if not worlds or worlds[0] < 2 or any(n % 2 for n in worlds):
         raise ValueError(f"worlds must be even numbers of ranks >= 2 (pairs exchange), got {worlds!r}")
     cores = available_cores()
     out = launch.run(
-        _measure_in_rank, max(worlds[-1], cores), list(sizes), worlds, matmul_n, batches, backend="gloo"
+        _measure_in_rank,
+        max(worlds[-1], cores),
+        list(sizes),
+        worlds,
+        matmul_n,
+        batches,
+        burst_ops,
+        backend="gloo",
     )
-    alone, op_time, _, seconds = out[0]
-    together = sum(r[2] for r in out)
-    links = {n: alpha_beta.fit(list(sizes), seconds[n]) for n in worlds}
-    return Machine(cores, alone, together, op_time, links)
+    alone, op_time, bandwidth, _, seconds = out[0]
+    together = sum(r[3] for r in out)
+    links = {n: _fit(list(sizes), seconds[n]) for n in worlds}
+    return Machine(cores, alone, together, op_time, bandwidth, links)
 
 
 # ----------------------------------------------------------------------------
@@ -262,13 +359,10 @@ class StepTrace:
 
     flops: int = 0
     ops: int = 0
+    bytes: int = 0  # read and written by the ops other than matrix products
+    matmuls: dict = field(default_factory=dict)  # {(batch, m, k, n): count} of the matrix products
+    matmul_seconds: float | None = None  # those products timed alone on one core (matmul_seconds)
     calls: list = field(default_factory=list)
-
-    def bytes_by_op(self) -> dict:
-        out = {}
-        for c in self.calls:
-            out[c.op] = out.get(c.op, 0) + c.nbytes
-        return out
 
 
 def _group_size(name: str, kwargs: dict) -> int:
@@ -322,6 +416,8 @@ class _Trace:
         self._undo()
         self.trace.flops = self._flops.get_total_flops()
         self.trace.ops = self._ops.ops
+        self.trace.bytes = self._ops.bytes
+        self.trace.matmuls = dict(self._ops.matmuls)
         return False
 
 
@@ -379,7 +475,8 @@ def _trace_and_time(kwargs: dict, steps: int):
 def measure_configs(configs: dict, steps: int = 4, timeout: float = 300.0, **model_kw) -> dict:
     """{name: :class:`ConfigRun`}: each configuration on its own launch of dp·tp·pp·cp·ep ranks,
     every rank tracing one step of :func:`course_lib.train.train_gpt` and then timing ``steps``
-    steps (the first of them a warm-up)."""
+    steps (the first of them a warm-up). Then, here on one core, each rank's matrix products are
+    timed alone, shape by shape (:func:`matmul_seconds`): the rank's measured matmul rate."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps must be an integer >= 2 (the first is a warm-up), got {steps!r}")
     runs = {}
@@ -387,7 +484,10 @@ def measure_configs(configs: dict, steps: int = 4, timeout: float = 300.0, **mod
         world = math.prod(config.get(a, 1) for a in ("dp", "tp", "pp", "cp", "ep"))
         kwargs = {**model_kw, **config}
         out = launch.run(_trace_and_time, world, kwargs, steps, backend="gloo", timeout=timeout)
-        runs[name] = ConfigRun(config, world, [t for t, _ in out], [s for _, s in out], dict(model_kw))
+        traces = [t for t, _ in out]
+        for t in traces:
+            t.matmul_seconds = matmul_seconds(t.matmuls)
+        runs[name] = ConfigRun(config, world, traces, [s for _, s in out], dict(model_kw))
     return runs
 
 
@@ -415,23 +515,27 @@ def call_seconds(call: Call, link: AlphaBeta) -> float:
 class Prediction:
     """Seconds of one step, split the way the lesson's table shows them."""
 
-    compute: float  # FLOPs / a core's rate, at the rank's share of a core
+    compute: float  # FLOPs / a core's matmul rate, at the rank's share of a core
+    memory: float  # bytes of the other ops / a core's element-wise rate, at the same share
     overhead: float  # ops × one op's time, at the same share
-    comm: float  # every call's α–β time, at the same share
+    comm: float  # every call's α–β time (measured with as many ranks exchanging)
     bubble: float  # the pipeline's idle time on the path (0 when the machine bound wins)
     bound: str  # "path" or "machine": which bound set the total
 
     @property
     def total(self) -> float:
-        return self.compute + self.overhead + self.comm + self.bubble
+        return self.compute + self.memory + self.overhead + self.comm + self.bubble
 
 
-def rank_work(trace: StepTrace, machine: Machine, ranks: int) -> tuple[float, float, float]:
-    """(compute, overhead, comm) seconds of one rank's traced step: compute and overhead at a
-    whole core's speed, the messages at the α–β measured with ``ranks`` ranks exchanging."""
+def rank_work(trace: StepTrace, machine: Machine, ranks: int) -> tuple[float, float, float, float]:
+    """(compute, memory, overhead, comm) seconds of one rank's traced step: the first three at a
+    whole core's speed (compute: its matrix products timed alone where the trace has that,
+    else its FLOPs at the machine's rate R), the messages at the α–β measured with ``ranks``
+    ranks exchanging."""
     link = machine.link(ranks)
     return (
-        trace.flops / machine.core_flops,
+        trace.matmul_seconds if trace.matmul_seconds is not None else trace.flops / machine.core_flops,
+        trace.bytes / machine.memory_bandwidth,
         trace.ops * machine.op_seconds,
         sum(call_seconds(c, link) for c in trace.calls),
     )
@@ -456,8 +560,8 @@ def predict(run: ConfigRun, machine: Machine, schedule: str = "1f1b") -> Predict
     slow = max(1.0, (n // p) / c)  # the ranks of one stage share the cores
 
     def on_path(r):
-        compute, overhead, comm = works[r]
-        return compute * slow, overhead * slow, comm
+        *cpu, comm = works[r]
+        return (*(x * slow for x in cpu), comm)
 
     stages = [
         max((r for r in range(n) if stage_of(r, run.config) == s), key=lambda r: sum(on_path(r)))
@@ -472,11 +576,7 @@ def predict(run: ConfigRun, machine: Machine, schedule: str = "1f1b") -> Predict
     else:
         path = stage_work[0]
     busiest = on_path(max(stages, key=lambda r: sum(on_path(r))))
-    machine_parts = (
-        sum(w[0] for w in works) / c,
-        sum(w[1] for w in works) / c,
-        max(w[2] for w in works),
-    )
+    machine_parts = (*(sum(w[i] for w in works) / c for i in range(3)), max(w[3] for w in works))
     if path >= sum(machine_parts):
         return Prediction(*busiest, bubble=max(0.0, path - sum(busiest)), bound="path")
     return Prediction(*machine_parts, bubble=0.0, bound="machine")

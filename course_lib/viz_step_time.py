@@ -6,9 +6,16 @@ from matplotlib.figure import Figure
 
 from course_lib.figures import CourseFigure
 
-PART_COLORS = {"compute": "#4C78A8", "overhead": "#B279A2", "comm": "#F58518", "bubble": "#BAB0AC"}
+PART_COLORS = {
+    "compute": "#4C78A8",
+    "memory": "#72B7B2",
+    "overhead": "#B279A2",
+    "comm": "#F58518",
+    "bubble": "#BAB0AC",
+}
 PART_LABELS = {
-    "compute": "compute (FLOPs / R)",
+    "compute": "matrix products",
+    "memory": "element-wise bytes / B",
     "overhead": "ops × t_op",
     "comm": "messages (α–β)",
     "bubble": "pipeline bubble",
@@ -17,11 +24,11 @@ PART_LABELS = {
 
 def predicted_vs_measured(rows: dict, band: float = 0.3) -> Figure:
     """Left: per configuration, the predicted step split into its parts (stacked) above the
-    measured step (black). Right: predicted against measured, log–log, with y = x and a band
-    of ±``band``.
+    measured step (black). Right: predicted against measured, with y = x and a band of
+    ±``band``.
 
-    ``rows``: name -> {"compute", "overhead", "comm", "bubble", "measured"} in seconds."""
-    fig = CourseFigure(figsize=(11, 0.55 * len(rows) + 2.2), layout="constrained")
+    ``rows``: name -> {"compute", "memory", "overhead", "comm", "bubble", "measured"} in seconds."""
+    fig = CourseFigure(figsize=(11, 0.55 * len(rows) + 2.8), layout="constrained")
     left, right = fig.subplots(1, 2, width_ratios=[1.6, 1])
     names = list(rows)
     for i, name in enumerate(reversed(names)):
@@ -47,19 +54,16 @@ def predicted_vs_measured(rows: dict, band: float = 0.3) -> Figure:
         )
     left.set_yticks([2 * i for i in range(len(names))], list(reversed(names)), fontsize=8)
     left.set(xlabel="ms per step", title="predicted (upper bar) and measured (lower bar)")
-    left.legend(fontsize=7, loc="lower right")
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     measured = [rows[n]["measured"] * 1e3 for n in names]
     predicted = [sum(rows[n][p] for p in PART_COLORS) * 1e3 for n in names]
-    low, high = 0.7 * min(measured + predicted), 1.4 * max(measured + predicted)
-    line = [low, high]
+    line = [0.0, 1.15 * max(measured + predicted)]
     right.plot(line, line, color="black", lw=0.8)
     right.fill_between(line, [x * (1 - band) for x in line], [x * (1 + band) for x in line], color="0.9")
     right.scatter(measured, predicted, color="#4C78A8", zorder=3)
     for name, x, y in zip(names, measured, predicted):
         right.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     right.set(
-        xscale="log",
-        yscale="log",
         xlim=line,
         ylim=line,
         xlabel="measured ms",

@@ -93,7 +93,10 @@ ALPHA, BETA = 50e-6, 2e9
 def _call_mistakes(op, n, s) -> dict:
     link = AlphaBeta(ALPHA, BETA)
     ring = link.ring_all_reduce(n, s)
+    # on equal values the later entry wins: the ring's rounds come after the 2S/β hint
     return {
+        2 * (n - 1) * link.alpha + 2 * s / BETA: "the bandwidth term of a ring all-reduce is 2(n−1)/n·S/β, "
+        "not 2S/β",
         link.message(s): "that is one message of S bytes: a collective over n ranks takes rounds",
         2 * (n - 1) * link.message(s): "each round of a ring moves S/n, not the whole array",
         (n - 1) * link.message(s / n) if op == "all_reduce" else ring: (
@@ -101,8 +104,6 @@ def _call_mistakes(op, n, s) -> dict:
             if op == "all_reduce"
             else "that is an all-reduce's price: an all-gather, reduce-scatter or all-to-all takes (n−1) rounds"
         ),
-        2 * (n - 1) * link.alpha
-        + 2 * s / BETA: "the bandwidth term of a ring all-reduce is 2(n−1)/n·S/β, not 2S/β",
     }
 
 
