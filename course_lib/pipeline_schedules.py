@@ -904,14 +904,13 @@ def message_latency(timelines: Sequence[Sequence[tuple]], fb_pairs_together: boo
 
 def delays(
     timelines: Sequence[Sequence[tuple]], latency: float = 0.0, fb_pairs_together: bool = False
-) -> list[float]:
-    """Per rank, the longest time one of its actions started after it could have: after the
+) -> list[list[float]]:
+    """Per rank, how late each of its actions started (seconds, 0 when on time): after the
     rank's previous action ended and its inputs had arrived (``latency`` after the action that
-    made them, when that ran on another rank). Near zero when the ranks had a core whenever
-    they were ready; milliseconds when another program held the cores."""
-    longest = [0.0] * len(timelines)
+    made them, when that ran on another rank). Fractions of a millisecond when the ranks had a
+    core whenever they were ready; milliseconds when another program held the cores."""
+    late = [[] for _ in timelines]
     for r, start, free, remote, local in _readiness(timelines, fb_pairs_together):
         ready = [t for t in (free, local, None if remote is None else remote + latency) if t is not None]
-        if ready:
-            longest[r] = max(longest[r], start - max(ready))
-    return longest
+        late[r].append(max(0.0, start - max(ready)) if ready else 0.0)
+    return late
