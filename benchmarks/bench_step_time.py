@@ -22,7 +22,7 @@ CONFIGS = {
     "dp2·tp2·pp2 zero1": dict(dp=2, tp=2, pp=2, sharding="zero1"),
     "fsdp2·tp2": dict(dp=2, tp=2, sharding="fsdp"),
     "dp2·pp2 zero3": dict(dp=2, pp=2, sharding="zero3"),
-    "tp2·cp2": dict(tp=2, cp=2),
+    "fsdp2·cp2": dict(dp=2, cp=2, sharding="fsdp"),
     "1 rank (moe)": dict(moe=True),
     "dp2·ep2 (moe) zero2": dict(dp=2, ep=2, sharding="zero2"),
 }
