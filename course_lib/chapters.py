@@ -54,6 +54,7 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter("08", "moe", "Mixture of experts", ("moe",)),
     Chapter("09", "parallel_3d", "3D parallel", ("parallel_3d", "mesh", "cost")),
     Chapter("09b", "train", "Capstone: a small GPT with every axis at once", ("train", "gpt")),
+    Chapter("09c", "checkpoint", "Checkpoints across layouts, and a killed rank", ("checkpoint",)),
     Chapter("09d", "step_time", "A time model that predicts the step", ("step_time",)),
     Chapter("10", "debugging", "Debugging, torchrun and many nodes", ("torchrun", "demo")),
 )

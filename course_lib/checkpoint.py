@@ -164,17 +164,22 @@ def overlap(
     want_sizes: Sequence[int],
     have_offsets: Sequence[int],
     have_sizes: Sequence[int],
-) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:
-    """Where two boxes of one tensor overlap: ``(want_slices, have_slices)``, the overlap's place
-    in each box's own coordinates, or None when they share no element. (``have`` is a box on
-    disk, ``want`` one a rank needs: ``want_block[want_slices] = have_block[have_slices]``.)"""
+) -> tuple[list, list] | None:
+    """Where two boxes of one tensor overlap: ``(want, have)``, the overlap's ``(start, stop)`` in
+    every dimension in each box's own coordinates, or None when they share no element. (``have`` is
+    a box on disk, ``want`` one a rank needs; :func:`as_slices` turns a list into an index.)"""
     lo = [max(w, h) for w, h in zip(want_offsets, have_offsets)]
     hi = [min(w + ws, h + hs) for w, ws, h, hs in zip(want_offsets, want_sizes, have_offsets, have_sizes)]
     if any(a >= z for a, z in zip(lo, hi)):
         return None
-    want = tuple(slice(a - w, z - w) for a, z, w in zip(lo, hi, want_offsets))
-    have = tuple(slice(a - h, z - h) for a, z, h in zip(lo, hi, have_offsets))
+    want = [(a - w, z - w) for a, z, w in zip(lo, hi, want_offsets)]
+    have = [(a - h, z - h) for a, z, h in zip(lo, hi, have_offsets)]
     return want, have
+
+
+def as_slices(ranges: Sequence[tuple[int, int]]) -> tuple[slice, ...]:
+    """``[(start, stop), …]`` as an index: ``block[as_slices(want)] = saved[as_slices(have)]``."""
+    return tuple(slice(a, z) for a, z in ranges)
 
 
 # ----------------------------------------------------------------------------
@@ -383,7 +388,7 @@ class Checkpointer:
                         pieces = overlap(b.offsets, b.sizes, e["offsets"], e["sizes"])
                         if pieces is None:
                             continue
-                        dst, src = pieces
+                        dst, src = (as_slices(r) for r in pieces)
                         saved = _read(path, file, meta, cache)[f"{kind}/{e['key']}"]
                         where = b.positions.view(b.sizes)[dst].reshape(-1)
                         flat[where] = saved[src].reshape(-1).to(flat.dtype)
