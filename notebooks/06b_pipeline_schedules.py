@@ -441,6 +441,10 @@ for c, (name, m, v, t_f, t_b, t_w, pairs) in enumerate(configs):
         assert abs(idle / model.bubble_time - 1) < 0.10, f"{label}: measured idle time far from the model"
 disturbed = [label for label, values in measured.items() if not values[5]]
 print(f"disturbed runs (another program had the cores): {', '.join(disturbed) or 'none'}")
+excess = {label: values[0] / values[3] - 1 for label, values in measured.items()}  # measured vs formula
+print("measured idle time above the formula's:", ", ".join(f"{k} {v:+.0%}" for k, v in excess.items()))
+if not disturbed:  # the overhead weighs least on the biggest bubble
+    assert excess["1f1b"] < min(excess["zb-h1"], excess["dualpipe-v (pairs together)"])
 if len(disturbed) < len(measured):
     print("every undisturbed run's measured idle time within 10 % of the model ✔")
 else:
