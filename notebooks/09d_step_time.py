@@ -386,8 +386,9 @@ viz_step_time.plan_times(
 # 35 GB — and a 10 GbE ring moves 1.25 GB/s: about 28 s of traffic against about 6 s of compute,
 # so even perfect overlap leaves the GPUs idle four fifths of the time. The 3D layout keeps the
 # heavy traffic (tensor parallelism's all-reduces) on PCIe inside each machine and sends only
-# activations across the link; its step is 3–4× shorter, at about the same memory per GPU. For
-# 1.3B the same holds at a smaller scale. In one NVLink box ZeRO-3's traffic is a tenth of a
+# activations across the link; its step is about 3.5× (nothing overlapped) to 4.3× (all
+# overlapped) shorter, at about the same memory per GPU. For
+# 1.3B the same holds at a smaller scale. In one NVLink box ZeRO-3's traffic is under a tenth of a
 # second: ZeRO-3 is a good plan where the links are fast, and a poor one where they are not.
 # The caveats: the efficiency (50 %) is assumed; with NVIDIA's stock driver an RTX 4090 has no
 # GPU-to-GPU peer-to-peer over PCIe (NVIDIA/nccl issue #1127), so its traffic goes through host
