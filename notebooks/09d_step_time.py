@@ -401,7 +401,11 @@ for size in ("7B", "1.3B"):
     three_d = gpu_rows[(size, "3D: tp4 (PCIe) × pp2 (10 GbE)")]
     assert zero3["fits"] and three_d["fits"]
     assert zero3["overlapped"] > 2 * three_d["overlapped"] and zero3["serial"] > 2 * three_d["serial"]
-assert reference["dp"] < 0.1 * reference["compute"]
+assert reference["dp"] < 0.1 * reference["compute"] and reference["dp"] < 0.1
+seven_b = gpu_rows[("7B", "ZeRO-3, dp8 over 10 GbE")], gpu_rows[("7B", "3D: tp4 (PCIe) × pp2 (10 GbE)")]
+assert round(seven_b[0]["serial"] / seven_b[1]["serial"], 1) == 3.5
+assert round(seven_b[0]["overlapped"] / seven_b[1]["overlapped"], 1) == 4.3
+assert 0.75 < 1 - seven_b[0]["compute"] / seven_b[0]["overlapped"] < 0.85  # idle four fifths of the time
 
 # %% [markdown]
 # ## What you measured
