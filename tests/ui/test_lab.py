@@ -10,6 +10,7 @@ Skips, saying why, where there is no Playwright or no Chromium.
 import json
 import os
 import pathlib
+import re
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,7 @@ import tempfile
 import time
 import urllib.request
 
+import nbformat
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -63,6 +65,11 @@ def lab(tmp_path_factory):
     # Lab autosaves, and Jupytext would rewrite the paired .py: serve a copy.
     workdir = tmp_path_factory.mktemp("course")
     shutil.copytree(ROOT / "notebooks", workdir / "notebooks")
+    planted = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_code_cell(c) for c in ("x = 1", "assert x == 2, 'planted failure'", "x")]
+    )
+    planted.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(planted, workdir / "notebooks" / PLANTED)
     docmanager = settings / "@jupyterlab" / "docmanager-extension"
     docmanager.mkdir(parents=True)
     (docmanager / "plugin.jupyterlab-settings").write_text(json.dumps({"autosave": False}))
@@ -153,12 +160,32 @@ def widget_output(page, cell_index):
     )
 
 
+#: Every error output of the open notebooks, read from the notebook model: JupyterLab renders an
+#: error with the mime type application/vnd.jupyter.stderr, like any text on stderr, so the
+#: page alone cannot tell a raised cell from a warning.
+ERRORS_JS = """() => {
+    const found = [];
+    for (const panel of window.jupyterapp.shell.widgets('main')) {
+        const cells = panel.content && panel.content.model && panel.content.model.cells;
+        for (let i = 0; cells && i < cells.length; i++) {
+            const outputs = cells.get(i).outputs;
+            for (let j = 0; outputs && j < outputs.length; j++) {
+                const out = outputs.get(j).toJSON();
+                if (out.output_type === 'error')
+                    found.push(`cell ${i}: ${out.ename}: ${out.evalue}\\n` + (out.traceback || []).join('\\n'));
+            }
+        }
+    }
+    return found.join('\\n\\n');
+}"""
+
+
 def tracebacks(page):
-    errors = page.locator(".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
-    return errors.first.inner_text()[:2000] if errors.count() else ""
+    return re.sub(r"\x1b\[[0-9;]*m", "", page.evaluate(ERRORS_JS))[:2000]
 
 
 LESSONS = sorted(p.name for p in (ROOT / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
+PLANTED = "zz_a_cell_raises.ipynb"  # served beside the lessons, not one of them
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +206,13 @@ def browser(lab):
             yield page
         finally:
             context.close()
+
+
+def test_a_cell_that_raises_is_reported_not_waited_out(browser):
+    """A raised cell ends the wait at once with its error (JupyterLab draws an error like any
+    text on stderr, so it is read from the notebook model, not the page)."""
+    with pytest.raises(AssertionError, match=r"(?s)a cell raised:.*planted failure"):
+        run_lesson(browser, PLANTED)
 
 
 #: Half the lessons here, half in test_lab_second_half.py: the two modules run on the two
@@ -218,9 +252,10 @@ def run_lesson(page, lesson):
         page,
         """() => {
         const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputPrompt')];
-        const failed = document.querySelector(
-            ".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']");
-        return !!failed || (prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent)));
+        return !!("""
+        + ERRORS_JS
+        + """)() ||
+            (prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent)));
     }""",
         timeout=420,
         describe=running_cell,
