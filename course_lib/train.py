@@ -332,6 +332,11 @@ def _check_config(
         raise ValueError(f"sharding must be one of {SHARDINGS}, got {sharding!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16" and ep > 1:
+        raise ValueError(
+            "precision='bf16' with ep > 1 is not supported: chapter 08's MoELayer adds the experts' "
+            "bf16 outputs into an fp32 buffer (index_add), which needs one dtype; use fp32 with ep"
+        )
     if moe and tp > 1:
         raise ValueError(
             "moe with tp > 1 is not supported: chapter 04's tensor-parallel block splits a dense MLP, "

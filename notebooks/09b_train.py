@@ -204,7 +204,7 @@ assert max(bf16_vs_fp32, parallel_vs_bf16, parallel_vs_fp32) <= TOL_BF16
 assert bf16_vs_fp32 > fp32_worst  # bf16's rounding shows: larger than any fp32 reordering
 
 # %% [markdown]
-# Measured, the bf16 curves stay about ten times inside one rounding. The price of the wider
+# Measured, the bf16 curves stay well inside one rounding (the numbers above). The price of the wider
 # tolerance: it would hide a bug as small as the one planted next for its first steps. That is
 # why equality is checked in fp32, and bf16 only asks whether training in it follows fp32's
 # curve to within its rounding.
@@ -318,7 +318,7 @@ if BIG:
 #   above is rounding, of the size fp32's reordered sums give.
 # - bf16 mixed precision (fp32 master weights, bf16 matmuls, fp32 gradient sums), on one process
 #   and as FSDP2·TP2: within one bf16 rounding, 2⁻⁸ ≈ 3.9e-3 relative, of the fp32 one-process
-#   curve and of each other at every step (measured about ten times inside), and further from
+#   curve and of each other at every step (measured well inside it), and further from
 #   fp32 than any fp32 layout.
 # - A missing gradient sum on one axis (tp's replicas) left the reference at the first update,
 #   and the comparison named that axis; in its first steps it moved the loss by less than the

@@ -84,7 +84,7 @@ for file, info in meta["files"].items():
 # A value several ranks hold — a LayerNorm every tp rank keeps whole, say — is written once, by
 # the lowest rank holding it. So the files hold every element of every tensor **exactly once**,
 # and their tensors take 4 bytes for the parameter and 8 for the moments: 12Ψ bytes in all, Ψ
-# the parameter count (the files add the names and the pickle's framing).
+# the parameter count (the files add each rank's RNG state, the names and the pickle's framing).
 
 # %%
 psi = sum(torch.Size(s).numel() for s in meta["tensors"].values())
@@ -93,9 +93,9 @@ for info in meta["files"].values():
     for box in info["boxes"]:
         counted[box["tensor"]] = counted.get(box["tensor"], 0) + torch.Size(box["sizes"]).numel()
 assert counted == {n: torch.Size(s).numel() for n, s in meta["tensors"].items()}  # each element once
-tensor_bytes = sum(
-    t.numel() * t.element_size() for f in meta["files"] for t in torch.load(step6 / f)["tensors"].values()
-)
+files = {f: torch.load(step6 / f) for f in meta["files"]}
+tensor_bytes = sum(t.numel() * t.element_size() for held in files.values() for t in held["tensors"].values())
+assert all(held["rng"].dtype == torch.uint8 for held in files.values())  # each rank's RNG state
 file_bytes = sum(info["bytes"] for info in meta["files"].values())
 print(
     f"Ψ = {psi:,}; tensors in the files {tensor_bytes:,} bytes = 12Ψ = {12 * psi:,}; files {file_bytes:,} bytes"
@@ -181,8 +181,9 @@ assert same and meta_b["layout"]["pp"] == 2
 # `.step_000006.tmp`, rank 0 writes `meta.json` last and renames the folder — one step that either
 # happens or does not. A crash before the rename leaves a `.tmp` folder that `latest` ignores, so
 # the last good checkpoint stays the latest. Below: a half-written step 9 next to step 6; then
-# three damaged copies of the checkpoint — one from another model (d_model 32), one with a file
-# missing, one with a file cut short. Each error names the file and what is wrong.
+# a run of another model (d_model 32), a run with another batch size (its data position would
+# mean other batches), and two damaged copies of the checkpoint — one with a file missing, one
+# with a file cut short. Each error names the file and what is wrong.
 
 # %%
 CRASHED = WORK / "crashed"
@@ -215,6 +216,7 @@ def try_to_resume(cases):
 CASES = {
     "crash while writing": (str(CRASHED), {}),
     "another model": (str(DIR_A), {"d_model": 32}),
+    "another batch size": (str(DIR_A), {"batch_size": 16}),
     "a missing file": (str(MISSING), {}),
     "a truncated file": (str(TRUNCATED), {}),
 }
@@ -223,6 +225,7 @@ for name, message in messages.items():
     print(f"{name}:\n  {message}")
 assert messages["crash while writing"] == "loaded"
 assert "meta.json was written for another model: d_model 16 there, 32 here" in messages["another model"]
+assert "batch_size 8 there, 16 here" in messages["another batch size"]
 assert "rank00002.pt is missing" in messages["a missing file"]
 assert "rank00001.pt is truncated" in messages["a truncated file"]
 
@@ -230,8 +233,9 @@ assert "rank00001.pt is truncated" in messages["a truncated file"]
 # ## 4. The same state through `torch.distributed.checkpoint`
 #
 # DCP (`torch.distributed.checkpoint`) saves a state dict of DTensors: each rank writes its own
-# chunks to a `__rank_0.distcp` file and the coordinator writes a `.metadata` file that lists, per
-# tensor, every chunk's `offsets` and `sizes` — the same description as our boxes. Loading into
+# chunks to a file of its own (`__0_0.distcp`, `__1_0.distcp`, …) and the coordinator writes a
+# `.metadata` file that lists, per tensor, every chunk's `offsets` and `sizes` — the same
+# description as our boxes. Loading into
 # DTensors of another placement reshards, and it runs on CPU with gloo. Here A's step-6 state
 # (parameters and moments, as `read_global` assembles them) goes through DCP: saved by 2 ranks
 # holding blocks of rows (`Shard(0)`), loaded by 3 ranks wanting blocks of the last dimension
@@ -295,6 +299,7 @@ dev = max(train.relative_deviation(survived["loss"], reference))  # section 2's 
 print(
     f"resumed from step {survived['resumed_from']}; largest relative deviation from the uninterrupted run {dev:.1e}"
 )
+assert "resumed at step" in killed["output"]  # torchrun started the group again, and it resumed
 assert survived["resumed_from"] >= after and len(survived["loss"]) == 12
 assert dev <= 1e-4
 

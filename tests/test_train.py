@@ -60,6 +60,7 @@ def test_grid_with_an_expert_axis_keeps_every_older_grid():
         (dict(cp=3, seq_len=8), "2·cp = 6 zig-zag chunks"),
         (dict(steps=0), "steps must be a positive integer"),
         (dict(precision="fp16"), "precision must be one of"),
+        (dict(ep=2, precision="bf16"), "precision='bf16' with ep > 1 is not supported"),
     ],
 )
 def test_bad_configurations_are_refused_before_any_rank_talks(kwargs, message):
