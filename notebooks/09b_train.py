@@ -114,14 +114,15 @@ print(inspect.getsource(train.gradient_sums))
 # Each configuration below trains the same model (seed 0) on the same global batches for 50
 # steps with AdamW, on 1 to 8 ranks launched from this cell (configurations of one world size
 # share a launch: its ranks train them one after another). Rank 0 shows a progress bar (step,
-# loss) when tqdm is installed. Together they use every axis and every sharding but plain DP:
-# dp·tp·pp with ZeRO-1 on 8 ranks, FSDP with context parallelism, data and expert parallelism
-# with ZeRO-2 on a mixture-of-experts model (compared with the same MoE model on one process;
+# loss) when tqdm is installed. Together they use every axis, and ZeRO-1, ZeRO-2 and FSDP
+# (ZeRO-3 and plain DP are in this chapter's tests and in chapter 09c): dp·tp·pp with ZeRO-1
+# on 8 ranks, FSDP with context parallelism, data and expert parallelism with ZeRO-2 on a
+# mixture-of-experts model (compared with the same MoE model on one process;
 # its capacity factor E/k gives every expert room for every token, so no token is dropped and
 # routing does not depend on how the tokens are split), and FSDP with tensor parallelism in bf16
 # mixed precision (section 3b).
 #
-# The model has one block of width 32 so that this runs in well under a minute on two cores
+# The model has one block of width 32 so that this runs in under a minute on two cores
 # (8 ranks share them); the opt-in run at the end trains the default 4-block model.
 
 # %%
