@@ -53,12 +53,17 @@ def test_there_are_chapters_with_exercises():
     assert all(p.exists() for p in EXERCISES)
 
 
+#: A chapter's issue asks at least three graded exercises, except these (issue 20 asked none;
+#: each has a small one so the chapter is graded too).
+FEWER_EXERCISES = {"09c_checkpoint": 1, "09d_step_time": 2}
+
+
 def test_every_solution_passes_and_has_three_exercises(graded):
     result, by_path = graded
     assert result.returncode == 0, result.stdout[-3000:]
     for path in SOLUTIONS:
         notebook = by_path[path]
-        assert len(notebook["exercises"]) >= 3, notebook["name"]
+        assert len(notebook["exercises"]) >= FEWER_EXERCISES.get(path.stem, 3), notebook["name"]
         assert all(e["status"] == "passed" for e in notebook["exercises"]), notebook
         assert notebook["cell_errors"] == [], notebook  # every cell runs, not only the checks
 
