@@ -53,7 +53,7 @@ from course_lib import pipeline_schedules as schedules
 from course_lib.alpha_beta import AlphaBeta
 
 if TYPE_CHECKING:
-    pass
+    from collections.abc import Sequence
 
 # ----------------------------------------------------------------------------
 # FLOPs of one step
@@ -307,8 +307,8 @@ def _fit(sizes: list, seconds: list) -> AlphaBeta:
 
 
 def measure_machine(
-    worlds=(2, 4, 8),
-    sizes=(4, 4096, 1 << 18, 1 << 22),
+    worlds: Sequence[int] = (2, 4, 8),
+    sizes: Sequence[int] = (4, 4096, 1 << 18, 1 << 22),
     matmul_n: int = 256,
     batches: int = 3,
     burst_ops: int = 32,
