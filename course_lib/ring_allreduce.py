@@ -43,8 +43,7 @@ from course_lib.traffic import Traffic, count_traffic, tcp_bytes  # noqa: F401 -
 # the first K mod N chunks hold one element more than the others.
 
 
-def _checked_ring(tensor, group, name: str) -> Ring:
-    """Validate ``tensor`` and agree on its shape and dtype with the left neighbour."""
+def _check_tensor(tensor, name: str) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} needs a tensor, got {type(tensor).__name__}")
     if not tensor.is_contiguous():
@@ -52,6 +51,11 @@ def _checked_ring(tensor, group, name: str) -> Ring:
             f"{name} works in place on a contiguous tensor; this one is a strided view "
             "(call it on tensor.contiguous() and copy the result back)"
         )
+
+
+def _checked_ring(tensor, group, name: str) -> Ring:
+    """Validate ``tensor`` and agree on its shape and dtype with the left neighbour."""
+    _check_tensor(tensor, name)
     ring = ring_of(group)
     if ring.size == 1:
         return ring
@@ -122,13 +126,7 @@ class _RingCall:
     """
 
     def __init__(self, tensor: torch.Tensor, group: dist.ProcessGroup | None, name: str):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} needs a tensor, got {type(tensor).__name__}")
-        if not tensor.is_contiguous():
-            raise ValueError(
-                f"{name} works in place on a contiguous tensor; this one is a strided view "
-                "(call it on tensor.contiguous() and copy the result back)"
-            )
+        _check_tensor(tensor, name)
         ring = ring_of(group)
         self.name, self.rank, self.size, self.group = name, ring.rank, ring.size, ring.group
         self.left, self.right = ring.left, ring.right
