@@ -16,16 +16,8 @@ import statistics
 from course_lib import step_time
 
 GOAL = 0.30
-MODEL = dict(n_layers=2, d_model=128, n_heads=4, seq_len=64)
-CONFIGS = {
-    "1 rank": {},
-    "dp2·tp2·pp2 zero1": dict(dp=2, tp=2, pp=2, sharding="zero1"),
-    "fsdp2·tp2": dict(dp=2, tp=2, sharding="fsdp"),
-    "dp2·pp2 zero3": dict(dp=2, pp=2, sharding="zero3"),
-    "fsdp2·cp2": dict(dp=2, cp=2, sharding="fsdp"),
-    "1 rank (moe)": dict(moe=True),
-    "dp2·ep2 (moe) zero2": dict(dp=2, ep=2, sharding="zero2"),
-}
+MODEL = step_time.CAPSTONE_MODEL
+CONFIGS = step_time.CAPSTONE_LAYOUTS
 
 
 def main():

@@ -148,6 +148,21 @@ def _best_seconds(fn, batches: int) -> float:
     return best
 
 
+#: The chapter's model: 09b's GPT, four times wider, its sequence four times longer, so that
+#: arithmetic shows up beside everything else (the lesson and benchmarks/bench_step_time.py).
+CAPSTONE_MODEL = dict(n_layers=2, d_model=128, n_heads=4, seq_len=64)
+#: 09b's layouts in fp32, each axis (dp, tp, pp, cp, ep) and sharding (ZeRO-1/2/3, FSDP) at least once.
+CAPSTONE_LAYOUTS = {
+    "1 rank": {},
+    "dp2·tp2·pp2 zero1": dict(dp=2, tp=2, pp=2, sharding="zero1"),
+    "fsdp2·tp2": dict(dp=2, tp=2, sharding="fsdp"),
+    "dp2·pp2 zero3": dict(dp=2, pp=2, sharding="zero3"),
+    "fsdp2·cp2": dict(dp=2, cp=2, sharding="fsdp"),
+    "1 rank (moe)": dict(moe=True),
+    "dp2·ep2 (moe) zero2": dict(dp=2, ep=2, sharding="zero2"),
+}
+
+
 def matmul_flops(n: int = 256, batches: int = 20, repeats: int = 4) -> float:
     """FLOP/s of n × n fp32 matmuls on this process's threads: the fastest of ``batches``
     batches of ``repeats`` products, each into a new output as in training."""

@@ -64,7 +64,8 @@ T0 = time.perf_counter()
 # that arithmetic shows up next to everything else:
 
 # %%
-MODEL = dict(n_layers=2, d_model=128, n_heads=4, seq_len=64)
+MODEL = step_time.CAPSTONE_MODEL
+print(MODEL)
 BATCH = 8  # train_gpt's default global batch
 vocab = gpt.CharTokenizer().vocab_size
 flops = step_time.model_flops(vocab, batch_size=BATCH, **MODEL)
@@ -118,15 +119,9 @@ assert machine.memory_bandwidth > 0 and all(ab.alpha > 0 and ab.beta > 0 for ab 
 # appears at least once:
 
 # %%
-CONFIGS = {
-    "1 rank": {},
-    "dp2·tp2·pp2 zero1": dict(dp=2, tp=2, pp=2, sharding="zero1"),
-    "fsdp2·tp2": dict(dp=2, tp=2, sharding="fsdp"),
-    "dp2·pp2 zero3": dict(dp=2, pp=2, sharding="zero3"),
-    "fsdp2·cp2": dict(dp=2, cp=2, sharding="fsdp"),
-    "1 rank (moe)": dict(moe=True),
-    "dp2·ep2 (moe) zero2": dict(dp=2, ep=2, sharding="zero2"),
-}
+CONFIGS = step_time.CAPSTONE_LAYOUTS
+for name, layout in CONFIGS.items():
+    print(f"{name:22} {layout}")
 
 # %% [markdown]
 # `measure_configs` launches each layout once. Every rank first runs one step of
