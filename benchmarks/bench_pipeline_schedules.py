@@ -66,7 +66,7 @@ def compare_steps():
     return results
 
 
-def idle_against_the_model(p=4, m=8, t_f=0.02, repeats=3, quiet_late=2e-3, quiet_lost=0.08):
+def idle_against_the_model(p=4, m=8, t_f=0.02, repeats=3):
     """The lesson's table: each schedule's measured idle time per rank against the simulator fed
     the measured action times and α (the goal: within 10 % on an undisturbed run)."""
     configs = [
@@ -80,23 +80,11 @@ def idle_against_the_model(p=4, m=8, t_f=0.02, repeats=3, quiet_late=2e-3, quiet
         f"  idle per rank, {p} ranks, m = {m}, t_f:t_b:t_w = 20:40:20 ms (interleaved, DualPipe-V: 10:20:10)"
     ]
     idle_of, peaks = {}, {}
-    for c, (name, mb, v, tf, tb, tw, pairs) in enumerate(configs):
-        runs = [[rank_runs[c][k] for rank_runs in per_rank] for k in range(repeats)]
-        timelines = min(
-            runs, key=lambda t, pairs=pairs: max(map(sum, ps.delays(t, ps.message_latency(t, pairs), pairs)))
-        )
-        alpha = ps.message_latency(timelines, pairs)
-        late = ps.delays(timelines, alpha, pairs)
-        longest, lost = max(map(max, late)), max(map(sum, late))
-        idle, _ = ps.idle_time(timelines)
-        actions = pp.schedule(name, p, mb, v)
-        sim = pp.simulate(actions, tf, tb, tw, fb_pairs_together=pairs)
-        model = pp.simulate(
-            actions, fb_pairs_together=pairs, latency=alpha, durations=ps.measured_durations(timelines)
-        )
+    for run in ps.idle_against_model(per_rank, configs, p):
+        name, idle, sim, model, alpha = run.name, run.idle, run.simulated, run.model, run.alpha
+        longest, lost = run.late, run.lost
         off = idle / model.bubble_time - 1
-        quiet = longest < quiet_late and lost < quiet_lost * model.bubble_time
-        verdict = ("meets" if abs(off) < 0.1 else "MISSES") if quiet else "disturbed, not judged:"
+        verdict = ("meets" if abs(off) < 0.1 else "MISSES") if run.quiet else "disturbed, not judged:"
         idle_of[name], peaks[name] = idle, max(sim.peak_activations)
         lines.append(
             f"  {name:>17}: formula {sim.bubble_time * 1e3:3.0f} ms, model {model.bubble_time * 1e3:5.1f} ms "

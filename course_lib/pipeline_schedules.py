@@ -914,3 +914,66 @@ def delays(
         ready = [t for t in (free, local, None if remote is None else remote + latency) if t is not None]
         late[r].append(max(0.0, start - max(ready)) if ready else 0.0)
     return late
+
+
+#: A timed run is undisturbed when no action started more than QUIET_LATE seconds late and no
+#: rank lost more than QUIET_LOST of the model's idle time to late starts; otherwise another
+#: program had the cores and no schedule explains the difference.
+QUIET_LATE, QUIET_LOST = 2e-3, 0.08
+
+
+@dataclass
+class IdleAgainstModel:
+    """One configuration of :func:`timed_schedules`: measured idle time beside its models."""
+
+    name: str
+    pairs: bool
+    idle: float  # measured mean idle seconds per rank
+    wall: float
+    simulated: ScheduleSimulation  # the schedule played with the stated t_f, t_b, t_w
+    model: ScheduleSimulation  # played with every action's measured time and α per message
+    alpha: float
+    late: float  # the latest start of one action, seconds
+    lost: float  # the most one rank lost to late starts, seconds
+    timelines: list
+    durations: dict
+
+    @property
+    def quiet(self) -> bool:
+        return self.late < QUIET_LATE and self.lost < QUIET_LOST * self.model.bubble_time
+
+
+def idle_against_model(
+    per_rank: Sequence[Sequence[Sequence[list[tuple]]]], configs: Sequence[tuple], p: int
+) -> list[IdleAgainstModel]:
+    """Per configuration of :func:`timed_schedules` (``per_rank``: every rank's result), the
+    repeat whose ranks lost least to late starts, against the simulation of its schedule."""
+    out = []
+    for c, (name, m, v, t_f, t_b, t_w, pairs) in enumerate(configs):
+        repeats = [[rank_result[c][k] for rank_result in per_rank] for k in range(len(per_rank[0][c]))]
+
+        def lost_in(timelines, pairs=pairs):
+            return max(map(sum, delays(timelines, message_latency(timelines, pairs), pairs)))
+
+        timelines = min(repeats, key=lost_in)
+        alpha = message_latency(timelines, pairs)
+        late = delays(timelines, alpha, pairs)
+        idle, wall = idle_time(timelines)
+        actions = schedule(name, p, m, v)
+        durations = measured_durations(timelines)
+        out.append(
+            IdleAgainstModel(
+                name,
+                pairs,
+                idle,
+                wall,
+                simulate(actions, t_f, t_b, t_w, fb_pairs_together=pairs),
+                simulate(actions, fb_pairs_together=pairs, latency=alpha, durations=durations),
+                alpha,
+                max(map(max, late)),
+                max(map(sum, late)),
+                timelines,
+                durations,
+            )
+        )
+    return out

@@ -399,37 +399,21 @@ configs = [
 
 per_rank = launch.run(ps.timed_schedules, P, configs, repeats=REPEATS, backend="gloo")
 # Undisturbed: no action started over 2 ms late, and no rank lost over 8 % of the model's
-# idle time to late starts. Otherwise another program had the cores.
-QUIET_LATE, QUIET_LOST = 2e-3, 0.08
-
-
-def lateness(timelines, pairs):
-    """(the latest start of one action, the most one rank lost to late starts), in seconds."""
-    late = ps.delays(timelines, ps.message_latency(timelines, pairs), pairs)
-    return max(max(row) for row in late), max(sum(row) for row in late)
-
-
+# idle time to late starts (ps.QUIET_LATE, ps.QUIET_LOST). Otherwise another program had the cores.
 print(f"p = {P}, m = {M}; one 1F1B stage: t_f = 20 ms, t_b = 40 ms, t_w = 20 ms")
 print(
     f"{'schedule':>24}  {'formula':>7}  {'simulated':>9}  {'+ δ and α':>9}  {'measured':>8}  "
     f"{'vs model':>8}  {'δ':>5}  {'α':>6}  {'late':>5}  {'lost':>5}"
 )
 measured = {}
-for c, (name, m, v, t_f, t_b, t_w, pairs) in enumerate(configs):
-    repeats = [[rank_runs[c][k] for rank_runs in per_rank] for k in range(REPEATS)]
-    timelines = min(repeats, key=lambda t: lateness(t, pairs)[1])
-    alpha, (late, lost) = ps.message_latency(timelines, pairs), lateness(timelines, pairs)
-    idle, wall = ps.idle_time(timelines)
-    actions = pp.schedule(name, P, m, v)
-    sim = pp.simulate(actions, t_f, t_b, t_w, fb_pairs_together=pairs)
-    durations = ps.measured_durations(timelines)
-    model = pp.simulate(actions, fb_pairs_together=pairs, latency=alpha, durations=durations)
+for run, (name, _, _, t_f, t_b, t_w, pairs) in zip(ps.idle_against_model(per_rank, configs, P), configs):
+    idle, wall, sim, model, alpha = run.idle, run.wall, run.simulated, run.model, run.alpha
+    late, lost, quiet = run.late, run.lost, run.quiet
     sleep = {"F": t_f, "B": t_b, "I": t_b - t_w, "W": t_w}
-    delta = statistics.median(d - sleep[a[0]] for a, d in durations.items())
+    delta = statistics.median(d - sleep[a[0]] for a, d in run.durations.items())
     formula = ps.bubble_formula(name, P, t_f, t_b, t_w)
     label = name + (" (pairs together)" if pairs else "")
-    quiet = late < QUIET_LATE and lost < QUIET_LOST * model.bubble_time
-    measured[label] = idle, wall, sim, formula, model, quiet, alpha, timelines
+    measured[label] = idle, wall, sim, formula, model, quiet, alpha, run.timelines
     print(
         f"{label:>24}  {formula * 1e3:>5.0f}ms  {sim.bubble_time * 1e3:>7.0f}ms  "
         f"{model.bubble_time * 1e3:>7.1f}ms  {idle * 1e3:>6.1f}ms  {idle / model.bubble_time - 1:>+8.1%}  "
