@@ -11,6 +11,11 @@ NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300
 
 .PHONY: setup test-setup git-filter grade lab test test-ui test-fast test-mixed-backend bench exercises clean
 
+# jupyter-events asks for jsonschema's IRI format check, rfc3987-syntax, whose import builds ~30
+# Earley parsers (2.5 s) in every process that imports nbformat: JupyterLab, the grader, the
+# build, nbval. Nothing here validates IRIs, and jsonschema skips the check without it.
+SLIM := $(PY) -m pip uninstall --disable-pip-version-check -y -q rfc3987-syntax > /dev/null 2>&1 || true
+
 setup: $(VENV)/.installed
 
 # Reinstall only when the dependencies change; a second `make lab` reuses the venv.
@@ -19,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(if $(TORCH_INDEX_URL),$(PY) -m pip install --disable-pip-version-check torch==2.13.0 --index-url $(TORCH_INDEX_URL) > $(VENV)/pip-torch.log 2>&1 || { tail -20 $(VENV)/pip-torch.log; exit 1; })
 	$(PY) -m pip install --disable-pip-version-check -e . > $(VENV)/pip.log 2>&1 \
 		|| { tail -40 $(VENV)/pip.log; echo "pip install failed: see $(VENV)/pip.log"; exit 1; }
+	$(SLIM)
 	$(PY) -c "import torch, jupyterlab, ipywidgets, jupytext, course_lib; print('course installed: torch', torch.__version__)"
 	touch $@
 	@$(MAKE) --no-print-directory git-filter
@@ -29,6 +35,7 @@ test-setup: $(VENV)/.installed-test
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --disable-pip-version-check -e ".[test]" > $(VENV)/pip-test.log 2>&1 \
 		|| { tail -40 $(VENV)/pip-test.log; echo "pip install failed: see $(VENV)/pip-test.log"; exit 1; }
+	$(SLIM)
 	touch $@
 
 # Outputs a learner's run leaves in a committed notebook are not a change to git (JupyterLab
@@ -56,7 +63,7 @@ test: test-setup
 	$(PY) -m course_lib.build --check
 	$(VENV)/bin/ruff check $(LINTED)
 	$(VENV)/bin/ruff format --check $(LINTED)
-	$(PY) -m pytest $(NBVAL) -n 2 --dist loadscope -rs tests $(LESSON_RUN) \
+	$(PY) -m pytest $(NBVAL) -n 2 --dist loadscope --no-loadscope-reorder -rs tests $(LESSON_RUN) \
 		$(if $(filter notebooks,$(LESSON_RUN)),--ignore=tests/ui) --durations=15
 
 # A real browser (Debian's chromium, driven by Playwright) runs a chapter in JupyterLab.

@@ -10,6 +10,19 @@ from course_lib import checks, launch
 # Ranks are processes on a 2-core machine: keep every test's world small.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+#: The longest modules (minutes each in CI), started first: `make test` has pytest-xdist hand
+#: whole modules to its two workers in collection order (--no-loadscope-reorder), and a long
+#: module handed out last would leave the other worker idle until it ends.
+LONGEST_FIRST = ("ui/test_lab_second_half.py", "ui/test_lab.py", "test_course.py", "test_grade_attacks.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
 
 def rank_processes():
     """Live processes below this one, except multiprocessing's own helpers
