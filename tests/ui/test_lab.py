@@ -170,9 +170,9 @@ ERRORS_JS = """() => {
         for (let i = 0; cells && i < cells.length; i++) {
             const outputs = cells.get(i).outputs;
             for (let j = 0; outputs && j < outputs.length; j++) {
+                if (outputs.get(j).type !== 'error') continue;  // polled twice a second: no copies
                 const out = outputs.get(j).toJSON();
-                if (out.output_type === 'error')
-                    found.push(`cell ${i}: ${out.ename}: ${out.evalue}\\n` + (out.traceback || []).join('\\n'));
+                found.push(`cell ${i}: ${out.ename}: ${out.evalue}\\n` + (out.traceback || []).join('\\n'));
             }
         }
     }
