@@ -18,7 +18,10 @@ of a split backward takes t_b − t_w).
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -705,15 +708,17 @@ def train_step(
         request = dist.irecv(buffer, src, group=group, tag=_tag(kind, i, s, last + 1))
         posted[kind, i, s] = request, buffer
 
+    def post_input(i, s):
+        if i is not None and ("act", i, s) not in posted:
+            shape, dtype = shapes[s - 1]
+            post("act", i, s, torch.empty(shape, dtype=dtype, device=device), peer[s - 1])
+
     def receive_input(i, s):  # forward (i, s)'s input, s > 0
         if stage_rank[s - 1] == rank:
             return local.pop(("act", i, s)).detach().requires_grad_()
         if s - 1 not in shapes:
             shapes[s - 1] = recv_header(peer[s - 1], group, device)
-        for j in (i, next_forward.get((i, s))):  # this input and the next one, ahead
-            if j is not None and ("act", j, s) not in posted:
-                shape, dtype = shapes[s - 1]
-                post("act", j, s, torch.empty(shape, dtype=dtype, device=device), peer[s - 1])
+        post_input(i, s)
         request, x = posted.pop(("act", i, s))
         request.wait()
         return x.requires_grad_()
@@ -731,9 +736,12 @@ def train_step(
         if k in pairs and actions[k + 1][2] < last:
             _, j, t = actions[k + 1]
             early[j, t] = receive_gradient(j, t)
+        send = None  # (tensor, to stage, kind): what this action sends to another rank, last
         if kind == "F":
             x = micro_inputs[i] if s == 0 else receive_input(i, s)
-            start = time.perf_counter()
+            start = ACTION_CLOCK.begin(kind)  # the action starts when its inputs are here
+            if s > 0 and stage_rank[s - 1] != rank:
+                post_input(next_forward.get((i, s)), s)  # the next input's receive, ahead
             with SplitBackward(split_fns) if (i, s) in split else contextlib.nullcontext():
                 y = module_of[s](x)
                 if s == last:
@@ -746,37 +754,32 @@ def train_step(
                 if s not in headers_sent:
                     in_flight.append(send_header(y, peer[s + 1], group))
                     headers_sent.add(s)
-                out = y.detach()
-                in_flight.append(
-                    (dist.isend(out, peer[s + 1], group=group, tag=_tag("act", i, s + 1, last + 1)), out)
-                )
-                post("grad", i, s, torch.empty_like(out), peer[s + 1])  # its gradient, ahead
+                send = y.detach(), s + 1, "act"
+                post("grad", i, s, torch.empty_like(send[0]), peer[s + 1])  # its gradient, ahead
             saved[i, s] = (x, y)
         elif kind in "BI":
             x, y = saved.pop((i, s))
             grad = None
             if s < last:
                 grad = early.pop((i, s)) if (i, s) in early else receive_gradient(i, s)
-            start = time.perf_counter()
+            start = ACTION_CLOCK.begin(kind)
             with store.deferring((i, s)) if kind == "I" else contextlib.nullcontext():
                 y.backward(grad)
-            if s > 0:
-                if stage_rank[s - 1] == rank:
-                    local["grad", i, s - 1] = x.grad
-                else:
-                    in_flight.append(
-                        (
-                            dist.isend(
-                                x.grad, peer[s - 1], group=group, tag=_tag("grad", i, s - 1, last + 1)
-                            ),
-                            x.grad,
-                        )
-                    )
+            if s > 0 and stage_rank[s - 1] == rank:
+                local["grad", i, s - 1] = x.grad
+            elif s > 0:
+                send = x.grad, s - 1, "grad"
         else:
-            start = time.perf_counter()
+            start = ACTION_CLOCK.begin(kind)
             store.run((i, s))
+        ACTION_CLOCK.wait(sending=send is not None)  # a stage of known duration ends on time
+        if send is not None:
+            tensor, to, what = send
+            request = dist.isend(tensor, peer[to], group=group, tag=_tag(what, i, to, last + 1))
+            in_flight.append((request, tensor))
+        end = ACTION_CLOCK.end()
         if timeline is not None:
-            timeline.append((action, start, time.perf_counter()))
+            timeline.append((action, start, end))
         if live is not None:
             live.append(len(saved) + len(store.pending))
     for request, _ in in_flight:
@@ -788,8 +791,65 @@ def train_step(
 # measuring: stages of known duration, and each schedule's idle time on real ranks
 
 
+class ActionClock:
+    """The time of the action this process's runtime is running, so that a stage of known
+    duration (:class:`TimedChunk`) makes the whole action — the runtime's work around the
+    stage included — take that duration, from its start to its end as the timeline records.
+
+    :func:`train_step` calls :meth:`begin` when an action's inputs are here, :meth:`wait`
+    just before it posts the action's send (the last thing it does), and :meth:`end`. A stage
+    only *books* its time with :meth:`spend`; :meth:`wait` sleeps until the action's start
+    plus the booked time, less what still follows in the action: posting the send and the
+    sleep's own overshoot, whose recent median the clock keeps per kind of action. The
+    timeline records what each action really took; the clock only keeps that close to the
+    booked time. Outside :func:`train_step`, :meth:`spend` just sleeps."""
+
+    def __init__(self, keep: int = 16):
+        self.keep, self.tail = keep, {}  # (kind, sends?) -> recent seconds from wake-up to end
+        self.key = self.start = self.booked = self.woke = None
+
+    def begin(self, kind: str) -> float:
+        """An action of ``kind`` starts now; returns the time (``time.perf_counter``)."""
+        self.key, self.booked, self.woke = kind, None, None
+        self.start = time.perf_counter()
+        return self.start
+
+    def spend(self, seconds: float) -> None:
+        """Book ``seconds`` more for the running action (or sleep them, outside an action)."""
+        if self.start is None:
+            time.sleep(seconds)
+        else:
+            self.booked = (self.booked or 0.0) + seconds
+
+    def wait(self, sending: bool = False) -> None:
+        """Sleep until the running action has taken its booked time, less the part of it that
+        still follows (``sending``: the action's send is posted after this)."""
+        if self.booked is None:
+            return
+        self.key = self.key, sending
+        recent = self.tail.get(self.key)
+        self.woke = self.start + self.booked - (statistics.median(recent) if recent else 0.0)
+        rest = self.woke - time.perf_counter()
+        if rest > 0:
+            time.sleep(rest)
+        else:  # the action took longer than its booked time already: nothing to learn
+            self.woke = None
+
+    def end(self) -> float:
+        """The running action ends now; returns the time, and learns what followed the wake-up."""
+        now = time.perf_counter()
+        if self.woke is not None:
+            self.tail.setdefault(self.key, deque(maxlen=self.keep)).append(now - self.woke)
+        self.key = self.start = self.booked = self.woke = None
+        return now
+
+
+#: The clock of this process's runtime (one per rank: each rank is a process).
+ACTION_CLOCK = ActionClock()
+
+
 class _SleepInBackward(torch.autograd.Function):
-    """Identity whose backward sleeps t_b, or t_b − t_w now and t_w in the W when split."""
+    """Identity whose backward takes t_b, or t_b − t_w now and t_w in the W when split."""
 
     @staticmethod
     def forward(ctx, x, t_b, t_w):
@@ -799,17 +859,22 @@ class _SleepInBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         t_w = ctx.t_w
-        if WeightGradients.defer(lambda: time.sleep(t_w)):
-            time.sleep(ctx.t_b - t_w)
+        if WeightGradients.defer(lambda: ACTION_CLOCK.spend(t_w)):
+            ACTION_CLOCK.spend(ctx.t_b - t_w)
         else:
-            time.sleep(ctx.t_b)
+            ACTION_CLOCK.spend(ctx.t_b)
         return grad, None, None
 
 
 class TimedChunk(nn.Module):
-    """A stage whose forward sleeps t_f, full backward t_b, and split backward t_b − t_w in its
+    """A stage whose forward takes t_f, full backward t_b, and split backward t_b − t_w in its
     I and t_w in its W (a tiny ``nn.Linear`` keeps real gradients flowing): on a laptop the
-    only waiting left to see is the schedule's own, as with chapter 06's ``TimedStage``."""
+    only waiting left to see is the schedule's own, as with chapter 06's ``TimedStage``.
+
+    Each action takes its time from its start to its end as the runtime records them, the
+    Python, autograd and sends around the stage included: the stage sleeps until then
+    (:class:`ActionClock`). So t_f, t_b, t_w are what the actions really take, up to how
+    precisely a sleeping process wakes up (the lesson measures it)."""
 
     def __init__(self, t_f: float, t_b: float, t_w: float, width: int = 4):
         super().__init__()
@@ -817,8 +882,43 @@ class TimedChunk(nn.Module):
         self.linear = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.t_f)
+        ACTION_CLOCK.spend(self.t_f)
         return _SleepInBackward.apply(self.linear(x), self.t_b, self.t_w)
+
+
+_SPIN = """
+import os, select, sys
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+while not select.select([sys.stdin], [], [], 0)[0]:  # until the parent closes the pipe (or dies)
+    pass
+"""
+
+
+@contextlib.contextmanager
+def cores_awake() -> Iterator[int]:
+    """Keep every core busy at the lowest priority Linux has (SCHED_IDLE) for the block.
+
+    A core with nothing to run halts, and on a virtual machine (or a laptop saving power) it
+    takes it a fraction of a millisecond to wake up for a rank whose message arrived or whose
+    sleep ended — for every message, on the critical path. A SCHED_IDLE loop runs only when
+    nothing else wants the core, and gives it up the moment a rank (or any other program)
+    wakes, so it takes no core from anyone; it only keeps the cores from halting. Yields the
+    number of loops (0 where the system has no SCHED_IDLE: nothing is started)."""
+    loops = []
+    if hasattr(os, "SCHED_IDLE"):
+        for _ in range(os.cpu_count() or 1):
+            loops.append(subprocess.Popen([sys.executable, "-c", _SPIN], stdin=subprocess.PIPE))
+    try:
+        yield len(loops)
+    finally:
+        for loop in loops:
+            loop.stdin.close()
+        for loop in loops:
+            try:
+                loop.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                loop.kill()
+                loop.wait()
 
 
 def idle_time(timelines: Sequence[Sequence[tuple]]) -> tuple[float, float]:
@@ -833,9 +933,13 @@ def timed_schedules(configs: Iterable[tuple], repeats: int = 2) -> list[list[lis
     """Run on every rank: per (name, m, v, t_f, t_b, t_w, pairs) in ``configs``, ``repeats``
     steps of :class:`TimedChunk` stages; returns this rank's timeline of each repeat."""
     rank, p = dist.get_rank(), dist.get_world_size()
-    ones = torch.ones(p, 4)
-    warm = partition(nn.Sequential(*[TimedChunk(0, 0, 0) for _ in range(p)]), rank, p)
-    train_step(warm, ones, ones, F.mse_loss, p, "1f1b")  # open the links
+    ones = torch.ones(2 * p, 4)
+    # Open the links, and let the clock learn how long each kind of action runs past its stage
+    # (a short DualPipe-V step has all four kinds: F, B, I and W).
+    warm = partition(
+        nn.Sequential(*[TimedChunk(1e-3, 2e-3, 1e-3) for _ in range(2 * p)]), rank, p, 2, "dualpipe-v"
+    )
+    train_step(warm, ones, ones, F.mse_loss, 2 * p, "dualpipe-v")
     results = []
     for name, m, v, t_f, t_b, t_w, pairs in configs:
         count = len(stage_ranks(name, p, v))
@@ -937,17 +1041,32 @@ class IdleAgainstModel:
     lost: float  # the most one rank lost to late starts, seconds
     timelines: list
     durations: dict
+    formula: float = 0.0  # the bubble formula at the stated t_f, t_b, t_w
+    times: tuple = ()  # (F, B, W): the median measured forward, full backward (or I + W), W
+    formula_measured: float = 0.0  # the bubble formula at the measured F, B, W
 
     @property
     def quiet(self) -> bool:
         return self.late < QUIET_LATE and self.lost < QUIET_LOST * self.model.bubble_time
 
 
+def measured_times(durations: Mapping[tuple, float]) -> tuple[float, float, float]:
+    """(F, B, W): the median measured seconds of a forward, a full backward and a weight-gradient
+    pass; where backwards are split, B = median I + median W (and W = B/2 where none is)."""
+    by_kind = {}
+    for (kind, *_), seconds in durations.items():
+        by_kind.setdefault(kind, []).append(seconds)
+    median = {kind: statistics.median(values) for kind, values in by_kind.items()}
+    b = median["B"] if "B" in median else median["I"] + median["W"]
+    return median["F"], b, median.get("W", b / 2)
+
+
 def idle_against_model(
     per_rank: Sequence[Sequence[Sequence[list[tuple]]]], configs: Sequence[tuple], p: int
 ) -> list[IdleAgainstModel]:
     """Per configuration of :func:`timed_schedules` (``per_rank``: every rank's result), the
-    repeat whose ranks lost least to late starts, against the simulation of its schedule."""
+    repeat whose ranks lost least to late starts, against its bubble formula (at the stated
+    times and at the measured F, B, W) and the simulation of its schedule."""
     out = []
     for c, (name, m, v, t_f, t_b, t_w, pairs) in enumerate(configs):
         repeats = [[rank_result[c][k] for rank_result in per_rank] for k in range(len(per_rank[0][c]))]
@@ -961,6 +1080,7 @@ def idle_against_model(
         idle, wall = idle_time(timelines)
         actions = schedule(name, p, m, v)
         durations = measured_durations(timelines)
+        times = measured_times(durations)
         out.append(
             IdleAgainstModel(
                 name,
@@ -974,6 +1094,9 @@ def idle_against_model(
                 max(map(sum, late)),
                 timelines,
                 durations,
+                bubble_formula(name, p, t_f, t_b, t_w),
+                times,
+                bubble_formula(name, p, *times),
             )
         )
     return out

@@ -1,6 +1,9 @@
 """Chapter 06b: course_lib.pipeline_schedules (schedules, validator, simulator, split backward,
 runtime) against the sources' formulas, one process and torch.distributed.pipelining."""
 
+import os
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -373,3 +376,29 @@ def test_checks_name_typical_mistakes(solution):
         check.zb_h1_order(lambda r, p, m: [(k, i, r) for k, i in pp.one_f_one_b_schedule(p, m)[r]]),
         "use I and W for every backward",
     )
+
+
+def test_action_clock_makes_an_action_take_its_booked_time():
+    clock = ps.ActionClock()
+    for _ in range(6):  # it learns what follows its wake-up (here a 2 ms send)
+        start = clock.begin("F")
+        clock.spend(0.010)
+        clock.spend(0.005)  # two stages in one action: their times add up
+        clock.wait(sending=True)
+        time.sleep(0.002)
+        took = clock.end() - start
+    assert 0.0145 < took < 0.0175
+    start = clock.begin("W")
+    clock.wait()  # nothing booked: no wait
+    assert clock.end() - start < 0.002
+    before = time.perf_counter()
+    clock.spend(0.003)  # outside an action it just sleeps
+    assert time.perf_counter() - before >= 0.003
+
+
+def test_measured_times_and_cores_awake():
+    durations = {("F", 0, 0): 1.0, ("F", 1, 0): 1.2, ("I", 0, 0): 2.0, ("W", 0, 0): 1.0, ("W", 1, 0): 1.4}
+    assert ps.measured_times(durations) == pytest.approx((1.1, 3.2, 1.2))
+    assert ps.measured_times({("F", 0, 0): 1.0, ("B", 0, 0): 3.0}) == (1.0, 3.0, 1.5)
+    with ps.cores_awake() as loops:
+        assert loops == (os.cpu_count() if hasattr(os, "SCHED_IDLE") else 0)
