@@ -921,6 +921,16 @@ def cores_awake() -> Iterator[int]:
                 loop.wait()
 
 
+def machine_busy() -> tuple[bool, float]:
+    """(busy, load): whether other programs kept every core busy over the last minute — the
+    1-minute load average at least the number of cores. Call it before :func:`cores_awake`,
+    whose loops add to the load themselves. On a machine that busy a rank often waits for a
+    core, and a timed run that happened to dodge every late start is luck, not a measurement:
+    count every run on it as disturbed."""
+    load = os.getloadavg()[0]
+    return load >= (os.cpu_count() or 1), load
+
+
 def idle_time(timelines: Sequence[Sequence[tuple]]) -> tuple[float, float]:
     """(mean idle seconds per rank, wall seconds) of one step from every rank's timeline."""
     start = min(row[0][1] for row in timelines)

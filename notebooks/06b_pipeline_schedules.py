@@ -37,6 +37,7 @@
 
 # %%
 import inspect
+import os
 
 import torch
 import torch.distributed as dist
@@ -392,9 +393,12 @@ print(
 # the measured idle time with the formula at the measured F, B, W (and prints the formula at the
 # stated times beside it), and with a **model** of this machine: the simulator fed every action's
 # measured duration and α for every message. As long as no other program took the cores from the
-# ranks, every schedule must match the model within 10 %, and 1F1B and ZB-H1 their formula. `ps.delays` measures that from the timelines: how much
-# later than it could have each action started (its rank free, its inputs arrived), "late" the
-# most for one action, "lost" the most one rank lost in all.
+# ranks, every schedule must match the model within 10 %, and 1F1B and ZB-H1 their formula.
+# `ps.delays` measures that from the timelines: how much later than it could have each action
+# started (its rank free, its inputs arrived), "late" the most for one action, "lost" the most one
+# rank lost in all. And a machine whose load average had already reached its number of cores
+# before the runs (`ps.machine_busy`: other programs kept every core busy for the last minute)
+# counts as busy: every run on it is disturbed, even one that happened to dodge every late start.
 
 # %%
 T_F, T_B, T_W, REPEATS = 0.020, 0.040, 0.010, 2
@@ -404,10 +408,12 @@ configs = [  # (schedule, m, v, t_f, t_b, t_w, F&B pairs together)
     ("zb-h1", P, 1, T_F, T_B, T_W, False),
     ("dualpipe-v", 2 * P, 2, T_F, T_B, T_W, True),
 ]
+busy, load = ps.machine_busy()  # before the loops below, which add to the load themselves
 with ps.cores_awake():
     per_rank = launch.run(ps.timed_schedules, P, configs, repeats=REPEATS, backend="gloo")
 # Undisturbed: no action started over 2 ms late, and no rank lost over 8 % of the model's
 # idle time to late starts (ps.QUIET_LATE, ps.QUIET_LOST). Otherwise another program had the cores.
+print(f"load average before the runs: {load:.1f} on {os.cpu_count()} cores" + (" — busy" if busy else ""))
 print(f"p = {P}; every stage t_f = 20 ms, t_b = 40 ms, t_w = 10 ms; idle time per rank:")
 print(
     f"{'schedule':>24}  {'m':>2}  {'formula':>7}  {'F, B, W measured':>16}  {'formula':>7}  {'measured':>8}"
@@ -427,11 +433,11 @@ for run, (name, m, *_, pairs) in zip(ps.idle_against_model(per_rank, configs, P)
     )
     assert abs(run.simulated.bubble_time - run.formula) < 1e-9
     assert run.idle > 0.9 * run.simulated.bubble_time, "no schedule idles less than its simulation"
-    if run.quiet:
+    if run.quiet and not busy:
         assert abs(off_model) < 0.10, f"{label}: measured idle time far from the model"
         if name in ("1f1b", "zb-h1"):  # the other two: see below
             assert abs(off) < 0.10, f"{label}: measured idle time not within 10 % of the formula"
-disturbed = [label for label, run in measured.items() if not run.quiet]
+disturbed = [label for label, run in measured.items() if busy or not run.quiet]
 print(f"disturbed runs (another program had the cores): {', '.join(disturbed) or 'none'}")
 if len(disturbed) < len(measured):
     print("every undisturbed run within 10 % of the model, and 1F1B's and ZB-H1's of their formula ✔")
