@@ -16,15 +16,21 @@ NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300
 # build, nbval. Nothing here validates IRIs, and jsonschema skips the check without it.
 SLIM := $(PY) -m pip uninstall --disable-pip-version-check -y -q rfc3987-syntax > /dev/null 2>&1 || true
 
+# pip byte-compiles every file it installs, one after another (about a minute for torch and
+# JupyterLab); compileall does the same on every core. (Not skipped: with PYTHONDONTWRITEBYTECODE
+# set, as on CI machines, nothing would ever be compiled and each process would recompile torch.)
+COMPILE := $(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') > /dev/null 2>&1 || true
+
 setup: $(VENV)/.installed
 
 # Reinstall only when the dependencies change; a second `make lab` reuses the venv.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "could not create a venv: on Debian/Ubuntu run: sudo apt install python3-venv"; exit 1; }
-	$(if $(TORCH_INDEX_URL),$(PY) -m pip install --disable-pip-version-check torch==2.13.0 --index-url $(TORCH_INDEX_URL) > $(VENV)/pip-torch.log 2>&1 || { tail -20 $(VENV)/pip-torch.log; exit 1; })
-	$(PY) -m pip install --disable-pip-version-check -e . > $(VENV)/pip.log 2>&1 \
+	$(if $(TORCH_INDEX_URL),$(PY) -m pip install --disable-pip-version-check --no-compile torch==2.13.0 --index-url $(TORCH_INDEX_URL) > $(VENV)/pip-torch.log 2>&1 || { tail -20 $(VENV)/pip-torch.log; exit 1; })
+	$(PY) -m pip install --disable-pip-version-check --no-compile -e . > $(VENV)/pip.log 2>&1 \
 		|| { tail -40 $(VENV)/pip.log; echo "pip install failed: see $(VENV)/pip.log"; exit 1; }
 	$(SLIM)
+	$(COMPILE)
 	$(PY) -c "import torch, jupyterlab, ipywidgets, jupytext, course_lib; print('course installed: torch', torch.__version__)"
 	touch $@
 	@$(MAKE) --no-print-directory git-filter
@@ -33,9 +39,10 @@ $(VENV)/.installed: pyproject.toml
 test-setup: $(VENV)/.installed-test
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install --disable-pip-version-check -e ".[test]" > $(VENV)/pip-test.log 2>&1 \
+	$(PY) -m pip install --disable-pip-version-check --no-compile -e ".[test]" > $(VENV)/pip-test.log 2>&1 \
 		|| { tail -40 $(VENV)/pip-test.log; echo "pip install failed: see $(VENV)/pip-test.log"; exit 1; }
 	$(SLIM)
+	$(COMPILE)
 	touch $@
 
 # Outputs a learner's run leaves in a committed notebook are not a change to git (JupyterLab

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import shutil
 
 import pytest
@@ -175,19 +173,9 @@ def test_dcp_reshards_the_same_state_to_the_same_tensors(saved, tmp_path):
 # a killed rank under torchrun --max-restarts
 
 
-def test_a_rank_killed_under_torchrun_resumes_to_the_uninterrupted_curve(uninterrupted, tmp_path):
-    out = tmp_path / "result.json"
-    model = ["--n-layers", "2", "--d-model", "16", "--n-heads", "2", "--seq-len", "8"]
-    args = ["--dp", "2", "--steps", "8", *model, "--checkpoint-dir", str(tmp_path / "ckpt")]
-    args += ["--checkpoint-every", "2", "--json", str(out)]
-    after = random.choice([2, 4])  # the kill lands in a step after this checkpoint
-    killed = checkpoint.run_torchrun_killing_a_rank(
-        args, nproc=2, checkpoint_dir=tmp_path / "ckpt", kill_rank=1, after_step=after
-    )
-    assert "resumed at step" in killed["output"]
-    survived = json.loads(out.read_text())
-    assert survived["resumed_from"] >= killed["killed_after"] >= after and len(survived["loss"]) == 8
-    assert train.compare_curves(uninterrupted, {"killed and resumed": survived["loss"]}, rtol=1e-5) <= 1e-5
+# The killed rank itself (SIGKILL under torchrun --max-restarts=1, restarted, resumed, the curve
+# within 1e-4 of the uninterrupted one) runs once, in lesson 09c (tests/ui or nbval): two
+# torchrun groups of fresh processes are not run a second time here. Its argument checks:
 
 
 def test_killing_needs_a_rank_that_exists():

@@ -149,9 +149,8 @@ def test_a_missing_gradient_reduction_is_named_by_its_axis(bug):
         train.compare_curves(reference, curves, configs)
 
 
-# The same train_gpt as a script under torchrun (python -m course_lib.train) is tested in
-# tests/test_checkpoint.py: a run with a killed rank, restarted by torchrun, ends on the
-# one-process curve.
+# The same train_gpt as a script under torchrun (python -m course_lib.train) runs in lesson 09c:
+# a run with a killed rank, restarted by torchrun, ends on the one-process curve (asserted there).
 
 
 # ----------------------------------------------------------------------------
