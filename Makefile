@@ -23,27 +23,33 @@ COMPILE := $(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysc
 
 setup: $(VENV)/.installed
 
-# Reinstall only when the dependencies change; a second `make lab` reuses the venv.
-$(VENV)/.installed: pyproject.toml
+# Create the venv if needed and install the course with the extras $(1) ("" or "[test]") in one
+# pip run, logging to $(2). On a fresh machine `make test` installs everything in one pass
+# (a second pass only to add the test extra cost ~25 s: pip's resolution and compileall again).
+define INSTALL
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { echo "could not create a venv: on Debian/Ubuntu run: sudo apt install python3-venv"; exit 1; }
 	$(if $(TORCH_INDEX_URL),$(PY) -m pip install --disable-pip-version-check --no-compile torch==2.13.0 --index-url $(TORCH_INDEX_URL) > $(VENV)/pip-torch.log 2>&1 || { tail -20 $(VENV)/pip-torch.log; exit 1; })
-	$(PY) -m pip install --disable-pip-version-check --no-compile -e . > $(VENV)/pip.log 2>&1 \
-		|| { tail -40 $(VENV)/pip.log; echo "pip install failed: see $(VENV)/pip.log"; exit 1; }
+	$(PY) -m pip install --disable-pip-version-check --no-compile -e ".$(1)" > $(VENV)/$(2) 2>&1 \
+		|| { tail -40 $(VENV)/$(2); echo "pip install failed: see $(VENV)/$(2)"; exit 1; }
 	$(SLIM)
 	$(COMPILE)
 	$(PY) -c "import torch, jupyterlab, ipywidgets, jupytext, course_lib; print('course installed: torch', torch.__version__)"
+endef
+
+# Reinstall only when the dependencies change; a second `make lab` reuses the venv.
+$(VENV)/.installed: pyproject.toml
+	$(call INSTALL,,pip.log)
 	touch $@
 	@$(MAKE) --no-print-directory git-filter
 
-# The test extra (pytest, nbval, hypothesis, playwright), on top of what a learner needs.
+# The test extra (pytest, nbval, hypothesis, playwright), on top of what a learner needs; it
+# installs the course too, so it also counts as `setup` done.
 test-setup: $(VENV)/.installed-test
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PY) -m pip install --disable-pip-version-check --no-compile -e ".[test]" > $(VENV)/pip-test.log 2>&1 \
-		|| { tail -40 $(VENV)/pip-test.log; echo "pip install failed: see $(VENV)/pip-test.log"; exit 1; }
-	$(SLIM)
-	$(COMPILE)
-	touch $@
+$(VENV)/.installed-test: pyproject.toml
+	$(call INSTALL,[test],pip-test.log)
+	touch $(VENV)/.installed $@
+	@$(MAKE) --no-print-directory git-filter
 
 # Outputs a learner's run leaves in a committed notebook are not a change to git (JupyterLab
 # saves them into the .ipynb): a clean filter strips them, as `build --check` ignores them.
