@@ -224,9 +224,9 @@ viz.plot_alpha_beta(pp, model)
 # Run the cell again and the two numbers move. On the course's quiet 2-core virtual machine, five
 # runs gave β within about 20 % of each other (2.5–3.0 GB/s) but α within only a factor of about
 # 2 (82–177 µs; `benchmarks/bench_alpha_beta.py` repeats the fit, and longer or more batches did
-# not narrow it much): a small message's time is mostly how soon each process gets a core back
-# after waiting, and that changes from run to run. So a prediction dominated by α is good to a
-# factor of about 2, one dominated by S/β to about 20 %.
+# not narrow it much): a small message's time includes waking the process that waits for it, and
+# how long that takes changes from run to run. So a prediction dominated by α is good to a factor
+# of about 2, one dominated by S/β to about 20 %.
 #
 # With α and β in hand, an algorithm that sends r messages one after another, each of S′ bytes,
 # costs about r·(α + S′/β). The collectives below are such algorithms.
