@@ -969,16 +969,6 @@ def timed_schedules(configs: Iterable[tuple], repeats: int = 2) -> list[list[lis
     return results
 
 
-def least_idle(per_rank: Sequence[Sequence[Sequence[list[tuple]]]]) -> list:
-    """Per configuration of :func:`timed_schedules`, every rank's timelines in the repeat with the
-    least idle time (a rank that got no core when its input arrived only ever adds idle time)."""
-    best = []
-    for c in range(len(per_rank[0])):
-        repeats = [[rank_result[c][k] for rank_result in per_rank] for k in range(len(per_rank[0][c]))]
-        best.append(min(repeats, key=lambda timelines: idle_time(timelines)[0]))
-    return best
-
-
 def measured_durations(timelines: Sequence[Sequence[tuple]]) -> dict:
     """Every action's measured seconds (end − start), from every rank's timeline of one step:
     feed them to :func:`simulate` (``durations=``) to play the schedule out with real times."""
@@ -1051,9 +1041,9 @@ class IdleAgainstModel:
     lost: float  # the most one rank lost to late starts, seconds
     timelines: list
     durations: dict
-    formula: float = 0.0  # the bubble formula at the stated t_f, t_b, t_w
-    times: tuple = ()  # (F, B, W): the median measured forward, full backward (or I + W), W
-    formula_measured: float = 0.0  # the bubble formula at the measured F, B, W
+    formula: float  # the bubble formula at the stated t_f, t_b, t_w
+    times: tuple  # (F, B, W): the median measured forward, full backward (or I + W), W
+    formula_measured: float  # the bubble formula at the measured F, B, W
 
     @property
     def quiet(self) -> bool:
