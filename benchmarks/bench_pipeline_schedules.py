@@ -76,14 +76,15 @@ def idle_against_the_model(p=4, t_f=0.02, t_b=0.04, t_w=0.01, repeats=3):
         ("zb-h1", p, 1, t_f, t_b, t_w, False),
         ("dualpipe-v", 2 * p, 2, t_f, t_b, t_w, True),
     ]
+    busy, load = ps.machine_busy()  # before the loops below, which add to the load themselves
     with ps.cores_awake():
         per_rank = launch.run(ps.timed_schedules, p, configs, repeats=repeats, backend="gloo")
     lines = [
         f"  idle per rank, {p} ranks, every stage t_f:t_b:t_w = {t_f * 1e3:g}:{t_b * 1e3:g}:{t_w * 1e3:g} ms,"
-        f" least-disturbed of {repeats} repeats"
+        f" least-disturbed of {repeats} repeats; load average before {load:.1f}" + (" (busy)" if busy else "")
     ]
     idle_of, peaks = {}, {}
-    for run in ps.idle_against_model(per_rank, configs, p):
+    for run in ps.idle_against_model(per_rank, configs, p, busy):
         off, off_model = run.idle / run.formula_measured - 1, run.idle / run.model.bubble_time - 1
         ok = abs(off) < 0.1 and abs(off_model) < 0.1
         verdict = ("meets" if ok else "MISSES") if run.quiet else "disturbed, not judged:"

@@ -1044,10 +1044,12 @@ class IdleAgainstModel:
     formula: float  # the bubble formula at the stated t_f, t_b, t_w
     times: tuple  # (F, B, W): the median measured forward, full backward (or I + W), W
     formula_measured: float  # the bubble formula at the measured F, B, W
+    busy: bool = False  # the machine was busy before the runs (:func:`machine_busy`)
 
     @property
     def quiet(self) -> bool:
-        return self.late < QUIET_LATE and self.lost < QUIET_LOST * self.model.bubble_time
+        """Undisturbed: a machine not busy before the runs, and no late start past the bounds."""
+        return not self.busy and self.late < QUIET_LATE and self.lost < QUIET_LOST * self.model.bubble_time
 
 
 def measured_times(durations: Mapping[tuple, float]) -> tuple[float, float, float]:
@@ -1062,11 +1064,12 @@ def measured_times(durations: Mapping[tuple, float]) -> tuple[float, float, floa
 
 
 def idle_against_model(
-    per_rank: Sequence[Sequence[Sequence[list[tuple]]]], configs: Sequence[tuple], p: int
+    per_rank: Sequence[Sequence[Sequence[list[tuple]]]], configs: Sequence[tuple], p: int, busy: bool = False
 ) -> list[IdleAgainstModel]:
     """Per configuration of :func:`timed_schedules` (``per_rank``: every rank's result), the
     repeat whose ranks lost least to late starts, against its bubble formula (at the stated
-    times and at the measured F, B, W) and the simulation of its schedule."""
+    times and at the measured F, B, W) and the simulation of its schedule. ``busy``: what
+    :func:`machine_busy` said before the runs (every run then counts as disturbed)."""
     out = []
     for c, (name, m, v, t_f, t_b, t_w, pairs) in enumerate(configs):
         repeats = [[rank_result[c][k] for rank_result in per_rank] for k in range(len(per_rank[0][c]))]
@@ -1097,6 +1100,7 @@ def idle_against_model(
                 bubble_formula(name, p, t_f, t_b, t_w),
                 times,
                 bubble_formula(name, p, *times),
+                busy,
             )
         )
     return out
