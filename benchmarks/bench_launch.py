@@ -26,7 +26,7 @@ def timed(n):
 
 def main():
     cold = timed(2)
-    print(f"cold first launch (starts the forkserver, imports torch): {cold:.2f} s")
+    print(f"cold first launch (starts the forkserver, on Linux a fork of this process): {cold:.2f} s")
     print(f"{'ranks':>5}  {'median warm launch':>18}  {'min':>7}  {'max':>7}")
     for n in (1, 2, 4, 8):
         times = [timed(n) for _ in range(10)]

@@ -66,7 +66,7 @@ import psutil
 from nbclient import NotebookClient
 from nbclient.exceptions import DeadKernelError
 
-from course_lib import build, chapters, checks
+from course_lib import build, chapters, checks, launch
 from course_lib.checks import submission
 
 if TYPE_CHECKING:
@@ -552,6 +552,7 @@ def _start_worker(modules, digests, extra_files) -> None:
         importlib.import_module(name)
     _EXTRA_FILES[:] = extra_files
     _LIBRARY_DIGESTS.update(digests)
+    launch.start_forkserver()  # as in main(): before this worker reads any notebook
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -638,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     entries = []
     _snapshot_library()  # before any notebook runs
+    if args.jobs == 1:  # the judging happens here (else in each worker, see _start_worker)
+        launch.start_forkserver()  # every rank and worker is a copy of it: one holding no notebook
     if args.jobs == 1:
         for path, canonical in zip(args.paths, canonicals):
             print(f"grading {path} ...", flush=True)

@@ -5,10 +5,12 @@
 
 Ranks are forked from a *forkserver* that has torch and course_lib imported
 already, so a warm launch costs tens of milliseconds instead of the seconds a
-fresh `import torch` takes. The function travels by value (cloudpickle), so one
-defined in a notebook cell works. Every rank's output comes back prefixed with
-``[rank r]``; a rank that raises, crashes or waits forever in a collective is
-turned into a clear error within seconds, and no child outlives the call.
+fresh `import torch` takes (on Linux the server is itself a fork of the caller,
+see :func:`start_forkserver`, so not even the first launch imports torch again).
+The function travels by value (cloudpickle), so one defined in a notebook cell
+works. Every rank's output comes back prefixed with ``[rank r]``; a rank that
+raises, crashes or waits forever in a collective is turned into a clear error
+within seconds, and no child outlives the call.
 """
 
 from __future__ import annotations
@@ -305,7 +307,101 @@ def _context():
             ]
         )
         _CONTEXT = ctx
+    start_forkserver()
     return _CONTEXT
+
+
+def start_forkserver() -> None:
+    """Start the forkserver now, if it is not running: on Linux a fork of this process.
+
+    A freshly started server would pay ``import torch`` again (~4 s of CPU on a slow
+    laptop, in every notebook that launches ranks); a fork of this process has it already.
+    Forking is safe here because the server and its ranks use one intra-op thread (a child
+    forked after its parent used OpenMP threads hangs only if it uses them too) and CUDA is
+    not initialised in this process (checked; otherwise a fresh server, as on other systems).
+
+    The server is a snapshot of this process at the moment it starts, and every rank is a
+    copy of it: a process whose ranks must not see what it holds later (the grader, before
+    it reads any notebook; a test session, before any test patches anything) calls this first.
+    """
+    from multiprocessing import forkserver, util
+
+    if _CONTEXT is None:
+        _context()  # sets the preload list, then calls this again
+        return
+    if not sys.platform.startswith("linux") or torch.cuda.is_initialized():
+        with _main_module_not_rerun():
+            forkserver.ensure_running()
+        return
+    spawn_fresh = util.spawnv_passfds
+
+    def fork_the_server(path, args, passfds):
+        if "multiprocessing.forkserver import main" not in args[-1]:
+            return spawn_fresh(path, args, passfds)  # the resource tracker: a fresh Python
+        return _fork_server_process(passfds)
+
+    util.spawnv_passfds = fork_the_server
+    try:
+        forkserver.ensure_running()
+    finally:
+        util.spawnv_passfds = spawn_fresh
+
+
+def _fork_server_process(passfds) -> int:
+    """Stands in for multiprocessing's spawn of the server: fork, and serve in the child."""
+    listener_fd, alive_r = passfds
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        _forget_the_parent(keep=passfds)
+        from multiprocessing import forkserver
+
+        forkserver._forkserver._lock = threading.Lock()  # held by the parent as it forked
+
+        forkserver.main(listener_fd, alive_r, forkserver._forkserver._preload_modules)
+        code = 0
+    except SystemExit:  # the server's way of ending once every client is gone
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _forget_the_parent(keep) -> None:
+    """In the forked server: drop what belongs to the kernel that forked it.
+
+    What a freshly started Python would not have: the kernel's files and sockets (one of
+    them the write end of the server's own "alive" pipe, which must close for the server
+    to notice a dead kernel; the others would keep the kernel's pipes and ports open), its
+    signal handlers and wake-up fd, its output streams, its thread count and its random state.
+    """
+    import gc
+
+    gc.collect()  # finalisers that close files run now, before their fd numbers are reused
+    gc.freeze()  # and nothing inherited is collected later, in a rank
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(sig)):
+                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        except (OSError, ValueError, TypeError):
+            pass
+    # Not closed but pointed at /dev/null: objects inherited from the kernel still hold these
+    # numbers (a logging handler's file, say), and a number closed here would be reused for a
+    # rank's pipe, into which they would then write.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
+        if fd > 2 and fd not in keep and fd != devnull:
+            with contextlib.suppress(OSError):
+                os.dup2(devnull, fd)
+    os.close(devnull)
+    sys.stdout = sys.__stdout__ or open(os.devnull, "w")  # noqa: SIM115
+    sys.stderr = sys.__stderr__ or open(os.devnull, "w")  # noqa: SIM115
+    torch.set_num_threads(1)
+    torch.seed()  # the ranks share the server's stream, as before; not the kernel's
 
 
 @contextlib.contextmanager

@@ -89,7 +89,8 @@ print(run(sum_of_ranks, 4))
 
 # %% [markdown]
 # ## 4. How fast is a launch?
-# The first launch in a notebook starts a helper process (a *forkserver*) that imports PyTorch once;
+# The first launch in a notebook starts a helper process (a *forkserver*: on Linux a copy of the kernel
+# made with `fork`, so PyTorch is imported already) that imports a few more of torch's modules once;
 # every later launch forks ready-made ranks from it, which takes hundredths to tenths of a second
 # (0.07–0.2 s for 4 ranks on a 2-core laptop; more while other programs keep the cores busy).
 

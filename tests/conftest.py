@@ -24,9 +24,23 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: the rest keep their order
 
 
+def pytest_sessionstart(session):
+    """Start the forkserver before any test runs (in each xdist worker, not in the controller).
+
+    Every rank is a copy of the server, which is a fork of the process that started it: started
+    now, it holds nothing a test patches later (a patched `dist.all_reduce` stays in its test).
+    """
+    config = session.config
+    if getattr(config, "workerinput", None) is None and config.getoption("numprocesses", None):
+        return
+    launch.start_forkserver()
+
+
 def rank_processes():
     """Live processes below this one, except multiprocessing's own helpers
     (the forkserver and the resource tracker live as long as the kernel)."""
+    from multiprocessing import forkserver
+
     me = psutil.Process()
     found = []
     for child in me.children(recursive=True):
@@ -34,6 +48,8 @@ def rank_processes():
             if child.status() == psutil.STATUS_ZOMBIE:
                 continue
             cmd = " ".join(child.cmdline())
+            if child.pid == forkserver._forkserver._forkserver_pid:
+                continue
             if "forkserver" in cmd or "resource_tracker" in cmd:
                 continue
             found.append(child)

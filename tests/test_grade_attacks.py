@@ -110,6 +110,7 @@ ATTACKS = {
     "fork_writes_later": _stubs(
         """
         import os, time
+        open(MARKER + ".forked", "w").write(repr(time.time()))
         if os.fork() == 0:
             os.setsid()
             time.sleep(6)
@@ -177,7 +178,9 @@ def graded(tmp_path_factory):
         cwd=root, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     report = json.loads((root / "report.json").read_text())
-    time.sleep(8)  # longer than the forked child would sleep before writing
+    forked = Path(str(marker) + ".forked")
+    if forked.exists():  # wait until the forked child would have written (6 s after its fork)
+        time.sleep(max(0.0, float(forked.read_text()) + 8 - time.time()))
     return result, report, marker
 
 
@@ -192,6 +195,7 @@ def test_an_attack_earns_nothing(graded, attack):
 
 def test_no_process_of_a_graded_notebook_outlives_it(graded):
     _, _, marker = graded
+    assert Path(str(marker) + ".forked").exists(), "the attack never forked: this test proves nothing"
     assert not marker.exists(), "a process forked by the notebook wrote after the grader finished"
 
 
