@@ -400,8 +400,39 @@ def _forget_the_parent(keep) -> None:
     os.close(devnull)
     sys.stdout = sys.__stdout__ or open(os.devnull, "w")  # noqa: SIM115
     sys.stderr = sys.__stderr__ or open(os.devnull, "w")  # noqa: SIM115
+    sys.excepthook, sys.displayhook = sys.__excepthook__, sys.__displayhook__
+    _forget_ipython()
     torch.set_num_threads(1)
     torch.seed()  # the ranks share the server's stream, as before; not the kernel's
+
+
+def _forget_ipython() -> None:
+    """In the forked server: no IPython kernel here, as in a fresh Python.
+
+    A rank that took itself for the kernel (``get_ipython()``, ``ipykernel`` imported) would
+    draw notebook widgets, as tqdm.auto does, whose messages the copied kernel cannot send:
+    it prints each one whole instead.
+    """
+    if "IPython" in sys.modules:
+        from IPython.core.interactiveshell import InteractiveShell
+
+        if InteractiveShell.initialized():
+            type(InteractiveShell.instance()).clear_instance()
+    kernelbase = sys.modules.get("ipykernel.kernelbase")
+    if kernelbase is not None and kernelbase.Kernel.initialized():
+        kernel = kernelbase.Kernel.instance()
+        with contextlib.suppress(Exception):  # input() and getpass asked the notebook for a line
+            kernel._restore_input()
+        type(kernel).clear_instance()
+    kernelapp = sys.modules.get("ipykernel.kernelapp")
+    if kernelapp is not None and kernelapp.IPKernelApp.initialized():
+        type(kernelapp.IPKernelApp.instance()).clear_instance()
+    for name in [n for n in sys.modules if n == "ipykernel" or n.startswith("ipykernel.")]:
+        del sys.modules[name]  # what tqdm.auto looks for; imported afresh if a rank asks
+    if "matplotlib.pyplot" in sys.modules:  # the notebook's inline backend would "show" as text
+        pyplot = sys.modules["matplotlib.pyplot"]
+        pyplot.close("all")
+        pyplot.switch_backend("agg")
 
 
 @contextlib.contextmanager

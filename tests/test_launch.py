@@ -327,3 +327,42 @@ def _alive(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_ranks_launched_from_a_notebook_are_not_the_notebook(tmp_path):
+    """On Linux the forkserver is a fork of the kernel: its ranks must still be plain processes.
+    A rank that took itself for the kernel drew tqdm's notebook widget, whose messages the
+    copied kernel cannot send and printed whole instead (750 kB of output for one cell)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [
+        nbformat.v4.new_code_cell(
+            "import torch\nbig = torch.randn(256, 256)\nbig @ big  # intra-op threads, used"
+        ),
+        nbformat.v4.new_code_cell(
+            textwrap.dedent("""
+            import os, sys
+            from course_lib.launch import run
+
+            def look():
+                from IPython import get_ipython
+                from tqdm.auto import tqdm
+                for _ in tqdm(range(3), file=sys.stdout, mininterval=0):
+                    pass
+                m = torch.randn(256, 256)
+                m @ m  # one thread here: a fork of a process that used OpenMP must not hang
+                widget = any("notebook" in c.__module__ for c in tqdm.__mro__)
+                return get_ipython() is None, "ipykernel.zmqshell" in sys.modules, widget
+
+            print(run(look, 2, timeout=60), os.getpid())
+            """)
+        ),
+    ]
+    NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    text = "".join(o.get("text", "") for o in nb.cells[1].outputs)
+    assert "[(True, False, False), (True, False, False)]" in text, text[:2000]
+    assert "attempted to send message from fork" not in text and len(text) < 2000, text[:2000]
