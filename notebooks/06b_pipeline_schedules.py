@@ -447,9 +447,10 @@ else:
 # %% [markdown]
 # The medians of the measured F, B, W are within a fraction of a millisecond of the stated 20, 40,
 # 10 ms, so the formula at the measured times and at the stated ones agree. On the course's quiet
-# 2-core machine, over 5 runs of this table, 1F1B measured −0.2 to +3.4 % and ZB-H1 2–3 % above their
-# formulas; interleaving 4–11 % and DualPipe-V 5–11 %, which is why the cell does not assert 10 %
-# for those two. What remains above the formula is α (about 0.1 ms with the cores kept awake,
+# 2-core machine, over 12 runs of this table on two days, 1F1B measured −1.5 to +3.4 % and ZB-H1
+# +1.2 to +7.4 % from their formulas; interleaving +2.7 to +11 % and DualPipe-V +0.6 to +11 % (7 of
+# those runs all four within 10 %, but one undisturbed DualPipe-V run at +11.1 %), which is why the
+# cell does not assert 10 % for those two. What remains above the formula is α (about 0.1 ms with the cores kept awake,
 # 0.5–1 ms without on a virtual machine) for every message the critical path waits for, and the
 # spread of the actions' durations around their median: it weighs most on the schedules with the
 # most messages on their critical path (DualPipe-V, then interleaving), and the model, which plays
