@@ -366,3 +366,17 @@ def test_ranks_launched_from_a_notebook_are_not_the_notebook(tmp_path):
     text = "".join(o.get("text", "") for o in nb.cells[1].outputs)
     assert "[(True, False, False), (True, False, False)]" in text, text[:2000]
     assert "attempted to send message from fork" not in text and len(text) < 2000, text[:2000]
+
+
+def _probe_in_rank():
+    from course_lib import launch as in_rank
+
+    return getattr(in_rank, "SNAPSHOT_PROBE", None)
+
+
+def test_ranks_copy_the_process_as_it_was_when_the_forkserver_started(monkeypatch):
+    """The grader and tests/conftest.py start the forkserver before any notebook or test runs:
+    what this process holds later (a test's patch, a learner's answer) never reaches a rank."""
+    launch.start_forkserver()  # already running (conftest): nothing changes
+    monkeypatch.setattr(launch, "SNAPSHOT_PROBE", "set after the forkserver started", raising=False)
+    assert run(_probe_in_rank, 2) == [None, None]
