@@ -359,7 +359,6 @@ def _fork_server_process(passfds) -> int:
         from multiprocessing import forkserver
 
         forkserver._forkserver._lock = threading.Lock()  # held by the parent as it forked
-
         forkserver.main(listener_fd, alive_r, forkserver._forkserver._preload_modules)
         code = 0
     except SystemExit:  # the server's way of ending once every client is gone
@@ -401,7 +400,10 @@ def _forget_the_parent(keep) -> None:
     sys.stdout = sys.__stdout__ or open(os.devnull, "w")  # noqa: SIM115
     sys.stderr = sys.__stderr__ or open(os.devnull, "w")  # noqa: SIM115
     sys.excepthook, sys.displayhook = sys.__excepthook__, sys.__displayhook__
-    _forget_ipython()
+    try:
+        _forget_ipython()
+    except Exception:  # noqa: BLE001 - a server that still knows the kernel beats no server
+        traceback.print_exc()
     torch.set_num_threads(1)
     torch.seed()  # the ranks share the server's stream, as before; not the kernel's
 

@@ -235,7 +235,9 @@ viz_step_time.predicted_vs_measured(rows)
 # that it holds on a shared CI machine where other jobs take the cores unevenly between the
 # machine's measurements and the steps': every prediction within a factor of 3 of the measured
 # step, and the model and the clock agree on which layout is fastest (one process) and that every
-# multi-rank layout is at least twice as slow as one process on these cores.
+# multi-rank layout is at least 1.5 times as slow as one process on these cores (on the idle
+# machine 2.9–5.4 times measured, 3.8–7.8 times predicted; in one CI run, other tests sharing
+# the cores brought one layout under 2 times).
 
 # %%
 assert all(1 / 3 <= q <= 3 for q in ratios.values()), ratios
@@ -243,9 +245,10 @@ fastest = min(runs, key=lambda n: runs[n].measured)
 assert fastest == min(predictions, key=lambda n: predictions[n].total) == "1 rank"
 for name, run in runs.items():
     if run.world > 1:
-        assert (
-            run.measured > 2 * runs["1 rank"].measured
-            and predictions[name].total > 2 * predictions["1 rank"].total
+        measured_x = run.measured / runs["1 rank"].measured
+        predicted_x = predictions[name].total / predictions["1 rank"].total
+        assert measured_x > 1.5 and predicted_x > 1.5, (
+            f"{name}: {measured_x:.2f}× measured, {predicted_x:.2f}× predicted"
         )
 
 # %% [markdown]
