@@ -639,9 +639,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     entries = []
     _snapshot_library()  # before any notebook runs
-    if args.jobs == 1:  # the judging happens here (else in each worker, see _start_worker)
-        launch.start_forkserver()  # every rank and worker is a copy of it: one holding no notebook
     if args.jobs == 1:
+        # The judging happens here (else in each worker, see _start_worker): every rank and
+        # worker is a copy of the forkserver, so it starts before any notebook is read.
+        launch.start_forkserver()
         for path, canonical in zip(args.paths, canonicals):
             print(f"grading {path} ...", flush=True)
             entry = grade_notebook(path, canonical, args.time_limit, args.save_executed)

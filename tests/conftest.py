@@ -48,9 +48,12 @@ def rank_processes():
             if child.status() == psutil.STATUS_ZOMBIE:
                 continue
             cmd = " ".join(child.cmdline())
-            if child.pid == forkserver._forkserver._forkserver_pid:
-                continue
-            if "forkserver" in cmd or "resource_tracker" in cmd:
+            # Ours by its pid (forked, it has this process's command line); others' by their command.
+            if (
+                child.pid == forkserver._forkserver._forkserver_pid
+                or "forkserver" in cmd
+                or "resource_tracker" in cmd
+            ):
                 continue
             found.append(child)
         except psutil.NoSuchProcess:
