@@ -294,7 +294,7 @@ for grid, kind, measured, predicted in traffic_rows:
 # them (the fastest of 5 replays). Timings here are of a shared CPU, so they vary from run to run.
 
 # %%
-ping = alpha_beta.measure_point_to_point([4, 4096, 65536, 1 << 20], min_seconds=0.05)
+ping = alpha_beta.measure_point_to_point([4, 4096, 65536, 1 << 20, 4 << 20], min_seconds=0.05)
 ab = alpha_beta.fit(ping.nbytes, ping.fastest)
 print(
     ab.describe(),
