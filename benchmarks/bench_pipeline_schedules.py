@@ -66,11 +66,11 @@ def compare_steps():
     return results
 
 
-def idle_against_the_model(p=4, t_f=0.02, t_b=0.04, t_w=0.01, repeats=3):
+def idle_against_the_model(p=4, t_f=0.04, t_b=0.08, t_w=0.02, repeats=3):
     """The lesson's table: each schedule's measured idle time per rank against its formula at the
     measured F, B, W and the simulator fed the measured action times and α (the goal: within
     10 % of both on an undisturbed run)."""
-    configs = [  # as in the lesson: every stage 20/40/10 ms, m = p (DualPipe-V: 2p)
+    configs = [  # as in the lesson: every stage 40/80/20 ms, m = p (DualPipe-V: 2p)
         ("1f1b", p, 1, t_f, t_b, t_w, False),
         ("interleaved-1f1b", p, 2, t_f, t_b, t_w, False),
         ("zb-h1", p, 1, t_f, t_b, t_w, False),

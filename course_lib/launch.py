@@ -57,6 +57,9 @@ if TYPE_CHECKING:
 #: Seconds a rank may wait inside one collective before it gives up. Short on
 #: purpose: in a classroom a deadlock should surface in tens of seconds.
 PG_TIMEOUT = float(os.environ.get("COURSE_PG_TIMEOUT", "30"))
+#: Set to "1" in the launching process's environment to run every gloo rank as SCHED_BATCH
+#: (see :func:`schedule_as_batch`).
+SCHED_BATCH_ENV = "COURSE_SCHED_BATCH"
 #: Largest world a launch accepts; each rank is a whole process.
 MAX_WORLD_SIZE = 64
 
@@ -754,6 +757,8 @@ def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn,
         options = {}
         if uses_nccl(backend):
             torch.cuda.set_device(rank)
+        if os.environ.get(SCHED_BATCH_ENV) == "1" and not uses_nccl(backend):
+            schedule_as_batch()  # before init_process_group: gloo's threads inherit it
         if backend == "nccl":  # bind the GPU now; beside gloo, NCCL starts at the first GPU call,
             options["device_id"] = torch.device("cuda", rank)  # so CPU-only chapters never pay for it
         dist.init_process_group(
@@ -782,6 +787,28 @@ def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn,
             send(("error", tb, _is_timeout(exc), type(exc).__name__))
         finally:
             os._exit(1)
+
+
+def schedule_as_batch() -> bool:
+    """Run this thread, and every thread it starts from now on, as Linux's SCHED_BATCH.
+
+    A rank does this before ``init_process_group`` (so gloo's threads inherit it) when the
+    launching process has ``COURSE_SCHED_BATCH=1`` in its environment; off by default, since
+    it changes every timing the chapters measure. Why it exists (measured, issue 21): gloo's
+    I/O thread wakes for every message and, as an ordinary thread, may preempt its own rank's
+    Python thread on that core while the Python thread holds the connection's lock inside an
+    ``isend`` or ``irecv``. The I/O thread then retries the lock without sleeping until the
+    scheduler hands the core back, a millisecond or more, for a message whose round trip
+    takes a tenth of that. A SCHED_BATCH thread never preempts on waking: it waits for the
+    running thread to block or for the next tick. ``make bench`` (bench_ring) measures with
+    and without. Returns whether it applied (False off Linux, or where it is not allowed)."""
+    if not hasattr(os, "SCHED_BATCH"):
+        return False
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError:
+        return False
+    return True
 
 
 class _Sender:

@@ -333,6 +333,21 @@ print(f"gloo's all-reduce, N=2, 4 KiB: {gloo_4k * 1e3:.3f} ms = {gloo_4k / step.
 # one Python send/recv step can take longer than gloo's whole all-reduce, and a ring needs
 # 2(N−1) of them, so at N = 2 and small S ours stays several steps behind. `make bench` prints
 # every goal of the issue, met or missed, with the machine's load.
+#
+# **What starts the spinning** is the scheduler. gloo's I/O thread sleeps until a message
+# arrives; woken, an ordinary Linux thread may *preempt* the thread running on that core — often
+# its own rank's Python thread, sometimes in the middle of an `isend` with the lock held. Linux's
+# SCHED_BATCH policy removes exactly that: a SCHED_BATCH thread that wakes waits for the running
+# one to block or for the next scheduler tick. Measured on the quiet 2-core machine (N = 2, 4 KiB,
+# calls in a row, two runs of each): with the default policy a call of our ring took 2.6 ms of
+# wall time and cost gloo's I/O thread 1.35–1.48 ms of CPU (gloo's own all-reduce: 1.1–1.9 ms,
+# 0.46–1.0 ms); with every rank SCHED_BATCH, 0.4–0.6 ms and 0.11 ms (gloo's: 0.23–0.40 ms and
+# 0.09 ms). Set `COURSE_SCHED_BATCH=1` in the environment before launching to try it here
+# (`launch.schedule_as_batch`); `make bench` prints both. It is not the default, because it moves
+# every timing the course measures: the multi-rank training steps of chapter 09d ran 1.5–1.7×
+# faster with it, and that chapter's step-time model, which prices messages with an α–β measured
+# while ranks only exchange, then predicted only 40–60 % of their time: without the spinning,
+# some cost the model leaves out dominates, and it is not yet found.
 
 # %% [markdown]
 # ## 5. Bucketed DDP: all-reduce while backward runs

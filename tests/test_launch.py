@@ -380,3 +380,26 @@ def test_ranks_copy_the_process_as_it_was_when_the_forkserver_started(monkeypatc
     launch.start_forkserver()  # already running (conftest): nothing changes
     monkeypatch.setattr(launch, "SNAPSHOT_PROBE", "set after the forkserver started", raising=False)
     assert run(_probe_in_rank, 2) == [None, None]
+
+
+def scheduling_policies():
+    """Inside a rank: the policy of each thread, by name, after one more group is made."""
+    dist.new_group(list(range(dist.get_world_size())))
+    policies = {}
+    for tid in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            name = f.read().strip()
+        policies.setdefault(name, set()).add(os.sched_getscheduler(int(tid)))
+    return policies
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_ranks_run_as_sched_batch_only_when_asked(monkeypatch):
+    monkeypatch.delenv(launch.SCHED_BATCH_ENV, raising=False)
+    default = run(scheduling_policies, 2)[0]
+    assert default["gloo_tcp_loop"] == {os.SCHED_OTHER}
+    monkeypatch.setenv(launch.SCHED_BATCH_ENV, "1")
+    batch = run(scheduling_policies, 2)[0]
+    # every thread, the I/O threads of a group made later included
+    assert set().union(*batch.values()) == {os.SCHED_BATCH}
+    assert "gloo_tcp_loop" in batch and "pt_gloo_runloop" in batch
