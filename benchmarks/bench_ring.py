@@ -11,7 +11,8 @@ every ratio from one run:
 Before each table it prints the figures issue 21 measured for the ring as it was, and the
 machine's load average (`uptime`) beside every measurement. Where a latency goal is missed it
 prints the floor: one ring step (a tiny send/recv exchange, timed the same way) and how many
-steps our call costs.
+steps our call costs, and the same ring without its header message (the shape check that turns
+a neighbour holding another tensor into a clear error), to show what that message costs.
 
 Then why the medians are milliseconds when the best calls take a tenth of that: the CPU each
 rank's threads spend per 4 KiB call (gloo's I/O thread `gloo_tcp_loop` against the Python
@@ -30,7 +31,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from course_lib import collectives, comm, launch
+from course_lib import collectives, comm, launch, ring_allreduce
 from course_lib.units import format_bytes
 
 SMALL = [4 << 10, 16 << 10, 64 << 10, 256 << 10]
@@ -52,6 +53,26 @@ NAMES = ("ring", "dist.all_reduce")
 def load() -> str:
     one, five, _ = os.getloadavg()
     return f"load {one:.1f} (5 min {five:.1f}) on {os.cpu_count()} CPUs"
+
+
+class _RingWithoutHeader(ring_allreduce._RingCall):
+    """The same ring without its shape check: no header message (measures what the check costs;
+    a neighbour holding another shape would hang it, so only here)."""
+
+    def __init__(self, tensor, group, name):
+        ring = ring_allreduce.ring_of(group)
+        self.name, self.rank, self.size, self.group = name, ring.rank, ring.size, ring.group
+        self.left, self.right = ring.left, ring.right
+        self.piece = max(1, ring_allreduce.PIECE_BYTES // tensor.element_size())
+        self.header, self.tag = ring_allreduce._signature(tensor)
+        self._arriving = None  # check() then has nothing to wait for
+
+
+def _ring_without_header(tensor):
+    ring, flat = _RingWithoutHeader(tensor, None, "ring without header"), tensor.view(-1)
+    ring_allreduce._reduce_scatter(flat, ring)
+    ring_allreduce._all_gather(flat, ring)
+    return tensor
 
 
 def _step(tensor):
@@ -135,12 +156,13 @@ def run(n: int, rounds: int = 7) -> list:
         "ring": comm.ring_all_reduce,
         "dist.all_reduce": comm.ALL_REDUCES["dist.all_reduce"],
         "step": _step,
+        "no header": _ring_without_header,
     }
     small = collectives.time_algorithms("all-reduce", calls, n, SMALL, 0.3, rounds)
     print(f"median time per call, {rounds} interleaved rounds ({load()}); goal ours ≤ {SMALL_GOAL}× gloo")
     print(
         f"{'S':>8} {'ours ms':>9} {'gloo ms':>9} {'ratio':>6} {'ours best':>10} {'gloo best':>10} "
-        f"{'1 step ms':>10}  goal"
+        f"{'1 step ms':>10} {'no header':>10}  goal"
     )
     for i, s in enumerate(small["ring"].nbytes):
         ours, gloo, step = (small[k].seconds[i] for k in ("ring", "dist.all_reduce", "step"))
@@ -151,13 +173,18 @@ def run(n: int, rounds: int = 7) -> list:
         print(
             f"{format_bytes(s):>8} {ours * 1e3:>9.3f} {gloo * 1e3:>9.3f} {ratio:>6.2f} "
             f"{small['ring'].fastest[i] * 1e3:>10.3f} {small['dist.all_reduce'].fastest[i] * 1e3:>10.3f} "
-            f"{step * 1e3:>10.3f}  {verdict(ratio <= SMALL_GOAL)}"
+            f"{step * 1e3:>10.3f} {small['no header'].seconds[i] * 1e3:>10.3f}  {verdict(ratio <= SMALL_GOAL)}"
         )
     step0 = small["step"].seconds[0]
     print(
         f"floor: one ring step (4 KiB send/recv, timed alike) takes {step0 * 1e3:.3f} ms; a ring "
         f"all-reduce needs 2(N−1) = {2 * (n - 1)} of them one after another, so ours at 4 KiB costs "
         f"{small['ring'].seconds[0] / step0:.1f} steps and gloo's {small['dist.all_reduce'].seconds[0] / step0:.1f}"
+    )
+    bare = [h / g for h, g in zip(small["no header"].seconds, small["dist.all_reduce"].seconds)]
+    print(
+        "the same ring without its header message (no shape check; 'no header' above), ÷ gloo's: "
+        + ", ".join(f"{x:.2f}" for x in bare)
     )
     large = collectives.time_algorithms("all-reduce", {k: calls[k] for k in NAMES}, n, LARGE, 1.0, rounds)
     cpu = launch.run(cpu_rank, n, LARGE, rounds)

@@ -342,7 +342,9 @@ print(f"gloo's all-reduce, N=2, 4 KiB: {gloo_4k * 1e3:.3f} ms = {gloo_4k / step.
 # calls in a row, two runs of each): with the default policy a call of our ring took 2.6 ms of
 # wall time and cost gloo's I/O thread 1.35–1.48 ms of CPU (gloo's own all-reduce: 1.1–1.9 ms,
 # 0.46–1.0 ms); with every rank SCHED_BATCH, 0.4–0.6 ms and 0.11 ms (gloo's: 0.23–0.40 ms and
-# 0.09 ms). Set `COURSE_SCHED_BATCH=1` in the environment before launching to try it here
+# 0.09 ms). What then remains between ours and gloo's at N = 2 is mostly the header message: at
+# 4–256 KiB the same ring without it took 1.1–1.4× gloo's time, with it 1.4–1.7× (two runs).
+# Set `COURSE_SCHED_BATCH=1` in the environment before launching to try it here
 # (`launch.schedule_as_batch`); `make bench` prints both. It is not the default, because it moves
 # every timing the course measures: the multi-rank training steps of chapter 09d ran 1.5–1.7×
 # faster with it, and that chapter's step-time model, which prices messages with an α–β measured
