@@ -335,21 +335,22 @@ print(f"gloo's all-reduce, N=2, 4 KiB: {gloo_4k * 1e3:.3f} ms = {gloo_4k / step.
 # every goal of the issue, met or missed, with the machine's load.
 #
 # **What starts the spinning** is the scheduler. gloo's I/O thread sleeps until a message
-# arrives; woken, an ordinary Linux thread may *preempt* the thread running on that core — often
-# its own rank's Python thread, sometimes in the middle of an `isend` with the lock held. Linux's
+# arrives; woken, an ordinary Linux thread may *preempt* the thread running on that core — which
+# may be its own rank's Python thread, in the middle of an `isend` with the lock held. Linux's
 # SCHED_BATCH policy removes exactly that: a SCHED_BATCH thread that wakes waits for the running
-# one to block or for the next scheduler tick. Measured on the quiet 2-core machine (N = 2, 4 KiB,
-# calls in a row, two runs of each): with the default policy a call of our ring took 2.6 ms of
-# wall time and cost gloo's I/O thread 1.35–1.48 ms of CPU (gloo's own all-reduce: 1.1–1.9 ms,
-# 0.46–1.0 ms); with every rank SCHED_BATCH, 0.4–0.6 ms and 0.11 ms (gloo's: 0.23–0.40 ms and
-# 0.09 ms). What then remains between ours and gloo's at N = 2 is mostly the header message: at
-# 4–256 KiB the same ring without it took 1.1–1.4× gloo's time, with it 1.4–1.7× (two runs).
+# one to block or for the next scheduler tick. Measured by `make bench` on the quiet 2-core
+# machine (N = 2, 4 KiB, 400 calls in a row, two runs): with the default policy a call of our ring
+# took 2.6–2.9 ms and cost gloo's I/O thread 1.3 ms of CPU (gloo's own all-reduce: 1.1–1.6 ms and
+# 0.46–0.74 ms); with every rank SCHED_BATCH, 0.55–0.78 ms and 0.11–0.13 ms (gloo's: 0.39–0.47 ms
+# and 0.09–0.13 ms). What then remains between ours and gloo's at N = 2 is mostly the header
+# message: at 4–256 KiB the same ring without it took 1.1–1.4× gloo's time, with it 1.4–1.7×.
 # Set `COURSE_SCHED_BATCH=1` in the environment before launching to try it here
 # (`launch.schedule_as_batch`); `make bench` prints both. It is not the default, because it moves
-# every timing the course measures: the multi-rank training steps of chapter 09d ran 1.5–1.7×
-# faster with it, and that chapter's step-time model, which prices messages with an α–β measured
-# while ranks only exchange, then predicted only 40–60 % of their time: without the spinning,
-# some cost the model leaves out dominates, and it is not yet found.
+# every timing the course measures: the multi-rank training steps of chapter 09d ran 1.1–1.9×
+# faster with it in the runs measured, and that chapter's step-time model, which prices messages
+# with an α–β measured while ranks only exchange, then predicted only 35–65 % of their time. The
+# cores were 92–95 % busy during those runs, so the model misses CPU work rather than waiting;
+# which work is not yet found.
 
 # %% [markdown]
 # ## 5. Bucketed DDP: all-reduce while backward runs
