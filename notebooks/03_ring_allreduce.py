@@ -349,8 +349,9 @@ print(f"gloo's all-reduce, N=2, 4 KiB: {gloo_4k * 1e3:.3f} ms = {gloo_4k / step.
 # every timing the course measures: the multi-rank training steps of chapter 09d ran 1.1–1.9×
 # faster with it in the runs measured, and that chapter's step-time model, which prices messages
 # with an α–β measured while ranks only exchange, then predicted only 35–65 % of their time. The
-# cores were 92–95 % busy during those runs, so the model misses CPU work rather than waiting;
-# which work is not yet found.
+# cores were 92–95 % busy during those runs, so the model misses CPU work rather than waiting,
+# and the ranks' own Python threads did 86–95 % of that work (gloo's threads the rest, with either
+# policy); which of it the model leaves out is not yet found.
 
 # %% [markdown]
 # ## 5. Bucketed DDP: all-reduce while backward runs
