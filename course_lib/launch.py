@@ -742,7 +742,8 @@ def _reap(procs, grace: float = 1.0):
 
 def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn, output, where, calls, env):
     _die_with_parent()
-    os.environ.update(env)
+    os.environ.clear()  # the caller's environment as it is now, not as the forkserver copied it:
+    os.environ.update(env)  # a variable unset since then must be unset here too
     dist.set_debug_level_from_env()  # torch read it at import, in the forkserver
     torch.set_num_threads(1)  # N ranks share a laptop's cores; more threads only fight
     send = _Sender(conn)

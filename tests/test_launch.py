@@ -403,3 +403,16 @@ def test_ranks_run_as_sched_batch_only_when_asked(monkeypatch):
     # every thread, the I/O threads of a group made later included
     assert set().union(*batch.values()) == {os.SCHED_BATCH}
     assert "gloo_tcp_loop" in batch and "pt_gloo_runloop" in batch
+
+
+def _environment_probe():
+    return os.environ.get("PATH"), os.environ.get("COURSE_TEST_PROBE")
+
+
+def test_ranks_see_the_callers_environment_as_it_is_at_the_launch(monkeypatch):
+    # The forkserver copied this process's environment when it started (PATH included); a
+    # variable unset since must be unset in the ranks too, and a new one set.
+    assert "PATH" in os.environ
+    monkeypatch.delenv("PATH")
+    monkeypatch.setenv("COURSE_TEST_PROBE", "set at the launch")
+    assert run(_environment_probe, 2) == [(None, "set at the launch")] * 2
