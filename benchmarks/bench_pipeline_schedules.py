@@ -90,9 +90,10 @@ def idle_against_the_model(p=4, t_f=0.04, t_b=0.08, t_w=0.02, repeats=3):
         verdict = ("meets" if ok else "MISSES") if run.quiet else "disturbed, not judged:"
         idle_of[run.name], peaks[run.name] = run.idle, max(run.simulated.peak_activations)
         f, b, w = (x * 1e3 for x in run.times)
+        w_text = f"{w:.1f}" if run.name in ps.SPLIT_BACKWARD else "—"  # no W actions to measure
         lines.append(
             f"  {run.name:>17}: formula {run.formula * 1e3:3.0f} ms (at measured F, B, W = {f:.1f}, {b:.1f}, "
-            f"{w:.1f} ms: {run.formula_measured * 1e3:5.1f}), measured {run.idle * 1e3:5.1f} ms: {off:+.1%}; "
+            f"{w_text} ms: {run.formula_measured * 1e3:5.1f}), measured {run.idle * 1e3:5.1f} ms: {off:+.1%}; "
             f"model {run.model.bubble_time * 1e3:5.1f} ms (α {run.alpha * 1e3:.2f} ms): {off_model:+.1%}; "
             f"{verdict} 10 %; latest start {run.late * 1e3:.1f} ms late, {run.lost * 1e3:.1f} ms lost"
         )

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 NAMES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "dualpipe-v")
+#: The schedules that split a backward into I and W (the others have no W to measure).
+SPLIT_BACKWARD = ("zb-h1", "dualpipe-v")
 KINDS = ("F", "B", "I", "W")
 
 # ----------------------------------------------------------------------------

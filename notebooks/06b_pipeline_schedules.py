@@ -427,8 +427,9 @@ for run, (name, m, *_, pairs) in zip(ps.idle_against_model(per_rank, configs, P,
     measured[label] = run
     off, off_model = run.idle / run.formula_measured - 1, run.idle / run.model.bubble_time - 1
     f, b, w = (x * 1e3 for x in run.times)
+    w_text = f"{w:>4.1f}" if name in ps.SPLIT_BACKWARD else "   —"  # no W actions to measure
     print(
-        f"{label:>24}  {m:>2}  {run.formula * 1e3:>5.0f}ms  {f:>4.1f}, {b:>4.1f}, {w:>4.1f} ms  "
+        f"{label:>24}  {m:>2}  {run.formula * 1e3:>5.0f}ms  {f:>4.1f}, {b:>4.1f}, {w_text} ms  "
         f"{run.formula_measured * 1e3:>5.1f}ms  {run.idle * 1e3:>6.1f}ms  {off:>+10.1%}  "
         f"{run.model.bubble_time * 1e3:>5.1f}ms  {off_model:>+8.1%}  {run.alpha * 1e3:>4.2f}ms  "
         f"{run.late * 1e3:>3.1f}ms  {run.lost * 1e3:>3.1f}ms"

@@ -404,3 +404,16 @@ def test_measured_times_and_cores_awake():
     assert ps.measured_times({("F", 0, 0): 1.0, ("B", 0, 0): 3.0}) == (1.0, 3.0, 1.5)
     with ps.cores_awake() as loops:
         assert loops == (os.cpu_count() if hasattr(os, "SCHED_IDLE") else 0)
+
+
+def test_split_backward_names_exactly_the_schedules_with_w_actions():
+    with_w = {
+        name
+        for name in ps.NAMES
+        if any(
+            a[0] == "W"
+            for row in ps.schedule(name, 4, 8, 2 if name in ("interleaved-1f1b", "dualpipe-v") else 1)
+            for a in row
+        )
+    }
+    assert set(ps.SPLIT_BACKWARD) == with_w == {"zb-h1", "dualpipe-v"}
