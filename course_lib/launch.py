@@ -758,7 +758,7 @@ def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn,
         options = {}
         if uses_nccl(backend):
             torch.cuda.set_device(rank)
-        if os.environ.get(SCHED_BATCH_ENV) == "1" and not uses_nccl(backend):
+        if batch_scheduling_requested() and not uses_nccl(backend):
             schedule_as_batch()  # before init_process_group: gloo's threads inherit it
         if backend == "nccl":  # bind the GPU now; beside gloo, NCCL starts at the first GPU call,
             options["device_id"] = torch.device("cuda", rank)  # so CPU-only chapters never pay for it
@@ -788,6 +788,12 @@ def _rank_main(rank, world_size, store_path, backend, pg_timeout, payload, conn,
             send(("error", tb, _is_timeout(exc), type(exc).__name__))
         finally:
             os._exit(1)
+
+
+def batch_scheduling_requested() -> bool:
+    """Whether this process's environment asks for gloo ranks run as SCHED_BATCH (a launch from
+    here passes the environment on, so its ranks see the same answer)."""
+    return os.environ.get(SCHED_BATCH_ENV) == "1"
 
 
 def schedule_as_batch() -> bool:

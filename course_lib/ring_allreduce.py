@@ -134,9 +134,13 @@ class _RingCall:
         self.header, self.tag = _signature(tensor)
         self._arriving = None
         if ring.size > 1:
-            self._theirs = torch.empty_like(self.header)
-            self._arriving = dist.irecv(self._theirs, self.left, group=self.group)
-            self._leaving = dist.isend(self.header, self.right, group=self.group)
+            self._exchange_headers()
+
+    def _exchange_headers(self) -> None:
+        """Start sending our header right and receiving the left neighbour's (see :meth:`check`)."""
+        self._theirs = torch.empty_like(self.header)
+        self._arriving = dist.irecv(self._theirs, self.left, group=self.group)
+        self._leaving = dist.isend(self.header, self.right, group=self.group)
 
     def pieces(self, tensor: torch.Tensor) -> Sequence[torch.Tensor]:
         return tensor.split(self.piece) if tensor.numel() > self.piece else (tensor,)

@@ -38,7 +38,6 @@
 
 # %%
 import inspect
-import os
 import time
 
 import torch
@@ -249,7 +248,7 @@ viz_step_time.predicted_vs_measured(rows)
 # the cores brought one layout under 2 times).
 
 # %%
-SCHED_BATCH = os.environ.get(launch.SCHED_BATCH_ENV) == "1"
+SCHED_BATCH = launch.batch_scheduling_requested()
 if SCHED_BATCH:
     # Chapter 03: with the ranks as SCHED_BATCH the multi-rank steps run faster and this model,
     # fitted with the default policy, predicted 35–65 % of them. Said, not checked.
