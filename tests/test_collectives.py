@@ -267,11 +267,7 @@ def solution():
     return reference_answers.load("01_collectives")
 
 
-def test_reference_solutions_pass(solution):
-    assert check.broadcast(solution.broadcast).status == PASSED
-    assert check.all_gather(solution.all_gather).status == PASSED
-    assert check.reduce(solution.reduce).status == PASSED
-    assert check.all_reduce(solution.all_reduce).status == PASSED
+# That every reference answer passes its check is tested once, through the grader: tests/test_course.py.
 
 
 def test_wrong_broadcast_names_world_size_rank_and_element():

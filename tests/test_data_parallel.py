@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from course_lib import dp, launch, models
-from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
+from course_lib.checks import FAILED, NOT_ATTEMPTED
 from course_lib.checks import data_parallel as check
 
 STEPS, BATCH = 3, 8  # BATCH divides by N·M for N in 1, 2, 4 and M = 2
@@ -168,11 +168,7 @@ def solution():
     return reference_answers.load("02_data_parallel")
 
 
-@pytest.mark.parametrize(
-    "name", ["shard_batch", "average_gradients", "parameter_server_step", "accumulate_and_step"]
-)
-def test_solution_passes(solution, name):
-    assert getattr(check, name)(getattr(solution, name)).status == PASSED
+# That every reference answer passes its check is tested once, through the grader: tests/test_course.py.
 
 
 def test_course_implementations_earn_nothing():

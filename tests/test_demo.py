@@ -99,12 +99,7 @@ def solution():
     return namespace
 
 
-NAMES = ["global_mean", "pass_right", "row_parallel_output", "accumulate_with_no_sync"]
-
-
-@pytest.mark.parametrize("name", NAMES)
-def test_solution_passes(solution, name):
-    assert getattr(check, name)(solution[name]).status == PASSED
+# That every reference answer passes its check is tested once, through the grader: tests/test_course.py.
 
 
 @pytest.mark.parametrize(

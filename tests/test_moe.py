@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from course_lib import launch, moe
-from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
+from course_lib.checks import FAILED, NOT_ATTEMPTED
 from course_lib.checks import moe as check
 from course_lib.comm import count_traffic
 
@@ -296,9 +296,7 @@ def solution():
     return reference_answers.load("08_moe")
 
 
-def test_solutions_pass(solution):
-    for name in ("top_k_gate", "assign_slots", "all_to_all", "moe_forward"):
-        assert getattr(check, name)(getattr(solution, name)).status == PASSED, name
+# That every reference answer passes its check is tested once, through the grader: tests/test_course.py.
 
 
 def stub(*args):

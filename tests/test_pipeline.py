@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from course_lib import launch, pp
-from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
+from course_lib.checks import FAILED, NOT_ATTEMPTED
 from course_lib.checks import pipeline_parallel as check
 from course_lib.models import make_stack, regression_data
 
@@ -309,9 +309,7 @@ def solution():
     return reference_answers.load("06_pipeline_parallel")
 
 
-def test_solutions_pass(solution):
-    for name in EXERCISES:
-        assert getattr(check, name)(getattr(solution, name)).status == PASSED, name
+# That every reference answer passes its check is tested once, through the grader: tests/test_course.py.
 
 
 def not_yet(*args):

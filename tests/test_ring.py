@@ -287,11 +287,10 @@ def solution():
     return reference_answers.load("03_ring_allreduce")
 
 
-def test_reference_solutions_pass(solution):
-    assert check.ring_reduce_scatter(solution.ring_reduce_scatter).status == PASSED
-    assert check.ring_all_gather(solution.ring_all_gather).status == PASSED
-    assert check.ring_all_reduce(solution.ring_all_reduce).status == PASSED
-    assert check.assign_buckets(solution.assign_buckets).status == PASSED
+# That every reference answer passes its check is tested once, through the grader: tests/test_course.py.
+
+
+def test_the_course_s_own_bucket_rule_earns_nothing():
     refused = check.assign_buckets(ddp.assign_buckets)  # the course's own rule earns nothing
     assert refused.status == FAILED and "you called ddp.assign_buckets" in refused.message
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from conftest import run_gloo as run
 
 from course_lib import tp_nd
-from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
+from course_lib.checks import FAILED, NOT_ATTEMPTED
 from course_lib.checks import tensor_parallel_nd as check
 from course_lib.models import make_mlp
 from course_lib.traffic import count_traffic
@@ -158,10 +158,7 @@ def solution():
     return reference_answers.load("04b_tensor_parallel_nd")
 
 
-def test_reference_solutions_pass(solution):
-    assert check.owned_blocks(solution.owned_blocks).status == PASSED
-    assert check.owned_chunks_3d(solution.owned_3d).status == PASSED
-    assert check.summa(solution.summa).status == PASSED
+# That every reference answer passes its check is tested once, through the grader: tests/test_course.py.
 
 
 def test_an_untouched_exercise_reads_not_attempted():

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from course_lib import launch, zero
-from course_lib.checks import FAILED, NOT_ATTEMPTED, PASSED
+from course_lib.checks import FAILED, NOT_ATTEMPTED
 from course_lib.checks import zero as check
 from course_lib.comm import count_traffic
 from course_lib.models import make_stack, num_params, regression_data, shard
@@ -286,13 +286,12 @@ def solution():
     return reference_answers.load("07_zero")
 
 
-def test_reference_solutions_pass(solution):
-    assert check.shard_of(solution.shard_of).status == PASSED
-    assert check.adamw_step_(solution.adamw_step_).status == PASSED
-    refused = check.adamw_step_(zero.adamw_)  # the course's own AdamW earns nothing
+# That every reference answer passes its check is tested once, through the grader: tests/test_course.py.
+
+
+def test_the_course_s_own_adamw_earns_nothing():
+    refused = check.adamw_step_(zero.adamw_)
     assert refused.status == FAILED and "you called zero.adamw_" in refused.message
-    assert check.zero1_step(solution.zero1_step).status == PASSED
-    assert check.shard_grad_hook(solution.shard_grad_hook).status == PASSED
 
 
 @pytest.mark.mistake("7.1")
