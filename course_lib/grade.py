@@ -380,7 +380,9 @@ def _working_copy(tmp: Path) -> tuple[Path, dict]:
     work, lib = tmp / "exercises", tmp / "lib"
     work.mkdir()
     package = Path(checks.__file__).resolve().parents[1]
-    shutil.copytree(package, lib / package.name, ignore=shutil.ignore_patterns("__pycache__"))
+    # Compiled files travel too (copytree keeps the dates they are checked against): the
+    # kernel need not compile the library again.
+    shutil.copytree(package, lib / package.name)
     paths = [str(lib), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return work, dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
 
