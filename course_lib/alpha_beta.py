@@ -107,12 +107,16 @@ class PointToPoint:
         return "\n".join(lines)
 
 
-def _ping_pong(sizes: list, min_seconds: float, batches: int, max_iters: int):
+def _ping_pong(sizes: list, min_seconds: float, batches: int, max_iters: int, batch_scheduling: bool = False):
     """Ranks 0 and 1 bounce a message; one-way time = round trip / 2 (other ranks idle).
 
     The sizes take turns, batch by batch, so that a busy moment of a shared machine hits
-    all sizes alike rather than spoiling every batch of one size.
+    all sizes alike rather than spoiling every batch of one size. With ``batch_scheduling``
+    every thread of the rank runs as SCHED_BATCH meanwhile (:func:`launch.threads_as_batch`).
     """
+    if batch_scheduling and launch.device().type == "cpu":
+        with launch.threads_as_batch():
+            return _ping_pong(sizes, min_seconds, batches, max_iters)
     rank, dev = dist.get_rank(), launch.device()
     bufs = [torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=dev) for nbytes in sizes]
 
@@ -159,11 +163,18 @@ def measure_point_to_point(
     min_seconds: float = 0.1,
     batches: int = 7,
     max_iters: int = 200,
+    batch_scheduling: bool = False,
     **run_kwargs,
 ) -> PointToPoint:
-    """Time one send/recv of each size (bytes, float32) between ranks 0 and 1 of a launch."""
+    """Time one send/recv of each size (bytes, float32) between ranks 0 and 1 of a launch.
+
+    ``batch_scheduling``: on CPU, the ranks' threads run as Linux's SCHED_BATCH while they
+    measure, so that no woken gloo thread preempts the rank it serves (issue 21): the fit then
+    describes the link, and α stops moving by a factor of 2 from run to run."""
     if world_size < 2:
         raise ValueError("a point-to-point message needs at least 2 ranks")
-    rows = launch.run(_ping_pong, world_size, list(sizes), min_seconds, batches, max_iters, **run_kwargs)[0]
+    rows = launch.run(
+        _ping_pong, world_size, list(sizes), min_seconds, batches, max_iters, batch_scheduling, **run_kwargs
+    )[0]
     nbytes, seconds, fastest, slowest = (list(x) for x in zip(*rows))
     return PointToPoint(nbytes, seconds, fastest, slowest)

@@ -223,10 +223,12 @@ viz.plot_alpha_beta(pp, model)
 #
 # Run the cell again and the two numbers move. On the course's quiet 2-core virtual machine, five
 # runs gave β within about 20 % of each other (2.5–3.0 GB/s) but α within only a factor of about
-# 2 (82–177 µs; `benchmarks/bench_alpha_beta.py` repeats the fit, and longer or more batches did
-# not narrow it much): a small message's time includes waking the process that waits for it, and
-# how long that takes changes from run to run. So a prediction dominated by α is good to a factor
-# of about 2, one dominated by S/β to about 20 %.
+# 2 (82–177 µs); on another day the same machine gave α 48–77 µs and β 3.2–4.8 GB/s, each set of
+# five runs within a factor of 1.1–1.6 and 1.2–1.4 (three sets; `benchmarks/bench_alpha_beta.py`
+# repeats the fit; longer or more batches did not narrow it much). A small message's time
+# includes waking the process that waits for it, and how long that takes changes from run to run
+# and from day to day. So a prediction dominated by α is good to a factor of about 2, one
+# dominated by S/β to about 20–30 %.
 #
 # With α and β in hand, an algorithm that sends r messages one after another, each of S′ bytes,
 # costs about r·(α + S′/β). The collectives below are such algorithms.

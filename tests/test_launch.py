@@ -405,6 +405,23 @@ def test_ranks_run_as_sched_batch_only_when_asked(monkeypatch):
     assert "gloo_tcp_loop" in batch and "pt_gloo_runloop" in batch
 
 
+def _policies_inside_the_block_and_after():
+    def policies():
+        return {os.sched_getscheduler(int(tid)) for tid in os.listdir("/proc/self/task")}
+
+    with launch.threads_as_batch() as applied:
+        inside = policies()
+    return applied, len(os.listdir("/proc/self/task")), inside, policies()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_a_rank_s_threads_run_as_batch_inside_the_block_and_as_before_after_it(monkeypatch):
+    monkeypatch.delenv(launch.SCHED_BATCH_ENV, raising=False)
+    for applied, threads, inside, after in run(_policies_inside_the_block_and_after, 2):
+        assert applied and threads > 1  # gloo's threads are there, and switched too
+        assert inside == {os.SCHED_BATCH} and after == {os.SCHED_OTHER}
+
+
 def _environment_probe():
     return os.environ.get("PATH"), os.environ.get("COURSE_TEST_PROBE")
 
