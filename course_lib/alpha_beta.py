@@ -169,8 +169,10 @@ def measure_point_to_point(
     """Time one send/recv of each size (bytes, float32) between ranks 0 and 1 of a launch.
 
     ``batch_scheduling``: on CPU, the ranks' threads run as Linux's SCHED_BATCH while they
-    measure, so that no woken gloo thread preempts the rank it serves (issue 21): the fit then
-    describes the link, and α stops moving by a factor of 2 from run to run."""
+    measure, so that no woken gloo thread preempts the rank it serves (issue 21). On one day
+    ranks run as SCHED_BATCH throughout gave a steady α (69–79 µs over five runs, against
+    87–156 µs with the default policy); on another, this switch gave 43–72 µs against the
+    default's 48–77 µs, no steadier. ``benchmarks/bench_alpha_beta.py`` compares the two."""
     if world_size < 2:
         raise ValueError("a point-to-point message needs at least 2 ranks")
     rows = launch.run(

@@ -831,17 +831,17 @@ def threads_as_batch() -> Iterator[bool]:
     if not hasattr(os, "SCHED_BATCH"):
         yield False
         return
-    before = {}
-    try:
-        for tid in map(int, os.listdir("/proc/self/task")):
-            with contextlib.suppress(OSError):  # a thread that ended meanwhile
-                policy = os.sched_getscheduler(tid)
-                if policy != os.SCHED_BATCH:
-                    os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
-                    before[tid] = policy
-        applied = True
-    except OSError:
-        applied = False
+    before, applied = {}, True
+    for tid in map(int, os.listdir("/proc/self/task")):
+        try:
+            policy = os.sched_getscheduler(tid)
+            if policy != os.SCHED_BATCH:
+                os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+                before[tid] = policy
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+        except OSError:  # not allowed here
+            applied = False
     try:
         yield applied
     finally:
