@@ -51,6 +51,10 @@ from course_lib.dist_calls import (  # noqa: F401
     replace_dist_functions,
 )
 
+# Pickling an answer by value needs no torch: the grader's kernels of a chapter without torch
+# import it from there.
+from course_lib.pickling import dumps_by_value  # noqa: F401
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
@@ -237,55 +241,12 @@ def _check_world_size(world_size) -> int:
     return n
 
 
-def dumps_by_value(obj: Any) -> bytes:
-    """cloudpickle ``obj``, sending the caller's own modules by value.
-
-    Functions from a notebook (``__main__``) always travel by value. Functions
-    from a module the ranks may not import (a test file, a script) would travel
-    by reference and fail in the rank, so the modules of the functions found in
-    ``obj`` (and in its top-level tuples, lists and dicts) go by value too.
-    """
-    modules = {
-        m
-        for m in map(_module_of, _top_level_items(obj))
-        if m is not None and m.__name__ != "__main__" and not _importable_everywhere(m)
-    }
-    for module in modules:
-        cloudpickle.register_pickle_by_value(module)
-    try:
-        return cloudpickle.dumps(obj)
-    finally:
-        for module in modules:
-            cloudpickle.unregister_pickle_by_value(module)
-
-
-def _top_level_items(obj, depth=2):
-    yield obj
-    if depth and isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _top_level_items(item, depth - 1)
-    elif depth and isinstance(obj, dict):
-        for item in obj.values():
-            yield from _top_level_items(item, depth - 1)
-
-
-def _module_of(obj):
-    return sys.modules.get(getattr(obj, "__module__", None) or "") if callable(obj) else None
-
-
 def _source_lines(fn) -> dict:
     """The source of the cell that defined ``fn``: a rank has no copy of it."""
     filename = getattr(getattr(fn, "__code__", None), "co_filename", "")
     if not filename or os.path.exists(filename):
         return {}
     return {filename: linecache.getlines(filename)}
-
-
-def _importable_everywhere(module) -> bool:
-    name = module.__name__.split(".")[0]
-    return name in ("course_lib", "torch", "builtins", "functools", "operator") or "site-packages" in (
-        getattr(module, "__file__", "") or ""
-    )
 
 
 _CONTEXT = None

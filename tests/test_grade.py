@@ -150,6 +150,25 @@ def test_lesson_cells_that_raise_are_listed(attempts):
     assert all("NameError: name 'check' is not defined" in e for e in entry["cell_errors"])
 
 
+def test_handing_an_answer_over_imports_no_torch():
+    """A grader's kernel of a chapter that needs no torch (the fake one) starts without it: the
+    check cells only hand answers over (about 2 s of CPU saved per kernel)."""
+    code = (
+        "import os, sys\n"
+        "os.environ['COURSE_SUBMIT'] = '1'\n"
+        "import demo_checks\n"
+        "demo_checks.add_one(lambda x: x + 1)\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(FIXTURES), os.environ.get("PYTHONPATH")]))
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "handed to the grader" in done.stdout, done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "torch imported: False", done.stdout
+
+
 def test_usage_errors_exit_2(course, capsys):
     assert grade.main([str(course / "nowhere" / "99_demo.ipynb")]) == 2
     assert "no such file" in capsys.readouterr().err

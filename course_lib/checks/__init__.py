@@ -26,13 +26,6 @@ The pieces: :mod:`~course_lib.checks.registry` (exercises, results, one-line ver
 from __future__ import annotations
 
 from course_lib.checks.compare import compare, compare_ranks
-from course_lib.checks.refusal import (
-    COLLECTIVES,
-    BuiltinUsed,
-    builtins_switched_off,
-    learner_functions,
-    send_recv_only,
-)
 from course_lib.checks.registry import (
     _MARKS,
     BUILDS_ON,
@@ -54,7 +47,30 @@ from course_lib.checks.registry import (
     verdict,
     wrap,
 )
-from course_lib.checks.running import learner_in_rank, run_learner
+
+#: Names from the modules that import torch, loaded when first used: a grader's kernel of a chapter
+#: without torch (the tests' fake chapter) then starts without it (~2 s of CPU), as it only hands
+#: answers over.
+_LAZY = {
+    "COLLECTIVES": "refusal",
+    "BuiltinUsed": "refusal",
+    "builtins_switched_off": "refusal",
+    "learner_functions": "refusal",
+    "send_recv_only": "refusal",
+    "learner_in_rank": "running",
+    "run_learner": "running",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "COLLECTIVES",

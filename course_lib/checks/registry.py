@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from course_lib.chapters import chapter_of_exercise, exercise_key
+
+# submission imports no torch; refusal and the launcher do, and are imported where a check
+# judges: a grader's kernel only hands answers over, and one whose chapter needs no torch then
+# starts without it.
 from course_lib.checks import submission
-from course_lib.checks.refusal import BuiltinUsed, Refusing
-from course_lib.launch import DeadlockError, LaunchTimeout, RankError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -82,6 +84,8 @@ def exercise(
                 return None
             result = Result(ex_id, title, PASSED)
             if refuses:
+                from course_lib.checks.refusal import Refusing
+
                 args = tuple(Refusing(a, ex_id, refuses) if _is_function(a) else a for a in args)
             try:
                 check(*args, **kwargs)
@@ -137,6 +141,9 @@ def wrap(text: str, width: int = LINE_WIDTH) -> str:
 
 def classify(exc: BaseException) -> tuple[str, str]:
     """Map what a check raised to (status, one-line message)."""
+    from course_lib.checks.refusal import BuiltinUsed
+    from course_lib.launch import DeadlockError, LaunchTimeout, RankError
+
     if isinstance(exc, NotImplementedError) or getattr(exc, "exc_type", "") == "NotImplementedError":
         return NOT_ATTEMPTED, ""
     if isinstance(exc, (Mismatch, BuiltinUsed)):  # a wrong answer, or the course's own code called

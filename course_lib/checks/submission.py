@@ -23,9 +23,9 @@ import sys
 import types
 from typing import Any
 
-import torch
-
-from course_lib import launch
+# No torch and no launcher at import: a grader's kernel only hands answers over (submit), and a
+# kernel whose chapter needs no torch then starts without it. What judges imports them.
+from course_lib.pickling import dumps_by_value
 
 SUBMIT_ENV = "COURSE_SUBMIT"
 MIME = "application/vnd.course.submission+json"
@@ -44,8 +44,8 @@ def submit(ex_id: str, title: str, args: tuple, kwargs: dict) -> None:
     try:
         record = {
             "id": ex_id,
-            "args": [_encode(launch.dumps_by_value((a,))) for a in args],
-            "kwargs": {k: _encode(launch.dumps_by_value((v,))) for k, v in kwargs.items()},
+            "args": [_encode(dumps_by_value((a,))) for a in args],
+            "kwargs": {k: _encode(dumps_by_value((v,))) for k, v in kwargs.items()},
         }
         answers = (*args, *kwargs.values())
         if answers and all(untouched(a) for a in answers):
@@ -119,7 +119,7 @@ class Submitted:
             return self.payload
         from course_lib.checks.refusal import Refusing
 
-        return launch.dumps_by_value((Refusing(None, ex_id, targets, payload=self.payload),))
+        return dumps_by_value((Refusing(None, ex_id, targets, payload=self.payload),))
 
     def __repr__(self):
         return f"<submitted answer, {len(self.payload)} bytes>"
@@ -163,6 +163,8 @@ def _rebuilt(type_name: str, message: str) -> BaseException:
 
 def _state(obj):
     """What a call may have changed in place: tensors, and modules' parameters and gradients."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         return obj.detach()
     if isinstance(obj, torch.nn.Module):
@@ -173,6 +175,8 @@ def _state(obj):
 
 
 def _copy_back(args, states) -> None:
+    import torch
+
     for obj, state in zip(args, states):
         if isinstance(obj, torch.Tensor) and isinstance(state, torch.Tensor) and state.shape == obj.shape:
             with torch.no_grad():
@@ -197,6 +201,8 @@ class _Worker:
     """
 
     def __init__(self):
+        from course_lib import launch
+
         ctx = launch._context()
         requests, self.to_worker = ctx.Pipe(duplex=False)
         self.from_worker, replies = ctx.Pipe(duplex=False)
@@ -220,6 +226,8 @@ class _Worker:
             code = self.proc.exitcode
             self.close()
             return ("ended", code)
+        import torch
+
         try:
             return torch.load(io.BytesIO(data), weights_only=True)
         except Exception as exc:  # noqa: BLE001 - anything but the safe format
@@ -239,6 +247,8 @@ class _Worker:
 
 def _serve_pipes(requests, replies) -> None:
     """The worker, forked from the launcher's forkserver: its own session, dies with its parent."""
+    from course_lib import launch
+
     os.setsid()
     launch._die_with_parent()
 
@@ -254,6 +264,7 @@ def _serve_pipes(requests, replies) -> None:
 def _serve(receive, reply_with) -> None:
     """Call the answer on each request; reply in the safe format."""
     import cloudpickle
+    import torch
 
     from course_lib.checks.refusal import builtins_switched_off, course_code_switched_off
 
