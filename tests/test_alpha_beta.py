@@ -62,9 +62,12 @@ def test_fit_refuses_what_it_cannot_separate():
         alpha_beta.fit([64, 1024], [1e-4, 1e-4])
 
 
-def test_measure_point_to_point_on_two_ranks():
+@pytest.mark.parametrize("batch_scheduling", [False, True])
+def test_measure_point_to_point_on_two_ranks(batch_scheduling):
     sizes = [64, 65536]
-    pp = alpha_beta.measure_point_to_point(sizes, min_seconds=0.01, batches=3)
+    pp = alpha_beta.measure_point_to_point(
+        sizes, min_seconds=0.01, batches=3, batch_scheduling=batch_scheduling
+    )
     assert pp.nbytes == sizes
     for lo, mid, hi in zip(pp.fastest, pp.seconds, pp.slowest):
         assert 0 < lo <= mid <= hi
