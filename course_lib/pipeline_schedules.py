@@ -804,22 +804,26 @@ class ActionClock:
     plus the booked time, less what still follows in the action: posting the send and the
     sleep's own overshoot, whose recent median the clock keeps per kind of action. The
     timeline records what each action really took; the clock only keeps that close to the
-    booked time. Outside :func:`train_step`, :meth:`spend` just sleeps."""
+    booked time. Outside :func:`train_step`, :meth:`spend` just sleeps.
 
-    def __init__(self, keep: int = 16):
+    ``now`` and ``sleep`` are the clock and the sleep it uses (a test passes simulated ones,
+    so that the clock's arithmetic is checked without depending on how busy the machine is)."""
+
+    def __init__(self, keep: int = 16, now=time.perf_counter, sleep=time.sleep):
         self.keep, self.tail = keep, {}  # (kind, sends?) -> recent seconds from wake-up to end
+        self.now, self.sleep = now, sleep
         self.key = self.start = self.booked = self.woke = None
 
     def begin(self, kind: str) -> float:
         """An action of ``kind`` starts now; returns the time (``time.perf_counter``)."""
         self.key, self.booked, self.woke = kind, None, None
-        self.start = time.perf_counter()
+        self.start = self.now()
         return self.start
 
     def spend(self, seconds: float) -> None:
         """Book ``seconds`` more for the running action (or sleep them, outside an action)."""
         if self.start is None:
-            time.sleep(seconds)
+            self.sleep(seconds)
         else:
             self.booked = (self.booked or 0.0) + seconds
 
@@ -831,15 +835,15 @@ class ActionClock:
         self.key = self.key, sending
         recent = self.tail.get(self.key)
         self.woke = self.start + self.booked - (statistics.median(recent) if recent else 0.0)
-        rest = self.woke - time.perf_counter()
+        rest = self.woke - self.now()
         if rest > 0:
-            time.sleep(rest)
+            self.sleep(rest)
         else:  # the action took longer than its booked time already: nothing to learn
             self.woke = None
 
     def end(self) -> float:
         """The running action ends now; returns the time, and learns what followed the wake-up."""
-        now = time.perf_counter()
+        now = self.now()
         if self.woke is not None:
             self.tail.setdefault(self.key, deque(maxlen=self.keep)).append(now - self.woke)
         self.key = self.start = self.booked = self.woke = None

@@ -380,21 +380,60 @@ def test_checks_name_typical_mistakes(solution):
     )
 
 
+class _SimulatedTime:
+    """A clock whose sleeps overshoot by a fixed 0.3 ms, and whose work takes what it is told."""
+
+    def __init__(self):
+        self.t = 100.0
+
+    def now(self):
+        return self.t
+
+    def sleep(self, seconds):
+        self.t += seconds + 0.0003
+
+    def work(self, seconds):
+        self.t += seconds
+
+
 def test_action_clock_makes_an_action_take_its_booked_time():
-    clock = ps.ActionClock()
-    for _ in range(6):  # it learns what follows its wake-up (here a 2 ms send)
+    sim = _SimulatedTime()
+    clock = ps.ActionClock(keep=4, now=sim.now, sleep=sim.sleep)
+    took = []
+    for send in [0.002] * 3 + [0.050] + [0.002] * 3:  # one send is slow, once
         start = clock.begin("F")
+        sim.work(0.001)  # the runtime's own work inside the action
         clock.spend(0.010)
         clock.spend(0.005)  # two stages in one action: their times add up
         clock.wait(sending=True)
-        time.sleep(0.002)
-        took = clock.end() - start
-    assert 0.0145 < took < 0.0175
+        sim.work(send)
+        took.append(clock.end() - start)
+    # the first action knows nothing of what follows its wake-up; from the second on it
+    # subtracts the median of the recent tails (send + the sleep's overshoot), so one slow
+    # send makes only its own action late
+    assert took[0] == pytest.approx(0.015 + 0.0003 + 0.002)
+    assert took[1:3] == pytest.approx([0.015, 0.015])
+    assert took[3] == pytest.approx(0.015 + 0.048)
+    assert took[4:] == pytest.approx([0.015] * 3)
+    start = clock.begin("F")  # an action of another key (no send) learns on its own
+    clock.spend(0.004)
+    clock.wait()
+    assert clock.end() - start == pytest.approx(0.004 + 0.0003)
     start = clock.begin("W")
+    sim.work(0.001)
     clock.wait()  # nothing booked: no wait
-    assert clock.end() - start < 0.002
-    before = time.perf_counter()
+    assert clock.end() - start == pytest.approx(0.001)
+    start = clock.begin("B")
+    clock.spend(0.002)
+    sim.work(0.003)  # it already took longer than booked: no sleep, nothing learnt
+    clock.wait()
+    assert clock.end() - start == pytest.approx(0.003) and ("B", False) not in clock.tail
+    before = sim.now()
     clock.spend(0.003)  # outside an action it just sleeps
+    assert sim.now() - before == pytest.approx(0.0033)
+    real = ps.ActionClock()  # and by default it is the real clock
+    before = time.perf_counter()
+    real.spend(0.003)
     assert time.perf_counter() - before >= 0.003
 
 
