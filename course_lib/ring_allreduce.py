@@ -74,6 +74,21 @@ def _checked_ring(tensor, group, name: str) -> Ring:
     return ring
 
 
+def _waiting_as_batch(tensor) -> contextlib.AbstractContextManager:
+    """How our all-reduces wait: on CPU, every thread of this rank runs as SCHED_BATCH for the
+    call (:func:`launch.threads_as_batch`), and as before after it.
+
+    Our Python thread takes the connection's lock inside every ``isend``/``irecv``; with the
+    default policy, gloo's I/O thread, woken by an arriving message, may preempt it while it
+    holds that lock, then spin on the lock for the rest of its time slice (measured in chapter
+    03). gloo's own all-reduce never meets this: its Python thread only waits. A SCHED_BATCH
+    thread that wakes does not preempt; it runs when the running one blocks. Switching costs
+    about 25 µs a call (measured with a rank's four threads: Python's and gloo's three)."""
+    if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+        return launch.threads_as_batch()
+    return contextlib.nullcontext()
+
+
 def _exchange(send: torch.Tensor, recv: torch.Tensor, ring: Ring) -> None:
     """Send ``send`` to the right neighbour while receiving ``recv`` from the left one."""
     # isend first: two blocking sends facing each other could wait forever.
@@ -226,8 +241,9 @@ def ring_reduce_scatter(tensor: torch.Tensor, group: dist.ProcessGroup | None = 
     partial sums. N-1 steps; each rank sends (N-1)/N·K elements (plus a
     HEADER_BYTES header).
     """
-    ring = _RingCall(tensor, group, "ring_reduce_scatter")
-    return _reduce_scatter(tensor.view(-1), ring)
+    with _waiting_as_batch(tensor):
+        ring = _RingCall(tensor, group, "ring_reduce_scatter")
+        return _reduce_scatter(tensor.view(-1), ring)
 
 
 def ring_all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -236,9 +252,10 @@ def ring_all_gather(tensor: torch.Tensor, group: dist.ProcessGroup | None = None
     In place (chunk r of rank r is the input); returns ``tensor``. N-1 steps;
     each rank sends (N-1)/N·K elements (plus a HEADER_BYTES header).
     """
-    ring = _RingCall(tensor, group, "ring_all_gather")
-    _all_gather(tensor.view(-1), ring)
-    return tensor
+    with _waiting_as_batch(tensor):
+        ring = _RingCall(tensor, group, "ring_all_gather")
+        _all_gather(tensor.view(-1), ring)
+        return tensor
 
 
 def ring_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -247,11 +264,12 @@ def ring_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None
     A reduce-scatter then an all-gather around the ring, 2(N-1) steps; each rank
     sends 2(N-1)/N·K elements (plus a HEADER_BYTES header), however large N is.
     """
-    ring = _RingCall(tensor, group, "ring_all_reduce")
-    flat = tensor.view(-1)
-    _reduce_scatter(flat, ring)
-    _all_gather(flat, ring)
-    return tensor
+    with _waiting_as_batch(tensor):
+        ring = _RingCall(tensor, group, "ring_all_reduce")
+        flat = tensor.view(-1)
+        _reduce_scatter(flat, ring)
+        _all_gather(flat, ring)
+        return tensor
 
 
 def unchunked_ring_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -259,13 +277,14 @@ def unchunked_ring_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | N
 
     N-1 steps, each moving all K elements: every rank sends (N-1)·K.
     """
-    ring = _checked_ring(tensor, group, "unchunked_ring_all_reduce")
-    passing, incoming = tensor.clone(), torch.empty_like(tensor)
-    for _ in range(ring.size - 1):
-        _exchange(passing.view(-1), incoming.view(-1), ring)
-        tensor += incoming
-        passing, incoming = incoming, passing  # forward what arrived: a neighbour's original
-    return tensor
+    with _waiting_as_batch(tensor):
+        ring = _checked_ring(tensor, group, "unchunked_ring_all_reduce")
+        passing, incoming = tensor.clone(), torch.empty_like(tensor)
+        for _ in range(ring.size - 1):
+            _exchange(passing.view(-1), incoming.view(-1), ring)
+            tensor += incoming
+            passing, incoming = incoming, passing  # forward what arrived: a neighbour's original
+        return tensor
 
 
 def naive_all_reduce(
@@ -276,26 +295,27 @@ def naive_all_reduce(
     The root receives (N-1)·K elements and sends (N-1)·K; the others send and
     receive K each. ``root`` is a rank of ``group``.
     """
-    ring = _checked_ring(tensor, group, "naive_all_reduce")
-    if not 0 <= root < ring.size:
-        raise ValueError(f"root must be a rank of the group, 0..{ring.size - 1}; got {root}")
-    if ring.size == 1:
+    with _waiting_as_batch(tensor):
+        ring = _checked_ring(tensor, group, "naive_all_reduce")
+        if not 0 <= root < ring.size:
+            raise ValueError(f"root must be a rank of the group, 0..{ring.size - 1}; got {root}")
+        if ring.size == 1:
+            return tensor
+        if ring.rank == root:
+            incoming = torch.empty_like(tensor)
+            for r in range(ring.size):
+                if r != root:
+                    dist.recv(incoming, ring.global_rank(r), group=group)
+                    tensor += incoming
+            requests = [
+                dist.isend(tensor, ring.global_rank(r), group=group) for r in range(ring.size) if r != root
+            ]
+            for request in requests:
+                request.wait()
+        else:
+            dist.send(tensor, ring.global_rank(root), group=group)
+            dist.recv(tensor, ring.global_rank(root), group=group)
         return tensor
-    if ring.rank == root:
-        incoming = torch.empty_like(tensor)
-        for r in range(ring.size):
-            if r != root:
-                dist.recv(incoming, ring.global_rank(r), group=group)
-                tensor += incoming
-        requests = [
-            dist.isend(tensor, ring.global_rank(r), group=group) for r in range(ring.size) if r != root
-        ]
-        for request in requests:
-            request.wait()
-    else:
-        dist.send(tensor, ring.global_rank(root), group=group)
-        dist.recv(tensor, ring.global_rank(root), group=group)
-    return tensor
 
 
 def tree_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -306,28 +326,44 @@ def tree_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None
     rounds of K/N: fewer messages (latency), more bytes (bandwidth). Like the
     ring it first checks shape and dtype with its left neighbour (one round).
     """
-    ring = _checked_ring(tensor, group, "tree_all_reduce")
-    r, n = ring.rank, ring.size
-    rounds = math.ceil(math.log2(n)) if n > 1 else 0
-    incoming = _scratch(tensor.numel(), tensor).view_as(tensor)
-    # Reduce: in round k, every rank whose bit k is set (and no lower bit) hands its
-    # partial sum to the rank 2^k below it and drops out; rank 0 ends with the sum.
-    for k in range(rounds):
-        step = 1 << k
-        if r % (2 * step) == step:
-            dist.send(tensor, ring.global_rank(r - step), group=ring.group)
-            break
-        if r % (2 * step) == 0 and r + step < n:
-            dist.recv(incoming, ring.global_rank(r + step), group=ring.group)
-            tensor += incoming
-    # Broadcast: the same tree walked back down, from rank 0.
-    for k in reversed(range(rounds)):
-        step = 1 << k
-        if r % (2 * step) == 0 and r + step < n:
-            dist.send(tensor, ring.global_rank(r + step), group=ring.group)
-        elif r % (2 * step) == step:
-            dist.recv(tensor, ring.global_rank(r - step), group=ring.group)
-    return tensor
+    with _waiting_as_batch(tensor):
+        ring = _checked_ring(tensor, group, "tree_all_reduce")
+        r, n = ring.rank, ring.size
+        rounds = math.ceil(math.log2(n)) if n > 1 else 0
+        incoming = _scratch(tensor.numel(), tensor).view_as(tensor)
+        # Reduce: in round k, every rank whose bit k is set (and no lower bit) hands its
+        # partial sum to the rank 2^k below it and drops out; rank 0 ends with the sum.
+        for k in range(rounds):
+            step = 1 << k
+            if r % (2 * step) == step:
+                dist.send(tensor, ring.global_rank(r - step), group=ring.group)
+                break
+            if r % (2 * step) == 0 and r + step < n:
+                dist.recv(incoming, ring.global_rank(r + step), group=ring.group)
+                tensor += incoming
+        # Broadcast: the same tree walked back down, from rank 0.
+        for k in reversed(range(rounds)):
+            step = 1 << k
+            if r % (2 * step) == 0 and r + step < n:
+                dist.send(tensor, ring.global_rank(r + step), group=ring.group)
+            elif r % (2 * step) == step:
+                dist.recv(tensor, ring.global_rank(r - step), group=ring.group)
+        return tensor
+
+
+def ring_step(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """One step of the ring, the unit our all-reduces repeat: send ``tensor`` to the right
+    neighbour while receiving one of its size from the left, waiting as they do
+    (:func:`_waiting_as_batch`). Returns what arrived (a scratch buffer reused by the next call)."""
+    with _waiting_as_batch(tensor):
+        _check_tensor(tensor, "ring_step")
+        ring = ring_of(group)
+        flat = tensor.view(-1)
+        if ring.size == 1:
+            return tensor
+        incoming = _scratch(flat.numel(), flat)
+        _exchange(flat, incoming, ring)
+        return incoming.view_as(tensor)
 
 
 def _builtin_all_reduce(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

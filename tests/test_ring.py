@@ -1,6 +1,7 @@
 """Chapter 03: all-reduce from send/recv, traffic against the formulas, BucketedDDP, and the checks."""
 
 import math
+import os
 import re
 import time
 
@@ -70,6 +71,42 @@ def test_every_op_equals_the_builtin(n):
     ]
     results = launch.run(compare_everything, n, cases, timeout=60)
     assert results == [[]] * n
+
+
+def _policies_while_our_all_reduces_send():
+    """Every scheduling policy any thread of this rank had whenever one of our all-reduces
+    sent or received, and the policies after the calls."""
+
+    def policies():
+        return {os.sched_getscheduler(int(tid)) for tid in os.listdir("/proc/self/task")}
+
+    seen, originals = set(), {name: getattr(dist, name) for name in ("send", "recv", "isend", "irecv")}
+
+    def noting(call):
+        def noted(*args, **kwargs):
+            seen.update(policies())
+            return call(*args, **kwargs)
+
+        return noted
+
+    for name, call in originals.items():
+        setattr(dist, name, noting(call))
+    try:
+        for name in ("ring", "unchunked ring", "naive", "tree"):
+            comm.ALL_REDUCES[name](torch.ones(6))
+        comm.ring_reduce_scatter(torch.ones(6))
+        comm.ring_all_gather(torch.ones(6))
+    finally:
+        for name, call in originals.items():
+            setattr(dist, name, call)
+    return seen, policies()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+def test_our_all_reduces_wait_as_batch_and_leave_the_policy_as_it_was(monkeypatch):
+    monkeypatch.delenv(launch.SCHED_BATCH_ENV, raising=False)
+    for during, after in launch.run(_policies_while_our_all_reduces_send, 3):
+        assert during == {os.SCHED_BATCH} and after == {os.SCHED_OTHER}
 
 
 def subgroup_all_reduce():
@@ -406,6 +443,18 @@ def test_built_in_collectives_are_refused():
     assert result.message.startswith(
         "exercise 3.3 must be built from send/recv only: you called dist.all_reduce"
     )
+
+
+def test_the_course_s_ring_step_is_refused_inside_a_learner_s_ring():
+    def all_gather_by_the_course_s_steps(tensor):
+        r, n = dist.get_rank(), dist.get_world_size()
+        parts = tensor.view(-1).tensor_split(n)
+        for step in range(n - 1):
+            parts[(r - step - 1) % n].copy_(comm.ring_step(parts[(r - step) % n]))
+        return tensor
+
+    result = check.ring_all_gather(all_gather_by_the_course_s_steps)
+    assert result.status == FAILED and "you called ring_allreduce.ring_step" in result.message, result.message
 
 
 def test_not_implemented_reads_not_attempted():

@@ -187,6 +187,7 @@ COURSE_RINGS = (
     "course_lib.ring_allreduce:unchunked_ring_all_reduce",
     "course_lib.ring_allreduce:naive_all_reduce",
     "course_lib.ring_allreduce:tree_all_reduce",
+    "course_lib.ring_allreduce:ring_step",
     "course_lib.ring_allreduce:_reduce_scatter",
     "course_lib.ring_allreduce:_all_gather",
     "course_lib.zero:reduce_scatter",
