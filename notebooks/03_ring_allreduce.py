@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from course_lib import alpha_beta, comm, ddp, launch, models, viz
-from course_lib.collectives import format_bytes, time_collective
+from course_lib.collectives import format_bytes, time_algorithms
 
 # %% [markdown]
 # ## 1. Four all-reduces from send/recv, all correct
@@ -215,13 +215,15 @@ for n, got in rounds.items():
 
 # %% [markdown]
 # **Times, predicted and measured.** First α and β for this machine, fitted as in chapter 01 (to
-# the best of 7 batches, a few sizes to stay quick), then each all-reduce timed for S = 4 KiB …
+# the best of 7 batches, a few sizes to stay quick; the ranks' threads run as SCHED_BATCH while
+# they measure, as during our all-reduces — see "Where the ring's time goes" below for why),
+# then each all-reduce timed for S = 4 KiB …
 # 4 MiB on N = 2 and 4, and at 4 KiB on N = 8, where the ring needs 15 rounds and the tree 7.
 # Each size runs in 7 batches that take turns between the algorithms, so a busy moment hits all
 # alike; the table shows the α–β prediction beside the best batch and the median.
 
 # %%
-pp = alpha_beta.measure_point_to_point([64, 4096, 256 * 1024, 4 << 20], min_seconds=0.05)
+pp = alpha_beta.measure_point_to_point([64, 4096, 256 * 1024, 4 << 20], min_seconds=0.05, batch_scheduling=True)
 model = alpha_beta.fit(pp.nbytes, pp.fastest)
 print("fitted to the best batches:", model.describe())
 
@@ -289,11 +291,11 @@ for n, ratio in busbw_ratio.items():
 # ### Where the ring's time goes
 #
 # The unit of our ring is one **step**: send a chunk right, receive one from the left, through
-# `dist.isend`/`dist.irecv`. Timed alone (4 KiB, N = 2, the same batches as above), one step sets
-# the floor: a 2-rank ring needs 2(N−1) = 2 of them one after another, plus its header.
+# `dist.isend`/`dist.irecv` (`comm.ring_step`). Timed alone (4 KiB, N = 2, batches as above), one
+# step sets the floor: a 2-rank ring needs 2(N−1) = 2 of them one after another, plus its header.
 
 # %%
-step = time_collective("send/recv", 2, [4096], min_seconds=0.05, batches=5)
+step = time_algorithms("send/recv", {"step": comm.ring_step}, 2, [4096], min_seconds=0.05, batches=5)["step"]
 ring_4k, gloo_4k = times[2]["ring"].seconds[0], times[2]["dist.all_reduce"].seconds[0]
 print(f"one ring step (4 KiB send/recv, N=2): {step.seconds[0] * 1e3:.3f} ms (median batch)")
 print(f"our ring, N=2, 4 KiB: {ring_4k * 1e3:.3f} ms = {ring_4k / step.seconds[0]:.1f} steps")
