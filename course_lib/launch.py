@@ -784,10 +784,11 @@ def threads_as_batch() -> Iterator[bool]:
     """Inside a rank: every thread of this process, gloo's I/O threads included, runs as
     SCHED_BATCH for the block (see :func:`schedule_as_batch` for why), and as before after it.
 
-    For a measurement of the link itself, such as chapter 01's α–β fit: with the default
-    policy a woken gloo thread can preempt its rank's Python thread while that holds the
-    connection's lock, and a small message then takes a millisecond instead of a tenth of one,
-    more or less often from run to run. Threads started inside the block keep SCHED_BATCH.
+    Chapter 03's all-reduces wait this way (``ring_allreduce._waiting_as_batch``), and its α–β
+    fit measures the link the same way: with the default policy a woken gloo thread can preempt
+    its rank's Python thread while that holds the connection's lock, and a small message then
+    takes a millisecond instead of a tenth of one, more or less often from run to run. Threads
+    started inside the block keep SCHED_BATCH.
     Yields whether it applied (False off Linux, or where it is not allowed)."""
     if not hasattr(os, "SCHED_BATCH"):
         yield False

@@ -223,7 +223,9 @@ for n, got in rounds.items():
 # alike; the table shows the α–β prediction beside the best batch and the median.
 
 # %%
-pp = alpha_beta.measure_point_to_point([64, 4096, 256 * 1024, 4 << 20], min_seconds=0.05, batch_scheduling=True)
+pp = alpha_beta.measure_point_to_point(
+    [64, 4096, 256 * 1024, 4 << 20], min_seconds=0.05, batch_scheduling=True
+)
 model = alpha_beta.fit(pp.nbytes, pp.fastest)
 print("fitted to the best batches:", model.describe())
 
@@ -275,8 +277,8 @@ viz.plot_all_reduce_times(times, predict)
 #   2(N−1)/N·S per rank, in at least as many steps — but in C++, where each step costs far less
 #   than a trip through Python and a wake-up of the next rank; gloo also cuts every chunk into
 #   segments, so one segment's addition overlaps the next one's transfer (ours cuts chunks over
-#   `comm.PIECE_BYTES` = 4 MiB into pieces for the same reason). The gap is usually widest at
-#   small S (latency) and narrower at large S; `make bench` compares them at 4 KiB–64 MiB.
+#   `comm.PIECE_BYTES` = 4 MiB into pieces for the same reason). Below, "Where the ring's time
+#   goes" shows what it took for ours to keep up; `make bench` compares them at 4 KiB–64 MiB.
 
 # %%
 busbw_ratio = {
@@ -330,30 +332,44 @@ print(f"gloo's all-reduce, N=2, 4 KiB: {gloo_4k * 1e3:.3f} ms = {gloo_4k / step.
 # What changed: the header now travels beside the first chunk (a message, not a round trip);
 # every chunk message carries a **tag** computed from the shape and dtype, so a neighbour holding
 # another tensor can never land its bytes in our chunks while the header is on its way (the
-# header check then raises); all receives of a phase are posted before its first send; and
-# chunks over 4 MiB go as pieces. What remains is the unit cost printed above: on a busy machine
-# one Python send/recv step can take longer than gloo's whole all-reduce, and a ring needs
-# 2(N−1) of them, so at N = 2 and small S ours stays several steps behind. `make bench` prints
-# every goal of the issue, met or missed, with the machine's load.
+# header check then raises); receives are posted ahead of the sends that fill them (two steps
+# ahead in the reduce-scatter, into two scratch slots taken in turn, as gloo's ring does); chunks
+# over 4 MiB go as pieces; and the ring changed how it **waits**, which mattered most.
 #
 # **What starts the spinning** is the scheduler. gloo's I/O thread sleeps until a message
 # arrives; woken, an ordinary Linux thread may *preempt* the thread running on that core — which
 # may be its own rank's Python thread, in the middle of an `isend` with the lock held. Linux's
-# SCHED_BATCH policy removes exactly that: a SCHED_BATCH thread that wakes waits for the running
-# one to block or for the next scheduler tick. Measured by `make bench` on the quiet 2-core
-# machine (N = 2, 4 KiB, 400 calls in a row, two runs): with the default policy a call of our ring
-# took 2.6–2.9 ms and cost gloo's I/O thread 1.3 ms of CPU (gloo's own all-reduce: 1.1–1.6 ms and
-# 0.46–0.74 ms); with every rank SCHED_BATCH, 0.55–0.78 ms and 0.11–0.13 ms (gloo's: 0.39–0.47 ms
-# and 0.09–0.13 ms). What then remains between ours and gloo's at N = 2 is mostly the header
-# message: at 4–256 KiB the same ring without it took 1.1–1.4× gloo's time, with it 1.4–1.7×.
-# Set `COURSE_SCHED_BATCH=1` in the environment before launching to try it here
-# (`launch.schedule_as_batch`); `make bench` prints both. It is not the default, because it moves
-# every timing the course measures: the multi-rank training steps of chapter 09d ran 1.1–1.9×
-# faster with it in the runs measured, and that chapter's step-time model, which prices messages
-# with an α–β measured while ranks only exchange, then predicted only 35–65 % of their time. The
-# cores were 92–95 % busy during those runs, so the model misses CPU work rather than waiting,
-# and the ranks' own Python threads did 86–95 % of that work (gloo's threads the rest, with either
-# policy); which of it the model leaves out is not yet found.
+# SCHED_BATCH policy removes exactly that: a SCHED_BATCH thread that wakes does not preempt; it
+# runs when the running one blocks or its time slice ends. So each of our all-reduces (ring,
+# reduce-scatter, all-gather, unchunked, naive, tree, and `comm.ring_step`) switches every thread
+# of its rank to SCHED_BATCH for the call and back after (`_waiting_as_batch` in
+# `course_lib/ring_allreduce.py`, about 25 µs a call). gloo's own all-reduce, whose Python thread
+# only waits, runs with the default policy, as everything else in the course does. Measured by
+# `make bench` on the 2-core machine (three runs, N = 2, 4 KiB, 400 calls in a row): with the
+# switch a call of our ring took 0.49–0.58 ms and cost gloo's I/O thread 0.09–0.14 ms of CPU; the
+# same ring without it 1.9–3.2 ms and 1.1–2.3 ms (gloo's own all-reduce: 0.66–1.7 ms and
+# 0.30–0.85 ms). Interleaved with gloo's at 4–256 KiB, ours took 0.91–1.24× gloo's time on
+# N = 2 and 0.27–1.02× on N = 4; without the switch, 0.95–8.6× and 0.88–4.0×. The header message
+# costs little now: the same ring without it took 0.71–1.09× gloo's time on N = 2.
+#
+# **Large messages: the floor.** At 16 and 64 MiB both all-reduces move the same bytes over the
+# same TCP connections, and on 2 cores the kernel's copies of those bytes are most of the work.
+# `make bench` times the floor of that transport: the ring's 2(N−1) messages with every one
+# posted at once, no additions and no step waiting for the one before (no ring can do that).
+# gloo's all-reduce reached 0.64–0.89 of the floor's bus bandwidth, ours 0.77–0.92; ours ÷ gloo's
+# was 0.92–1.36 over three runs (N = 2 and 4), above 1 in 6 of those 12 figures, and its CPU per call at
+# 16 MiB 0.95–1.14× gloo's. The two rings are at parity on this transport; which one is ahead at
+# a large size changes from run to run.
+#
+# The launch can also run *every* thread of every rank as SCHED_BATCH all the time: set
+# `COURSE_SCHED_BATCH=1` in the environment before launching (`launch.schedule_as_batch`). It is
+# not the default, because it moves every timing the course measures: the multi-rank training
+# steps of chapter 09d ran 1.1–1.9× faster with it in the runs measured, and that chapter's
+# step-time model, which prices messages with an α–β measured while ranks only exchange, then
+# predicted only 35–65 % of their time. The cores were 92–95 % busy during those runs, so the
+# model misses CPU work rather than waiting, and the ranks' own Python threads did 86–95 % of
+# that work (gloo's threads the rest, with either policy); which of it the model leaves out is
+# not yet found.
 
 # %% [markdown]
 # ## 5. Bucketed DDP: all-reduce while backward runs
