@@ -1,7 +1,8 @@
 """Chapter 03: all-reduce built from point-to-point calls only, to count and time.
 
 ``ring_all_reduce`` (= ``ring_reduce_scatter`` + ``ring_all_gather``), and for contrast
-``unchunked_ring_all_reduce``, ``naive_all_reduce`` and ``tree_all_reduce``;
+``unchunked_ring_all_reduce``, ``naive_all_reduce`` and ``tree_all_reduce``, and
+``ring_step``, the one step they repeat (all of them wait as ``_waiting_as_batch`` says);
 ``record_ring_steps`` records every step of the ring for its pictures, ``count_rounds``
 counts the rounds of messages each needs (the α term), and ``time_all_reduce`` times them
 against ``dist.all_reduce``, with the spread.
