@@ -345,19 +345,19 @@ print(f"gloo's all-reduce, N=2, 4 KiB: {gloo_4k * 1e3:.3f} ms = {gloo_4k / step.
 # of its rank to SCHED_BATCH for the call and back after (`_waiting_as_batch` in
 # `course_lib/ring_allreduce.py`, about 25 µs a call). gloo's own all-reduce, whose Python thread
 # only waits, runs with the default policy, as everything else in the course does. Measured by
-# `make bench` on the 2-core machine (three runs, N = 2, 4 KiB, 400 calls in a row): with the
+# `make bench` on the 2-core machine (four runs, N = 2, 4 KiB, 400 calls in a row): with the
 # switch a call of our ring took 0.49–0.58 ms and cost gloo's I/O thread 0.09–0.14 ms of CPU; the
 # same ring without it 1.9–3.2 ms and 1.1–2.3 ms (gloo's own all-reduce: 0.66–1.7 ms and
-# 0.30–0.85 ms). Interleaved with gloo's at 4–256 KiB, ours took 0.91–1.24× gloo's time on
+# 0.30–0.85 ms). Interleaved with gloo's at 4–256 KiB, ours took 0.83–1.37× gloo's time on
 # N = 2 and 0.27–1.02× on N = 4; without the switch, 0.95–8.6× and 0.88–4.0×. The header message
-# costs little now: the same ring without it took 0.71–1.09× gloo's time on N = 2.
+# costs little now: the same ring without it took 0.70–1.09× gloo's time on N = 2.
 #
 # **Large messages: the floor.** At 16 and 64 MiB both all-reduces move the same bytes over the
 # same TCP connections, and on 2 cores the kernel's copies of those bytes are most of the work.
 # `make bench` times the floor of that transport: the ring's 2(N−1) messages with every one
 # posted at once, no additions and no step waiting for the one before (no ring can do that).
-# gloo's all-reduce reached 0.64–0.89 of the floor's bus bandwidth, ours 0.77–0.92; ours ÷ gloo's
-# was 0.92–1.36 over three runs (N = 2 and 4), above 1 in 6 of those 12 figures, and its CPU per call at
+# gloo's all-reduce reached 0.64–0.89 of the floor's bus bandwidth, ours 0.77–0.93; ours ÷ gloo's
+# was 0.92–1.36 over four runs (N = 2 and 4), above 1 in 9 of those 16 figures, and its CPU per call at
 # 16 MiB 0.95–1.14× gloo's. The two rings are at parity on this transport; which one is ahead at
 # a large size changes from run to run.
 #
