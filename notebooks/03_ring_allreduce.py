@@ -279,6 +279,10 @@ viz.plot_all_reduce_times(times, predict)
 #   segments, so one segment's addition overlaps the next one's transfer (ours cuts chunks over
 #   `comm.PIECE_BYTES` = 4 MiB into pieces for the same reason). Below, "Where the ring's time
 #   goes" shows what it took for ours to keep up; `make bench` compares them at 4 KiB–64 MiB.
+#   With more ranks than cores, gloo's own may even come out slower than ours: our all-reduces
+#   run their rank's threads as SCHED_BATCH while they work (explained below) and gloo's run with
+#   the default policy. With *every* thread SCHED_BATCH, gloo's took 1.2 ms at N = 4, 4 KiB in
+#   one `make bench` run, against 5.3 ms with the default policy in the run before it.
 
 # %%
 busbw_ratio = {
