@@ -281,8 +281,8 @@ viz.plot_all_reduce_times(times, predict)
 #   goes" shows what it took for ours to keep up; `make bench` compares them at 4 KiB–64 MiB.
 #   With more ranks than cores, gloo's own may even come out slower than ours: our all-reduces
 #   run their rank's threads as SCHED_BATCH while they work (explained below) and gloo's run with
-#   the default policy. With *every* thread SCHED_BATCH, gloo's took 1.2 ms at N = 4, 4 KiB in
-#   one `make bench` run, against 5.3 ms with the default policy in the run before it.
+#   the default policy. One `make bench` run timed gloo's at N = 4, 4 KiB both ways: 5.3 ms with
+#   the default policy, 1.2 ms with *every* thread of every rank SCHED_BATCH.
 
 # %%
 busbw_ratio = {
