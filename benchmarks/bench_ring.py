@@ -80,9 +80,6 @@ def _ring_default_policy(tensor):
         ring_allreduce._waiting_as_batch = switch
 
 
-_floor_buffers = {}
-
-
 def _bytes_alone(tensor):
     """The floor: the ring's 2(N−1) messages of one chunk each, every one posted at once — the
     same bytes over the same connections, with no additions and no step waiting for the last."""
@@ -90,9 +87,7 @@ def _bytes_alone(tensor):
         n, r = dist.get_world_size(), dist.get_rank()
         parts = tensor.view(-1).tensor_split(n)
         width = parts[0].numel()
-        inbox = _floor_buffers.get(tensor.numel())
-        if inbox is None:
-            inbox = _floor_buffers[tensor.numel()] = torch.empty(width * 2 * (n - 1))
+        inbox = ring_allreduce._scratch(width * 2 * (n - 1), parts[0])  # kept between calls, as the ring's
         requests = [dist.irecv(inbox[i * width : (i + 1) * width], (r - 1) % n) for i in range(2 * (n - 1))]
         requests += [dist.isend(parts[0], (r + 1) % n) for _ in range(2 * (n - 1))]
         for request in requests:
